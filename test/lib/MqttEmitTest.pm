@@ -1,0 +1,827 @@
+
+=pod
+
+=head1 NAME
+
+MqttEmitTest - harness for pg_mqtt_emit's multi-process TAP suites
+
+=head1 SYNOPSIS
+
+  use strict;
+  use warnings;
+  use MqttEmitTest;    # loads PostgreSQL::Test::Cluster and ::Utils too
+  use Test::More;
+
+  my $broker = start_broker();
+  my $node   = new_node('a', broker => $broker);
+  $node->safe_psql('postgres', 'CREATE EXTENSION pg_mqtt_emit');
+
+  my $sub = start_subscriber($broker, topic_prefix() . '/#');
+  $node->safe_psql('postgres', 'INSERT INTO t VALUES (1)');
+  ok($sub->wait_for_count(1), 'event published');
+  my ($topic, $payload) = @{ ($sub->messages)[0] };
+
+  $broker->stop;     # broker down
+  $broker->start;    # back, same port
+  done_testing();
+
+=head1 DESCRIPTION
+
+Starts real servers for the tests: mosquitto brokers on free 127.0.0.1 ports,
+PostgreSQL clusters (through PostgreSQL's own PostgreSQL::Test::Cluster) with
+pg_mqtt_emit preloaded and pointed at a broker, and mosquitto_sub subscribers
+whose output the test can read. Every wait is a bounded poll; nothing sleeps
+for a fixed time waiting for an asynchronous effect.
+
+All nodes of one test script share one topic prefix, C<test/E<lt>randomE<gt>>
+(see topic_prefix()), so several runs may share a broker without seeing each
+other's messages, while the nodes of one script see each other's events.
+
+Everything this module starts is stopped by PID when its object is destroyed
+or, at the latest, in an END block. PostgreSQL::Test::Cluster stops its own
+nodes in its END block.
+
+Runs as any user but root (initdb refuses root); test/run.sh runs it as
+C<postgres>. PostgreSQL's bin directory (from C<$PG_CONFIG>, default
+F</usr/lib/postgresql/15/bin/pg_config>) is put first in PATH, and its Perl
+test modules are added to @INC, so C<prove -I test/lib> is enough.
+
+=cut
+
+package MqttEmitTest;
+
+use strict;
+use warnings;
+
+use File::Basename qw(dirname);
+
+our ($PG_CONFIG, $PG_BINDIR, $PG_PERL_DIR);
+
+BEGIN
+{
+	$PG_CONFIG = $ENV{PG_CONFIG} // '/usr/lib/postgresql/15/bin/pg_config';
+	$PG_BINDIR = '/usr/lib/postgresql/15/bin';
+	my $pgxs_src = '/usr/lib/postgresql/15/lib/pgxs/src';
+	if (-x $PG_CONFIG)
+	{
+		chomp(my $bindir = `"$PG_CONFIG" --bindir`);
+		chomp(my $pgxs = `"$PG_CONFIG" --pgxs`);
+		$PG_BINDIR = $bindir if $bindir ne '';
+		# .../lib/pgxs/src/makefiles/pgxs.mk -> .../lib/pgxs/src
+		$pgxs_src = dirname(dirname($pgxs)) if $pgxs ne '';
+	}
+	$PG_PERL_DIR = "$pgxs_src/test/perl";
+	unshift @INC, $PG_PERL_DIR unless grep { $_ eq $PG_PERL_DIR } @INC;
+
+	# PostgreSQL::Test::Cluster::init runs "$PG_REGRESS --config-auth".
+	$ENV{PG_REGRESS} //= "$pgxs_src/test/regress/pg_regress";
+
+	# PostgreSQL::Test::Cluster runs initdb, pg_ctl and psql from PATH.
+	my @path = grep { $_ ne $PG_BINDIR } split /:/, ($ENV{PATH} // '');
+	$ENV{PATH} = join ':', $PG_BINDIR, @path, '/usr/sbin', '/usr/bin', '/bin';
+}
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+
+use Carp qw(croak);
+use Exporter 'import';
+use File::Path ();
+use File::Temp ();
+use IPC::Run ();
+use POSIX qw(WNOHANG);
+use Scalar::Util qw(refaddr weaken);
+use Test::More ();
+use Time::HiRes ();
+
+our @EXPORT = qw(
+  start_broker new_node start_subscriber poll_until
+  topic_prefix mqtt_pub free_port
+);
+
+# Objects (brokers, subscribers) to stop in END, keyed by address.
+our %LIVE;
+
+# Only the process that loaded this module stops what it started; a forked
+# child that somehow runs Perl destructors must not.
+our $OWNER_PID = $$;
+
+my $rand_hex = sub {
+	my ($bytes) = @_;
+	return join '', map { sprintf '%02x', int(rand(256)) } 1 .. $bytes;
+};
+
+our $TOPIC_PREFIX = $ENV{MQTT_EMIT_TEST_TOPIC_PREFIX}
+  // ('test/' . $rand_hex->(6));
+
+my $node_counter = 0;
+
+=pod
+
+=head1 FUNCTIONS
+
+=over
+
+=item topic_prefix()
+
+The topic prefix that new_node() gives every node of this test script:
+C<test/E<lt>12 hex digitsE<gt>>, unique per run (override with
+C<$MQTT_EMIT_TEST_TOPIC_PREFIX>).
+
+=cut
+
+sub topic_prefix
+{
+	return $TOPIC_PREFIX;
+}
+
+=pod
+
+=item default_timeout()
+
+Seconds a wait may take by default: C<$PG_TEST_TIMEOUT_DEFAULT>, else 180
+(PostgreSQL::Test::Utils' own default).
+
+=cut
+
+sub default_timeout
+{
+	return $PostgreSQL::Test::Utils::timeout_default || 180;
+}
+
+=pod
+
+=item poll_until($code, $timeout_s = default_timeout(), $interval_s = 0.05)
+
+Calls C<$code> until it returns a true value, which poll_until then returns;
+returns false (an empty list in list context, undef in scalar context) once
+C<$timeout_s> seconds have passed. C<$code> is called at least once.
+
+=cut
+
+sub poll_until
+{
+	my ($code, $timeout, $interval) = @_;
+	$timeout  //= default_timeout();
+	$interval //= 0.05;
+	my $deadline = Time::HiRes::time() + $timeout;
+	while (1)
+	{
+		my $r = $code->();
+		return $r if $r;
+		return if Time::HiRes::time() >= $deadline;
+		Time::HiRes::sleep($interval);
+	}
+}
+
+=pod
+
+=item free_port()
+
+A TCP port free on 127.0.0.1, chosen by PostgreSQL::Test::Cluster::get_free_port
+(it asks the kernel by binding the port, and picks from 10200-32767, below
+Linux's ephemeral range, so a client socket is unlikely to take it while a
+broker on it is down for a restart test).
+
+=cut
+
+sub free_port
+{
+	return PostgreSQL::Test::Cluster::get_free_port();
+}
+
+=pod
+
+=item mqtt_pub($broker, $topic, $payload, %opts)
+
+Publishes one message with mosquitto_pub (QoS C<$opts{qos}>, default 1;
+C<retain =E<gt> 1> for a retained message; C<undef> payload sends an empty one).
+Returns true when mosquitto_pub exited 0. Bounded by C<$opts{timeout}>
+(default 10 s).
+
+=cut
+
+sub mqtt_pub
+{
+	my ($broker, $topic, $payload, %opts) = @_;
+	my $port = ref $broker ? $broker->port : $broker;
+	my @cmd  = (
+		'mosquitto_pub', '-h', '127.0.0.1', '-p', $port,
+		'-q', $opts{qos} // 1, '-t', $topic);
+	push @cmd, '-r' if $opts{retain};
+	push @cmd, defined $payload ? ('-m', $payload) : ('-n');
+	my ($out, $err) = ('', '');
+	my $ok = eval {
+		IPC::Run::run(\@cmd, '<', \undef, '>', \$out, '2>', \$err,
+			IPC::Run::timeout($opts{timeout} // 10));
+	};
+	return $ok ? 1 : 0;
+}
+
+# Fork and exec @cmd with stdin from /dev/null and stdout/stderr to files.
+# Returns the child's PID (the exec'd program's PID: no shell in between).
+sub _spawn
+{
+	my ($cmd, $stdout_file, $stderr_file) = @_;
+	my $pid = fork();
+	croak "fork: $!" unless defined $pid;
+	if ($pid == 0)
+	{
+		open(STDIN, '<', '/dev/null') or POSIX::_exit(126);
+		open(STDOUT, '>>', $stdout_file) or POSIX::_exit(126);
+		open(STDERR, '>>', $stderr_file) or POSIX::_exit(126);
+		{ no warnings 'exec'; exec { $cmd->[0] } @$cmd; }
+		POSIX::_exit(127);
+	}
+	return $pid;
+}
+
+# True if $pid (our child) is still running; reaps it if it exited.
+sub _child_alive
+{
+	my ($pid) = @_;
+	return 0 unless $pid;
+	my $r = waitpid($pid, WNOHANG);
+	return $r == 0 ? 1 : 0;
+}
+
+# Stops our child $pid: SIGTERM, bounded wait, then SIGKILL.
+sub _stop_child
+{
+	my ($pid, $timeout) = @_;
+	return unless $pid;
+	return unless _child_alive($pid);
+	kill 'TERM', $pid;
+	return if poll_until(sub { !_child_alive($pid) }, $timeout // 10, 0.02);
+	kill 'KILL', $pid;
+	waitpid($pid, 0);
+	return;
+}
+
+=pod
+
+=item start_broker(%opts)
+
+Starts a mosquitto broker and returns an MqttEmitTest::Broker once
+mosquitto_pub to it succeeds. Options: C<port> (default free_port()),
+C<name> (used in file names), C<extra_conf> (a string or an array ref of
+lines appended to mosquitto.conf), C<timeout> (seconds to wait for it,
+default default_timeout()).
+
+The configuration is C<listener PORT 127.0.0.1>, C<allow_anonymous true>,
+C<persistence false>, C<max_inflight_messages 0>, a log file in the broker's
+directory, and C<user root> only when running as root (else mosquitto would
+drop to user mosquitto and could not write its log).
+
+=cut
+
+sub start_broker
+{
+	my (%opts) = @_;
+	my $broker = MqttEmitTest::Broker->_new(%opts);
+	$broker->start;
+	return $broker;
+}
+
+=pod
+
+=item new_node($name, broker => $broker, %opts)
+
+Creates, initialises and starts (unless C<start =E<gt> 0>) a
+PostgreSQL::Test::Cluster. It does not create the extension. Options:
+
+  broker       MqttEmitTest::Broker, or a broker URL string; required unless preload => 0
+  preload      1 (default): shared_preload_libraries = 'pg_mqtt_emit' and the
+               mqtt_emit.* settings below; 0: a plain cluster, no mqtt_emit settings
+  database     mqtt_emit.database (default 'postgres')
+  client_id    mqtt_emit.client_id (default "<name>-<pid>-<n>", unique per node)
+  topic_prefix mqtt_emit.topic_prefix (default topic_prefix())
+  start        0 to leave the node stopped (default 1)
+  init         hash ref of options for $node->init (e.g. { allows_streaming => 1 })
+  extra_conf   a string or array ref of raw postgresql.conf lines
+  any other key => value   written as  key = 'value'  (e.g. 'mqtt_emit.qos' => 0)
+
+The values used are in C<< $node->{mqtt_emit} >> (keys broker_url, client_id,
+topic_prefix, database; empty hash for preload => 0).
+
+=cut
+
+sub new_node
+{
+	my ($name, %opts) = @_;
+	my $broker    = delete $opts{broker};
+	my $preload   = exists $opts{preload} ? delete $opts{preload} : 1;
+	my $start     = exists $opts{start} ? delete $opts{start} : 1;
+	my $database  = delete $opts{database} // 'postgres';
+	my $client_id = delete $opts{client_id};
+	my $prefix    = delete $opts{topic_prefix} // topic_prefix();
+	my $init      = delete $opts{init} // {};
+	my $extra     = delete $opts{extra_conf};
+
+	croak "new_node($name): broker => is required unless preload => 0"
+	  if $preload && !defined $broker;
+	$node_counter++;
+	$client_id //= "$name-$$-$node_counter";
+
+	my $node = PostgreSQL::Test::Cluster->new($name);
+	$node->init(%$init);
+
+	my @lines = ('', '# added by MqttEmitTest::new_node');
+	$node->{mqtt_emit} = {};
+	if ($preload)
+	{
+		my $url = ref $broker ? $broker->url : $broker;
+		push @lines,
+		  "shared_preload_libraries = 'pg_mqtt_emit'",
+		  'mqtt_emit.broker_url = ' . _conf_quote($url),
+		  'mqtt_emit.database = ' . _conf_quote($database),
+		  'mqtt_emit.client_id = ' . _conf_quote($client_id),
+		  'mqtt_emit.topic_prefix = ' . _conf_quote($prefix);
+		$node->{mqtt_emit} = {
+			broker_url   => $url,
+			client_id    => $client_id,
+			topic_prefix => $prefix,
+			database     => $database,
+		};
+	}
+	for my $key (sort keys %opts)
+	{
+		croak "new_node($name): bad setting name '$key'"
+		  unless $key =~ /^[A-Za-z_][A-Za-z0-9_.]*$/;
+		push @lines, "$key = " . _conf_quote($opts{$key});
+	}
+	if (defined $extra)
+	{
+		push @lines, ref $extra ? @$extra : ($extra);
+	}
+	$node->append_conf('postgresql.conf', join("\n", @lines) . "\n");
+
+	$node->start if $start;
+	return $node;
+}
+
+# A postgresql.conf string literal.
+sub _conf_quote
+{
+	my ($v) = @_;
+	$v =~ s/'/''/g;
+	return "'$v'";
+}
+
+=pod
+
+=item start_subscriber($broker, $filter, %opts)
+
+Starts C<mosquitto_sub -q 1> on C<$filter> (a topic filter, or an array ref of
+them) in the background, writing every message to a file, and returns an
+MqttEmitTest::Subscriber once the subscription is live: it also subscribes to
+a private probe topic and publishes probes there until one comes back. Probe
+messages never appear in messages(). Options: C<qos> (subscription QoS,
+default 1), C<client_id>, C<timeout>. After a broker restart mosquitto_sub
+reconnects (about a second later) and subscribes again; messages published
+in between are lost (clean session).
+
+=cut
+
+sub start_subscriber
+{
+	my ($broker, $filter, %opts) = @_;
+	my $sub = MqttEmitTest::Subscriber->_new($broker, $filter, %opts);
+	$sub->_start;
+	return $sub;
+}
+
+# Remember a broker or subscriber for END. Weak references: an object that
+# goes out of scope stops in DESTROY.
+sub _register
+{
+	my ($obj) = @_;
+	$LIVE{ refaddr $obj} = $obj;
+	weaken($LIVE{ refaddr $obj});
+	return;
+}
+
+# A new directory for one broker or subscriber under tmp_check (next to the
+# nodes' logs), kept after a failed run and removed in END after a passing one.
+my @workdirs;
+
+sub _workdir
+{
+	my ($prefix) = @_;
+	my $dir = File::Temp::tempdir("${prefix}_XXXX",
+		DIR     => $PostgreSQL::Test::Utils::tmp_check,
+		CLEANUP => 0);
+	push @workdirs, $dir;
+	return $dir;
+}
+
+END
+{
+	# Keep the test's exit status: stopping children calls waitpid.
+	local $?;
+	if ($$ == $OWNER_PID)
+	{
+		# Subscribers before brokers, so that they do not log reconnect noise.
+		for my $obj (sort { ref($b) cmp ref($a) } grep { defined } values %LIVE)
+		{
+			eval { $obj->stop; 1 };
+		}
+		if (Test::More->builder->is_passing && !defined $ENV{PG_TEST_NOCLEAN})
+		{
+			File::Path::rmtree($_) for @workdirs;
+		}
+	}
+}
+
+=pod
+
+=back
+
+=head1 MqttEmitTest::Broker
+
+=over
+
+=item ->port, ->pid (undef while stopped), ->url ('tcp://127.0.0.1:PORT'),
+->dir, ->conf_file, ->log_file, ->log (log file contents)
+
+=item ->start
+
+Starts mosquitto on the broker's port (the same port after a ->stop) and waits
+until mosquitto_pub succeeds; dies with the log if it does not come up.
+
+=item ->stop
+
+SIGTERM by PID, waits (bounded) until it exited, SIGKILL as a last resort.
+
+=item ->kill9
+
+SIGKILL by PID (a crash, not a clean shutdown).
+
+=item ->is_running
+
+=back
+
+=cut
+
+package MqttEmitTest::Broker;
+
+use strict;
+use warnings;
+
+use Carp qw(croak);
+
+my $broker_counter = 0;
+
+sub _new
+{
+	my ($class, %opts) = @_;
+	$broker_counter++;
+	my $name = $opts{name} // "broker$broker_counter";
+	my $dir  = MqttEmitTest::_workdir("mosquitto_$name");
+	my $self = bless {
+		name       => $name,
+		port       => $opts{port},
+		fixed_port => defined $opts{port},
+		timeout    => $opts{timeout} // MqttEmitTest::default_timeout(),
+		dir        => $dir,
+		conf_file  => "$dir/mosquitto.conf",
+		log_file   => "$dir/mosquitto.log",
+		out_file   => "$dir/mosquitto.out",
+		extra      => (
+			  !defined $opts{extra_conf} ? []
+			: ref $opts{extra_conf}      ? [ @{ $opts{extra_conf} } ]
+			:                              [ $opts{extra_conf} ]),
+		pid   => undef,
+		owner => $$,
+	}, $class;
+	MqttEmitTest::_register($self);
+	return $self;
+}
+
+sub _write_conf
+{
+	my ($self) = @_;
+	my @conf = (
+		"listener $self->{port} 127.0.0.1",
+		'allow_anonymous true',
+		'persistence false',
+		'max_inflight_messages 0',
+		"log_dest file $self->{log_file}",
+		'log_type error',
+		'log_type warning',
+		'log_type notice',
+		'log_type information',
+		'log_type subscribe',
+		'log_type unsubscribe',
+		'log_timestamp_format %Y-%m-%dT%H:%M:%S',
+		# As root mosquitto would switch to user mosquitto, which cannot
+		# write to our directory.
+		($> == 0 ? ('user root') : ()),
+		@{ $self->{extra} });
+	open my $fh, '>', $self->{conf_file}
+	  or croak "cannot write $self->{conf_file}: $!";
+	print $fh join("\n", @conf), "\n";
+	close $fh;
+	return;
+}
+
+sub port      { return $_[0]->{port}; }
+sub pid       { return $_[0]->{pid}; }
+sub url       { return "tcp://127.0.0.1:$_[0]->{port}"; }
+sub dir       { return $_[0]->{dir}; }
+sub conf_file { return $_[0]->{conf_file}; }
+sub log_file  { return $_[0]->{log_file}; }
+
+sub log
+{
+	my ($self) = @_;
+	my $text = '';
+	for my $f ($self->{log_file}, $self->{out_file})
+	{
+		$text .= PostgreSQL::Test::Utils::slurp_file($f) if -e $f;
+	}
+	return $text;
+}
+
+sub is_running
+{
+	my ($self) = @_;
+	return MqttEmitTest::_child_alive($self->{pid});
+}
+
+sub start
+{
+	my ($self) = @_;
+	croak "broker $self->{name} is already running (pid $self->{pid})"
+	  if $self->is_running;
+
+	# The first start may pick another port if ours was taken in the
+	# meantime; a restart always reuses the port (tests rely on it).
+	my $first = !defined $self->{port};
+	for my $attempt (1 .. ($first && !$self->{fixed_port} ? 5 : 1))
+	{
+		$self->{port} = MqttEmitTest::free_port() if $first;
+		$self->_write_conf;
+		my $why = $self->_start_once;
+		return $self unless defined $why;
+		next if $first && $why eq 'exited' && $attempt < 5;
+		croak "mosquitto $self->{name} on port $self->{port} $why; log:\n"
+		  . $self->log;
+	}
+	return $self;
+}
+
+# Starts mosquitto once and waits until it accepts a publish. Returns undef
+# on success, else why not ('exited' or 'not reachable ...').
+sub _start_once
+{
+	my ($self) = @_;
+	$self->{pid} = MqttEmitTest::_spawn([ 'mosquitto', '-c', $self->{conf_file} ],
+		$self->{out_file}, $self->{out_file});
+	my $pid  = $self->{pid};
+	my $died = 0;
+	my $up   = MqttEmitTest::poll_until(
+		sub {
+			if (!MqttEmitTest::_child_alive($pid)) { $died = 1; return 1; }
+			return MqttEmitTest::mqtt_pub($self, 'mqtt_emit_test/ready', 'x',
+				qos => 0, timeout => 5);
+		},
+		$self->{timeout}, 0.05);
+	return undef if $up && !$died;
+	$self->stop;
+	return $died ? 'exited' : "not reachable after $self->{timeout} s";
+}
+
+sub stop
+{
+	my ($self) = @_;
+	return if $$ != $self->{owner};
+	MqttEmitTest::_stop_child($self->{pid});
+	$self->{pid} = undef;
+	return;
+}
+
+sub kill9
+{
+	my ($self) = @_;
+	return unless $self->{pid};
+	kill 'KILL', $self->{pid};
+	waitpid($self->{pid}, 0);
+	$self->{pid} = undef;
+	return;
+}
+
+sub DESTROY
+{
+	my ($self) = @_;
+	local ($?, $@);
+	$self->stop;
+}
+
+=pod
+
+=head1 MqttEmitTest::Subscriber
+
+=over
+
+=item ->messages
+
+The messages received so far, in arrival order, as a list of
+C<[$topic, $payload]> (payload as raw bytes; decode_json takes them as is).
+Probe messages are left out.
+
+=item ->records
+
+The same messages as hash refs: C<{ topic, payload, qos, retain }>.
+
+=item ->count
+
+Number of messages (without probes).
+
+=item ->wait_for_count($n, $timeout_s = default_timeout())
+
+Polls until at least C<$n> messages have arrived; returns true if they did,
+false on timeout.
+
+=item ->wait_for($code, $timeout_s)
+
+Polls until C<< $code->(@messages) >> returns true; returns that value, or
+false on timeout.
+
+=item ->wait_ready($timeout_s)
+
+Publishes fresh probes until one comes back: after a broker restart, this
+returns once mosquitto_sub has reconnected and subscribed again. True if so.
+
+=item ->stop
+
+Stops mosquitto_sub (by PID). ->messages still works afterwards.
+
+=item ->pid, ->file (raw output), ->filters, ->probe_topic
+
+=back
+
+=cut
+
+package MqttEmitTest::Subscriber;
+
+use strict;
+use warnings;
+
+use Carp qw(croak);
+
+my $sub_counter = 0;
+
+sub _new
+{
+	my ($class, $broker, $filter, %opts) = @_;
+	croak 'start_subscriber: broker and topic filter required'
+	  unless $broker && defined $filter;
+	$sub_counter++;
+	my $dir = MqttEmitTest::_workdir("mosquitto_sub$sub_counter");
+	my $self = bless {
+		broker  => $broker,
+		port    => (ref $broker ? $broker->port : $broker),
+		filters => (ref $filter ? [@$filter] : [$filter]),
+		qos     => $opts{qos} // 1,
+		client_id => $opts{client_id} // "sub-$$-$sub_counter-" . int(rand(1e9)),
+		timeout => $opts{timeout} // MqttEmitTest::default_timeout(),
+		file    => "$dir/messages.out",
+		errfile => "$dir/mosquitto_sub.err",
+		probe_topic => 'mqtt_emit_test/probe/' . "$$-$sub_counter-" . int(rand(1e9)),
+		pid     => undef,
+		owner   => $$,
+	}, $class;
+	return $self;
+}
+
+sub pid         { return $_[0]->{pid}; }
+sub file        { return $_[0]->{file}; }
+sub filters     { return @{ $_[0]->{filters} }; }
+sub probe_topic { return $_[0]->{probe_topic}; }
+
+sub _start
+{
+	my ($self) = @_;
+	# One line per message: hex payload, QoS, retain flag, topic. Hex keeps
+	# payloads with newlines, tabs or binary bytes intact; the topic comes last
+	# so that it may contain anything but a newline.
+	my @cmd = (
+		'mosquitto_sub', '-h', '127.0.0.1', '-p', $self->{port},
+		'-i', $self->{client_id}, '-q', $self->{qos},
+		'-F', '%x\t%q\t%r\t%t',
+		(map { ('-t', $_) } @{ $self->{filters} }),
+		'-t', $self->{probe_topic});
+	open my $fh, '>', $self->{file} or croak "cannot create $self->{file}: $!";
+	close $fh;
+	$self->{pid} = MqttEmitTest::_spawn(\@cmd, $self->{file}, $self->{errfile});
+	MqttEmitTest::_register($self);
+
+	if (!$self->wait_ready)
+	{
+		my $err = -e $self->{errfile}
+		  ? PostgreSQL::Test::Utils::slurp_file($self->{errfile}) : '';
+		$self->stop;
+		croak "mosquitto_sub on port $self->{port} never received its probe;"
+		  . " stderr:\n$err";
+	}
+	return $self;
+}
+
+sub wait_ready
+{
+	my ($self, $timeout) = @_;
+	# Publish a probe now and then until one of them comes back: then the
+	# subscriptions (all sent in the same SUBSCRIBE packet) are live. Probes
+	# published by an earlier call do not count.
+	my $first = ($self->{probe_seq} //= 0) + 1;
+	my $last_probe = 0;
+	return MqttEmitTest::poll_until(
+		sub {
+			return 0 unless MqttEmitTest::_child_alive($self->{pid});
+			if (Time::HiRes::time() - $last_probe >= 0.25)
+			{
+				my $seq = ++$self->{probe_seq};
+				MqttEmitTest::mqtt_pub($self->{port}, $self->{probe_topic},
+					"probe $seq", qos => 0, timeout => 5);
+				$last_probe = Time::HiRes::time();
+			}
+			return scalar grep {
+				$_->{topic} eq $self->{probe_topic}
+				  && $_->{payload} =~ /^probe (\d+)$/
+				  && $1 >= $first
+			} $self->_read_all;
+		},
+		$timeout // $self->{timeout}, 0.02) ? 1 : 0;
+}
+
+# All lines of the output file, parsed, probes included.
+sub _read_all
+{
+	my ($self) = @_;
+	open my $fh, '<', $self->{file} or return ();
+	my @recs;
+	while (my $line = <$fh>)
+	{
+		# A line still being written has no newline yet: leave it for later.
+		last unless $line =~ s/\n\z//;
+		my ($hex, $qos, $retain, $topic) = split /\t/, $line, 4;
+		next unless defined $topic;
+		push @recs, {
+			topic   => $topic,
+			payload => pack('H*', $hex),
+			qos     => $qos,
+			retain  => $retain,
+		};
+	}
+	close $fh;
+	return @recs;
+}
+
+sub records
+{
+	my ($self) = @_;
+	return grep { $_->{topic} ne $self->{probe_topic} } $self->_read_all;
+}
+
+sub messages
+{
+	my ($self) = @_;
+	return map { [ $_->{topic}, $_->{payload} ] } $self->records;
+}
+
+sub count
+{
+	my ($self) = @_;
+	return scalar(my @r = $self->records);
+}
+
+sub wait_for_count
+{
+	my ($self, $n, $timeout) = @_;
+	return MqttEmitTest::poll_until(sub { $self->count >= $n }, $timeout) ? 1 : 0;
+}
+
+sub wait_for
+{
+	my ($self, $code, $timeout) = @_;
+	return MqttEmitTest::poll_until(sub { $code->($self->messages) }, $timeout);
+}
+
+sub stop
+{
+	my ($self) = @_;
+	return if $$ != $self->{owner};
+	MqttEmitTest::_stop_child($self->{pid});
+	$self->{pid} = undef;
+	return;
+}
+
+sub DESTROY
+{
+	my ($self) = @_;
+	local ($?, $@);
+	$self->stop;
+}
+
+1;
