@@ -1,0 +1,30 @@
+# pg_mqtt_emit/Makefile
+
+MODULE_big = pg_mqtt_emit
+OBJS = \
+	src/pg_mqtt_emit.o \
+	src/shmem.o \
+	src/capture.o \
+	src/payload.o \
+	src/worker.o \
+	src/broker.o \
+	src/listeners.o \
+	src/sql_api.o
+
+EXTENSION = pg_mqtt_emit
+DATA = $(wildcard pg_mqtt_emit--*.sql)
+PGFILEDESC = "pg_mqtt_emit - row changes as MQTT events"
+
+REGRESS = setup watch capture listen
+REGRESS_OPTS = --temp-config=test/regress.conf --temp-instance=./tmp_check
+
+SHLIB_LINK += -lpaho-mqtt3as -lpthread
+EXTRA_CLEAN = tmp_check results regression.diffs regression.out
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+$(OBJS): src/pg_mqtt_emit.h
+src/worker.o src/broker.o src/listeners.o: src/broker.h
+src/worker.o src/listeners.o: src/listeners.h

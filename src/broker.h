@@ -1,0 +1,59 @@
+/*-------------------------------------------------------------------------
+ *
+ * broker.h
+ *		The MQTT client wrapper used by the background worker.
+ *
+ * Copyright (c) 2026, pg_mqtt_emit developers
+ *
+ * IDENTIFICATION
+ *		src/broker.h
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef MQTT_EMIT_BROKER_H
+#define MQTT_EMIT_BROKER_H
+
+typedef struct MeBroker MeBroker;
+
+/* A message received by a subscriber, malloc'd; free with me_broker_free_message */
+typedef struct MeIncoming
+{
+	struct MeIncoming *next;
+	char	   *topic;
+	char	   *payload;
+	int			payload_len;
+	int			topic_len;
+} MeIncoming;
+
+/* What happened on the paho threads since the last me_broker_poll(). */
+typedef struct MeBrokerNews
+{
+	bool		connected;		/* a connection was established */
+	bool		lost;			/* the connection was lost, or a connect failed */
+	char		error[256];		/* why, when lost */
+	uint64	   *acks;			/* sequence numbers acknowledged (palloc'd) */
+	int			nacks;
+	uint64	   *failures;		/* sequence numbers that failed (palloc'd) */
+	int			nfailures;
+	MeIncoming *incoming;		/* received messages, oldest first */
+	uint64		incoming_dropped;	/* dropped for lack of buffer space */
+} MeBrokerNews;
+
+extern MeBroker *me_broker_create(const char *client_id, bool subscriber,
+								  Latch *latch, char *errbuf, int errlen);
+extern void me_broker_destroy(MeBroker *b);
+extern bool me_broker_connect(MeBroker *b, char *errbuf, int errlen);
+extern bool me_broker_connected(MeBroker *b);
+extern bool me_broker_connecting(MeBroker *b);
+extern void me_broker_poll(MeBroker *b, MeBrokerNews *news);
+extern int	me_broker_publish(MeBroker *b, const char *topic, const char *payload,
+							  int len, int qos, uint64 seq);
+extern int	me_broker_subscribe(MeBroker *b, const char *filter, int qos);
+extern int	me_broker_unsubscribe(MeBroker *b, const char *filter);
+extern void me_broker_disconnect(MeBroker *b, int timeout_ms);
+extern void me_broker_free_message(MeIncoming *m);
+extern const char *me_broker_strerror(int rc);
+
+#define ME_BROKER_BACKPRESSURE	(-12)	/* MQTTASYNC_MAX_BUFFERED_MESSAGES */
+
+#endif							/* MQTT_EMIT_BROKER_H */

@@ -1,0 +1,618 @@
+/*-------------------------------------------------------------------------
+ *
+ * capture.c
+ *		The row-level capture trigger and the transaction callbacks that
+ *		hand captured events to the shared-memory queue at commit.
+ *
+ * mqtt_emit.capture() is an AFTER ... FOR EACH ROW trigger installed by
+ * mqtt_emit.watch().  Its arguments carry the registration: the model name,
+ * whether to publish, and which columns to include or exclude (as attribute
+ * numbers, so that renaming a column keeps a secret column excluded).  The
+ * trigger renders the event's JSON payload at once, while the row is at
+ * hand and TOASTed values can still be fetched, and keeps it in
+ * TopTransactionContext together with the subtransaction nesting level it
+ * was made at.
+ *
+ * Rolling back a subtransaction drops the events made inside it; releasing
+ * one hands them to the parent.  At PRE_COMMIT the bytes needed for all
+ * pending events are reserved in the queue: that may fail, and then the
+ * transaction fails (or, with mqtt_emit.overflow = drop, commits without
+ * its events, counted).  At COMMIT the events are copied into the reserved
+ * space, which cannot fail.  PREPARE TRANSACTION with pending events is
+ * refused, since a prepared transaction may commit in another session that
+ * does not have them.
+ *
+ * Per-relation facts needed for encoding (column names pre-escaped, type
+ * categories, output functions, primary key) are cached per backend and
+ * dropped on relcache invalidation.
+ *
+ * Copyright (c) 2026, pg_mqtt_emit developers
+ *
+ * IDENTIFICATION
+ *		src/capture.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "access/relation.h"
+#include "access/xact.h"
+#include "commands/trigger.h"
+#include "miscadmin.h"
+#include "nodes/bitmapset.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/hsearch.h"
+#include "utils/inval.h"
+#include "utils/json.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/relcache.h"
+#include "utils/timestamp.h"
+
+#include "pg_mqtt_emit.h"
+
+PG_FUNCTION_INFO_V1(mqtt_emit_capture);
+
+/* What the cache knows of one column. */
+typedef struct CaptureColumn
+{
+	bool		include;		/* published at all */
+	bool		is_pk;
+	char	   *key;			/* "name": , escaped */
+	int			keylen;
+	MqttEmitColType type;
+} CaptureColumn;
+
+/* What the cache knows of one watched relation. */
+typedef struct CaptureRel
+{
+	Oid			relid;			/* hash key */
+	bool		valid;
+	MemoryContext cxt;
+	int			natts;
+	CaptureColumn *cols;
+	bool		has_pk;
+	char	   *model;			/* raw model name */
+	int			model_len;
+	char	   *model_json;		/* "model":"<escaped>","operation": prefix */
+	bool		emit;			/* publish to the broker */
+} CaptureRel;
+
+/* One pending event in TopTransactionContext. */
+typedef struct PendingEvent
+{
+	int			nest_level;
+	char	   *entry;			/* header + model + payload */
+} PendingEvent;
+
+static HTAB *capture_rels = NULL;
+
+static PendingEvent *pending = NULL;
+static int	npending = 0;
+static int	maxpending = 0;
+static Size pending_bytes = 0;
+static Size reserved_bytes = 0;
+static bool listeners_changed = false;
+
+static MemoryContext capture_cxt = NULL;
+
+static void capture_xact_callback(XactEvent event, void *arg);
+static void capture_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+									 SubTransactionId parentSubid, void *arg);
+static void capture_relcache_callback(Datum arg, Oid relid);
+static void reset_pending(void);
+
+/*
+ * Install the callbacks; called from _PG_init in every process that loads
+ * the library.
+ */
+void
+me_capture_init(void)
+{
+	RegisterXactCallback(capture_xact_callback, NULL);
+	RegisterSubXactCallback(capture_subxact_callback, NULL);
+	CacheRegisterRelcacheCallback(capture_relcache_callback, (Datum) 0);
+}
+
+static void
+capture_relcache_callback(Datum arg, Oid relid)
+{
+	HASH_SEQ_STATUS status;
+	CaptureRel *entry;
+
+	if (capture_rels == NULL)
+		return;
+	hash_seq_init(&status, capture_rels);
+	while ((entry = hash_seq_search(&status)) != NULL)
+	{
+		if (relid == InvalidOid || entry->relid == relid)
+			entry->valid = false;
+	}
+}
+
+/*
+ * Build (or rebuild) the cache entry of a relation from its descriptor and
+ * the trigger's arguments.
+ */
+static CaptureRel *
+get_capture_rel(Relation rel, Trigger *trigger)
+{
+	Oid			relid = RelationGetRelid(rel);
+	CaptureRel *entry;
+	bool		found;
+	TupleDesc	tupdesc = RelationGetDescr(rel);
+	MemoryContext old;
+	Bitmapset  *pkattrs;
+	StringInfoData buf;
+	int			i;
+	const char *mode;
+
+	if (capture_rels == NULL)
+	{
+		HASHCTL		ctl;
+
+		ctl.keysize = sizeof(Oid);
+		ctl.entrysize = sizeof(CaptureRel);
+		capture_rels = hash_create("pg_mqtt_emit capture relations", 64, &ctl,
+								   HASH_ELEM | HASH_BLOBS);
+	}
+
+	entry = hash_search(capture_rels, &relid, HASH_ENTER, &found);
+	if (found && entry->valid)
+		return entry;
+	if (found && entry->cxt)
+		MemoryContextDelete(entry->cxt);
+	entry->cxt = NULL;
+	entry->valid = false;
+
+	if (trigger->tgnargs < 3)
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("trigger \"%s\" on table \"%s\" has too few arguments",
+						trigger->tgname, RelationGetRelationName(rel)),
+				 errhint("Install the trigger with mqtt_emit.watch().")));
+	mode = trigger->tgargs[2];
+	if (strcmp(mode, "all") != 0 && strcmp(mode, "include") != 0 &&
+		strcmp(mode, "exclude") != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("trigger \"%s\" on table \"%s\" has an invalid column mode \"%s\"",
+						trigger->tgname, RelationGetRelationName(rel), mode),
+				 errhint("Install the trigger with mqtt_emit.watch().")));
+
+	entry->cxt = AllocSetContextCreate(CacheMemoryContext,
+									   "pg_mqtt_emit capture relation",
+									   ALLOCSET_SMALL_SIZES);
+	old = MemoryContextSwitchTo(entry->cxt);
+
+	entry->model = pstrdup(trigger->tgargs[0]);
+	entry->model_len = strlen(entry->model);
+	entry->emit = (strcmp(trigger->tgargs[1], "t") == 0 ||
+				   strcmp(trigger->tgargs[1], "true") == 0);
+
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, "{\"model\":");
+	escape_json(&buf, entry->model);
+	appendStringInfoString(&buf, ",\"operation\":");
+	entry->model_json = buf.data;
+
+	entry->natts = tupdesc->natts;
+	entry->cols = palloc0(sizeof(CaptureColumn) * tupdesc->natts);
+	pkattrs = RelationGetIndexAttrBitmap(rel, INDEX_ATTR_BITMAP_PRIMARY_KEY);
+	if (pkattrs == NULL)
+		pkattrs = RelationGetIndexAttrBitmap(rel, INDEX_ATTR_BITMAP_IDENTITY_KEY);
+	entry->has_pk = false;
+
+	for (i = 0; i < tupdesc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(tupdesc, i);
+		CaptureColumn *col = &entry->cols[i];
+		int			j;
+		bool		listed = false;
+
+		if (att->attisdropped)
+			continue;
+		for (j = 3; j < trigger->tgnargs; j++)
+			if (atoi(trigger->tgargs[j]) == att->attnum)
+				listed = true;
+		if (mode[0] == 'a')
+			col->include = true;
+		else if (mode[0] == 'i')
+			col->include = listed;
+		else
+			col->include = !listed;
+		if (!col->include)
+			continue;
+
+		col->is_pk = bms_is_member(att->attnum - FirstLowInvalidHeapAttributeNumber,
+								   pkattrs);
+		if (col->is_pk)
+			entry->has_pk = true;
+		resetStringInfo(&buf);
+		escape_json(&buf, NameStr(att->attname));
+		appendStringInfoChar(&buf, ':');
+		col->key = pstrdup(buf.data);
+		col->keylen = buf.len;
+		me_classify_type(att->atttypid, &col->type, entry->cxt);
+	}
+	pfree(buf.data);
+	MemoryContextSwitchTo(old);
+	entry->valid = true;
+	return entry;
+}
+
+/*
+ * Append a JSON object of the included columns of a tuple.  With only_pk,
+ * only primary key columns; with changed_from, only columns whose value
+ * differs from that tuple's.
+ */
+static void
+append_row(StringInfo buf, CaptureRel *cr, TupleDesc tupdesc, HeapTuple tuple,
+		   bool only_pk, HeapTuple changed_from)
+{
+	int			i;
+	bool		first = true;
+
+	appendStringInfoChar(buf, '{');
+	for (i = 0; i < cr->natts; i++)
+	{
+		CaptureColumn *col = &cr->cols[i];
+		Datum		value;
+		bool		isnull;
+
+		if (!col->include || (only_pk && !col->is_pk))
+			continue;
+		value = heap_getattr(tuple, i + 1, tupdesc, &isnull);
+		if (changed_from != NULL)
+		{
+			Form_pg_attribute att = TupleDescAttr(tupdesc, i);
+			bool		oldnull;
+			Datum		oldvalue = heap_getattr(changed_from, i + 1, tupdesc, &oldnull);
+
+			if (isnull && oldnull)
+				continue;
+			if (!isnull && !oldnull &&
+				datumIsEqual(value, oldvalue, att->attbyval, att->attlen))
+				continue;
+		}
+		if (!first)
+			appendStringInfoChar(buf, ',');
+		first = false;
+		appendBinaryStringInfo(buf, col->key, col->keylen);
+		me_json_value(buf, &col->type, value, isnull);
+	}
+	appendStringInfoChar(buf, '}');
+}
+
+/*
+ * The capture trigger.
+ */
+Datum
+mqtt_emit_capture(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	Relation	rel;
+	TupleDesc	tupdesc;
+	CaptureRel *cr;
+	MqttEmitOp	op;
+	uint8		flags = 0;
+	StringInfoData buf;
+	StringInfoData row;
+	MemoryContext old;
+	HeapTuple	newtup = NULL;
+	HeapTuple	oldtup = NULL;
+	static const char *origin_for = NULL;
+	static char *origin_json = NULL;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("mqtt_emit.capture() was not called by trigger manager")));
+	if (!TRIGGER_FIRED_AFTER(trigdata->tg_event) ||
+		!TRIGGER_FIRED_FOR_ROW(trigdata->tg_event))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("mqtt_emit.capture() must be fired AFTER ... FOR EACH ROW"),
+				 errhint("Install the trigger with mqtt_emit.watch().")));
+	me_check_preloaded();
+
+	if (!mqtt_emit_enabled)
+		return PointerGetDatum(NULL);
+
+	rel = trigdata->tg_relation;
+	tupdesc = RelationGetDescr(rel);
+	cr = get_capture_rel(rel, trigdata->tg_trigger);
+
+	if (cr->emit && mqtt_emit_emit_remote)
+		flags |= ME_FLAG_PUBLISH;
+	if (mqtt_emit_emit_local)
+		flags |= ME_FLAG_LOCAL;
+	if (flags == 0)
+		return PointerGetDatum(NULL);
+
+	if (TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
+	{
+		op = ME_OP_CREATE;
+		newtup = trigdata->tg_trigtuple;
+	}
+	else if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+	{
+		op = ME_OP_UPDATE;
+		oldtup = trigdata->tg_trigtuple;
+		newtup = trigdata->tg_newtuple;
+	}
+	else if (TRIGGER_FIRED_BY_DELETE(trigdata->tg_event))
+	{
+		op = ME_OP_DELETE;
+		oldtup = trigdata->tg_trigtuple;
+	}
+	else
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("mqtt_emit.capture() supports only INSERT, UPDATE and DELETE")));
+
+	if (capture_cxt == NULL)
+		capture_cxt = AllocSetContextCreate(TopMemoryContext,
+											"pg_mqtt_emit capture",
+											ALLOCSET_DEFAULT_SIZES);
+	old = MemoryContextSwitchTo(capture_cxt);
+
+	if (origin_for != me_client_id() || origin_json == NULL)
+	{
+		StringInfoData o;
+
+		initStringInfo(&o);
+		appendStringInfoString(&o, ",\"origin\":");
+		escape_json(&o, me_client_id());
+		appendStringInfoChar(&o, '}');
+		origin_json = MemoryContextStrdup(TopMemoryContext, o.data);
+		origin_for = me_client_id();
+	}
+
+	initStringInfo(&buf);
+	initStringInfo(&row);
+	/* room for the queue entry header, filled in below */
+	appendBinaryStringInfo(&buf, (char *) &(MqttEmitEventHeader) {0},
+						   sizeof(MqttEmitEventHeader));
+	appendBinaryStringInfo(&buf, cr->model, cr->model_len);
+	appendStringInfoString(&buf, cr->model_json);
+
+	switch (op)
+	{
+		case ME_OP_CREATE:
+			append_row(&row, cr, tupdesc, newtup, false, NULL);
+			appendStringInfoString(&buf, "\"create\",\"args\":{\"data\":");
+			appendBinaryStringInfo(&buf, row.data, row.len);
+			appendStringInfoString(&buf, "},\"result\":");
+			appendBinaryStringInfo(&buf, row.data, row.len);
+			me_json_event_tail(&buf, GetCurrentTimestamp());
+			break;
+		case ME_OP_UPDATE:
+			appendStringInfoString(&buf, "\"update\",\"args\":{\"where\":");
+			append_row(&buf, cr, tupdesc, oldtup, cr->has_pk, NULL);
+			appendStringInfoString(&buf, ",\"data\":");
+			append_row(&buf, cr, tupdesc, newtup, false, oldtup);
+			appendStringInfoString(&buf, "},\"result\":");
+			append_row(&buf, cr, tupdesc, newtup, false, NULL);
+			me_json_event_tail(&buf, GetCurrentTimestamp());
+			appendStringInfoString(&buf, ",\"old\":");
+			append_row(&buf, cr, tupdesc, oldtup, false, NULL);
+			break;
+		case ME_OP_DELETE:
+			append_row(&row, cr, tupdesc, oldtup, false, NULL);
+			appendStringInfoString(&buf, "\"delete\",\"args\":{\"where\":");
+			append_row(&buf, cr, tupdesc, oldtup, cr->has_pk, NULL);
+			appendStringInfoString(&buf, "},\"result\":");
+			appendBinaryStringInfo(&buf, row.data, row.len);
+			me_json_event_tail(&buf, GetCurrentTimestamp());
+			appendStringInfoString(&buf, ",\"old\":");
+			appendBinaryStringInfo(&buf, row.data, row.len);
+			break;
+		default:
+			break;
+	}
+	appendStringInfoString(&buf, origin_json);
+
+	MemoryContextSwitchTo(old);
+
+	me_capture_add_event(ME_KIND_ROW, flags, op,
+						 buf.data + sizeof(MqttEmitEventHeader), cr->model_len,
+						 buf.data + sizeof(MqttEmitEventHeader) + cr->model_len,
+						 buf.len - sizeof(MqttEmitEventHeader) - cr->model_len,
+						 255);
+	MemoryContextReset(capture_cxt);
+
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * Keep one event until the end of the transaction.  The model (or topic)
+ * and payload are copied; the caller keeps its buffers.
+ */
+void
+me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
+					 const char *model, int model_len,
+					 const char *payload, int payload_len, int qos)
+{
+	MqttEmitEventHeader hdr;
+	Size		total = sizeof(MqttEmitEventHeader) + model_len + payload_len;
+	char	   *entry;
+
+	if (payload_len > mqtt_emit_max_payload)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("event payload of %d bytes exceeds \"mqtt_emit.max_payload\" (%d bytes)",
+						payload_len, mqtt_emit_max_payload),
+				 errhint("Exclude large columns with mqtt_emit.watch(..., exclude_columns => ...) or raise \"mqtt_emit.max_payload\".")));
+	if (total > me_shared->capacity)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("event of %zu bytes does not fit in the event queue", total),
+				 errhint("Raise \"mqtt_emit.queue_size\".")));
+
+	hdr.total_len = (uint32) total;
+	hdr.kind = (uint8) kind;
+	hdr.flags = flags;
+	hdr.op = (uint8) op;
+	hdr.qos = (uint8) qos;
+	hdr.userid = GetUserId();
+	hdr.model_len = model_len;
+	hdr.payload_len = payload_len;
+
+	entry = MemoryContextAlloc(TopTransactionContext, total);
+	memcpy(entry, &hdr, sizeof(hdr));
+	memcpy(entry + sizeof(hdr), model, model_len);
+	memcpy(entry + sizeof(hdr) + model_len, payload, payload_len);
+
+	if (npending >= maxpending)
+	{
+		int			newmax = maxpending == 0 ? 64 : maxpending * 2;
+
+		if (pending == NULL)
+			pending = MemoryContextAlloc(TopTransactionContext,
+										 sizeof(PendingEvent) * newmax);
+		else
+			pending = repalloc(pending, sizeof(PendingEvent) * newmax);
+		maxpending = newmax;
+	}
+	pending[npending].nest_level = GetCurrentTransactionNestLevel();
+	pending[npending].entry = entry;
+	npending++;
+	pending_bytes += total;
+}
+
+/*
+ * mqtt_emit.listen() and unlisten() call this; the worker is told at commit.
+ */
+void
+me_capture_listeners_changed(void)
+{
+	listeners_changed = true;
+}
+
+static void
+reset_pending(void)
+{
+	/* the memory itself belongs to TopTransactionContext */
+	pending = NULL;
+	npending = 0;
+	maxpending = 0;
+	pending_bytes = 0;
+	reserved_bytes = 0;
+}
+
+static void
+capture_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_PRE_COMMIT:
+			if (npending > 0 && reserved_bytes == 0)
+			{
+				if (me_queue_reserve(pending_bytes))
+					reserved_bytes = pending_bytes;
+				else if (mqtt_emit_overflow == ME_OVERFLOW_DROP)
+				{
+					ereport(WARNING,
+							(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+							 errmsg("event queue is full, %d events of this transaction are dropped",
+									npending),
+							 errhint("Raise \"mqtt_emit.queue_size\" or check that the broker is reachable.")));
+					me_count(ME_STAT_DROPPED, npending);
+					reset_pending();
+				}
+				else
+					ereport(ERROR,
+							(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+							 errmsg("event queue is full"),
+							 errdetail("The transaction's %d events need %zu bytes.",
+									   npending, pending_bytes),
+							 errhint("Raise \"mqtt_emit.queue_size\" or check that the broker is reachable; \"mqtt_emit.overflow\" selects what happens then.")));
+			}
+			break;
+
+		case XACT_EVENT_COMMIT:
+			if (npending > 0 && reserved_bytes > 0)
+			{
+				char	  **entries = palloc(sizeof(char *) * npending);
+				int			i;
+
+				for (i = 0; i < npending; i++)
+					entries[i] = pending[i].entry;
+				me_queue_push_reserved(entries, npending, reserved_bytes);
+				pfree(entries);
+			}
+			reset_pending();
+			if (listeners_changed)
+			{
+				listeners_changed = false;
+				if (me_shared)
+				{
+					pg_atomic_fetch_add_u32(&me_shared->listeners_version, 1);
+					me_wake_worker();
+				}
+			}
+			break;
+
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+			if (reserved_bytes > 0)
+				me_queue_unreserve(reserved_bytes);
+			reset_pending();
+			listeners_changed = false;
+			break;
+
+		case XACT_EVENT_PRE_PREPARE:
+			if (npending > 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						 errmsg("cannot prepare a transaction that has pending pg_mqtt_emit events"),
+						 errdetail("The transaction has %d events waiting for commit.", npending),
+						 errhint("Commit the transaction normally, or turn \"mqtt_emit.enabled\" off before the changes.")));
+			if (listeners_changed)
+				ereport(ERROR,
+						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						 errmsg("cannot prepare a transaction that changed pg_mqtt_emit listeners")));
+			break;
+
+		case XACT_EVENT_PREPARE:
+			reset_pending();
+			break;
+
+		default:
+			break;
+	}
+}
+
+static void
+capture_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+						 SubTransactionId parentSubid, void *arg)
+{
+	int			level;
+
+	if (npending == 0)
+		return;
+	level = GetCurrentTransactionNestLevel();
+
+	if (event == SUBXACT_EVENT_ABORT_SUB)
+	{
+		/* events made at this level or deeper are a suffix of the list */
+		while (npending > 0 && pending[npending - 1].nest_level >= level)
+		{
+			MqttEmitEventHeader *hdr = (MqttEmitEventHeader *) pending[npending - 1].entry;
+
+			pending_bytes -= hdr->total_len;
+			pfree(pending[npending - 1].entry);
+			npending--;
+		}
+	}
+	else if (event == SUBXACT_EVENT_COMMIT_SUB)
+	{
+		int			i;
+
+		for (i = npending - 1; i >= 0 && pending[i].nest_level >= level; i--)
+			pending[i].nest_level = level - 1;
+	}
+}

@@ -1,0 +1,345 @@
+/*-------------------------------------------------------------------------
+ *
+ * payload.c
+ *		JSON encoding of column values, event ids, timestamps and topics.
+ *
+ * Column values are rendered with PostgreSQL's own JSON rules, so a row
+ * reads the same as to_jsonb(NEW) would: numbers stay numbers (NaN and
+ * infinities become strings), booleans become true/false, dates and
+ * timestamps use the ISO form JSON output uses, json and jsonb values are
+ * embedded, arrays and composites go through the core's array_to_json and
+ * row_to_json, and everything else is its text output, escaped with
+ * escape_json().  The type of each column is classified once (see
+ * capture.c's relation cache) so that encoding a row is a loop of appends.
+ *
+ * Event ids are UUID-formatted (version 7 layout): 48 bits of Unix time in
+ * milliseconds, 42 bits of a node-wide sequence kept in shared memory (it
+ * starts at the server's start time in microseconds, so a restarted server
+ * does not repeat itself), and 32 bits that identify the node (a hash of
+ * the effective client id).  They are unique across rows, nodes and
+ * restarts, unlike the seed's base64 prefix of the payload.
+ *
+ * Copyright (c) 2026, pg_mqtt_emit developers
+ *
+ * IDENTIFICATION
+ *		src/payload.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "common/jsonapi.h"
+#include "utils/builtins.h"
+#include "utils/date.h"
+#include "utils/datetime.h"
+#include "utils/fmgrprotos.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/timestamp.h"
+#include "utils/typcache.h"
+
+#include "pg_mqtt_emit.h"
+
+/*
+ * Work out how values of type typid are rendered.  The output function is
+ * looked up in cxt, which must live as long as ct.
+ */
+void
+me_classify_type(Oid typid, MqttEmitColType *ct, MemoryContext cxt)
+{
+	Oid			outfunc;
+	bool		isvarlena;
+	Oid			base = getBaseType(typid);
+
+	ct->typid = base;
+	switch (base)
+	{
+		case BOOLOID:
+			ct->cat = ME_JSON_BOOL;
+			break;
+		case INT2OID:
+			ct->cat = ME_JSON_INT2;
+			break;
+		case INT4OID:
+			ct->cat = ME_JSON_INT4;
+			break;
+		case INT8OID:
+			ct->cat = ME_JSON_INT8;
+			break;
+		case FLOAT4OID:
+		case FLOAT8OID:
+		case NUMERICOID:
+			ct->cat = ME_JSON_NUMBER;
+			break;
+		case DATEOID:
+		case TIMESTAMPOID:
+		case TIMESTAMPTZOID:
+			ct->cat = ME_JSON_DATETIME;
+			break;
+		case JSONOID:
+			ct->cat = ME_JSON_JSON;
+			break;
+		case JSONBOID:
+			ct->cat = ME_JSON_JSONB;
+			break;
+		default:
+			if (OidIsValid(get_element_type(base)))
+				ct->cat = ME_JSON_ARRAY;
+			else if (type_is_rowtype(base))
+				ct->cat = ME_JSON_COMPOSITE;
+			else
+				ct->cat = ME_JSON_STRING;
+			break;
+	}
+	getTypeOutputInfo(base, &outfunc, &isvarlena);
+	fmgr_info_cxt(outfunc, &ct->outfunc, cxt);
+}
+
+/*
+ * Append the JSON form of one value.
+ */
+void
+me_json_value(StringInfo buf, MqttEmitColType *ct, Datum value, bool isnull)
+{
+	char		tmp[MAXDATELEN + 32];
+	char	   *s;
+
+	if (isnull)
+	{
+		appendBinaryStringInfo(buf, "null", 4);
+		return;
+	}
+
+	switch (ct->cat)
+	{
+		case ME_JSON_BOOL:
+			if (DatumGetBool(value))
+				appendBinaryStringInfo(buf, "true", 4);
+			else
+				appendBinaryStringInfo(buf, "false", 5);
+			break;
+		case ME_JSON_INT2:
+			appendBinaryStringInfo(buf, tmp, pg_ltoa(DatumGetInt16(value), tmp));
+			break;
+		case ME_JSON_INT4:
+			appendBinaryStringInfo(buf, tmp, pg_ltoa(DatumGetInt32(value), tmp));
+			break;
+		case ME_JSON_INT8:
+			appendBinaryStringInfo(buf, tmp, pg_lltoa(DatumGetInt64(value), tmp));
+			break;
+		case ME_JSON_NUMBER:
+			s = OutputFunctionCall(&ct->outfunc, value);
+			if (IsValidJsonNumber(s, strlen(s)))
+				appendStringInfoString(buf, s);
+			else
+				escape_json(buf, s);
+			pfree(s);
+			break;
+		case ME_JSON_DATETIME:
+			s = JsonEncodeDateTime(tmp, value, ct->typid, NULL);
+			appendStringInfoChar(buf, '"');
+			appendStringInfoString(buf, s);
+			appendStringInfoChar(buf, '"');
+			break;
+		case ME_JSON_JSON:
+			s = TextDatumGetCString(value);
+			appendStringInfoString(buf, s);
+			pfree(s);
+			break;
+		case ME_JSON_JSONB:
+			{
+				Jsonb	   *jb = DatumGetJsonbP(value);
+
+				s = JsonbToCString(NULL, &jb->root, VARSIZE(jb));
+				appendStringInfoString(buf, s);
+				pfree(s);
+				break;
+			}
+		case ME_JSON_ARRAY:
+			s = TextDatumGetCString(DirectFunctionCall1(array_to_json, value));
+			appendStringInfoString(buf, s);
+			pfree(s);
+			break;
+		case ME_JSON_COMPOSITE:
+			s = TextDatumGetCString(DirectFunctionCall1(row_to_json, value));
+			appendStringInfoString(buf, s);
+			pfree(s);
+			break;
+		case ME_JSON_STRING:
+			s = OutputFunctionCall(&ct->outfunc, value);
+			escape_json(buf, s);
+			pfree(s);
+			break;
+	}
+}
+
+/*
+ * Format ts as ISO 8601 UTC with milliseconds: 2026-11-13T10:30:00.123Z.
+ * out must hold at least 32 bytes.
+ */
+void
+me_format_timestamp(char *out, TimestampTz ts)
+{
+	struct pg_tm tm;
+	fsec_t		fsec;
+
+	if (timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) != 0)
+	{
+		strcpy(out, "1970-01-01T00:00:00.000Z");
+		return;
+	}
+	snprintf(out, 32, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ",
+			 tm.tm_year, tm.tm_mon, tm.tm_mday,
+			 tm.tm_hour, tm.tm_min, tm.tm_sec, (int) (fsec / 1000));
+}
+
+/*
+ * Write a new event id (36 characters and a NUL) into out.
+ */
+void
+me_make_event_id(char *out, TimestampTz now)
+{
+	static const char hex[] = "0123456789abcdef";
+	static const char *node_for = NULL;
+	static uint32 node = 0;
+	uint64		ms;
+	uint64		seq = me_next_event_seq() & ((UINT64CONST(1) << 42) - 1);
+	uint8		b[16];
+	int			i,
+				j;
+	const char *cid = me_client_id();
+
+	if (node_for != cid)
+	{
+		node = hash_bytes((const unsigned char *) cid, strlen(cid));
+		node_for = cid;
+	}
+
+	ms = (uint64) ((now / 1000) +
+				   ((int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY * 1000));
+	b[0] = (uint8) (ms >> 40);
+	b[1] = (uint8) (ms >> 32);
+	b[2] = (uint8) (ms >> 24);
+	b[3] = (uint8) (ms >> 16);
+	b[4] = (uint8) (ms >> 8);
+	b[5] = (uint8) ms;
+	b[6] = 0x70 | (uint8) ((seq >> 38) & 0x0F);
+	b[7] = (uint8) (seq >> 30);
+	b[8] = 0x80 | (uint8) ((seq >> 24) & 0x3F);
+	b[9] = (uint8) (seq >> 16);
+	b[10] = (uint8) (seq >> 8);
+	b[11] = (uint8) seq;
+	b[12] = (uint8) (node >> 24);
+	b[13] = (uint8) (node >> 16);
+	b[14] = (uint8) (node >> 8);
+	b[15] = (uint8) node;
+
+	for (i = 0, j = 0; i < 16; i++)
+	{
+		if (i == 4 || i == 6 || i == 8 || i == 10)
+			out[j++] = '-';
+		out[j++] = hex[b[i] >> 4];
+		out[j++] = hex[b[i] & 0x0F];
+	}
+	out[j] = '\0';
+}
+
+/*
+ * Append the envelope fields that follow "result":
+ * ,"timestamp":"...","eventId":"..."
+ */
+void
+me_json_event_tail(StringInfo buf, TimestampTz now)
+{
+	char		ts[32];
+	char		id[MQTT_EMIT_EVENT_ID_LEN + 1];
+
+	me_format_timestamp(ts, now);
+	me_make_event_id(id, now);
+	appendStringInfo(buf, ",\"timestamp\":\"%s\",\"eventId\":\"%s\"", ts, id);
+}
+
+const char *
+me_op_name(MqttEmitOp op)
+{
+	switch (op)
+	{
+		case ME_OP_CREATE:
+			return "create";
+		case ME_OP_UPDATE:
+			return "update";
+		case ME_OP_DELETE:
+			return "delete";
+		default:
+			return "other";
+	}
+}
+
+/*
+ * Append a model name as one topic level.  Characters that carry meaning in
+ * MQTT topics ("/", "+", "#"), and "%" itself, are percent-encoded so that a
+ * model name can never add levels or wildcards to a topic.
+ */
+void
+me_append_topic_model(StringInfo buf, const char *model, int len, bool lower)
+{
+	int			i;
+
+	for (i = 0; i < len; i++)
+	{
+		char		c = model[i];
+
+		switch (c)
+		{
+			case '/':
+				appendBinaryStringInfo(buf, "%2F", 3);
+				break;
+			case '+':
+				appendBinaryStringInfo(buf, "%2B", 3);
+				break;
+			case '#':
+				appendBinaryStringInfo(buf, "%23", 3);
+				break;
+			case '%':
+				appendBinaryStringInfo(buf, "%25", 3);
+				break;
+			default:
+				if (lower && c >= 'A' && c <= 'Z')
+					c += 'a' - 'A';
+				appendStringInfoChar(buf, c);
+				break;
+		}
+	}
+}
+
+/*
+ * Build the topic of a queued row event: <prefix>/<model>/<operation>, or
+ * with all_style the Node library's <prefix>/<model>/all, all lower case.
+ */
+void
+me_build_topic(StringInfo buf, const MqttEmitEventHeader *hdr,
+			   const char *model, bool all_style)
+{
+	const char *p;
+
+	resetStringInfo(buf);
+	if (all_style)
+	{
+		for (p = mqtt_emit_topic_prefix; *p; p++)
+			appendStringInfoChar(buf, (*p >= 'A' && *p <= 'Z') ? *p + ('a' - 'A') : *p);
+		appendStringInfoChar(buf, '/');
+		me_append_topic_model(buf, model, hdr->model_len, true);
+		appendBinaryStringInfo(buf, "/all", 4);
+	}
+	else
+	{
+		appendStringInfoString(buf, mqtt_emit_topic_prefix);
+		appendStringInfoChar(buf, '/');
+		me_append_topic_model(buf, model, hdr->model_len, false);
+		appendStringInfoChar(buf, '/');
+		appendStringInfoString(buf, me_op_name(hdr->op));
+	}
+}

@@ -1,0 +1,409 @@
+/*-------------------------------------------------------------------------
+ *
+ * pg_mqtt_emit.c
+ *		Module entry point: defines the mqtt_emit.* settings, requests shared
+ *		memory and registers the background worker.
+ *
+ * Everything that lives longer than one call starts here.  Settings that
+ * size shared memory (mqtt_emit.queue_size, mqtt_emit.database) exist only
+ * when the library is preloaded; the rest are defined in every backend that
+ * loads the library so that SET and SHOW work everywhere.  The SQL entry
+ * points refuse to run unless the library was preloaded, because without the
+ * worker and the queue no event could ever leave the server.
+ *
+ * Copyright (c) 2026, pg_mqtt_emit developers
+ *
+ * IDENTIFICATION
+ *		src/pg_mqtt_emit.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xlog.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "utils/guc.h"
+
+#include "pg_mqtt_emit.h"
+
+PG_MODULE_MAGIC;
+
+PGDLLEXPORT void _PG_init(void);
+
+char	   *mqtt_emit_broker_url = NULL;
+char	   *mqtt_emit_topic_prefix = NULL;
+char	   *mqtt_emit_client_id = NULL;
+char	   *mqtt_emit_username = NULL;
+char	   *mqtt_emit_password = NULL;
+int			mqtt_emit_qos = 1;
+char	   *mqtt_emit_database = NULL;
+int			mqtt_emit_queue_size = 8192;	/* kB */
+int			mqtt_emit_delivery = ME_DELIVERY_MEMORY;
+int			mqtt_emit_dedup_ttl = 5000; /* ms */
+int			mqtt_emit_dedup_max = 100000;
+bool		mqtt_emit_enabled = true;
+bool		mqtt_emit_emit_local = true;
+bool		mqtt_emit_emit_remote = true;
+char	   *mqtt_emit_tls_ca_file = NULL;
+char	   *mqtt_emit_tls_cert_file = NULL;
+char	   *mqtt_emit_tls_key_file = NULL;
+bool		mqtt_emit_tls_verify = true;
+int			mqtt_emit_keepalive = 30;	/* s */
+int			mqtt_emit_reconnect_min = 100;	/* ms */
+int			mqtt_emit_reconnect_max = 10000;	/* ms */
+bool		mqtt_emit_clean_session = true;
+int			mqtt_emit_mqtt_version = 4; /* 3.1.1 */
+int			mqtt_emit_max_payload = 1024 * 1024;	/* bytes */
+int			mqtt_emit_overflow = ME_OVERFLOW_ERROR;
+int			mqtt_emit_listener_timeout = 10000; /* ms */
+int			mqtt_emit_topic_style = ME_TOPIC_OPERATION;
+int			mqtt_emit_max_inflight = 8192;
+
+bool		mqtt_emit_preloaded = false;
+
+static const struct config_enum_entry delivery_options[] = {
+	{"memory", ME_DELIVERY_MEMORY, false},
+	{"durable", ME_DELIVERY_DURABLE, false},
+	{NULL, 0, false}
+};
+
+static const struct config_enum_entry topic_style_options[] = {
+	{"operation", ME_TOPIC_OPERATION, false},
+	{"all", ME_TOPIC_ALL, false},
+	{"both", ME_TOPIC_BOTH, false},
+	{NULL, 0, false}
+};
+
+static const struct config_enum_entry overflow_options[] = {
+	{"error", ME_OVERFLOW_ERROR, false},
+	{"drop", ME_OVERFLOW_DROP, false},
+	{NULL, 0, false}
+};
+
+static const struct config_enum_entry mqtt_version_options[] = {
+	{"3.1.1", 4, false},
+	{"5", 5, false},
+	{NULL, 0, false}
+};
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+static void mqtt_emit_shmem_request(void);
+static void mqtt_emit_shmem_startup(void);
+static bool check_topic_prefix(char **newval, void **extra, GucSource source);
+static bool check_broker_url(char **newval, void **extra, GucSource source);
+
+/*
+ * Module load callback.
+ */
+void
+_PG_init(void)
+{
+	if (IsBinaryUpgrade)
+		return;
+
+	DefineCustomStringVariable("mqtt_emit.broker_url",
+							   "Sets the URL of the MQTT broker.",
+							   "tcp://host:port, ssl://host:port or mqtts://host:port.",
+							   &mqtt_emit_broker_url,
+							   "tcp://localhost:1883",
+							   PGC_SIGHUP, 0,
+							   check_broker_url, NULL, NULL);
+	DefineCustomStringVariable("mqtt_emit.topic_prefix",
+							   "Sets the first part of every MQTT topic.",
+							   NULL,
+							   &mqtt_emit_topic_prefix,
+							   "prisma/events",
+							   PGC_SIGHUP, 0,
+							   check_topic_prefix, NULL, NULL);
+	DefineCustomStringVariable("mqtt_emit.client_id",
+							   "Sets the MQTT client id of the publisher; the subscriber adds \"-subscriber\".",
+							   "Empty means one derived from the cluster's system identifier.",
+							   &mqtt_emit_client_id,
+							   "",
+							   PGC_SIGHUP, 0,
+							   NULL, NULL, NULL);
+	DefineCustomStringVariable("mqtt_emit.username",
+							   "Sets the user name for the MQTT broker.",
+							   NULL,
+							   &mqtt_emit_username,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+	DefineCustomStringVariable("mqtt_emit.password",
+							   "Sets the password for the MQTT broker.",
+							   NULL,
+							   &mqtt_emit_password,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL,
+							   NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtt_emit.qos",
+							"Sets the MQTT quality of service used for publishing.",
+							NULL,
+							&mqtt_emit_qos,
+							1, 0, 2,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+	DefineCustomEnumVariable("mqtt_emit.delivery",
+							 "Selects how committed events are kept until the broker has them.",
+							 "\"memory\" uses the shared-memory queue; \"durable\" also writes them to the outbox table in the committing transaction.",
+							 &mqtt_emit_delivery,
+							 ME_DELIVERY_MEMORY, delivery_options,
+							 PGC_SUSET, 0,
+							 NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtt_emit.dedup_ttl",
+							"Sets how long received event ids are remembered.",
+							NULL,
+							&mqtt_emit_dedup_ttl,
+							5000, 0, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtt_emit.dedup_max",
+							"Sets the maximum number of event ids remembered for deduplication.",
+							NULL,
+							&mqtt_emit_dedup_max,
+							100000, 100, 10000000,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+	DefineCustomBoolVariable("mqtt_emit.enabled",
+							 "Captures changes of watched tables.",
+							 "When off, watched tables produce no events.",
+							 &mqtt_emit_enabled,
+							 true,
+							 PGC_SUSET, 0,
+							 NULL, NULL, NULL);
+	DefineCustomBoolVariable("mqtt_emit.emit_local",
+							 "Runs local listeners for the events of this session.",
+							 NULL,
+							 &mqtt_emit_emit_local,
+							 true,
+							 PGC_USERSET, 0,
+							 NULL, NULL, NULL);
+	DefineCustomBoolVariable("mqtt_emit.emit_remote",
+							 "Publishes the events of this session to the MQTT broker.",
+							 NULL,
+							 &mqtt_emit_emit_remote,
+							 true,
+							 PGC_USERSET, 0,
+							 NULL, NULL, NULL);
+	DefineCustomStringVariable("mqtt_emit.tls_ca_file",
+							   "Sets the file of trusted certificate authorities for TLS.",
+							   NULL,
+							   &mqtt_emit_tls_ca_file,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+	DefineCustomStringVariable("mqtt_emit.tls_cert_file",
+							   "Sets the client certificate file for TLS.",
+							   NULL,
+							   &mqtt_emit_tls_cert_file,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+	DefineCustomStringVariable("mqtt_emit.tls_key_file",
+							   "Sets the client private key file for TLS.",
+							   NULL,
+							   &mqtt_emit_tls_key_file,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+	DefineCustomBoolVariable("mqtt_emit.tls_verify",
+							 "Verifies the broker's certificate and host name.",
+							 NULL,
+							 &mqtt_emit_tls_verify,
+							 true,
+							 PGC_SIGHUP, 0,
+							 NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtt_emit.keepalive",
+							"Sets the MQTT keepalive interval.",
+							NULL,
+							&mqtt_emit_keepalive,
+							30, 1, 3600,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtt_emit.reconnect_min",
+							"Sets the first delay before reconnecting to the broker.",
+							NULL,
+							&mqtt_emit_reconnect_min,
+							100, 10, 600000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtt_emit.reconnect_max",
+							"Sets the longest delay between reconnection attempts.",
+							NULL,
+							&mqtt_emit_reconnect_max,
+							10000, 10, 3600000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+	DefineCustomBoolVariable("mqtt_emit.clean_session",
+							 "Starts every MQTT connection with a clean session.",
+							 NULL,
+							 &mqtt_emit_clean_session,
+							 true,
+							 PGC_SIGHUP, 0,
+							 NULL, NULL, NULL);
+	DefineCustomEnumVariable("mqtt_emit.mqtt_version",
+							 "Selects the MQTT protocol version.",
+							 NULL,
+							 &mqtt_emit_mqtt_version,
+							 4, mqtt_version_options,
+							 PGC_SIGHUP, 0,
+							 NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtt_emit.max_payload",
+							"Sets the largest payload published or accepted.",
+							NULL,
+							&mqtt_emit_max_payload,
+							1024 * 1024, 1024, 256 * 1024 * 1024,
+							PGC_SIGHUP, GUC_UNIT_BYTE,
+							NULL, NULL, NULL);
+	DefineCustomEnumVariable("mqtt_emit.overflow",
+							 "Selects what a commit does when the event queue is full.",
+							 "\"error\" aborts the committing transaction; \"drop\" commits without its events and counts them.",
+							 &mqtt_emit_overflow,
+							 ME_OVERFLOW_ERROR, overflow_options,
+							 PGC_SUSET, 0,
+							 NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtt_emit.listener_timeout",
+							"Sets the longest time one listener call may run.",
+							"Zero disables the limit.",
+							&mqtt_emit_listener_timeout,
+							10000, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+	DefineCustomEnumVariable("mqtt_emit.topic_style",
+							 "Selects the topic form used for publishing.",
+							 "\"operation\" is <prefix>/<model>/<operation>; \"all\" is <prefix>/<model>/all in lower case, as prisma-extension-emitter 2.x uses; \"both\" publishes both.",
+							 &mqtt_emit_topic_style,
+							 ME_TOPIC_OPERATION, topic_style_options,
+							 PGC_SIGHUP, 0,
+							 NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtt_emit.max_inflight",
+							"Sets how many published messages may await acknowledgement.",
+							NULL,
+							&mqtt_emit_max_inflight,
+							8192, 1, 65535,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+
+	if (process_shared_preload_libraries_in_progress)
+	{
+		DefineCustomStringVariable("mqtt_emit.database",
+								   "Sets the database the background worker connects to.",
+								   "The extension can be created only in this database.",
+								   &mqtt_emit_database,
+								   "postgres",
+								   PGC_POSTMASTER, 0,
+								   NULL, NULL, NULL);
+		DefineCustomIntVariable("mqtt_emit.queue_size",
+								"Sets the size of the shared-memory event queue.",
+								NULL,
+								&mqtt_emit_queue_size,
+								8192, 64, INT_MAX / 1024,
+								PGC_POSTMASTER, GUC_UNIT_KB,
+								NULL, NULL, NULL);
+	}
+
+	MarkGUCPrefixReserved("mqtt_emit");
+
+	me_capture_init();
+
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+
+	mqtt_emit_preloaded = true;
+
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = mqtt_emit_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = mqtt_emit_shmem_startup;
+
+	me_worker_register();
+}
+
+static void
+mqtt_emit_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	me_shmem_request();
+}
+
+static void
+mqtt_emit_shmem_startup(void)
+{
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+	me_shmem_startup();
+}
+
+/*
+ * Raise the standard error when the library was not preloaded: without the
+ * queue and the worker no event could leave the server.
+ */
+void
+me_check_preloaded(void)
+{
+	if (!mqtt_emit_preloaded || me_shared == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("pg_mqtt_emit must be loaded via \"shared_preload_libraries\""),
+				 errhint("Add pg_mqtt_emit to \"shared_preload_libraries\" and restart the server.")));
+}
+
+/*
+ * The effective publisher client id: mqtt_emit.client_id, or one derived
+ * from the system identifier when that is empty.  The result is valid until
+ * the next configuration reload.
+ */
+const char *
+me_client_id(void)
+{
+	static char derived[64];
+
+	if (mqtt_emit_client_id && mqtt_emit_client_id[0] != '\0')
+		return mqtt_emit_client_id;
+	if (derived[0] == '\0')
+		snprintf(derived, sizeof(derived), "pg-mqtt-emit-" UINT64_FORMAT,
+				 GetSystemIdentifier());
+	return derived;
+}
+
+static bool
+check_broker_url(char **newval, void **extra, GucSource source)
+{
+	const char *v = *newval;
+
+	if (v == NULL)
+		return true;
+	if (strncmp(v, "tcp://", 6) != 0 && strncmp(v, "mqtt://", 7) != 0 &&
+		strncmp(v, "ssl://", 6) != 0 && strncmp(v, "mqtts://", 8) != 0 &&
+		strncmp(v, "ws://", 5) != 0 && strncmp(v, "wss://", 6) != 0)
+	{
+		GUC_check_errdetail("The broker URL must start with tcp://, mqtt://, ssl:// or mqtts://.");
+		return false;
+	}
+	return true;
+}
+
+static bool
+check_topic_prefix(char **newval, void **extra, GucSource source)
+{
+	const char *v = *newval;
+
+	if (v == NULL)
+		return true;
+	if (strpbrk(v, "+#") != NULL)
+	{
+		GUC_check_errdetail("The topic prefix must not contain \"+\" or \"#\".");
+		return false;
+	}
+	if (v[0] == '\0' || v[strlen(v) - 1] == '/')
+	{
+		GUC_check_errdetail("The topic prefix must not be empty or end with \"/\".");
+		return false;
+	}
+	return true;
+}

@@ -1,0 +1,236 @@
+/*-------------------------------------------------------------------------
+ *
+ * pg_mqtt_emit.h
+ *		Shared declarations of pg_mqtt_emit: GUC variables, the layout of
+ *		queued events, and the functions each source file offers the others.
+ *
+ * Copyright (c) 2026, pg_mqtt_emit developers
+ *
+ * IDENTIFICATION
+ *		src/pg_mqtt_emit.h
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef PG_MQTT_EMIT_H
+#define PG_MQTT_EMIT_H
+
+#include "datatype/timestamp.h"
+#include "fmgr.h"
+#include "lib/stringinfo.h"
+#include "port/atomics.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+#include "storage/s_lock.h"
+
+#define MQTT_EMIT_SCHEMA			"mqtt_emit"
+#define MQTT_EMIT_EXTENSION			"pg_mqtt_emit"
+#define MQTT_EMIT_MAX_ERROR_LEN		256
+#define MQTT_EMIT_EVENT_ID_LEN		36	/* UUID text form, without NUL */
+#define MQTT_EMIT_MAX_MODEL_LEN		200
+
+/* Row operations, as the seed names them on the wire. */
+typedef enum MqttEmitOp
+{
+	ME_OP_CREATE = 0,
+	ME_OP_UPDATE,
+	ME_OP_DELETE,
+	ME_OP_OTHER					/* ad-hoc publish or a foreign operation */
+} MqttEmitOp;
+
+/* mqtt_emit.delivery */
+typedef enum
+{
+	ME_DELIVERY_MEMORY,
+	ME_DELIVERY_DURABLE
+} MqttEmitDelivery;
+
+/* mqtt_emit.topic_style */
+typedef enum
+{
+	ME_TOPIC_OPERATION,			/* <prefix>/<model>/<operation> */
+	ME_TOPIC_ALL,				/* <prefix>/<model>/all, lowercased (Node lib) */
+	ME_TOPIC_BOTH
+} MqttEmitTopicStyle;
+
+/* mqtt_emit.overflow */
+typedef enum
+{
+	ME_OVERFLOW_ERROR,
+	ME_OVERFLOW_DROP
+} MqttEmitOverflow;
+
+/*
+ * An event as it travels through the shared-memory queue.  The header is
+ * followed by model_len bytes of model name (for ME_KIND_PUBLISH: the full
+ * topic) and payload_len bytes of JSON payload, with no terminators.  Entries
+ * are stored unaligned in a byte ring and always copied out with memcpy.
+ */
+typedef enum
+{
+	ME_KIND_ROW = 1,			/* a captured row change */
+	ME_KIND_PUBLISH = 2			/* mqtt_emit.publish(): explicit topic */
+} MqttEmitKind;
+
+#define ME_FLAG_PUBLISH		0x01	/* send it to the broker */
+#define ME_FLAG_LOCAL		0x02	/* run local listeners for it */
+
+typedef struct MqttEmitEventHeader
+{
+	uint32		total_len;		/* header + model + payload */
+	uint8		kind;			/* MqttEmitKind */
+	uint8		flags;			/* ME_FLAG_* */
+	uint8		op;				/* MqttEmitOp */
+	uint8		qos;			/* for ME_KIND_PUBLISH; 255 = default */
+	Oid			userid;			/* role that committed it */
+	uint32		model_len;
+	uint32		payload_len;
+} MqttEmitEventHeader;
+
+/* Counters kept in shared memory and shown by mqtt_emit.stats. */
+typedef enum MqttEmitCounter
+{
+	ME_STAT_ENQUEUED = 0,		/* events that entered the queue */
+	ME_STAT_DEQUEUED,			/* events that left it (done) */
+	ME_STAT_PUBLISHED,			/* messages acknowledged by the broker */
+	ME_STAT_PUBLISH_FAILED,		/* send attempts that failed */
+	ME_STAT_RETRIED,			/* messages sent again after a failure */
+	ME_STAT_DROPPED,			/* events lost by policy (counted) */
+	ME_STAT_RECEIVED,			/* remote messages received */
+	ME_STAT_DEDUPLICATED,		/* remote messages skipped as seen */
+	ME_STAT_SELF_ECHO,			/* our own messages coming back */
+	ME_STAT_REJECTED,			/* remote messages malformed/hostile */
+	ME_STAT_LISTENER_CALLS,
+	ME_STAT_LISTENER_ERRORS,
+	ME_STAT_CONNECTS,			/* successful broker connections */
+	ME_STAT_COUNT
+} MqttEmitCounter;
+
+/*
+ * The shared state.  See shmem.c for the locking rules.
+ */
+typedef struct MqttEmitShared
+{
+	LWLock	   *lock;
+	pid_t		worker_pid;		/* 0 when no worker runs */
+	Latch	   *worker_latch;
+
+	/* the ring; positions are logical and only grow */
+	Size		capacity;
+	uint64		head;			/* oldest byte not yet done (acknowledged) */
+	uint64		tail;			/* next byte to be written */
+	uint64		reserved;		/* bytes promised to committing backends */
+
+	pg_atomic_uint64 counters[ME_STAT_COUNT];
+	pg_atomic_uint64 event_seq;
+	pg_atomic_uint32 listeners_version;
+	pg_atomic_uint32 publisher_connected;
+	pg_atomic_uint32 subscriber_connected;
+	pg_atomic_uint32 subscriptions;
+
+	slock_t		errlock;		/* protects the last_error fields */
+	TimestampTz last_error_time;
+	char		last_error[MQTT_EMIT_MAX_ERROR_LEN];
+
+	char		data[FLEXIBLE_ARRAY_MEMBER];
+} MqttEmitShared;
+
+/* GUC variables (pg_mqtt_emit.c) */
+extern char *mqtt_emit_broker_url;
+extern char *mqtt_emit_topic_prefix;
+extern char *mqtt_emit_client_id;
+extern char *mqtt_emit_username;
+extern char *mqtt_emit_password;
+extern int	mqtt_emit_qos;
+extern char *mqtt_emit_database;
+extern int	mqtt_emit_queue_size;
+extern int	mqtt_emit_delivery;
+extern int	mqtt_emit_dedup_ttl;
+extern int	mqtt_emit_dedup_max;
+extern bool mqtt_emit_enabled;
+extern bool mqtt_emit_emit_local;
+extern bool mqtt_emit_emit_remote;
+extern char *mqtt_emit_tls_ca_file;
+extern char *mqtt_emit_tls_cert_file;
+extern char *mqtt_emit_tls_key_file;
+extern bool mqtt_emit_tls_verify;
+extern int	mqtt_emit_keepalive;
+extern int	mqtt_emit_reconnect_min;
+extern int	mqtt_emit_reconnect_max;
+extern bool mqtt_emit_clean_session;
+extern int	mqtt_emit_mqtt_version;
+extern int	mqtt_emit_max_payload;
+extern int	mqtt_emit_overflow;
+extern int	mqtt_emit_listener_timeout;
+extern int	mqtt_emit_topic_style;
+extern int	mqtt_emit_max_inflight;
+
+extern bool mqtt_emit_preloaded;
+
+/* pg_mqtt_emit.c */
+extern void me_check_preloaded(void);
+extern const char *me_client_id(void);
+
+/* shmem.c */
+extern MqttEmitShared *me_shared;
+extern Size me_shmem_size(void);
+extern void me_shmem_request(void);
+extern void me_shmem_startup(void);
+extern bool me_queue_reserve(Size len);
+extern void me_queue_unreserve(Size len);
+extern void me_queue_push_reserved(char **entries, int nentries, Size len);
+extern uint64 me_queue_tail(void);
+extern void me_queue_copy(uint64 pos, char *dst, Size len);
+extern void me_queue_release(uint64 new_head, int nevents);
+extern uint64 me_queue_head(void);
+extern void me_count(MqttEmitCounter c, uint64 n);
+extern uint64 me_counter(MqttEmitCounter c);
+extern void me_set_last_error(const char *fmt,...) pg_attribute_printf(1, 2);
+extern void me_wake_worker(void);
+extern uint64 me_next_event_seq(void);
+
+/* How payload.c renders one column type as JSON (see me_classify_type). */
+typedef enum MqttEmitJsonCat
+{
+	ME_JSON_BOOL,
+	ME_JSON_INT2,
+	ME_JSON_INT4,
+	ME_JSON_INT8,
+	ME_JSON_NUMBER,				/* float, numeric: raw when a valid JSON number */
+	ME_JSON_DATETIME,			/* date, timestamp, timestamptz */
+	ME_JSON_JSON,
+	ME_JSON_JSONB,
+	ME_JSON_ARRAY,
+	ME_JSON_COMPOSITE,
+	ME_JSON_STRING				/* anything else: output function, quoted */
+} MqttEmitJsonCat;
+
+typedef struct MqttEmitColType
+{
+	MqttEmitJsonCat cat;
+	Oid			typid;			/* base type, domains resolved */
+	FmgrInfo	outfunc;
+} MqttEmitColType;
+
+/* payload.c */
+extern void me_classify_type(Oid typid, MqttEmitColType *ct, MemoryContext cxt);
+extern void me_json_value(StringInfo buf, MqttEmitColType *ct, Datum value, bool isnull);
+extern void me_json_event_tail(StringInfo buf, TimestampTz now);
+extern void me_make_event_id(char *out, TimestampTz now);
+extern void me_format_timestamp(char *out, TimestampTz ts);
+extern const char *me_op_name(MqttEmitOp op);
+extern void me_append_topic_model(StringInfo buf, const char *model, int len, bool lower);
+extern void me_build_topic(StringInfo buf, const MqttEmitEventHeader *hdr,
+						   const char *model, bool all_style);
+
+/* capture.c */
+extern void me_capture_init(void);
+extern void me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
+								 const char *model, int model_len,
+								 const char *payload, int payload_len, int qos);
+extern void me_capture_listeners_changed(void);
+
+/* worker.c */
+extern void me_worker_register(void);
+PGDLLEXPORT void mqtt_emit_worker_main(Datum main_arg);
+
+#endif							/* PG_MQTT_EMIT_H */

@@ -1,0 +1,226 @@
+/*-------------------------------------------------------------------------
+ *
+ * sql_api.c
+ *		SQL-callable functions of pg_mqtt_emit written in C: the install
+ *		check, mqtt_emit.publish() and the statistics.
+ *
+ * watch(), unwatch(), listen() and unlisten() are written in SQL in the
+ * install script; they call mqtt_emit._listeners_changed() so that the
+ * worker reloads the registry when their transaction commits.
+ *
+ * Copyright (c) 2026, pg_mqtt_emit developers
+ *
+ * IDENTIFICATION
+ *		src/sql_api.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "commands/dbcommands.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "storage/spin.h"
+#include "catalog/pg_type.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/timestamp.h"
+
+#include "pg_mqtt_emit.h"
+
+PG_FUNCTION_INFO_V1(mqtt_emit_install_check);
+PG_FUNCTION_INFO_V1(mqtt_emit_publish);
+PG_FUNCTION_INFO_V1(mqtt_emit_stats);
+PG_FUNCTION_INFO_V1(mqtt_emit_listeners_changed);
+PG_FUNCTION_INFO_V1(mqtt_emit_trigger_args);
+
+/*
+ * Called by the install script: the extension belongs in the worker's
+ * database, and without preloading it can do nothing.
+ */
+Datum
+mqtt_emit_install_check(PG_FUNCTION_ARGS)
+{
+	char	   *dbname = get_database_name(MyDatabaseId);
+
+	if (!mqtt_emit_preloaded)
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("pg_mqtt_emit must be loaded via \"shared_preload_libraries\""),
+				 errdetail("Its functions raise errors until the server is restarted with the library preloaded."),
+				 errhint("Add pg_mqtt_emit to \"shared_preload_libraries\" and restart the server.")));
+		PG_RETURN_VOID();
+	}
+	if (dbname == NULL || strcmp(dbname, mqtt_emit_database) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("pg_mqtt_emit can only be created in database \"%s\"",
+						mqtt_emit_database),
+				 errdetail("The background worker of pg_mqtt_emit connects to database \"%s\" only.",
+						   mqtt_emit_database),
+				 errhint("Create the extension in database \"%s\", or set \"mqtt_emit.database\" to \"%s\" and restart the server.",
+						 mqtt_emit_database, dbname ? dbname : "?")));
+	PG_RETURN_VOID();
+}
+
+/*
+ * mqtt_emit.publish(topic text, payload text, qos int): publish a message
+ * when the calling transaction commits.
+ */
+Datum
+mqtt_emit_publish(PG_FUNCTION_ARGS)
+{
+	text	   *topic_t;
+	text	   *payload_t;
+	int			qos = mqtt_emit_qos;
+	char	   *topic;
+	int			topic_len;
+
+	me_check_preloaded();
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("topic and payload must not be null")));
+	topic_t = PG_GETARG_TEXT_PP(0);
+	payload_t = PG_GETARG_TEXT_PP(1);
+	if (!PG_ARGISNULL(2))
+	{
+		qos = PG_GETARG_INT32(2);
+		if (qos < 0 || qos > 2)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid MQTT QoS %d", qos),
+					 errhint("QoS must be 0, 1 or 2.")));
+	}
+	topic = text_to_cstring(topic_t);
+	topic_len = strlen(topic);
+	if (topic_len == 0 || topic_len > 65535)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid MQTT topic \"%s\"", topic),
+				 errdetail("A topic must have between 1 and 65535 bytes.")));
+	if (strpbrk(topic, "+#") != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid MQTT topic \"%s\"", topic),
+				 errdetail("Topics used for publishing must not contain \"+\" or \"#\".")));
+
+	me_capture_add_event(ME_KIND_PUBLISH, ME_FLAG_PUBLISH, ME_OP_OTHER,
+						 topic, topic_len,
+						 VARDATA_ANY(payload_t), VARSIZE_ANY_EXHDR(payload_t),
+						 qos);
+	PG_RETURN_VOID();
+}
+
+/*
+ * mqtt_emit._listeners_changed(): the worker reloads the listener registry
+ * when the calling transaction commits.
+ */
+Datum
+mqtt_emit_listeners_changed(PG_FUNCTION_ARGS)
+{
+	me_check_preloaded();
+	me_capture_listeners_changed();
+	PG_RETURN_VOID();
+}
+
+/*
+ * mqtt_emit.stats(): one row of counters and state.
+ */
+Datum
+mqtt_emit_stats(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[24];
+	bool		nulls[24];
+	int			i = 0;
+	uint64		head,
+				tail,
+				enq,
+				deq;
+	pid_t		pid;
+	char		last_error[MQTT_EMIT_MAX_ERROR_LEN];
+	TimestampTz last_error_time;
+
+	me_check_preloaded();
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	LWLockAcquire(me_shared->lock, LW_SHARED);
+	head = me_shared->head;
+	tail = me_shared->tail;
+	pid = me_shared->worker_pid;
+	LWLockRelease(me_shared->lock);
+	SpinLockAcquire(&me_shared->errlock);
+	strlcpy(last_error, me_shared->last_error, sizeof(last_error));
+	last_error_time = me_shared->last_error_time;
+	SpinLockRelease(&me_shared->errlock);
+
+	enq = me_counter(ME_STAT_ENQUEUED);
+	deq = me_counter(ME_STAT_DEQUEUED);
+
+	memset(nulls, 0, sizeof(nulls));
+	values[i++] = BoolGetDatum(pg_atomic_read_u32(&me_shared->publisher_connected) != 0);
+	values[i++] = BoolGetDatum(pg_atomic_read_u32(&me_shared->subscriber_connected) != 0);
+	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_PUBLISHED));
+	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_PUBLISH_FAILED));
+	values[i++] = Int64GetDatum((int64) (enq >= deq ? enq - deq : 0));
+	values[i++] = Int64GetDatum((int64) (tail - head));
+	values[i++] = Int64GetDatum((int64) me_shared->capacity);
+	values[i++] = Int64GetDatum((int64) enq);
+	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_RETRIED));
+	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_DROPPED));
+	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_RECEIVED));
+	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_DEDUPLICATED));
+	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_SELF_ECHO));
+	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_REJECTED));
+	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_LISTENER_CALLS));
+	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_LISTENER_ERRORS));
+	values[i++] = Int32GetDatum((int32) pg_atomic_read_u32(&me_shared->subscriptions));
+	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_CONNECTS));
+	if (last_error[0])
+		values[i++] = CStringGetTextDatum(last_error);
+	else
+		nulls[i++] = true;
+	if (last_error_time != 0)
+		values[i++] = TimestampTzGetDatum(last_error_time);
+	else
+		nulls[i++] = true;
+	if (pid != 0)
+		values[i++] = Int32GetDatum((int32) pid);
+	else
+		nulls[i++] = true;
+	values[i++] = CStringGetTextDatum(me_client_id());
+
+	Assert(i == tupdesc->natts);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/*
+ * mqtt_emit._trigger_args(tgargs bytea, tgnargs int2): the arguments of a
+ * trigger as text[], for the watched_tables view.
+ */
+Datum
+mqtt_emit_trigger_args(PG_FUNCTION_ARGS)
+{
+	bytea	   *args = PG_GETARG_BYTEA_PP(0);
+	int			nargs = PG_GETARG_INT16(1);
+	const char *p = VARDATA_ANY(args);
+	const char *end = p + VARSIZE_ANY_EXHDR(args);
+	Datum	   *elems;
+	int			n = 0;
+
+	elems = palloc(sizeof(Datum) * Max(nargs, 1));
+	while (n < nargs && p < end)
+	{
+		int			len = strnlen(p, end - p);
+
+		elems[n++] = PointerGetDatum(cstring_to_text_with_len(p, len));
+		p += len + 1;
+	}
+	PG_RETURN_ARRAYTYPE_P(construct_array(elems, n, TEXTOID, -1, false, TYPALIGN_INT));
+}
