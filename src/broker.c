@@ -309,9 +309,11 @@ me_broker_create(const char *client_id, bool subscriber, Latch *latch,
 	block_signals(&old);
 	rc = MQTTAsync_createWithOptions(&b->client, url, client_id,
 									 MQTTCLIENT_PERSISTENCE_NONE, NULL, &copts);
-	if (rc == MQTTASYNC_SUCCESS)
+	if (rc == MQTTASYNC_SUCCESS && subscriber)
 		rc = MQTTAsync_setCallbacks(b->client, b, on_connection_lost,
-									subscriber ? on_message_arrived : NULL, NULL);
+									on_message_arrived, NULL);
+	else if (rc == MQTTASYNC_SUCCESS)
+		rc = MQTTAsync_setConnectionLostCallback(b->client, b, on_connection_lost);
 	restore_signals(&old);
 
 	if (rc != MQTTASYNC_SUCCESS)

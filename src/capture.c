@@ -196,7 +196,7 @@ get_capture_rel(Relation rel, Trigger *trigger)
 	appendStringInfoString(&buf, "{\"model\":");
 	escape_json(&buf, entry->model);
 	appendStringInfoString(&buf, ",\"operation\":");
-	entry->model_json = buf.data;
+	entry->model_json = pstrdup(buf.data);
 
 	entry->natts = tupdesc->natts;
 	entry->cols = palloc0(sizeof(CaptureColumn) * tupdesc->natts);

@@ -116,6 +116,17 @@ our $TOPIC_PREFIX = $ENV{MQTT_EMIT_TEST_TOPIC_PREFIX}
 
 my $node_counter = 0;
 
+# A signal ends the script through exit(), so that the END blocks (ours and
+# PostgreSQL::Test::Cluster's) stop what was started.
+for my $sig (qw(INT TERM HUP))
+{
+	next if ref $SIG{$sig};
+	$SIG{$sig} = sub {
+		print STDERR "caught SIG$_[0], stopping\n";
+		exit 1;
+	};
+}
+
 =pod
 
 =head1 FUNCTIONS
@@ -232,6 +243,15 @@ sub _spawn
 		open(STDERR, '>>', $stderr_file) or POSIX::_exit(126);
 		{ no warnings 'exec'; exec { $cmd->[0] } @$cmd; }
 		POSIX::_exit(127);
+	}
+	# test/run.sh stops these by PID if this script is killed before END.
+	if (my $pidfile = $ENV{MQTT_EMIT_TEST_PIDFILE})
+	{
+		if (open my $fh, '>>', $pidfile)
+		{
+			print $fh "$pid " . substr((split m{/}, $cmd->[0])[-1], 0, 15) . "\n";
+			close $fh;
+		}
 	}
 	return $pid;
 }
