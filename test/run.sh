@@ -2,7 +2,7 @@
 # test/run.sh: the test command of pg_mqtt_emit.
 #
 #   bash test/run.sh                          # everything (what CI runs)
-#   bash test/run.sh regress [TEST...]        # pg_regress only (TESTs override REGRESS)
+#   bash test/run.sh regress [TEST...]        # pg_regress (+ ISOLATION specs); TESTs override REGRESS
 #   bash test/run.sh pgtap [FILE.sql...]      # pgTAP only (default test/pgtap/*.sql)
 #   bash test/run.sh tap [FILE.pl...]         # Perl TAP only (default test/t/*.pl)
 #   bash test/run.sh regress tap test/t/010_publish.pl   # suites combine
@@ -182,39 +182,25 @@ make_var() {
 		PG_CONFIG="$PG_CONFIG" with_llvm=no "print-$1"
 }
 
-suite_regress() {
-	echo
-	echo "=== pg_regress ==="
-	if [[ ! -f Makefile || ! -d sql ]]; then
-		echo "== pg_regress: skipped (no Makefile or sql/ yet)"
-		return 0
-	fi
-	local regress opts
-	regress="$(make_var REGRESS)" || { crash pg_regress "cannot read the Makefile"; return 0; }
-	if (($#)); then regress="$*"; fi
-	if [[ -z "${regress// /}" ]]; then
-		echo "== pg_regress: skipped (REGRESS is empty)"
-		return 0
-	fi
-	opts="$(make_var REGRESS_OPTS)" || { crash pg_regress "cannot read the Makefile"; return 0; }
-	ensure_broker
-
-	# Keep the Makefile's REGRESS_OPTS except the instance, port and config:
-	# its --temp-config files go first into ours, our settings after them.
-	local dir="$WORK/regress" conf db="contrib_regression" o
+# instance_opts NAME OPTS DEFAULT_DB: rewrite the Makefile's pg_regress (or
+# pg_isolation_regress) options for a temp instance of ours: keep them except
+# the instance, port and config; its --temp-config files go first into our
+# config, our settings after them. Sets INSTANCE_OPTS.
+instance_opts() {
+	local name="$1" opts="$2" db="$3" o f
+	local dir="$WORK/$name" conf="$WORK/$name/$name.conf"
 	local -a kept=() optv=()
 	mkdir -p "$dir"
-	conf="$dir/regress.conf"
 	: >"$conf"
 	read -ra optv <<<"$opts"
 	for o in "${optv[@]+"${optv[@]}"}"; do
 		case "$o" in
 			--temp-config=*)
-				local f="${o#--temp-config=}"
+				f="${o#--temp-config=}"
 				if [[ -f "$f" ]]; then
 					{ echo "# from $f"; cat "$f"; echo; } >>"$conf"
 				else
-					echo "note: $f (from the Makefile's REGRESS_OPTS) does not exist"
+					echo "note: $f (from the Makefile) does not exist"
 				fi ;;
 			--temp-instance=* | --port=*) ;;
 			--dbname=*) db="${o#--dbname=}"; db="${db%%,*}"; kept+=("$o") ;;
@@ -227,37 +213,75 @@ suite_regress() {
 		shared_preload_libraries = 'pg_mqtt_emit'
 		mqtt_emit.broker_url = '$BROKER_URL'
 		mqtt_emit.database = '$db'
-		mqtt_emit.topic_prefix = 'test/regress-$run_id'
-		mqtt_emit.client_id = 'regress-$run_id'
+		mqtt_emit.topic_prefix = 'test/$name-$run_id'
+		mqtt_emit.client_id = '$name-$run_id'
 	EOF
 	extra_conf >>"$conf"
-	local port
-	port="$(pm_free_port)"
-	local regress_opts="${kept[*]+"${kept[*]}"} --temp-config=$conf --temp-instance=$dir/tmp_check --port=$port"
-	echo "REGRESS=$regress"
-	echo "REGRESS_OPTS=$regress_opts"
-
-	run_job "$dir/output.txt" make installcheck PG_CONFIG="$PG_CONFIG" with_llvm=no \
-		REGRESS="$regress" REGRESS_OPTS="$regress_opts"
-	local rc=$RC
 	# a temp instance left behind by a killed pg_regress
 	pm_track_pgdata "$dir/tmp_check/data"
+	INSTANCE_OPTS="${kept[*]+"${kept[*]} "}--temp-config=$conf --temp-instance=$dir/tmp_check --port=$(pm_free_port)"
+}
 
-	local tally
-	tally="$(perl "$ROOT/test/lib/tally.pl" regress <"$dir/output.txt")"
-	add_counts pg_regress "$tally"
-	if ((rc != 0)) && ! grep -q '^failed [1-9]' <<<"$tally" && ! grep -q '^crashed 1' <<<"$tally"; then
-		crash pg_regress "make installcheck exited $rc"
+# pg_regress: the Makefile's REGRESS (or the test names given), and its
+# ISOLATION specs (pg_isolation_regress) if it has any and no names were given.
+suite_regress() {
+	echo
+	echo "=== pg_regress ==="
+	if [[ ! -f Makefile ]]; then
+		echo "== pg_regress: skipped (no Makefile yet)"
+		return 0
 	fi
+	local regress isolation
+	regress="$(make_var REGRESS)" && isolation="$(make_var ISOLATION)" ||
+		{ crash pg_regress "cannot read the Makefile"; return 0; }
+	if (($#)); then regress="$*"; isolation=""; fi
+	if [[ -z "${regress//[[:space:]]/}" && -z "${isolation//[[:space:]]/}" ]]; then
+		echo "== pg_regress: skipped (REGRESS and ISOLATION are empty)"
+		return 0
+	fi
+	ensure_broker
+
+	# Two make runs, so that the specs run even when a regress test failed.
+	local rc=0 tally kind
+	for kind in regress isolation; do
+		local list
+		if [[ "$kind" == regress ]]; then list="$regress"; else list="$isolation"; fi
+		[[ -n "${list//[[:space:]]/}" ]] || continue
+		local -a make_args=(PG_CONFIG="$PG_CONFIG" with_llvm=no)
+		if [[ "$kind" == regress ]]; then
+			instance_opts regress "$(make_var REGRESS_OPTS)" contrib_regression
+			make_args+=(REGRESS="$list" REGRESS_OPTS="$INSTANCE_OPTS" ISOLATION=)
+			echo "REGRESS=$list"
+			echo "REGRESS_OPTS=$INSTANCE_OPTS"
+		else
+			instance_opts isolation "$(make_var ISOLATION_OPTS)" isolation_regression
+			make_args+=(REGRESS= ISOLATION="$list" ISOLATION_OPTS="$INSTANCE_OPTS")
+			echo "ISOLATION=$list"
+			echo "ISOLATION_OPTS=$INSTANCE_OPTS"
+		fi
+		run_job "$WORK/$kind/output.txt" make installcheck "${make_args[@]}"
+		tally="$(perl "$ROOT/test/lib/tally.pl" regress <"$WORK/$kind/output.txt")"
+		add_counts "pg_regress ($kind)" "$tally"
+		if ((RC != 0)) && ! grep -q '^failed [1-9]' <<<"$tally" && ! grep -q '^crashed 1' <<<"$tally"; then
+			crash "pg_regress ($kind)" "make installcheck exited $RC"
+		fi
+		((RC == 0)) || rc=$RC
+	done
+
 	if ((rc != 0)); then
-		if [[ -f regression.diffs ]]; then
-			echo "--- regression.diffs ---"
-			cat regression.diffs
-		fi
-		if [[ -f "$dir/tmp_check/log/postmaster.log" ]]; then
-			echo "--- tail of the server log ($dir/tmp_check/log/postmaster.log) ---"
-			tail -n 60 "$dir/tmp_check/log/postmaster.log"
-		fi
+		local f
+		for f in regression.diffs output_iso/regression.diffs; do
+			if [[ -s "$f" ]]; then
+				echo "--- $f ---"
+				cat "$f"
+			fi
+		done
+		for f in "$WORK"/regress/tmp_check/log/postmaster.log "$WORK"/isolation/tmp_check/log/postmaster.log; do
+			if [[ -f "$f" ]]; then
+				echo "--- tail of the server log ($f) ---"
+				tail -n 60 "$f"
+			fi
+		done
 	fi
 }
 
