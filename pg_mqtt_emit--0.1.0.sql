@@ -67,7 +67,7 @@ BEGIN
                   HINT = 'Only ordinary and partitioned tables can be watched.';
     END IF;
     IF NOT pg_has_role(current_user, r.relowner, 'USAGE') THEN
-        RAISE EXCEPTION 'must be owner of table %', r.relname
+        RAISE EXCEPTION 'must be owner of table %', tbl
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'Only the owner of a table (or a member of its owning role) can watch it.';
     END IF;
@@ -182,6 +182,7 @@ SELECT t.tgrelid::regclass AS table_name,
    AND t.tgparentid = 0;
 COMMENT ON VIEW mqtt_emit.watched_tables IS
 'Tables whose row changes become events, with their settings';
+GRANT SELECT ON mqtt_emit.watched_tables TO PUBLIC;
 
 ------------------------------------------------------------------------
 -- Listeners
@@ -246,16 +247,17 @@ CREATE FUNCTION mqtt_emit.listen(
     operations text[] DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
+-- no SET search_path: the caller's search_path is recorded for the listener;
+-- everything below is schema-qualified and runs as the caller anyway
 AS $$
 DECLARE
     p record;
     op text;
     ops text[];
     new_id bigint;
-    caller_path text := current_setting('search_path');
+    caller_path text := pg_catalog.current_setting('search_path');
 BEGIN
-    IF model IS NULL OR model = '' OR length(model) > 200 OR model ~ '[[:cntrl:]/+#]' THEN
+    IF model IS NULL OR model = '' OR pg_catalog.length(model) > 200 OR model ~ '[[:cntrl:]/+#]' THEN
         RAISE EXCEPTION 'invalid model name "%"', model
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'A model name has 1 to 200 characters and no control characters, "/", "+" or "#".';
@@ -265,14 +267,14 @@ BEGIN
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
     SELECT pr.pronargs, pr.proargtypes, pr.proretset, pr.prokind
-      INTO p FROM pg_proc pr WHERE pr.oid = listener;
+      INTO p FROM pg_catalog.pg_proc pr WHERE pr.oid = listener;
     IF p.prokind <> 'f' OR p.pronargs <> 1
-       OR p.proargtypes[0] <> 'mqtt_emit.event'::regtype OR p.proretset THEN
+       OR p.proargtypes[0] <> 'mqtt_emit.event'::pg_catalog.regtype OR p.proretset THEN
         RAISE EXCEPTION 'function % cannot be a listener', listener
             USING ERRCODE = 'invalid_function_definition',
                   HINT = 'A listener is a function f(event mqtt_emit.event) RETURNS void.';
     END IF;
-    IF NOT has_function_privilege(current_user, listener, 'EXECUTE') THEN
+    IF NOT pg_catalog.has_function_privilege(current_user, listener, 'EXECUTE') THEN
         RAISE EXCEPTION 'permission denied for function %', listener
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'A listener runs as the role that registers it, which must be allowed to execute it.';
@@ -286,7 +288,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Use allow_remote => true, remote_only => true for a listener that runs for remote events only.';
     END IF;
-    IF filter IS NOT NULL AND jsonb_typeof(filter) <> 'object' THEN
+    IF filter IS NOT NULL AND pg_catalog.jsonb_typeof(filter) <> 'object' THEN
         RAISE EXCEPTION 'filter must be a JSON object'
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'The filter is matched with @> against the event''s result row, e.g. ''{"status": "active"}''.';
@@ -294,8 +296,8 @@ BEGIN
     IF operations IS NOT NULL THEN
         ops := '{}';
         FOREACH op IN ARRAY operations LOOP
-            op := CASE lower(op) WHEN 'insert' THEN 'create' ELSE op END;
-            IF op IS NULL OR lower(op) NOT IN ('create', 'update', 'delete', 'createmany',
+            op := CASE pg_catalog.lower(op) WHEN 'insert' THEN 'create' ELSE op END;
+            IF op IS NULL OR pg_catalog.lower(op) NOT IN ('create', 'update', 'delete', 'createmany',
                                                'updatemany', 'deletemany', 'upsert') THEN
                 RAISE EXCEPTION 'unknown operation "%"', op
                     USING ERRCODE = 'invalid_parameter_value',
@@ -303,7 +305,7 @@ BEGIN
             END IF;
             ops := ops || op;
         END LOOP;
-        IF cardinality(ops) = 0 THEN
+        IF pg_catalog.cardinality(ops) = 0 THEN
             RAISE EXCEPTION 'operations must name at least one operation, or be null for all'
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
@@ -312,7 +314,7 @@ BEGIN
     INSERT INTO mqtt_emit.listeners
         (model, listener, allow_remote, remote_only, filter, operations, owner, search_path)
     VALUES (model, listener, allow_remote, remote_only, filter, ops,
-            current_user::regrole, caller_path)
+            current_user::pg_catalog.regrole, caller_path)
     RETURNING id INTO new_id;
     PERFORM mqtt_emit._listeners_changed();
     RETURN new_id;
@@ -403,5 +405,6 @@ SELECT DISTINCT f.topic_filter
  WHERE l.allow_remote;
 COMMENT ON VIEW mqtt_emit.subscriptions IS
 'Topic filters the worker subscribes to: per model with a remote listener, as registered and in lower case';
+GRANT SELECT ON mqtt_emit.subscriptions TO PUBLIC;
 
 GRANT USAGE ON SCHEMA mqtt_emit TO PUBLIC;

@@ -29,8 +29,22 @@ SELECT name, setting, context FROM pg_settings
                     'mqtt_emit.listener_timeout')
  ORDER BY name;
 
+-- errors are shown with their SQLSTATE, message, detail and hint
+CREATE FUNCTION try(q text) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE st text; msg text; det text; hnt text;
+BEGIN
+    EXECUTE q;
+    RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+    GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT,
+                            det = PG_EXCEPTION_DETAIL, hnt = PG_EXCEPTION_HINT;
+    RETURN st || ' ' || msg || coalesce(' DETAIL: ' || nullif(det, ''), '')
+           || coalesce(' HINT: ' || nullif(hnt, ''), '');
+END $$;
+
 -- bad values are refused
-SET mqtt_emit.qos = 3;
+ALTER SYSTEM SET mqtt_emit.qos = 3;
 SET mqtt_emit.delivery = 'sometimes';
 ALTER SYSTEM SET mqtt_emit.topic_prefix = 'a/+/b';
 ALTER SYSTEM SET mqtt_emit.broker_url = 'http://example.invalid';
@@ -43,7 +57,7 @@ SHOW mqtt_emit.password;
 SHOW mqtt_emit.tls_key_file;
 SELECT count(*) AS visible FROM pg_settings
  WHERE name IN ('mqtt_emit.password', 'mqtt_emit.username', 'mqtt_emit.tls_key_file');
-SELECT * FROM mqtt_emit.stats;
+SELECT try('SELECT * FROM mqtt_emit.stats');
 RESET ROLE;
 
 -- the worker is running and connected to the broker

@@ -1,5 +1,5 @@
 -- watch / unwatch: options, the registry view, errors
-\set VERBOSITY default
+\set VERBOSITY terse
 CREATE SCHEMA app;
 CREATE TABLE "user" (id serial PRIMARY KEY, name text, password_hash text);
 CREATE TABLE app."Order" (id int PRIMARY KEY, total numeric);
@@ -20,35 +20,35 @@ ALTER TABLE "user" RENAME COLUMN password_hash TO pw;
 SELECT exclude_columns FROM mqtt_emit.watched_tables WHERE table_name = '"user"'::regclass;
 
 -- errors
-SELECT mqtt_emit.watch('user_view');
-SELECT mqtt_emit.watch('no_such_table');
-SELECT mqtt_emit.watch('"user"', operations => '{insert,truncate}');
-SELECT mqtt_emit.watch('"user"', operations => '{}');
-SELECT mqtt_emit.watch('"user"', columns => '{id,nope}');
-SELECT mqtt_emit.watch('"user"', exclude_columns => '{nope}');
-SELECT mqtt_emit.watch('"user"', columns => '{id}', exclude_columns => '{name}');
-SELECT mqtt_emit.watch('"user"', model => '');
-SELECT mqtt_emit.watch(NULL);
-SELECT mqtt_emit.unwatch('user_view');
-SELECT mqtt_emit.capture();
+SELECT try($$SELECT mqtt_emit.watch('user_view')$$);
+SELECT try($$SELECT mqtt_emit.watch('no_such_table')$$);
+SELECT try($$SELECT mqtt_emit.watch('"user"', operations => '{insert,truncate}')$$);
+SELECT try($$SELECT mqtt_emit.watch('"user"', operations => '{}')$$);
+SELECT try($$SELECT mqtt_emit.watch('"user"', columns => '{id,nope}')$$);
+SELECT try($$SELECT mqtt_emit.watch('"user"', exclude_columns => '{nope}')$$);
+SELECT try($$SELECT mqtt_emit.watch('"user"', columns => '{id}', exclude_columns => '{name}')$$);
+SELECT try($$SELECT mqtt_emit.watch('"user"', model => '')$$);
+SELECT try($$SELECT mqtt_emit.watch(NULL)$$);
+SELECT try($$SELECT mqtt_emit.unwatch('user_view')$$);
+SELECT try($$SELECT mqtt_emit.capture()$$);
 
 -- only the owner may watch
 CREATE ROLE regress_mqtt_other LOGIN;
-GRANT USAGE ON SCHEMA app TO regress_mqtt_other;
+GRANT USAGE, CREATE ON SCHEMA app TO regress_mqtt_other;
 GRANT ALL ON "user" TO regress_mqtt_other;
 SET ROLE regress_mqtt_other;
-SELECT mqtt_emit.watch('"user"');
-SELECT mqtt_emit.unwatch('"user"');
-CREATE TABLE mine (id int PRIMARY KEY);
-SELECT mqtt_emit.watch('mine');
-SELECT table_name, model FROM mqtt_emit.watched_tables WHERE table_name = 'mine'::regclass;
-SELECT mqtt_emit.unwatch('mine');
-DROP TABLE mine;
+SELECT try($$SELECT mqtt_emit.watch('"user"')$$);
+SELECT try($$SELECT mqtt_emit.unwatch('"user"')$$);
+CREATE TABLE app.mine (id int PRIMARY KEY);
+SELECT mqtt_emit.watch('app.mine');
+SELECT table_name, model FROM mqtt_emit.watched_tables WHERE table_name = 'app.mine'::regclass;
+SELECT mqtt_emit.unwatch('app.mine');
+DROP TABLE app.mine;
 RESET ROLE;
 
 -- unwatch
 SELECT mqtt_emit.unwatch('nopk');
-SELECT mqtt_emit.unwatch('nopk');
+SELECT try($$SELECT mqtt_emit.unwatch('nopk')$$);
 SELECT table_name FROM mqtt_emit.watched_tables ORDER BY 1;
 
 -- dropping a watched table drops its registration with it
