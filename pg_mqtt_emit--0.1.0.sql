@@ -341,6 +341,47 @@ COMMENT ON FUNCTION mqtt_emit.unlisten(bigint) IS
 'Removes a registered listener';
 
 ------------------------------------------------------------------------
+-- Outbox
+------------------------------------------------------------------------
+
+-- Events wait here when they cannot wait in shared memory: in durable
+-- delivery mode (written by the committing transaction), when the queue is
+-- full (mqtt_emit.overflow = spill), and while the broker is unreachable
+-- (moved here by the worker).  A row leaves when the broker has
+-- acknowledged it.  flags: 1 = still to publish, 2 = local listeners still
+-- to run.  model holds the topic for ad-hoc publishes (kind 2).
+CREATE TABLE mqtt_emit.outbox (
+    id          bigserial PRIMARY KEY,
+    kind        int2 NOT NULL,
+    flags       int2 NOT NULL,
+    op          int2 NOT NULL,
+    qos         int2 NOT NULL,
+    model       text NOT NULL,
+    payload     text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+COMMENT ON TABLE mqtt_emit.outbox IS
+'Committed events waiting for the broker; internal, not readable by PUBLIC';
+REVOKE ALL ON mqtt_emit.outbox FROM PUBLIC;
+REVOKE ALL ON SEQUENCE mqtt_emit.outbox_id_seq FROM PUBLIC;
+
+-- Messages the broker refused again and again (for example larger than
+-- its maximum packet size).
+CREATE TABLE mqtt_emit.dead_letters (
+    id          bigserial PRIMARY KEY,
+    topic       text NOT NULL,
+    payload     text NOT NULL,
+    reason      text NOT NULL,
+    created_at  timestamptz,
+    failed_at   timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE mqtt_emit.dead_letters IS
+'Messages the broker refused for good; kept for inspection';
+REVOKE ALL ON mqtt_emit.dead_letters FROM PUBLIC;
+REVOKE ALL ON SEQUENCE mqtt_emit.dead_letters_id_seq FROM PUBLIC;
+GRANT SELECT ON mqtt_emit.dead_letters TO pg_monitor;
+
+------------------------------------------------------------------------
 -- Publishing and monitoring
 ------------------------------------------------------------------------
 
@@ -380,6 +421,11 @@ CREATE FUNCTION mqtt_emit._stats(
     OUT listener_errors bigint,
     OUT subscriptions int,
     OUT connects bigint,
+    OUT in_outbox bigint,
+    OUT oldest_waiting_age interval,
+    OUT spilled bigint,
+    OUT outboxed bigint,
+    OUT dead_letters bigint,
     OUT last_error text,
     OUT last_error_at timestamptz,
     OUT worker_pid int,

@@ -38,9 +38,13 @@
 #include "access/htup_details.h"
 #include "access/relation.h"
 #include "access/xact.h"
+#include "catalog/pg_authid.h"
+#include "catalog/pg_type.h"
 #include "commands/trigger.h"
+#include "executor/spi.h"
 #include "miscadmin.h"
 #include "nodes/bitmapset.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
 #include "utils/hsearch.h"
@@ -49,6 +53,7 @@
 #include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/relcache.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "pg_mqtt_emit.h"
@@ -80,21 +85,25 @@ typedef struct CaptureRel
 	bool		emit;			/* publish to the broker */
 } CaptureRel;
 
-/* One pending event in TopTransactionContext. */
-typedef struct PendingEvent
-{
-	int			nest_level;
-	char	   *entry;			/* header + model + payload */
-} PendingEvent;
 
 static HTAB *capture_rels = NULL;
 
-static PendingEvent *pending = NULL;
+/*
+ * Pending events of the current transaction, in TopTransactionContext:
+ * each entry is a queue entry (header + model + payload), and its
+ * subtransaction nesting level is kept beside it.
+ */
+static char **pending = NULL;
+static int *pending_level = NULL;
 static int	npending = 0;
 static int	maxpending = 0;
 static Size pending_bytes = 0;
 static Size reserved_bytes = 0;
+static int	outboxed = 0;			/* written to the outbox at PRE_COMMIT */
+static bool spilled = false;
 static bool listeners_changed = false;
+
+static SPIPlanPtr outbox_plan = NULL;
 
 static MemoryContext capture_cxt = NULL;
 
@@ -471,14 +480,21 @@ me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 		int			newmax = maxpending == 0 ? 64 : maxpending * 2;
 
 		if (pending == NULL)
+		{
 			pending = MemoryContextAlloc(TopTransactionContext,
-										 sizeof(PendingEvent) * newmax);
+										 sizeof(char *) * newmax);
+			pending_level = MemoryContextAlloc(TopTransactionContext,
+											   sizeof(int) * newmax);
+		}
 		else
-			pending = repalloc(pending, sizeof(PendingEvent) * newmax);
+		{
+			pending = repalloc(pending, sizeof(char *) * newmax);
+			pending_level = repalloc(pending_level, sizeof(int) * newmax);
+		}
 		maxpending = newmax;
 	}
-	pending[npending].nest_level = GetCurrentTransactionNestLevel();
-	pending[npending].entry = entry;
+	pending_level[npending] = GetCurrentTransactionNestLevel();
+	pending[npending] = entry;
 	npending++;
 	pending_bytes += total;
 }
@@ -497,10 +513,104 @@ reset_pending(void)
 {
 	/* the memory itself belongs to TopTransactionContext */
 	pending = NULL;
+	pending_level = NULL;
 	npending = 0;
 	maxpending = 0;
 	pending_bytes = 0;
 	reserved_bytes = 0;
+	outboxed = 0;
+	spilled = false;
+}
+
+/*
+ * Insert n queue entries into mqtt_emit.outbox in one statement, in the
+ * current transaction, with their flags ANDed with flag_mask.  The insert
+ * runs as the bootstrap superuser: the outbox is not writable by ordinary
+ * roles, whose events it nevertheless must hold.  Used by committing
+ * backends (at PRE_COMMIT, where an error still aborts cleanly) and by the
+ * worker when it moves the queue into the outbox.
+ */
+void
+me_outbox_insert(char **entries, int n, uint8 flag_mask)
+{
+	Datum	   *kinds = palloc(sizeof(Datum) * n);
+	Datum	   *flags = palloc(sizeof(Datum) * n);
+	Datum	   *ops = palloc(sizeof(Datum) * n);
+	Datum	   *qoss = palloc(sizeof(Datum) * n);
+	Datum	   *models = palloc(sizeof(Datum) * n);
+	Datum	   *payloads = palloc(sizeof(Datum) * n);
+	Datum		values[6];
+	Oid			save_userid;
+	int			save_sec;
+	int			i;
+	int			ret;
+
+	for (i = 0; i < n; i++)
+	{
+		MqttEmitEventHeader *hdr = (MqttEmitEventHeader *) entries[i];
+		char	   *model = entries[i] + sizeof(MqttEmitEventHeader);
+
+		kinds[i] = Int16GetDatum(hdr->kind);
+		flags[i] = Int16GetDatum(hdr->flags & flag_mask);
+		ops[i] = Int16GetDatum(hdr->op);
+		qoss[i] = Int16GetDatum(hdr->qos);
+		models[i] = PointerGetDatum(cstring_to_text_with_len(model, hdr->model_len));
+		payloads[i] = PointerGetDatum(cstring_to_text_with_len(model + hdr->model_len,
+															   hdr->payload_len));
+	}
+	values[0] = PointerGetDatum(construct_array(kinds, n, INT2OID, 2, true, TYPALIGN_SHORT));
+	values[1] = PointerGetDatum(construct_array(flags, n, INT2OID, 2, true, TYPALIGN_SHORT));
+	values[2] = PointerGetDatum(construct_array(ops, n, INT2OID, 2, true, TYPALIGN_SHORT));
+	values[3] = PointerGetDatum(construct_array(qoss, n, INT2OID, 2, true, TYPALIGN_SHORT));
+	values[4] = PointerGetDatum(construct_array(models, n, TEXTOID, -1, false, TYPALIGN_INT));
+	values[5] = PointerGetDatum(construct_array(payloads, n, TEXTOID, -1, false, TYPALIGN_INT));
+
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID,
+						   save_sec | SECURITY_LOCAL_USERID_CHANGE);
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	if (outbox_plan == NULL)
+	{
+		Oid			types[6] = {INT2ARRAYOID, INT2ARRAYOID, INT2ARRAYOID,
+		INT2ARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
+		SPIPlanPtr	plan;
+
+		plan = SPI_prepare("INSERT INTO mqtt_emit.outbox (kind, flags, op, qos, model, payload) "
+						   "SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3), "
+						   "pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6))",
+						   6, types);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed for the outbox insert: %s",
+				 SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		outbox_plan = plan;
+	}
+	ret = SPI_execute_plan(outbox_plan, values, NULL, false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "cannot write to mqtt_emit.outbox: %s", SPI_result_code_string(ret));
+	PopActiveSnapshot();
+	SPI_finish();
+	SetUserIdAndSecContext(save_userid, save_sec);
+}
+
+/*
+ * Write all pending events of this transaction into the outbox.
+ */
+static void
+write_outbox(void)
+{
+	uint64		rows = pg_atomic_read_u64(&me_shared->outbox_rows);
+
+	if (mqtt_emit_outbox_max > 0 && rows + npending > (uint64) mqtt_emit_outbox_max)
+		ereport(ERROR,
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("pg_mqtt_emit outbox is full"),
+				 errdetail("The outbox holds about " UINT64_FORMAT " events; \"mqtt_emit.outbox_max\" is %d.",
+						   rows, mqtt_emit_outbox_max),
+				 errhint("Check that the broker is reachable (see mqtt_emit.stats), or raise \"mqtt_emit.outbox_max\".")));
+	me_outbox_insert(pending, npending, 0xFF);
+	outboxed = npending;
 }
 
 static void
@@ -509,40 +619,46 @@ capture_xact_callback(XactEvent event, void *arg)
 	switch (event)
 	{
 		case XACT_EVENT_PRE_COMMIT:
-			if (npending > 0 && reserved_bytes == 0)
+			if (npending == 0 || reserved_bytes > 0 || outboxed > 0)
+				break;
+			if (mqtt_emit_delivery == ME_DELIVERY_DURABLE)
+				write_outbox();
+			else if (me_queue_reserve(pending_bytes))
+				reserved_bytes = pending_bytes;
+			else if (mqtt_emit_overflow == ME_OVERFLOW_SPILL)
 			{
-				if (me_queue_reserve(pending_bytes))
-					reserved_bytes = pending_bytes;
-				else if (mqtt_emit_overflow == ME_OVERFLOW_DROP)
-				{
-					ereport(WARNING,
-							(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-							 errmsg("event queue is full, %d events of this transaction are dropped",
-									npending),
-							 errhint("Raise \"mqtt_emit.queue_size\" or check that the broker is reachable.")));
-					me_count(ME_STAT_DROPPED, npending);
-					reset_pending();
-				}
-				else
-					ereport(ERROR,
-							(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-							 errmsg("event queue is full"),
-							 errdetail("The transaction's %d events need %zu bytes.",
-									   npending, pending_bytes),
-							 errhint("Raise \"mqtt_emit.queue_size\" or check that the broker is reachable; \"mqtt_emit.overflow\" selects what happens then.")));
+				write_outbox();
+				spilled = true;
 			}
+			else if (mqtt_emit_overflow == ME_OVERFLOW_DROP)
+			{
+				ereport(WARNING,
+						(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+						 errmsg("event queue is full, %d events of this transaction are dropped",
+								npending),
+						 errhint("Raise \"mqtt_emit.queue_size\" or check that the broker is reachable.")));
+				me_count(ME_STAT_DROPPED, npending);
+				reset_pending();
+			}
+			else
+				ereport(ERROR,
+						(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+						 errmsg("event queue is full"),
+						 errdetail("The transaction's %d events need %zu bytes.",
+								   npending, pending_bytes),
+						 errhint("Raise \"mqtt_emit.queue_size\" or check that the broker is reachable; \"mqtt_emit.overflow\" selects what happens then.")));
 			break;
 
 		case XACT_EVENT_COMMIT:
 			if (npending > 0 && reserved_bytes > 0)
+				me_queue_push_reserved(pending, npending, reserved_bytes);
+			else if (outboxed > 0)
 			{
-				char	  **entries = palloc(sizeof(char *) * npending);
-				int			i;
-
-				for (i = 0; i < npending; i++)
-					entries[i] = pending[i].entry;
-				me_queue_push_reserved(entries, npending, reserved_bytes);
-				pfree(entries);
+				pg_atomic_fetch_add_u64(&me_shared->outbox_rows, outboxed);
+				pg_atomic_fetch_add_u32(&me_shared->outbox_version, 1);
+				if (spilled)
+					me_count(ME_STAT_SPILLED, outboxed);
+				me_wake_worker();
 			}
 			reset_pending();
 			if (listeners_changed)
@@ -599,12 +715,12 @@ capture_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 	if (event == SUBXACT_EVENT_ABORT_SUB)
 	{
 		/* events made at this level or deeper are a suffix of the list */
-		while (npending > 0 && pending[npending - 1].nest_level >= level)
+		while (npending > 0 && pending_level[npending - 1] >= level)
 		{
-			MqttEmitEventHeader *hdr = (MqttEmitEventHeader *) pending[npending - 1].entry;
+			MqttEmitEventHeader *hdr = (MqttEmitEventHeader *) pending[npending - 1];
 
 			pending_bytes -= hdr->total_len;
-			pfree(pending[npending - 1].entry);
+			pfree(pending[npending - 1]);
 			npending--;
 		}
 	}
@@ -612,7 +728,7 @@ capture_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 	{
 		int			i;
 
-		for (i = npending - 1; i >= 0 && pending[i].nest_level >= level; i--)
-			pending[i].nest_level = level - 1;
+		for (i = npending - 1; i >= 0 && pending_level[i] >= level; i--)
+			pending_level[i] = level - 1;
 	}
 }

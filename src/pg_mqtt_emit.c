@@ -56,10 +56,11 @@ int			mqtt_emit_reconnect_max = 10000;	/* ms */
 bool		mqtt_emit_clean_session = true;
 int			mqtt_emit_mqtt_version = 4; /* 3.1.1 */
 int			mqtt_emit_max_payload = 1024 * 1024;	/* bytes */
-int			mqtt_emit_overflow = ME_OVERFLOW_ERROR;
+int			mqtt_emit_overflow = ME_OVERFLOW_SPILL;
 int			mqtt_emit_listener_timeout = 10000; /* ms */
 int			mqtt_emit_topic_style = ME_TOPIC_OPERATION;
 int			mqtt_emit_max_inflight = 8192;
+int			mqtt_emit_outbox_max = 10000000;
 
 bool		mqtt_emit_preloaded = false;
 
@@ -77,6 +78,7 @@ static const struct config_enum_entry topic_style_options[] = {
 };
 
 static const struct config_enum_entry overflow_options[] = {
+	{"spill", ME_OVERFLOW_SPILL, false},
 	{"error", ME_OVERFLOW_ERROR, false},
 	{"drop", ME_OVERFLOW_DROP, false},
 	{NULL, 0, false}
@@ -261,9 +263,9 @@ _PG_init(void)
 							NULL, NULL, NULL);
 	DefineCustomEnumVariable("mqtt_emit.overflow",
 							 "Selects what a commit does when the event queue is full.",
-							 "\"error\" aborts the committing transaction; \"drop\" commits without its events and counts them.",
+							 "\"spill\" writes them to the outbox table; \"error\" aborts the committing transaction; \"drop\" commits without its events and counts them.",
 							 &mqtt_emit_overflow,
-							 ME_OVERFLOW_ERROR, overflow_options,
+							 ME_OVERFLOW_SPILL, overflow_options,
 							 PGC_SUSET, 0,
 							 NULL, NULL, NULL);
 	DefineCustomIntVariable("mqtt_emit.listener_timeout",
@@ -285,6 +287,14 @@ _PG_init(void)
 							NULL,
 							&mqtt_emit_max_inflight,
 							8192, 1, 65535,
+							PGC_SIGHUP, 0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("mqtt_emit.outbox_max",
+							"Sets the largest number of events the outbox table may hold.",
+							"A commit that would exceed it fails; zero means no limit.",
+							&mqtt_emit_outbox_max,
+							10000000, 0, INT_MAX,
 							PGC_SIGHUP, 0,
 							NULL, NULL, NULL);
 

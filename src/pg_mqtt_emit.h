@@ -55,6 +55,7 @@ typedef enum
 /* mqtt_emit.overflow */
 typedef enum
 {
+	ME_OVERFLOW_SPILL,			/* write the events to the outbox table */
 	ME_OVERFLOW_ERROR,
 	ME_OVERFLOW_DROP
 } MqttEmitOverflow;
@@ -102,6 +103,9 @@ typedef enum MqttEmitCounter
 	ME_STAT_LISTENER_CALLS,
 	ME_STAT_LISTENER_ERRORS,
 	ME_STAT_CONNECTS,			/* successful broker connections */
+	ME_STAT_SPILLED,			/* events written to the outbox by backends */
+	ME_STAT_OUTBOXED,			/* events moved to the outbox by the worker */
+	ME_STAT_DEAD_LETTERS,		/* messages the broker refused for good */
 	ME_STAT_COUNT
 } MqttEmitCounter;
 
@@ -126,6 +130,9 @@ typedef struct MqttEmitShared
 	pg_atomic_uint32 publisher_connected;
 	pg_atomic_uint32 subscriber_connected;
 	pg_atomic_uint32 subscriptions;
+	pg_atomic_uint32 outbox_version;	/* bumped when backends add rows */
+	pg_atomic_uint64 outbox_rows;	/* rows in the outbox (approximate) */
+	pg_atomic_uint64 outbox_oldest; /* created_at of the oldest row, or 0 */
 
 	slock_t		errlock;		/* protects the last_error fields */
 	TimestampTz last_error_time;
@@ -163,6 +170,7 @@ extern int	mqtt_emit_overflow;
 extern int	mqtt_emit_listener_timeout;
 extern int	mqtt_emit_topic_style;
 extern int	mqtt_emit_max_inflight;
+extern int	mqtt_emit_outbox_max;
 
 extern bool mqtt_emit_preloaded;
 
@@ -228,6 +236,7 @@ extern void me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 								 const char *model, int model_len,
 								 const char *payload, int payload_len, int qos);
 extern void me_capture_listeners_changed(void);
+extern void me_outbox_insert(char **entries, int n, uint8 flag_mask);
 
 /* worker.c */
 extern void me_worker_register(void);

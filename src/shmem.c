@@ -104,6 +104,9 @@ me_shmem_startup(void)
 		pg_atomic_init_u32(&me_shared->publisher_connected, 0);
 		pg_atomic_init_u32(&me_shared->subscriber_connected, 0);
 		pg_atomic_init_u32(&me_shared->subscriptions, 0);
+		pg_atomic_init_u32(&me_shared->outbox_version, 0);
+		pg_atomic_init_u64(&me_shared->outbox_rows, 0);
+		pg_atomic_init_u64(&me_shared->outbox_oldest, 0);
 		SpinLockInit(&me_shared->errlock);
 		me_shared->last_error_time = 0;
 		me_shared->last_error[0] = '\0';

@@ -26,6 +26,7 @@
 #include "catalog/pg_type.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/fmgrprotos.h"
 #include "utils/jsonb.h"
 #include "utils/timestamp.h"
 
@@ -135,8 +136,8 @@ Datum
 mqtt_emit_stats(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	Datum		values[24];
-	bool		nulls[24];
+	Datum		values[32];
+	bool		nulls[32];
 	int			i = 0;
 	uint64		head,
 				tail,
@@ -182,6 +183,20 @@ mqtt_emit_stats(PG_FUNCTION_ARGS)
 	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_LISTENER_ERRORS));
 	values[i++] = Int32GetDatum((int32) pg_atomic_read_u32(&me_shared->subscriptions));
 	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_CONNECTS));
+	values[i++] = Int64GetDatum((int64) pg_atomic_read_u64(&me_shared->outbox_rows));
+	{
+		TimestampTz oldest = (TimestampTz) pg_atomic_read_u64(&me_shared->outbox_oldest);
+
+		if (oldest != 0)
+			values[i++] = DirectFunctionCall2(timestamp_mi,
+											  TimestampTzGetDatum(GetCurrentTimestamp()),
+											  TimestampTzGetDatum(oldest));
+		else
+			nulls[i++] = true;
+	}
+	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_SPILLED));
+	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_OUTBOXED));
+	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_DEAD_LETTERS));
 	if (last_error[0])
 		values[i++] = CStringGetTextDatum(last_error);
 	else

@@ -19,6 +19,17 @@
  * event id).  Events of one transaction, and transactions, keep their
  * commit order.
  *
+ * The outbox table takes over whenever events cannot simply flow: while the
+ * publisher is not connected, the worker moves queued events into
+ * mqtt_emit.outbox (so they survive a crash and do not fill the queue), and
+ * backends write there themselves in durable mode or when the queue is
+ * full.  While the outbox holds rows the worker is in "outbox mode": queued
+ * events are appended to the outbox behind the older rows, and the outbox
+ * is published in id order; a row is deleted when the broker has
+ * acknowledged it.  When it is empty again, events flow straight from the
+ * queue.  A message that makes the broker drop the connection three times
+ * in a row is moved to mqtt_emit.dead_letters.
+ *
  * paho's callbacks never run PostgreSQL code: broker.c keeps a mailbox that
  * this loop empties after every wake-up.  SIGHUP re-reads the settings and
  * reconnects when a broker setting changed; SIGTERM disconnects cleanly and
@@ -35,6 +46,9 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -59,9 +73,12 @@
 /* One published event waiting for its acknowledgements. */
 typedef struct InFlight
 {
-	uint64		end_pos;		/* done up to here once acknowledged */
+	uint64		end_pos;		/* queue entry: done up to here when acked */
+	int64		outbox_id;		/* outbox row, or 0 for a queue entry */
 	int			pending;		/* acknowledgements still missing */
 } InFlight;
+
+#define STRIKES_FOR_DEAD_LETTER	3
 
 /* The state of one MQTT client and its reconnection schedule. */
 typedef struct ClientSlot
@@ -92,6 +109,21 @@ static uint64 fifo_first_seq;
 static uint64 next_seq = 1;
 static bool need_reset = false;
 static bool backpressure = false;
+static int	ring_inflight = 0;	/* queue entries in the fifo */
+static int	outbox_inflight = 0;	/* outbox rows in the fifo */
+
+/* outbox state */
+static bool extension_ready = false;
+static bool outbox_mode = true;
+static uint32 outbox_seen_version = 0;
+static int64 ob_pub_cursor = 0; /* rows with id <= this were sent */
+static int64 *ob_acked = NULL;	/* acknowledged rows to delete */
+static int	ob_nacked = 0;
+static int	ob_maxacked = 0;
+static int64 strike_id = 0;		/* oldest unacknowledged row at resets */
+static int	strikes = 0;
+static int64 dead_letter_id = 0;
+static SPIPlanPtr plan_delete = NULL;
 
 static uint32 listeners_version = 0;
 static List *subscribed = NIL;	/* topic filters, in TopMemoryContext */
@@ -118,7 +150,10 @@ static void destroy_clients(void);
 static void service_client(ClientSlot *slot, TimestampTz now, long *timeout);
 static void handle_publisher_news(void);
 static void handle_subscriber_news(void);
-static bool process_queue(void);
+static bool process_queue(uint64 tail);
+static void process_outbox(void);
+static void count_outbox(void);
+static void move_queue_to_outbox_at_exit(void);
 static void release_done(void);
 static void reset_inflight(void);
 static void sync_subscriptions(bool all);
@@ -272,6 +307,7 @@ mqtt_emit_worker_main(Datum main_arg)
 		bool		more;
 		TimestampTz now;
 		uint32		version;
+		uint64		tail;
 
 		MemoryContextSwitchTo(loop_cxt);
 
@@ -298,8 +334,12 @@ mqtt_emit_worker_main(Datum main_arg)
 		version = pg_atomic_read_u32(&me_shared->listeners_version);
 		if (version != listeners_version)
 		{
+			bool		was_ready = extension_ready;
+
 			begin_tx("loading listeners");
-			me_listeners_refresh();
+			extension_ready = me_listeners_refresh();
+			if (extension_ready && !was_ready)
+				count_outbox();
 			end_tx();
 			listeners_version = version;
 			sync_subscriptions(false);
@@ -314,7 +354,27 @@ mqtt_emit_worker_main(Datum main_arg)
 			handle_subscriber_news();
 		}
 
-		more = process_queue();
+		/*
+		 * Read the queue's tail before the outbox version: a backend that
+		 * wrote the outbox bumps the version before any later transaction
+		 * can reach the queue, so events behind such rows are never sent
+		 * ahead of them.
+		 */
+		tail = me_queue_tail();
+		version = pg_atomic_read_u32(&me_shared->outbox_version);
+		if (version != outbox_seen_version)
+		{
+			outbox_seen_version = version;
+			outbox_mode = true;
+		}
+		if (extension_ready && !(publisher.broker && me_broker_connected(publisher.broker)))
+			outbox_mode = true;
+		if (!extension_ready)
+			outbox_mode = false;
+
+		more = process_queue(tail);
+		if (outbox_mode)
+			process_outbox();
 		release_done();
 
 		MemoryContextReset(loop_cxt);
@@ -329,7 +389,8 @@ mqtt_emit_worker_main(Datum main_arg)
 		ResetLatch(MyLatch);
 	}
 
-	/* SIGTERM: let in-flight messages finish briefly, then leave */
+	/* SIGTERM: keep what is still queued, then leave */
+	move_queue_to_outbox_at_exit();
 	if (publisher.broker)
 		me_broker_disconnect(publisher.broker, 1000);
 	if (subscriber.broker)
@@ -507,12 +568,33 @@ handle_publisher_news(void)
 	/* pop acknowledged events from the front */
 	while (fifo_count > 0 && fifo[fifo_start].pending == 0)
 	{
-		pub_done = fifo[fifo_start].end_pos;
+		InFlight   *f = &fifo[fifo_start];
+
+		if (f->outbox_id != 0)
+		{
+			if (ob_nacked >= ob_maxacked)
+			{
+				ob_maxacked = Max(1024, ob_maxacked * 2);
+				if (ob_acked == NULL)
+					ob_acked = MemoryContextAlloc(TopMemoryContext,
+												  sizeof(int64) * ob_maxacked);
+				else
+					ob_acked = repalloc(ob_acked, sizeof(int64) * ob_maxacked);
+			}
+			ob_acked[ob_nacked++] = f->outbox_id;
+			outbox_inflight--;
+		}
+		else
+		{
+			pub_done = f->end_pos;
+			ring_inflight--;
+		}
 		fifo_start = (fifo_start + 1) % FIFO_SIZE;
 		fifo_count--;
 		fifo_first_seq++;
+		strikes = 0;			/* the broker takes messages again */
 	}
-	if (fifo_count == 0)
+	if (ring_inflight == 0)
 		pub_done = pub_pos;
 	if (news.nacks > 0)
 		backpressure = false;
@@ -532,11 +614,29 @@ reset_inflight(void)
 		return;
 	need_reset = false;
 	if (fifo_count > 0)
+	{
+		int64		oldest = fifo[fifo_start].outbox_id;
+
 		me_count(ME_STAT_RETRIED, fifo_count);
+
+		/* the same row failing again and again is refused for good */
+		if (oldest != 0 && oldest == strike_id)
+			strikes++;
+		else
+		{
+			strike_id = oldest;
+			strikes = 1;
+		}
+		if (oldest != 0 && strikes >= STRIKES_FOR_DEAD_LETTER)
+			dead_letter_id = oldest;
+	}
 	fifo_start = 0;
 	fifo_count = 0;
 	fifo_first_seq = next_seq;
+	ring_inflight = 0;
+	outbox_inflight = 0;
 	pub_pos = pub_done;
+	ob_pub_cursor = 0;
 	backpressure = false;
 }
 
@@ -712,13 +812,13 @@ read_entry(uint64 pos)
 }
 
 /*
- * Send one event; false when it could not be sent now.
+ * Send one event (a queue entry, or an outbox row when outbox_id is set);
+ * false when it could not be sent now.
  */
 static bool
-publish_entry(MqttEmitEventHeader *hdr, uint64 end_pos)
+publish_event(const MqttEmitEventHeader *hdr, const char *model,
+			  const char *payload, uint64 end_pos, int64 outbox_id)
 {
-	const char *model = entrybuf + sizeof(MqttEmitEventHeader);
-	const char *payload = model + hdr->model_len;
 	int			qos = (hdr->qos <= 2) ? hdr->qos : mqtt_emit_qos;
 	int			nmsgs = 0;
 	int			rc = 0;
@@ -727,8 +827,6 @@ publish_entry(MqttEmitEventHeader *hdr, uint64 end_pos)
 
 	for (pass = 0; pass < 2; pass++)
 	{
-		bool		all_style;
-
 		if (hdr->kind == ME_KIND_PUBLISH)
 		{
 			if (pass == 1)
@@ -742,8 +840,7 @@ publish_entry(MqttEmitEventHeader *hdr, uint64 end_pos)
 				continue;
 			if (pass == 1 && mqtt_emit_topic_style == ME_TOPIC_OPERATION)
 				break;
-			all_style = (pass == 1);
-			me_build_topic(&topicbuf, hdr, model, all_style);
+			me_build_topic(&topicbuf, hdr, model, pass == 1);
 		}
 		rc = me_broker_publish(publisher.broker, topicbuf.data, payload,
 							   (int) hdr->payload_len, qos, seq);
@@ -774,28 +871,55 @@ publish_entry(MqttEmitEventHeader *hdr, uint64 end_pos)
 			fifo_first_seq = seq;
 		f = &fifo[(fifo_start + fifo_count) % FIFO_SIZE];
 		f->end_pos = end_pos;
+		f->outbox_id = outbox_id;
 		f->pending = nmsgs;
 		fifo_count++;
 		next_seq++;
+		if (outbox_id != 0)
+			outbox_inflight++;
+		else
+			ring_inflight++;
 	}
 	return true;
 }
 
 /*
- * Run local listeners and publish what the queue holds, as far as the
- * broker and the in-flight window allow.  Returns true when there is more
- * to do right away.
+ * Mark the queue entry ending at end as done for the publish cursor,
+ * without sending it: once what is in flight before it is done.
+ */
+static void
+skip_entry(uint64 end)
+{
+	if (ring_inflight == 0)
+		pub_done = end;
+	else
+		fifo[(fifo_start + fifo_count - 1) % FIFO_SIZE].end_pos = end;
+	pub_pos = end;
+}
+
+/*
+ * Run local listeners of queued events, and publish them (or, in outbox
+ * mode, move them into the outbox) as far as the broker and the in-flight
+ * window allow.  Returns true when there is more to do right away.
  */
 static bool
-process_queue(void)
+process_queue(uint64 tail)
 {
-	uint64		tail = me_queue_tail();
 	uint64		pos;
 	int			n = 0;
 	bool		in_tx = false;
 	bool		can_publish;
+	bool		moving;
+	char	  **moved = NULL;
+	int			nmoved = 0;
+	uint64		moved_end = 0;
 
-	can_publish = publisher.broker && me_broker_connected(publisher.broker);
+	can_publish = !outbox_mode && outbox_inflight == 0 &&
+		publisher.broker && me_broker_connected(publisher.broker);
+	/* queue entries in flight go first, so that nothing overtakes them */
+	moving = outbox_mode && ring_inflight == 0;
+	if (moving)
+		moved = palloc(sizeof(char *) * BATCH_EVENTS);
 
 	pos = Min(local_pos, pub_pos);
 	while (pos < tail && n < BATCH_EVENTS)
@@ -808,17 +932,12 @@ process_queue(void)
 		me_queue_copy(pos, (char *) &hdr, sizeof(hdr));
 		end = pos + hdr.total_len;
 
-		if (need_pub && !(hdr.flags & ME_FLAG_PUBLISH))
+		if (need_pub && !(hdr.flags & ME_FLAG_PUBLISH) && !moving)
 		{
-			/* nothing to send: done once what is before it is done */
-			if (fifo_count == 0)
-				pub_done = end;
-			else
-				fifo[(fifo_start + fifo_count - 1) % FIFO_SIZE].end_pos = end;
-			pub_pos = end;
+			skip_entry(end);
 			need_pub = false;
 		}
-		if (need_pub &&
+		if (need_pub && !moving &&
 			(!can_publish || backpressure || need_reset ||
 			 fifo_count >= mqtt_emit_max_inflight))
 		{
@@ -830,11 +949,10 @@ process_queue(void)
 		if (need_local || need_pub)
 		{
 			MqttEmitEventHeader *h = read_entry(pos);
+			const char *model = entrybuf + sizeof(MqttEmitEventHeader);
 
 			if (need_local)
 			{
-				const char *model = entrybuf + sizeof(MqttEmitEventHeader);
-
 				if ((h->flags & ME_FLAG_LOCAL) && h->kind == ME_KIND_ROW &&
 					me_listeners_want_local(model, h->model_len))
 				{
@@ -847,12 +965,24 @@ process_queue(void)
 					me_listeners_run_local(h, model, model + h->model_len,
 										   topicbuf.data);
 					h = read_entry(pos);	/* listeners may not keep entrybuf */
+					model = entrybuf + sizeof(MqttEmitEventHeader);
 				}
 				local_pos = end;
 			}
-			if (need_pub)
+			if (need_pub && moving)
 			{
-				if (publish_entry(h, end))
+				/* keep it in the outbox; local listeners have run */
+				if (h->flags & ME_FLAG_PUBLISH)
+				{
+					moved[nmoved] = palloc(h->total_len);
+					memcpy(moved[nmoved], h, h->total_len);
+					nmoved++;
+				}
+				moved_end = end;
+			}
+			else if (need_pub)
+			{
+				if (publish_event(h, model, model + h->model_len, end, 0))
 					pub_pos = end;
 				else if (local_pos <= pos)
 					break;
@@ -861,10 +991,306 @@ process_queue(void)
 		pos = end;
 		n++;
 	}
+
+	if (nmoved > 0)
+	{
+		if (!in_tx)
+		{
+			begin_tx("moving events to the outbox");
+			in_tx = true;
+		}
+		me_outbox_insert(moved, nmoved, (uint8) ~ME_FLAG_LOCAL);
+	}
 	if (in_tx)
 		end_tx();
+	if (moved_end > 0)
+	{
+		/* committed: the moved events are the outbox's now */
+		pub_pos = pub_done = moved_end;
+		if (nmoved > 0)
+		{
+			pg_atomic_fetch_add_u64(&me_shared->outbox_rows, nmoved);
+			me_count(ME_STAT_OUTBOXED, nmoved);
+		}
+	}
 
 	return n >= BATCH_EVENTS;
+}
+
+/*
+ * Count the outbox's rows (when the worker starts) for mqtt_emit.stats and
+ * the mqtt_emit.outbox_max check.  Inside a transaction.
+ */
+static void
+count_outbox(void)
+{
+	bool		isnull;
+
+	SPI_connect();
+	if (SPI_execute("SELECT count(*) FROM mqtt_emit.outbox", true, 1) == SPI_OK_SELECT &&
+		SPI_processed == 1)
+		pg_atomic_write_u64(&me_shared->outbox_rows,
+							(uint64) DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+																 SPI_tuptable->tupdesc,
+																 1, &isnull)));
+	SPI_finish();
+	outbox_mode = true;
+}
+
+static void
+outbox_rows_gone(uint64 n)
+{
+	uint64		cur = pg_atomic_read_u64(&me_shared->outbox_rows);
+
+	/* approximate: never below zero */
+	pg_atomic_write_u64(&me_shared->outbox_rows, cur > n ? cur - n : 0);
+}
+
+/*
+ * Fill a header for an outbox row of the current SPI result.
+ */
+static void
+row_to_event(HeapTuple tup, TupleDesc td, MqttEmitEventHeader *hdr,
+			 int64 *id, text **model, text **payload, TimestampTz *created)
+{
+	bool		isnull;
+
+	*id = DatumGetInt64(SPI_getbinval(tup, td, 1, &isnull));
+	hdr->kind = (uint8) DatumGetInt16(SPI_getbinval(tup, td, 2, &isnull));
+	hdr->flags = (uint8) DatumGetInt16(SPI_getbinval(tup, td, 3, &isnull));
+	hdr->op = (uint8) DatumGetInt16(SPI_getbinval(tup, td, 4, &isnull));
+	hdr->qos = (uint8) DatumGetInt16(SPI_getbinval(tup, td, 5, &isnull));
+	*model = DatumGetTextPP(SPI_getbinval(tup, td, 6, &isnull));
+	*payload = DatumGetTextPP(SPI_getbinval(tup, td, 7, &isnull));
+	*created = DatumGetTimestampTz(SPI_getbinval(tup, td, 8, &isnull));
+	hdr->model_len = VARSIZE_ANY_EXHDR(*model);
+	hdr->payload_len = VARSIZE_ANY_EXHDR(*payload);
+	hdr->total_len = sizeof(MqttEmitEventHeader) + hdr->model_len + hdr->payload_len;
+	hdr->userid = InvalidOid;
+}
+
+/*
+ * Move the row that the broker keeps refusing to mqtt_emit.dead_letters.
+ */
+static void
+dead_letter(int64 id)
+{
+	Datum		arg = Int64GetDatum(id);
+	Oid			argtype = INT8OID;
+
+	if (SPI_execute_with_args("SELECT id, kind, flags, op, qos, model, payload, created_at "
+							  "FROM mqtt_emit.outbox WHERE id = $1",
+							  1, &argtype, &arg, NULL, false, 1) == SPI_OK_SELECT &&
+		SPI_processed == 1)
+	{
+		MqttEmitEventHeader hdr;
+		int64		rid;
+		text	   *model;
+		text	   *payload;
+		TimestampTz created;
+		char	   *m;
+		Datum		args[4];
+		Oid			types[4] = {TEXTOID, TEXTOID, TEXTOID, TIMESTAMPTZOID};
+
+		row_to_event(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, &hdr,
+					 &rid, &model, &payload, &created);
+		m = text_to_cstring(model);
+		if (hdr.kind == ME_KIND_PUBLISH)
+		{
+			resetStringInfo(&topicbuf);
+			appendStringInfoString(&topicbuf, m);
+		}
+		else
+			me_build_topic(&topicbuf, &hdr, m, mqtt_emit_topic_style == ME_TOPIC_ALL);
+		args[0] = CStringGetTextDatum(topicbuf.data);
+		args[1] = PointerGetDatum(payload);
+		args[2] = CStringGetTextDatum("the broker closed the connection each time this message was sent");
+		args[3] = TimestampTzGetDatum(created);
+		SPI_execute_with_args("INSERT INTO mqtt_emit.dead_letters (topic, payload, reason, created_at) "
+							  "VALUES ($1, $2, $3, $4)", 4, types, args, NULL, false, 0);
+		SPI_execute_with_args("DELETE FROM mqtt_emit.outbox WHERE id = $1",
+							  1, &argtype, &arg, NULL, false, 0);
+		outbox_rows_gone(1);
+		me_count(ME_STAT_DEAD_LETTERS, 1);
+		me_set_last_error("publisher: outbox row " INT64_FORMAT " moved to mqtt_emit.dead_letters", id);
+		ereport(LOG,
+				(errmsg("pg_mqtt_emit moved a message on topic \"%s\" to mqtt_emit.dead_letters",
+						topicbuf.data),
+				 errdetail("The broker closed the connection %d times when it was sent.",
+						   STRIKES_FOR_DEAD_LETTER)));
+	}
+}
+
+/*
+ * Outbox mode: delete what the broker acknowledged, run local listeners of
+ * rows that still need them, publish rows in id order, and leave outbox
+ * mode when the outbox is empty.
+ */
+static void
+process_outbox(void)
+{
+	bool		connected = publisher.broker && me_broker_connected(publisher.broker);
+	int			ret;
+	uint64		i;
+	bool		empty_batch = true;
+
+	begin_tx("draining the outbox");
+	SPI_connect();
+
+	if (dead_letter_id != 0)
+	{
+		dead_letter(dead_letter_id);
+		dead_letter_id = 0;
+		strikes = 0;
+	}
+
+	if (ob_nacked > 0)
+	{
+		Datum		arg;
+		Oid			argtype = INT8ARRAYOID;
+		Datum	   *ids = palloc(sizeof(Datum) * ob_nacked);
+
+		for (i = 0; i < ob_nacked; i++)
+			ids[i] = Int64GetDatum(ob_acked[i]);
+		arg = PointerGetDatum(construct_array(ids, ob_nacked, INT8OID, 8, true, TYPALIGN_DOUBLE));
+		if (plan_delete == NULL)
+		{
+			plan_delete = SPI_prepare("DELETE FROM mqtt_emit.outbox WHERE id = ANY ($1)",
+									  1, &argtype);
+			if (plan_delete == NULL)
+				elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+			SPI_keepplan(plan_delete);
+		}
+		ret = SPI_execute_plan(plan_delete, &arg, NULL, false, 0);
+		if (ret != SPI_OK_DELETE)
+			elog(ERROR, "cannot delete from mqtt_emit.outbox: %s", SPI_result_code_string(ret));
+		outbox_rows_gone(SPI_processed);
+		ob_nacked = 0;
+	}
+
+	/* local listeners of rows written by committing backends */
+	ret = SPI_execute("SELECT id, kind, flags, op, qos, model, payload, created_at "
+					  "FROM mqtt_emit.outbox WHERE (flags & 2) <> 0 ORDER BY id LIMIT 1000",
+					  false, 0);
+	if (ret == SPI_OK_SELECT && SPI_processed > 0)
+	{
+		SPITupleTable *tt = SPI_tuptable;
+		uint64		nrows = SPI_processed;
+		Datum	   *ids = palloc(sizeof(Datum) * nrows);
+		Datum		arg;
+		Oid			argtype = INT8ARRAYOID;
+
+		for (i = 0; i < nrows; i++)
+		{
+			MqttEmitEventHeader hdr;
+			int64		id;
+			text	   *model;
+			text	   *payload;
+			TimestampTz created;
+			char	   *m;
+
+			row_to_event(tt->vals[i], tt->tupdesc, &hdr, &id, &model, &payload, &created);
+			ids[i] = Int64GetDatum(id);
+			m = text_to_cstring(model);
+			if (hdr.kind == ME_KIND_ROW && me_listeners_want_local(m, hdr.model_len))
+			{
+				me_build_topic(&topicbuf, &hdr, m, false);
+				me_listeners_run_local(&hdr, m, text_to_cstring(payload), topicbuf.data);
+			}
+		}
+		arg = PointerGetDatum(construct_array(ids, nrows, INT8OID, 8, true, TYPALIGN_DOUBLE));
+		SPI_execute_with_args("UPDATE mqtt_emit.outbox SET flags = flags & ~2 WHERE id = ANY ($1)",
+							  1, &argtype, &arg, NULL, false, 0);
+		SPI_execute_with_args("DELETE FROM mqtt_emit.outbox WHERE id = ANY ($1) AND flags = 0",
+							  1, &argtype, &arg, NULL, false, 0);
+		outbox_rows_gone(SPI_processed);
+		empty_batch = false;
+	}
+
+	/* publish in id order, after anything from the queue still in flight */
+	if (connected && ring_inflight == 0 && !need_reset && !backpressure &&
+		fifo_count < mqtt_emit_max_inflight)
+	{
+		Datum		args[2];
+		Oid			types[2] = {INT8OID, INT4OID};
+
+		args[0] = Int64GetDatum(ob_pub_cursor);
+		args[1] = Int32GetDatum(mqtt_emit_max_inflight - fifo_count);
+		ret = SPI_execute_with_args("SELECT id, kind, flags, op, qos, model, payload, created_at "
+									"FROM mqtt_emit.outbox WHERE id > $1 ORDER BY id LIMIT $2",
+									2, types, args, NULL, true, 0);
+		if (ret == SPI_OK_SELECT && SPI_processed > 0)
+		{
+			SPITupleTable *tt = SPI_tuptable;
+			uint64		nrows = SPI_processed;
+
+			empty_batch = false;
+			for (i = 0; i < nrows; i++)
+			{
+				MqttEmitEventHeader hdr;
+				int64		id;
+				text	   *model;
+				text	   *payload;
+				TimestampTz created;
+
+				row_to_event(tt->vals[i], tt->tupdesc, &hdr, &id, &model, &payload, &created);
+				if (i == 0 && fifo_count == 0)
+					pg_atomic_write_u64(&me_shared->outbox_oldest, (uint64) created);
+				if (hdr.flags & ME_FLAG_LOCAL)
+					break;		/* its local listeners first */
+				if (!(hdr.flags & ME_FLAG_PUBLISH))
+				{
+					ob_pub_cursor = id;
+					continue;
+				}
+				if (!publish_event(&hdr, VARDATA_ANY(model), VARDATA_ANY(payload), 0, id))
+					break;
+				ob_pub_cursor = id;
+			}
+		}
+	}
+
+	/* nothing left and nothing in flight: back to the fast path */
+	if (connected && empty_batch && outbox_inflight == 0 && ob_nacked == 0 &&
+		ring_inflight == 0)
+	{
+		ret = SPI_execute("SELECT 1 FROM mqtt_emit.outbox LIMIT 1", true, 1);
+		if (ret == SPI_OK_SELECT && SPI_processed == 0)
+		{
+			outbox_mode = false;
+			ob_pub_cursor = 0;
+			pg_atomic_write_u64(&me_shared->outbox_rows, 0);
+			pg_atomic_write_u64(&me_shared->outbox_oldest, 0);
+		}
+	}
+
+	SPI_finish();
+	end_tx();
+}
+
+/*
+ * At shutdown, move what the queue still holds unacknowledged into the
+ * outbox, so that a clean stop loses nothing even with the broker away.
+ */
+static void
+move_queue_to_outbox_at_exit(void)
+{
+	uint64		tail;
+	int			rounds = 0;
+
+	if (!extension_ready)
+		return;
+	tail = me_queue_tail();
+	if (pub_done >= tail)
+		return;
+	need_reset = true;
+	reset_inflight();
+	outbox_mode = true;
+	while (pub_pos < tail && rounds++ < 1000)
+		(void) process_queue(tail);
+	release_done();
+	ereport(LOG,
+			(errmsg("pg_mqtt_emit kept the unpublished events of the queue in mqtt_emit.outbox")));
 }
 
 /*
