@@ -55,8 +55,10 @@ CREATE ROLE regress_mqtt_plain LOGIN;
 SET ROLE regress_mqtt_plain;
 SHOW mqtt_emit.password;
 SHOW mqtt_emit.tls_key_file;
+SHOW mqtt_emit.signing_key;
 SELECT count(*) AS visible FROM pg_settings
- WHERE name IN ('mqtt_emit.password', 'mqtt_emit.username', 'mqtt_emit.tls_key_file');
+ WHERE name IN ('mqtt_emit.password', 'mqtt_emit.username', 'mqtt_emit.tls_key_file',
+                'mqtt_emit.tls_cert_file', 'mqtt_emit.tls_ca_file', 'mqtt_emit.signing_key');
 SELECT try('SELECT * FROM mqtt_emit.stats');
 RESET ROLE;
 

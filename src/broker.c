@@ -493,10 +493,11 @@ me_broker_poll(MeBroker *b, MeBrokerNews *news)
  */
 int
 me_broker_publish(MeBroker *b, const char *topic, const char *payload,
-				  int len, int qos, uint64 seq)
+				  int len, int qos, bool is_json, uint64 seq)
 {
 	MQTTAsync_responseOptions ropts = MQTTAsync_responseOptions_initializer;
 	MQTTAsync_message msg = MQTTAsync_message_initializer;
+	MQTTProperties props = MQTTProperties_initializer;
 	PublishCtx *ctx = malloc(sizeof(PublishCtx));
 	int			rc;
 
@@ -522,9 +523,26 @@ me_broker_publish(MeBroker *b, const char *topic, const char *payload,
 	msg.qos = qos;
 	msg.retained = 0;
 
+	/* MQTT 5: say what the payload is */
+	if (b->version == MQTTVERSION_5 && is_json)
+	{
+		MQTTProperty prop;
+
+		prop.identifier = MQTTPROPERTY_CODE_PAYLOAD_FORMAT_INDICATOR;
+		prop.value.byte = 1;	/* UTF-8 */
+		MQTTProperties_add(&props, &prop);
+		prop.identifier = MQTTPROPERTY_CODE_CONTENT_TYPE;
+		prop.value.data.data = "application/json";
+		prop.value.data.len = 16;
+		MQTTProperties_add(&props, &prop);
+		msg.properties = props;
+	}
+
 	rc = MQTTAsync_sendMessage(b->client, topic, &msg, &ropts);
 	if (rc != MQTTASYNC_SUCCESS)
 		free(ctx);
+	if (props.count > 0)
+		MQTTProperties_free(&props);
 	return rc;
 }
 

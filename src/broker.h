@@ -47,7 +47,7 @@ extern bool me_broker_connected(MeBroker *b);
 extern bool me_broker_connecting(MeBroker *b);
 extern void me_broker_poll(MeBroker *b, MeBrokerNews *news);
 extern int	me_broker_publish(MeBroker *b, const char *topic, const char *payload,
-							  int len, int qos, uint64 seq);
+							  int len, int qos, bool is_json, uint64 seq);
 extern int	me_broker_subscribe(MeBroker *b, const char *filter, int qos);
 extern int	me_broker_unsubscribe(MeBroker *b, const char *filter);
 extern void me_broker_disconnect(MeBroker *b, int timeout_ms);

@@ -126,6 +126,10 @@ static int	dedup_ring_size = 0;
 static int	dedup_start = 0;
 static int	dedup_count = 0;
 
+/* what a remote message may be at most */
+#define MAX_JSON_DEPTH		64
+#define MAX_JSON_KEYS		10000
+
 /* rate limit for rejection log lines */
 static TimestampTz reject_log_second = 0;
 static int	reject_log_count = 0;
@@ -675,6 +679,59 @@ split_topic(const MeIncoming *m, const char **model, int *model_len)
 }
 
 /*
+ * Scan a received JSON text for nesting depth and member count before it is
+ * parsed, so that a hostile message costs no more than one pass over its
+ * bytes.  Returns NULL when it is within the limits, else the problem.
+ */
+static const char *
+json_shape_problem(const char *s, int len)
+{
+	int			depth = 0;
+	long		keys = 0;
+	bool		in_string = false;
+	bool		escaped = false;
+	int			i;
+
+	for (i = 0; i < len; i++)
+	{
+		char		c = s[i];
+
+		if (in_string)
+		{
+			if (escaped)
+				escaped = false;
+			else if (c == '\\')
+				escaped = true;
+			else if (c == '"')
+				in_string = false;
+			continue;
+		}
+		switch (c)
+		{
+			case '"':
+				in_string = true;
+				break;
+			case '{':
+			case '[':
+				if (++depth > MAX_JSON_DEPTH)
+					return "JSON nested deeper than 64 levels";
+				break;
+			case '}':
+			case ']':
+				depth--;
+				break;
+			case ':':
+				if (++keys > MAX_JSON_KEYS)
+					return "JSON with more than 10000 keys";
+				break;
+			default:
+				break;
+		}
+	}
+	return NULL;
+}
+
+/*
  * Handle one received message.  Called inside the worker's transaction.
  */
 void
@@ -715,6 +772,30 @@ me_listeners_handle_remote(MeIncoming *m)
 	{
 		reject(m, "payload is not valid in the database encoding");
 		return;
+	}
+	switch (me_check_signature(m->payload, m->payload_len))
+	{
+		case ME_SIG_BAD:
+			reject(m, "signature does not match (check \"mqtt_emit.signing_key\")");
+			return;
+		case ME_SIG_NONE:
+			if (mqtt_emit_require_signature)
+			{
+				reject(m, "message is not signed and \"mqtt_emit.require_signature\" is on");
+				return;
+			}
+			break;
+		case ME_SIG_OK:
+			break;
+	}
+	{
+		const char *problem = json_shape_problem(m->payload, m->payload_len);
+
+		if (problem)
+		{
+			reject(m, problem);
+			return;
+		}
 	}
 
 	/* parse; a syntax error or a too deep document is a rejection */

@@ -19,6 +19,12 @@
  * the effective client id).  They are unique across rows, nodes and
  * restarts, unlike the seed's base64 prefix of the payload.
  *
+ * Signed messages (mqtt_emit.signing_key) end in ,"signature":"<hex>"}
+ * where <hex> is the HMAC-SHA256, under the shared key, of the message as
+ * it would read without that member: the same bytes up to the comma, then
+ * the closing brace.  Keeping the signature inside the JSON object lets
+ * peers that do not know about it (the seed) read signed messages.
+ *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
  * IDENTIFICATION
@@ -30,6 +36,8 @@
 
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
+#include "common/hmac.h"
+#include "common/sha2.h"
 #include "common/jsonapi.h"
 #include "utils/builtins.h"
 #include "utils/date.h"
@@ -342,4 +350,86 @@ me_build_topic(StringInfo buf, const MqttEmitEventHeader *hdr,
 		appendStringInfoChar(buf, '/');
 		appendStringInfoString(buf, me_op_name(hdr->op));
 	}
+}
+
+/*
+ * HMAC-SHA256 of the unsigned form of a message: len bytes of payload
+ * (which end before the closing brace) followed by "}".  Returns false when
+ * the hash could not be computed.
+ */
+static bool
+compute_signature(uint8 *mac, const char *payload, int len)
+{
+	pg_hmac_ctx *ctx = pg_hmac_create(PG_SHA256);
+	bool		ok;
+
+	if (ctx == NULL)
+		return false;
+	ok = pg_hmac_init(ctx, (const uint8 *) mqtt_emit_signing_key,
+					  strlen(mqtt_emit_signing_key)) == 0 &&
+		pg_hmac_update(ctx, (const uint8 *) payload, len) == 0 &&
+		pg_hmac_update(ctx, (const uint8 *) "}", 1) == 0 &&
+		pg_hmac_final(ctx, mac, PG_SHA256_DIGEST_LENGTH) == 0;
+	pg_hmac_free(ctx);
+	return ok;
+}
+
+/*
+ * Write the signed form of a JSON object payload into out.  Returns false
+ * (and leaves out empty) when there is no key or the payload is no object.
+ */
+bool
+me_sign_payload(StringInfo out, const char *payload, int len)
+{
+	static const char hex[] = "0123456789abcdef";
+	uint8		mac[PG_SHA256_DIGEST_LENGTH];
+	int			i;
+
+	resetStringInfo(out);
+	if (mqtt_emit_signing_key == NULL || mqtt_emit_signing_key[0] == '\0' ||
+		len < 2 || payload[0] != '{' || payload[len - 1] != '}')
+		return false;
+	if (!compute_signature(mac, payload, len - 1))
+		return false;
+	appendBinaryStringInfo(out, payload, len - 1);
+	appendStringInfoString(out, ",\"signature\":\"");
+	for (i = 0; i < PG_SHA256_DIGEST_LENGTH; i++)
+	{
+		appendStringInfoChar(out, hex[mac[i] >> 4]);
+		appendStringInfoChar(out, hex[mac[i] & 0x0F]);
+	}
+	appendStringInfoString(out, "\"}");
+	return true;
+}
+
+/*
+ * Check the signature at the end of a received message, in constant time.
+ */
+MqttEmitSigCheck
+me_check_signature(const char *payload, int len)
+{
+	static const char hex[] = "0123456789abcdef";
+	static const char marker[] = ",\"signature\":\"";
+	uint8		mac[PG_SHA256_DIGEST_LENGTH];
+	const char *sig;
+	int			body;
+	int			i;
+	int			diff = 0;
+
+	if (len < ME_SIGNATURE_SUFFIX_LEN + 1)
+		return ME_SIG_NONE;
+	body = len - ME_SIGNATURE_SUFFIX_LEN;
+	if (memcmp(payload + body, marker, sizeof(marker) - 1) != 0 ||
+		payload[len - 2] != '"' || payload[len - 1] != '}')
+		return ME_SIG_NONE;
+	sig = payload + body + sizeof(marker) - 1;
+	if (mqtt_emit_signing_key == NULL || mqtt_emit_signing_key[0] == '\0' ||
+		!compute_signature(mac, payload, body))
+		return ME_SIG_BAD;
+	for (i = 0; i < PG_SHA256_DIGEST_LENGTH; i++)
+	{
+		diff |= sig[2 * i] ^ hex[mac[i] >> 4];
+		diff |= sig[2 * i + 1] ^ hex[mac[i] & 0x0F];
+	}
+	return diff == 0 ? ME_SIG_OK : ME_SIG_BAD;
 }

@@ -61,6 +61,8 @@ int			mqtt_emit_listener_timeout = 10000; /* ms */
 int			mqtt_emit_topic_style = ME_TOPIC_OPERATION;
 int			mqtt_emit_max_inflight = 8192;
 int			mqtt_emit_outbox_max = 10000000;
+char	   *mqtt_emit_signing_key = NULL;
+bool		mqtt_emit_require_signature = false;
 
 bool		mqtt_emit_preloaded = false;
 
@@ -297,6 +299,21 @@ _PG_init(void)
 							10000000, 0, INT_MAX,
 							PGC_SIGHUP, 0,
 							NULL, NULL, NULL);
+
+	DefineCustomStringVariable("mqtt_emit.signing_key",
+							   "Sets the shared secret for signing published messages with HMAC-SHA256.",
+							   "Empty means messages are not signed.",
+							   &mqtt_emit_signing_key,
+							   "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL,
+							   NULL, NULL, NULL);
+	DefineCustomBoolVariable("mqtt_emit.require_signature",
+							 "Drops received messages without a valid signature.",
+							 "Needs \"mqtt_emit.signing_key\".",
+							 &mqtt_emit_require_signature,
+							 false,
+							 PGC_SIGHUP, 0,
+							 NULL, NULL, NULL);
 
 	if (process_shared_preload_libraries_in_progress)
 	{

@@ -171,6 +171,8 @@ extern int	mqtt_emit_listener_timeout;
 extern int	mqtt_emit_topic_style;
 extern int	mqtt_emit_max_inflight;
 extern int	mqtt_emit_outbox_max;
+extern char *mqtt_emit_signing_key;
+extern bool mqtt_emit_require_signature;
 
 extern bool mqtt_emit_preloaded;
 
@@ -229,6 +231,19 @@ extern const char *me_op_name(MqttEmitOp op);
 extern void me_append_topic_model(StringInfo buf, const char *model, int len, bool lower);
 extern void me_build_topic(StringInfo buf, const MqttEmitEventHeader *hdr,
 						   const char *model, bool all_style);
+
+/* result of me_check_signature() */
+typedef enum
+{
+	ME_SIG_NONE,				/* the message carries no signature */
+	ME_SIG_OK,
+	ME_SIG_BAD
+} MqttEmitSigCheck;
+
+#define ME_SIGNATURE_SUFFIX_LEN	80	/* ,"signature":"<64 hex>"} */
+
+extern bool me_sign_payload(StringInfo out, const char *payload, int len);
+extern MqttEmitSigCheck me_check_signature(const char *payload, int len);
 
 /* capture.c */
 extern void me_capture_init(void);

@@ -139,6 +139,7 @@ static bool conf_clean = true;
 
 static MemoryContext loop_cxt = NULL;
 static StringInfoData topicbuf;
+static StringInfoData signbuf;
 static char *entrybuf = NULL;
 static Size entrybuf_size = 0;
 
@@ -288,6 +289,7 @@ mqtt_emit_worker_main(Datum main_arg)
 		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
 
 		initStringInfo(&topicbuf);
+		initStringInfo(&signbuf);
 		MemoryContextSwitchTo(old);
 	}
 	remember_settings();
@@ -824,6 +826,14 @@ publish_event(const MqttEmitEventHeader *hdr, const char *model,
 	int			rc = 0;
 	int			pass;
 	uint64		seq = next_seq;
+	int			len = (int) hdr->payload_len;
+
+	if (mqtt_emit_signing_key[0] != '\0' &&
+		me_sign_payload(&signbuf, payload, len))
+	{
+		payload = signbuf.data;
+		len = signbuf.len;
+	}
 
 	for (pass = 0; pass < 2; pass++)
 	{
@@ -843,7 +853,7 @@ publish_event(const MqttEmitEventHeader *hdr, const char *model,
 			me_build_topic(&topicbuf, hdr, model, pass == 1);
 		}
 		rc = me_broker_publish(publisher.broker, topicbuf.data, payload,
-							   (int) hdr->payload_len, qos, seq);
+							   len, qos, hdr->kind == ME_KIND_ROW, seq);
 		if (rc != 0)
 			break;
 		nmsgs++;
