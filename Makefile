@@ -15,7 +15,7 @@ EXTENSION = pg_mqtt_emit
 DATA = $(wildcard pg_mqtt_emit--*.sql)
 PGFILEDESC = "pg_mqtt_emit - row changes as MQTT events"
 
-REGRESS = setup watch capture listen outbox
+REGRESS = setup watch capture listen outbox drop
 REGRESS_OPTS = --temp-config=test/regress.conf --temp-instance=./tmp_check
 
 SHLIB_LINK += -lpaho-mqtt3as -lpthread

@@ -454,3 +454,6 @@ COMMENT ON VIEW mqtt_emit.subscriptions IS
 GRANT SELECT ON mqtt_emit.subscriptions TO PUBLIC;
 
 GRANT USAGE ON SCHEMA mqtt_emit TO PUBLIC;
+
+-- tell the worker that the extension (its outbox and registry) is here
+SELECT mqtt_emit._listeners_changed();

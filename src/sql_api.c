@@ -119,13 +119,14 @@ mqtt_emit_publish(PG_FUNCTION_ARGS)
 
 /*
  * mqtt_emit._listeners_changed(): the worker reloads the listener registry
- * when the calling transaction commits.
+ * (and notices the extension itself) when the calling transaction commits.
  */
 Datum
 mqtt_emit_listeners_changed(PG_FUNCTION_ARGS)
 {
-	me_check_preloaded();
-	me_capture_listeners_changed();
+	/* without the worker there is nobody to tell */
+	if (mqtt_emit_preloaded && me_shared != NULL)
+		me_capture_listeners_changed();
 	PG_RETURN_VOID();
 }
 

@@ -126,6 +126,7 @@ static int64 dead_letter_id = 0;
 static SPIPlanPtr plan_delete = NULL;
 
 static uint32 listeners_version = 0;
+static TimestampTz last_extension_check = 0;
 static List *subscribed = NIL;	/* topic filters, in TopMemoryContext */
 
 static char *conf_broker_url = NULL;
@@ -332,14 +333,22 @@ mqtt_emit_worker_main(Datum main_arg)
 			listeners_version = 0;	/* prefix may have changed: resubscribe */
 		}
 
-		/* the listener registry changed: reload it and follow subscriptions */
+		/*
+		 * The listener registry changed: reload it and follow subscriptions.
+		 * While the extension seems absent, look again now and then (it
+		 * tells us when it is created, but a restore may not).
+		 */
 		version = pg_atomic_read_u32(&me_shared->listeners_version);
+		if (!extension_ready &&
+			GetCurrentTimestamp() - last_extension_check > 5 * USECS_PER_SEC)
+			listeners_version = 0;
 		if (version != listeners_version)
 		{
 			bool		was_ready = extension_ready;
 
 			begin_tx("loading listeners");
 			extension_ready = me_listeners_refresh();
+			last_extension_check = GetCurrentTimestamp();
 			if (extension_ready && !was_ready)
 				count_outbox();
 			end_tx();
