@@ -1,0 +1,68 @@
+-- API contracts of pg_mqtt_emit: objects, signatures, privileges, errors.
+BEGIN;
+SELECT plan(48);
+
+CREATE EXTENSION IF NOT EXISTS pg_mqtt_emit;
+
+SELECT has_schema('mqtt_emit');
+SELECT has_function('mqtt_emit', 'watch', ARRAY['regclass', 'boolean', 'text[]', 'text', 'text[]', 'text[]']);
+SELECT has_function('mqtt_emit', 'unwatch', ARRAY['regclass']);
+SELECT has_function('mqtt_emit', 'listen', ARRAY['text', 'regprocedure', 'boolean', 'boolean', 'jsonb', 'text[]']);
+SELECT has_function('mqtt_emit', 'unlisten', ARRAY['bigint']);
+SELECT has_function('mqtt_emit', 'publish', ARRAY['text', 'text', 'integer']);
+SELECT has_function('mqtt_emit', 'publish', ARRAY['text', 'jsonb', 'integer']);
+SELECT function_returns('mqtt_emit', 'listen', ARRAY['text', 'regprocedure', 'boolean', 'boolean', 'jsonb', 'text[]'], 'bigint');
+SELECT has_type('mqtt_emit', 'event', 'type mqtt_emit.event exists');
+SELECT columns_are('mqtt_emit', 'event', ARRAY['event_id', 'model', 'operation', 'source', 'result',
+                                                'old', 'args', 'origin', 'emitted_at', 'topic', 'payload']);
+SELECT has_view('mqtt_emit', 'stats', 'view mqtt_emit.stats exists');
+SELECT has_view('mqtt_emit', 'watched_tables', 'view mqtt_emit.watched_tables exists');
+SELECT has_view('mqtt_emit', 'subscriptions', 'view mqtt_emit.subscriptions exists');
+SELECT has_table('mqtt_emit', 'listeners', 'table mqtt_emit.listeners exists');
+SELECT has_table('mqtt_emit', 'outbox', 'table mqtt_emit.outbox exists');
+SELECT has_table('mqtt_emit', 'dead_letters', 'table mqtt_emit.dead_letters exists');
+SELECT has_column('mqtt_emit', 'stats', col, 'stats has ' || col)
+  FROM unnest(ARRAY['connected', 'published', 'failed', 'queued', 'in_outbox', 'received',
+                    'deduplicated', 'rejected', 'listener_calls', 'listener_errors', 'last_error']) AS col;
+
+-- privileges
+CREATE ROLE tap_plain;
+SELECT ok(NOT has_function_privilege('tap_plain', 'mqtt_emit.publish(text,text,integer)', 'EXECUTE'),
+          'publish(text) is not granted to PUBLIC');
+SELECT ok(NOT has_function_privilege('tap_plain', 'mqtt_emit.publish(text,jsonb,integer)', 'EXECUTE'),
+          'publish(jsonb) is not granted to PUBLIC');
+SELECT ok(NOT has_table_privilege('tap_plain', 'mqtt_emit.outbox', 'SELECT'), 'outbox is not readable by PUBLIC');
+SELECT ok(NOT has_table_privilege('tap_plain', 'mqtt_emit.dead_letters', 'SELECT'), 'dead_letters is not readable by PUBLIC');
+SELECT ok(NOT has_table_privilege('tap_plain', 'mqtt_emit.stats', 'SELECT'), 'stats is not readable by PUBLIC');
+SELECT ok(has_table_privilege('pg_monitor', 'mqtt_emit.stats', 'SELECT'), 'stats is readable by pg_monitor');
+SELECT ok(has_function_privilege('tap_plain', 'mqtt_emit.listen(text,regprocedure,boolean,boolean,jsonb,text[])', 'EXECUTE'),
+          'listen is callable by any role (it runs as the caller)');
+SELECT ok((SELECT relrowsecurity FROM pg_class WHERE oid = 'mqtt_emit.listeners'::regclass),
+          'row security on mqtt_emit.listeners');
+
+-- errors with their SQLSTATEs
+CREATE TABLE tap_t (id int PRIMARY KEY, secret text);
+CREATE VIEW tap_v AS SELECT 1 AS x;
+CREATE FUNCTION tap_listener(e mqtt_emit.event) RETURNS void LANGUAGE sql AS $$ SELECT $$;
+CREATE FUNCTION tap_not_listener(x int) RETURNS void LANGUAGE sql AS $$ SELECT $$;
+SELECT throws_ok($$SELECT mqtt_emit.watch('tap_v')$$, '42809');
+SELECT throws_ok($$SELECT mqtt_emit.watch('tap_t', operations => '{truncate}')$$, '22023');
+SELECT throws_ok($$SELECT mqtt_emit.watch('tap_t', columns => '{nope}')$$, '42703');
+SELECT throws_ok($$SELECT mqtt_emit.unwatch('tap_t')$$, '42704');
+SELECT lives_ok($$SELECT mqtt_emit.watch('tap_t', exclude_columns => '{secret}')$$, 'owner can watch');
+SELECT is((SELECT exclude_columns FROM mqtt_emit.watched_tables WHERE table_name = 'tap_t'::regclass),
+          ARRAY['secret'], 'watched_tables shows the exclusion');
+SELECT throws_ok($$SELECT mqtt_emit.listen('tap', 'tap_not_listener(int)')$$, '42P13');
+SELECT throws_ok($$SELECT mqtt_emit.listen('tap', 'tap_listener(mqtt_emit.event)', remote_only => true)$$, '22023');
+SELECT throws_ok($$SELECT mqtt_emit.listen('tap', 'tap_listener(mqtt_emit.event)', filter => '"x"')$$, '22023');
+SELECT throws_ok($$SELECT mqtt_emit.unlisten(-42)$$, '42704');
+SELECT throws_ok($$SELECT mqtt_emit.publish('a/#', 'x')$$, '22023');
+
+GRANT ALL ON tap_t TO tap_plain;
+SET LOCAL ROLE tap_plain;
+SELECT throws_ok($$SELECT mqtt_emit.watch('tap_t')$$, '42501');
+SELECT throws_ok($$SELECT mqtt_emit.publish('a/b', 'x')$$, '42501');
+RESET ROLE;
+
+SELECT * FROM finish();
+ROLLBACK;
