@@ -479,6 +479,23 @@ SIGKILL by PID (a crash, not a clean shutdown).
 
 =item ->is_running
 
+=item ->log_position
+
+Current size of the log file: pass it as C<$offset> below to look only at
+what is logged from now on.
+
+=item ->wait_for_log($regex, $timeout_s, $offset = 0)
+
+Polls the broker's log (from byte C<$offset>) until it matches; true if it did.
+
+=item ->wait_for_subscription($client_id, $filter, $timeout_s, $offset = 0)
+
+Waits until the broker logged a SUBSCRIBE of C<$filter> by C<$client_id>,
+e.g. a node's subscriber,
+C<< $b->wait_for_subscription($node->{mqtt_emit}{client_id} . '-subscriber', topic_prefix() . '/t/#') >>.
+Use it before publishing events a remote node must receive: the node's
+listener registration only asks its worker to subscribe.
+
 =back
 
 =cut
@@ -567,6 +584,36 @@ sub is_running
 {
 	my ($self) = @_;
 	return MqttEmitTest::_child_alive($self->{pid});
+}
+
+sub log_position
+{
+	my ($self) = @_;
+	return -s $self->{log_file} // 0;
+}
+
+sub wait_for_log
+{
+	my ($self, $regex, $timeout, $offset) = @_;
+	$offset //= 0;
+	return MqttEmitTest::poll_until(
+		sub {
+			open my $fh, '<', $self->{log_file} or return 0;
+			seek $fh, $offset, 0;
+			local $/;
+			my $text = <$fh> // '';
+			close $fh;
+			return $text =~ $regex ? 1 : 0;
+		},
+		$timeout);
+}
+
+sub wait_for_subscription
+{
+	my ($self, $client_id, $filter, $timeout, $offset) = @_;
+	# mosquitto logs "<time>: <client id> <qos> <filter>" for each SUBSCRIBE
+	return $self->wait_for_log(qr/^\S+: \Q$client_id\E \d+ \Q$filter\E$/m,
+		$timeout, $offset);
 }
 
 sub start
@@ -677,7 +724,7 @@ returns once mosquitto_sub has reconnected and subscribed again. True if so.
 
 Stops mosquitto_sub (by PID). ->messages still works afterwards.
 
-=item ->pid, ->file (raw output), ->filters, ->probe_topic
+=item ->pid, ->client_id, ->file (raw output), ->filters, ->probe_topic
 
 =back
 
@@ -716,6 +763,7 @@ sub _new
 }
 
 sub pid         { return $_[0]->{pid}; }
+sub client_id   { return $_[0]->{client_id}; }
 sub file        { return $_[0]->{file}; }
 sub filters     { return @{ $_[0]->{filters} }; }
 sub probe_topic { return $_[0]->{probe_topic}; }

@@ -39,8 +39,13 @@ like(slurp_file($broker2->conf_file), qr/^max_packet_size 100000$/m,
 	'extra broker config');
 
 # Subscriber.
+my $logpos = $broker->log_position;
 my $sub = start_subscriber($broker, "$prefix/harness/#");
 ok($sub->pid, 'subscriber started');
+ok($broker->wait_for_subscription($sub->client_id, "$prefix/harness/#", 10, $logpos),
+	'broker log shows the subscription');
+ok(!$broker->wait_for_subscription($sub->client_id, "$prefix/nothing/#", 0.2),
+	'and not one that was not made');
 is($sub->count, 0, 'probes are not messages');
 
 ok(mqtt_pub($broker, "$prefix/harness/a", '{"id":1}'), 'publish a');
