@@ -17,9 +17,11 @@ PGFILEDESC = "pg_mqtt_emit - row changes as MQTT events"
 
 REGRESS = setup watch capture listen outbox drop
 REGRESS_OPTS = --temp-config=test/regress.conf --temp-instance=./tmp_check
+ISOLATION = commit_order
+ISOLATION_OPTS = --temp-config=test/regress.conf --temp-instance=./tmp_check_iso
 
 SHLIB_LINK += -lpaho-mqtt3as -lpthread
-EXTRA_CLEAN = tmp_check results regression.diffs regression.out
+EXTRA_CLEAN = tmp_check tmp_check_iso results output_iso regression.diffs regression.out
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
