@@ -56,7 +56,13 @@ pm_stop_pid() {
 	fi
 	wait "$pid" 2>/dev/null || true
 }
-pm_pid_gone() { ! kill -0 "$1" 2>/dev/null || [[ "$(ps -o stat= -p "$1" 2>/dev/null)" == Z* ]]; }
+# pm_pid_gone PID: true if PID has exited (zombies included; no procps needed)
+pm_pid_gone() {
+	kill -0 "$1" 2>/dev/null || return 0
+	local state
+	state="$(sed -E 's/.*\) ([A-Za-z]).*/\1/' "/proc/$1/stat" 2>/dev/null || true)"
+	[[ -z "$state" || "$state" == Z ]]
+}
 
 # pm_stop_pgdata DIR: stop the postmaster of DIR (pg_ctl reads its PID from
 # postmaster.pid), immediate mode: this is cleanup, not a test.
