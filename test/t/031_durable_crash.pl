@@ -1,0 +1,390 @@
+#!/usr/bin/perl
+#
+# 031_durable_crash.pl: mqtt_emit.delivery = durable across a crash
+# (DESIGN.md section 6: "PostgreSQL crash / immediate shutdown: in durable
+# mode ... nothing committed is lost"; "transaction rolls back: nothing
+# published").
+#
+#   1. With the broker stopped, a mix of work is committed and rolled back:
+#      single-row commits, multi-row commits, whole-transaction rollbacks,
+#      transactions aborted by an error, savepoints rolled back (also nested)
+#      inside committed transactions, exception blocks, and commits by an
+#      ordinary role.  The outbox must then hold exactly the committed events
+#      (written by the committing transactions themselves) and none of the
+#      rolled-back ones.
+#   2. pg_ctl stop -m immediate (a crash: no shutdown work at all), broker and
+#      node started again: every committed event arrives, in commit order, and
+#      no rolled-back one ever does.
+#   3. A crash while the worker is publishing (broker up): the same.
+#   4. The outbox is not readable (nor writable) by an ordinary role, nor by a
+#      pg_monitor member; an ordinary role cannot switch delivery back to
+#      memory.
+#
+# The subscriber keeps a clean session: the node is down while the broker
+# restarts, and it is started only after the subscriber has subscribed again
+# (wait_ready), so nothing can be published before the subscription is live.
+use strict;
+use warnings;
+
+use JSON::PP ();
+use MqttEmitTest;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $T     = 120;
+my $MODEL = 'durable';
+my $JSON  = JSON::PP->new->utf8;
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+sub stats
+{
+	my ($node) = @_;
+	my ($rc, $out) =
+	  $node->psql('postgres', 'SELECT row_to_json(s) FROM mqtt_emit.stats s');
+	return undef if $rc != 0 || !defined $out || $out eq '';
+	return $JSON->decode($out);
+}
+
+sub arrived_ids
+{
+	my ($sub, $model) = @_;
+	my $re = qr{^\Q${\ topic_prefix()}\E/\Q$model\E/create$};
+	my @ids;
+	for my $m ($sub->messages)
+	{
+		next unless $m->[0] =~ $re;
+		my $p = eval { $JSON->decode($m->[1]) };
+		push @ids, (ref $p eq 'HASH' && ref $p->{result} eq 'HASH')
+		  ? $p->{result}{id} // '?' : '?';
+	}
+	return @ids;
+}
+
+sub ranges
+{
+	my @n = sort { $a <=> $b } grep { /^-?\d+$/ } @_;
+	my @out;
+	while (@n)
+	{
+		my $s = shift @n;
+		my $e = $s;
+		$e = shift @n while @n && $n[0] == $e + 1;
+		push @out, $s == $e ? $s : "$s-$e";
+	}
+	my $txt = join ', ', @out;
+	return length $txt > 400 ? substr($txt, 0, 400) . ' ...' : $txt;
+}
+
+sub tally
+{
+	my ($label, $arrived, $expected, $forbidden) = @_;
+	my %pos = map { $expected->[$_] => $_ } 0 .. $#$expected;
+	my %bad = map { $_ => 1 } @{ $forbidden // [] };
+	my (%seen, @first, @unexpected, @forbidden_seen);
+	my $dups = 0;
+	for my $id (@$arrived)
+	{
+		if ($seen{$id}++) { $dups++; next; }
+		if (exists $pos{$id}) { push @first, $id; }
+		else                  { push @unexpected, $id; }
+		push @forbidden_seen, $id if $bad{$id};
+	}
+	my @missing = grep { !$seen{$_} } @$expected;
+	my $disorder = 0;
+	for my $i (1 .. $#first)
+	{
+		$disorder++ if $pos{ $first[$i] } < $pos{ $first[ $i - 1 ] };
+	}
+	my %r = (
+		sent       => scalar @$expected,
+		received   => scalar @$arrived,
+		distinct   => scalar keys %seen,
+		missing    => scalar @missing,
+		duplicates => $dups,
+		unexpected => scalar @unexpected,
+		forbidden  => scalar @forbidden_seen,
+		disorder   => $disorder);
+	note sprintf(
+		'%s: sent %d, received %d (distinct %d), missing %d, duplicates %d, '
+		  . 'unexpected %d, rolled back seen %d, out of commit order %d',
+		$label, @r{qw(sent received distinct missing duplicates unexpected forbidden disorder)});
+	note "$label: missing ids: " . ranges(@missing) if @missing;
+	note "$label: unexpected ids: " . ranges(@unexpected) if @unexpected;
+	note "$label: rolled-back ids seen: " . ranges(@forbidden_seen)
+	  if @forbidden_seen;
+	return \%r;
+}
+
+# Runs $sql (a psql script) as $user; returns the SQLSTATE of the first
+# error, or '' when it succeeded.
+sub sqlstate_as
+{
+	my ($node, $user, $sql) = @_;
+	my ($rc, $out, $err) = $node->psql('postgres', "\\set VERBOSITY verbose\n$sql",
+		extra_params => [ '-U', $user ]);
+	return '' if $rc == 0;
+	return $err =~ /ERROR:\s+([0-9A-Z]{5}):/ ? $1 : "rc $rc: $err";
+}
+
+# The result.id of every row in the outbox (superuser view).
+sub outbox_ids
+{
+	my ($node) = @_;
+	return split /\n/, $node->safe_psql('postgres',
+		"SELECT payload::jsonb #>> '{result,id}' FROM mqtt_emit.outbox ORDER BY id");
+}
+
+# ---------------------------------------------------------------------------
+# setup
+# ---------------------------------------------------------------------------
+
+my $broker = start_broker();
+my $node   = new_node(
+	'durable',
+	broker                    => $broker,
+	'mqtt_emit.delivery'      => 'durable',
+	'mqtt_emit.reconnect_min' => '100ms',
+	'mqtt_emit.reconnect_max' => '1s');
+$node->safe_psql(
+	'postgres', qq{
+	CREATE EXTENSION pg_mqtt_emit;
+	CREATE TABLE ev (id int PRIMARY KEY, v text NOT NULL);
+	SELECT mqtt_emit.watch('ev', model => '$MODEL');
+	CREATE ROLE app LOGIN;
+	GRANT SELECT, INSERT ON ev TO app;
+	CREATE ROLE mon LOGIN IN ROLE pg_monitor;
+});
+is($node->safe_psql('postgres', 'SHOW mqtt_emit.delivery'), 'durable',
+	'mqtt_emit.delivery = durable');
+ok(poll_until(sub { my $s = stats($node); $s && $s->{connected} }, $T),
+	'worker connected to the broker');
+my $sub = start_subscriber($broker, topic_prefix() . "/$MODEL/#");
+
+# one event end to end while everything is up
+$node->safe_psql('postgres', "INSERT INTO ev VALUES (0, 'up')");
+ok(poll_until(sub { grep { $_ eq '0' } arrived_ids($sub, $MODEL) }, $T),
+	'an event arrives while the broker is up (durable mode)');
+ok( poll_until(
+		sub { $node->safe_psql('postgres', 'SELECT count(*) FROM mqtt_emit.outbox') eq '0' },
+		$T),
+	'its outbox row is deleted once the broker acknowledged it');
+
+# ---------------------------------------------------------------------------
+# 4. privileges (checked first, with the broker up)
+# ---------------------------------------------------------------------------
+
+is(sqlstate_as($node, 'app', 'SELECT count(*) FROM mqtt_emit.outbox'),
+	'42501', 'an ordinary role cannot read mqtt_emit.outbox');
+is(sqlstate_as($node, 'app', 'SELECT id FROM mqtt_emit.outbox LIMIT 1'),
+	'42501', 'nor select its ids');
+is(sqlstate_as($node, 'app', 'DELETE FROM mqtt_emit.outbox'),
+	'42501', 'nor delete from it');
+is(sqlstate_as($node, 'app', "UPDATE mqtt_emit.outbox SET payload = 'x'"),
+	'42501', 'nor update it');
+is( sqlstate_as(
+		$node, 'app',
+		"INSERT INTO mqtt_emit.outbox (kind, flags, op, qos, model, payload) VALUES (1, 1, 0, 1, 'x', '{}')"),
+	'42501',
+	'nor insert into it');
+is(sqlstate_as($node, 'app', 'TRUNCATE mqtt_emit.outbox'),
+	'42501', 'nor truncate it');
+is(sqlstate_as($node, 'app', "SELECT nextval('mqtt_emit.outbox_id_seq')"),
+	'42501', 'nor use its sequence');
+is(sqlstate_as($node, 'app', 'SELECT count(*) FROM mqtt_emit.dead_letters'),
+	'42501', 'an ordinary role cannot read mqtt_emit.dead_letters');
+is(sqlstate_as($node, 'app', 'SET mqtt_emit.delivery = memory'),
+	'42501', 'an ordinary role cannot switch delivery to memory');
+is(sqlstate_as($node, 'mon', 'SELECT count(*) FROM mqtt_emit.outbox'),
+	'42501', 'a pg_monitor member cannot read mqtt_emit.outbox either');
+is(sqlstate_as($node, 'mon', 'SELECT in_outbox FROM mqtt_emit.stats'),
+	'', 'a pg_monitor member reads mqtt_emit.stats');
+
+# ---------------------------------------------------------------------------
+# 1. work committed and rolled back while the broker is down
+# ---------------------------------------------------------------------------
+
+$broker->stop;
+ok(poll_until(sub { my $s = stats($node); $s && !$s->{connected} }, $T),
+	'stats.connected turns false when the broker stops');
+
+my @committed;    # ids, in commit order
+my @rolledback;   # ids that must never be published
+
+# a) 1000 single-row commits from one session
+$node->safe_psql('postgres',
+	q{DO $$ BEGIN FOR i IN 1..1000 LOOP INSERT INTO ev VALUES (i, 'single'); COMMIT; END LOOP; END $$});
+push @committed, 1 .. 1000;
+
+# b) 200 whole-transaction rollbacks
+$node->safe_psql('postgres',
+	q{DO $$ BEGIN FOR i IN 100001..100200 LOOP INSERT INTO ev VALUES (i, 'rolled back'); ROLLBACK; END LOOP; END $$});
+push @rolledback, 100001 .. 100200;
+
+# c) savepoints: 100 committed transactions, each with a rolled-back
+#    savepoint, a nested savepoint rolled back inside a released one, and a
+#    PL/pgSQL exception block (a subtransaction that aborts)
+{
+	my $script = '';
+	for my $k (0 .. 99)
+	{
+		my ($a, $b, $c) = (1001 + 3 * $k, 1002 + 3 * $k, 1003 + 3 * $k);
+		my ($r1, $r2, $r3) = (200001 + 3 * $k, 200002 + 3 * $k, 200003 + 3 * $k);
+		$script .= <<"SQL";
+BEGIN;
+INSERT INTO ev VALUES ($a, 'kept before savepoint');
+SAVEPOINT s1;
+INSERT INTO ev VALUES ($r1, 'rolled back to s1');
+ROLLBACK TO SAVEPOINT s1;
+SAVEPOINT outer_sp;
+INSERT INTO ev VALUES ($b, 'kept in released savepoint');
+SAVEPOINT inner_sp;
+INSERT INTO ev VALUES ($r2, 'rolled back to inner_sp');
+ROLLBACK TO SAVEPOINT inner_sp;
+RELEASE SAVEPOINT outer_sp;
+DO \$\$ BEGIN INSERT INTO ev VALUES ($r3, 'exception block'); RAISE EXCEPTION 'undo'; EXCEPTION WHEN raise_exception THEN NULL; END \$\$;
+INSERT INTO ev VALUES ($c, 'kept after savepoints');
+COMMIT;
+SQL
+		push @committed,  $a,  $b,  $c;
+		push @rolledback, $r1, $r2, $r3;
+	}
+	$node->safe_psql('postgres', $script);
+}
+
+# d) 50 transactions aborted by an error after inserting a row (a duplicate
+#    key); psql goes on after each (ON_ERROR_STOP off)
+{
+	my $script = '';
+	for my $k (0 .. 49)
+	{
+		my $r = 300001 + $k;
+		$script .= "BEGIN;\nINSERT INTO ev VALUES ($r, 'aborted by error');\n"
+		  . "INSERT INTO ev VALUES (1, 'duplicate');\nCOMMIT;\n";
+		push @rolledback, $r;
+	}
+	my ($rc, $out, $err) = $node->psql('postgres', $script, on_error_stop => 0);
+	my $n = () = $err =~ /duplicate key value/g;
+	is($n, 50, '50 transactions failed on a duplicate key');
+}
+
+# e) 5 multi-row commits of 100 rows
+$node->safe_psql('postgres',
+	q{DO $$ BEGIN FOR b IN 0..4 LOOP INSERT INTO ev SELECT g, 'multi' FROM generate_series(2001 + 100 * b, 2100 + 100 * b) g; COMMIT; END LOOP; END $$});
+push @committed, 2001 .. 2500;
+
+# f) an ordinary role commits 50 rows (and rolls back 10)
+{
+	my ($rc, $out, $err) = $node->psql(
+		'postgres',
+		q{DO $$ BEGIN FOR i IN 3001..3050 LOOP INSERT INTO ev VALUES (i, 'app'); COMMIT; END LOOP;
+		             FOR i IN 400001..400010 LOOP INSERT INTO ev VALUES (i, 'app rolled back'); ROLLBACK; END LOOP; END $$},
+		extra_params => [ '-U', 'app' ]);
+	is($rc, 0, 'an ordinary role commits in durable mode while the broker is down')
+	  or diag($err);
+	push @committed,  3001 .. 3050;
+	push @rolledback, 400001 .. 400010;
+}
+
+my $ncommitted = scalar @committed;
+is( $node->safe_psql('postgres', 'SELECT string_agg(id::text, \',\' ORDER BY id) FROM ev WHERE id > 0'),
+	join(',', sort { $a <=> $b } @committed),
+	"the table holds exactly the $ncommitted committed rows");
+
+my @in_outbox = outbox_ids($node);
+my %rb        = map { $_ => 1 } @rolledback;
+is(scalar @in_outbox, $ncommitted,
+	"the outbox holds exactly $ncommitted rows, one per committed event");
+is_deeply(\@in_outbox, \@committed,
+	'the outbox holds the committed events in commit order');
+is(scalar(grep { $rb{$_} } @in_outbox), 0,
+	'no rolled-back event is in the outbox');
+my $s = stats($node);
+is($s->{in_outbox}, $ncommitted, "stats.in_outbox = $ncommitted");
+is($s->{queued},    0,           'nothing waits in the shared-memory queue in durable mode');
+is(scalar(my @a = arrived_ids($sub, $MODEL)), 1,
+	'nothing arrived during the outage (sanity: the broker is really down)');
+
+# ---------------------------------------------------------------------------
+# 2. crash (immediate shutdown), then broker and node back
+# ---------------------------------------------------------------------------
+
+$node->stop('immediate');
+my $port = $broker->port;
+$broker->start;
+is($broker->port, $port, 'broker back on the same port');
+ok($sub->wait_ready($T), 'subscriber subscribed again before the node starts');
+$node->start;
+
+my @expected = (0, @committed);
+ok( poll_until(
+		sub {
+			my %h = map { $_ => 1 } arrived_ids($sub, $MODEL);
+			scalar(grep { $h{$_} } @expected) == @expected;
+		},
+		$T, 0.5),
+	"all $ncommitted events committed before the crash arrive after it");
+ok( poll_until(
+		sub {
+			my $st = stats($node);
+			$st && $st->{connected} && $st->{in_outbox} == 0;
+		},
+		$T),
+	'stats.in_outbox returns to 0');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM mqtt_emit.outbox'),
+	0, 'mqtt_emit.outbox is empty');
+
+my $marker = 900001;
+$node->safe_psql('postgres', "INSERT INTO ev VALUES ($marker, 'marker')");
+ok(poll_until(sub { grep { $_ eq $marker } arrived_ids($sub, $MODEL) }, $T),
+	'marker after the crash arrives');
+
+my @arrived = grep { $_ ne $marker } arrived_ids($sub, $MODEL);
+my $r = tally('durable crash', \@arrived, \@expected, \@rolledback);
+is($r->{missing},   0, 'no committed event is missing after the crash');
+is($r->{forbidden}, 0, 'no rolled-back event was ever published');
+is($r->{unexpected}, 0, 'nothing but committed events arrived');
+is($r->{disorder},  0, 'events arrived in commit order');
+note "duplicates after the crash: $r->{duplicates} (allowed)";
+
+# ---------------------------------------------------------------------------
+# 3. crash while the worker is publishing (broker up)
+# ---------------------------------------------------------------------------
+
+my $cursor = scalar(my @all = arrived_ids($sub, $MODEL));
+$node->safe_psql('postgres',
+	q{DO $$ BEGIN FOR i IN 5001..7000 LOOP INSERT INTO ev VALUES (i, 'burst'); COMMIT; END LOOP; END $$});
+my $at_crash = stats($node);
+$node->stop('immediate');
+my @burst = (5001 .. 7000);
+my $before_crash = scalar(my @b = grep { $_ >= 5001 && $_ <= 7000 } arrived_ids($sub, $MODEL));
+note sprintf('crash during publishing: %d of %d burst events had arrived, %s in the outbox at the crash',
+	$before_crash, scalar @burst, $at_crash ? $at_crash->{in_outbox} : '?');
+$node->start;
+ok( poll_until(
+		sub {
+			my %h = map { $_ => 1 } arrived_ids($sub, $MODEL);
+			scalar(grep { $h{$_} } @burst) == @burst;
+		},
+		$T, 0.5),
+	'every event of a burst interrupted by a crash arrives');
+ok( poll_until(
+		sub { my $st = stats($node); $st && $st->{in_outbox} == 0 },
+		$T),
+	'stats.in_outbox returns to 0 after the second crash');
+$marker = 900002;
+$node->safe_psql('postgres', "INSERT INTO ev VALUES ($marker, 'marker')");
+ok(poll_until(sub { grep { $_ eq $marker } arrived_ids($sub, $MODEL) }, $T),
+	'marker after the second crash arrives');
+@all = arrived_ids($sub, $MODEL);
+@arrived = grep { $_ ne $marker } @all[ $cursor .. $#all ];
+$r = tally('crash while publishing', \@arrived, \@burst, \@rolledback);
+is($r->{missing},    0, 'no event of the burst is missing');
+is($r->{unexpected}, 0, 'nothing else arrived');
+is($r->{disorder},   0, 'burst events arrived in commit order');
+note "duplicates after the second crash: $r->{duplicates} (allowed)";
+
+$sub->stop;
+done_testing();
