@@ -111,8 +111,13 @@ stop_tap_leftovers() {
 		if [[ -f "$pd/postmaster.pid" ]]; then pm_stop_pgdata "$pd"; fi
 	done
 	if [[ -f "$dir/pids" ]]; then
+		local args
 		while read -r pid cmd; do
-			if [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$cmd" ]]; then
+			# still ours? same program, our uid, and our config path or probe
+			# topic in its arguments (guards against a reused PID)
+			[[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$cmd" && -O "/proc/$pid" ]] || continue
+			args="$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)"
+			if [[ "$args" == *"$WORK/"* || "$args" == *mqtt_emit_test/probe/* ]]; then
 				kill -TERM "$pid" 2>/dev/null || true
 			fi
 		done <"$dir/pids"
