@@ -397,7 +397,10 @@ them) in the background, writing every message to a file, and returns an
 MqttEmitTest::Subscriber once the subscription is live: it also subscribes to
 a private probe topic and publishes probes there until one comes back. Probe
 messages never appear in messages(). Options: C<qos> (subscription QoS,
-default 1), C<client_id>, C<timeout>. After a broker restart mosquitto_sub
+default 1), C<client_id>, C<clean_session> (0: a persistent session,
+mosquitto_sub C<-c>; the broker keeps QoS 1 messages for it while it is
+disconnected), C<extra_args> (array ref of more mosquitto_sub arguments),
+C<timeout>. After a broker restart mosquitto_sub
 reconnects (about a second later) and subscribes again; messages published
 in between are lost (clean session).
 
@@ -752,6 +755,8 @@ sub _new
 		filters => (ref $filter ? [@$filter] : [$filter]),
 		qos     => $opts{qos} // 1,
 		client_id => $opts{client_id} // "sub-$$-$sub_counter-" . int(rand(1e9)),
+		clean_session => $opts{clean_session} // 1,
+		extra_args    => [ @{ $opts{extra_args} // [] } ],
 		timeout => $opts{timeout} // MqttEmitTest::default_timeout(),
 		file    => "$dir/messages.out",
 		errfile => "$dir/mosquitto_sub.err",
@@ -776,7 +781,10 @@ sub _start
 	# so that it may contain anything but a newline.
 	my @cmd = (
 		'mosquitto_sub', '-h', '127.0.0.1', '-p', $self->{port},
-		'-i', $self->{client_id}, '-q', $self->{qos},
+		'-i', $self->{client_id},
+		($self->{clean_session} ? () : ('-c')),
+		'-q', $self->{qos},
+		@{ $self->{extra_args} },
 		'-F', '%x\t%q\t%r\t%t',
 		(map { ('-t', $_) } @{ $self->{filters} }),
 		'-t', $self->{probe_topic});

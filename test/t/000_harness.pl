@@ -87,6 +87,16 @@ ok(!$broker->pid, 'broker killed');
 $broker->start;
 is($broker->port, $port, 'broker back after a crash, same port');
 
+# A persistent session gets what was published while it was away.
+my $psub = start_subscriber($broker, "$prefix/persist/#",
+	clean_session => 0, client_id => "persist-$$");
+$psub->stop;
+ok(mqtt_pub($broker, "$prefix/persist/a", 'while away'), 'publish while away');
+$psub = start_subscriber($broker, "$prefix/persist/#",
+	clean_session => 0, client_id => "persist-$$");
+ok($psub->wait_for_count(1, 30), 'persistent session: queued message delivered');
+$psub->stop;
+
 my $sub_pid = $sub->pid;
 $sub->stop;
 ok(!$sub->pid && !kill(0, $sub_pid), 'subscriber stopped');
