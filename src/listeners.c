@@ -52,6 +52,7 @@
 #include "funcapi.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
+#include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
@@ -347,6 +348,12 @@ call_listener(Listener *l, Datum event, const EventData *ev)
 		(void) set_config_option("search_path", l->search_path,
 								 PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_SAVE, true, 0, false);
+		/* the role may have lost the right since it registered */
+		if (pg_proc_aclcheck(l->fn, l->owner, ACL_EXECUTE) != ACLCHECK_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("permission denied for function %s", l->fn_name),
+					 errdetail("The listener runs as the role that registered it, which may no longer execute it.")));
 		if (mqtt_emit_listener_timeout > 0)
 			enable_timeout_after(STATEMENT_TIMEOUT, mqtt_emit_listener_timeout);
 
@@ -846,11 +853,17 @@ me_listeners_handle_remote(MeIncoming *m)
 	}
 	model = jbv_string(v);
 	ev.model = model;
-	if (tmodel_len != (int) strlen(model) ||
-		pg_strncasecmp(tmodel, model, tmodel_len) != 0)
 	{
-		reject(m, "\"model\" does not match the topic");
-		return;
+		/* the topic level is the model with "/", "+", "#", "%" encoded */
+		StringInfoData enc;
+
+		initStringInfo(&enc);
+		me_append_topic_model(&enc, model, strlen(model), false);
+		if (tmodel_len != enc.len || pg_strncasecmp(tmodel, enc.data, tmodel_len) != 0)
+		{
+			reject(m, "\"model\" does not match the topic");
+			return;
+		}
 	}
 
 	v = get_field(jb, "operation");
@@ -881,7 +894,8 @@ me_listeners_handle_remote(MeIncoming *m)
 		ev.origin = jbv_string(v);
 
 	v = get_field(jb, "args");
-	if (v != NULL && v->type != jbvBinary && v->type != jbvNull)
+	if (v != NULL && v->type != jbvNull &&
+		!(v->type == jbvBinary && JsonContainerIsObject(v->val.binary.data)))
 	{
 		reject(m, "\"args\" is not an object");
 		return;
@@ -889,7 +903,8 @@ me_listeners_handle_remote(MeIncoming *m)
 	ev.args = jbv_jsonb(v);
 
 	v = get_field(jb, "result");
-	if (v != NULL && v->type != jbvBinary && v->type != jbvNull)
+	if (v != NULL && v->type != jbvNull &&
+		!(v->type == jbvBinary && JsonContainerIsObject(v->val.binary.data)))
 	{
 		reject(m, "\"result\" is not an object");
 		return;
@@ -897,7 +912,8 @@ me_listeners_handle_remote(MeIncoming *m)
 	ev.result = jbv_jsonb(v);
 
 	v = get_field(jb, "old");
-	if (v != NULL && v->type != jbvBinary && v->type != jbvNull)
+	if (v != NULL && v->type != jbvNull &&
+		!(v->type == jbvBinary && JsonContainerIsObject(v->val.binary.data)))
 	{
 		reject(m, "\"old\" is not an object");
 		return;
