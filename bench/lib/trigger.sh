@@ -1,0 +1,124 @@
+# bench/lib/trigger.sh: trigger overhead (DESIGN.md 9, first three rows).
+#
+# pgbench, 2 clients (-j 2), prepared statements, a custom script of one
+# single-row INSERT (autocommit), into one table "bench_t" in four variants:
+#   unwatched   no trigger
+#   watched     mqtt_emit.watch('bench_t'), memory delivery, broker up
+#   notify      a PL/pgSQL AFTER ROW trigger doing
+#               pg_notify('ch', row_to_json(NEW)::text)
+#   durable     watched, with PGOPTIONS='-c mqtt_emit.delivery=durable'
+# Rounds are interleaved (each round runs the four variants, starting at a
+# different one), the table is truncated and a checkpoint taken before every
+# run, and the worker must be idle (queue and outbox empty) before each run.
+# Done with synchronous_commit = on (the default; fsync = on) and again with
+# synchronous_commit = off, where commits do not wait for the WAL flush and
+# the trigger's own cost shows more.
+
+TRIGGER_VARIANTS=(unwatched watched notify durable)
+
+trigger_setup_sql() {
+	local variant="$1"
+	cat <<-'SQL'
+		SET client_min_messages = warning;
+		DROP TRIGGER IF EXISTS bench_notify_trg ON bench_t;
+		SELECT mqtt_emit.unwatch('bench_t')
+		  FROM mqtt_emit.watched_tables WHERE table_name = 'bench_t'::regclass;
+	SQL
+	case "$variant" in
+		watched | durable) echo "SELECT mqtt_emit.watch('bench_t');" ;;
+		notify)
+			echo "CREATE TRIGGER bench_notify_trg AFTER INSERT ON bench_t FOR EACH ROW EXECUTE FUNCTION bench_notify();" ;;
+	esac
+	echo "TRUNCATE bench_t;"
+	echo "CHECKPOINT;"
+}
+
+# trigger_run VARIANT SYNC DURATION: prints the tps
+trigger_run() {
+	local variant="$1" sync="$2" dur="$3" opts out tps
+	trigger_setup_sql "$variant" | q a -f - >/dev/null
+	wait_idle a
+	opts="-c synchronous_commit=$sync"
+	[[ "$variant" == durable ]] && opts="$opts -c mqtt_emit.delivery=durable"
+	out="$(PGOPTIONS="$opts" pgb a -n -M prepared -c 2 -j 2 -T "$dur" -f "$WORK/trigger_insert.sql" 2>&1)" || {
+		echo "$out" >&2
+		echo NA
+		return
+	}
+	tps="$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out" | head -n1)"
+	echo "${tps:-NA}"
+}
+
+bench_trigger() {
+	local rounds dur_on dur_off
+	rounds="$(quick 3 1)"
+	dur_on="$(quick 15 5)"
+	dur_off="$(quick 10 5)"
+
+	start_cluster a \
+		"fsync = on" \
+		"mqtt_emit.queue_size = '256MB'" \
+		"max_wal_size = '8GB'" \
+		"checkpoint_timeout = '30min'"
+
+	q a <<-'SQL' >/dev/null
+		CREATE TABLE bench_t (
+		    id         bigserial PRIMARY KEY,
+		    account    int NOT NULL,
+		    name       text NOT NULL,
+		    email      text NOT NULL,
+		    amount     numeric(12,2) NOT NULL,
+		    status     text NOT NULL,
+		    created_at timestamptz NOT NULL DEFAULT now()
+		);
+		CREATE FUNCTION bench_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+		    PERFORM pg_notify('ch', row_to_json(NEW)::text);
+		    RETURN NULL;
+		END $$;
+	SQL
+	cat >"$WORK/trigger_insert.sql" <<-'SQL'
+		\set a random(1, 1000000)
+		INSERT INTO bench_t (account, name, email, amount, status) VALUES (:a, 'user ' || :a, 'user' || :a || '@example.com', :a / 100.0, 'active');
+	SQL
+
+	# one event, to show its size on the wire
+	trigger_setup_sql watched | q a -f - >/dev/null
+	start_sub trig "$TOPIC_PREFIX/bench_t/#" 1
+	q a -c "INSERT INTO bench_t (account, name, email, amount, status) VALUES (123456, 'user 123456', 'user123456@example.com', 1234.56, 'active')" >/dev/null
+	wait "$SUB_PID" || true
+	fig trigger_event_payload_bytes "$(kv "$WORK/sub.trig.out" avg_payload)"
+
+	local sync round i v tps dur
+	: >"$RESULTS/trigger_runs.tsv"
+	for sync in on off; do
+		if [[ "$sync" == on ]]; then dur="$dur_on"; else dur="$dur_off"; fi
+		for ((round = 1; round <= rounds; round++)); do
+			for ((i = 0; i < 4; i++)); do
+				v="${TRIGGER_VARIANTS[$(((i + round - 1) % 4))]}"
+				tps="$(trigger_run "$v" "$sync" "$dur")"
+				note "synchronous_commit=$sync round $round $v: $tps tps"
+				printf '%s\t%s\t%s\t%s\n' "$sync" "$round" "$v" "$tps" >>"$RESULTS/trigger_runs.tsv"
+			done
+		done
+	done
+	# leave the table unwatched
+	trigger_setup_sql unwatched | q a -f - >/dev/null
+	wait_idle a
+
+	local prefix u w n d
+	for sync in on off; do
+		if [[ "$sync" == on ]]; then prefix=trigger; else prefix=trigger_synccommit_off; fi
+		for v in "${TRIGGER_VARIANTS[@]}"; do
+			fig "${prefix}_tps_$v" "$(awk -F'\t' -v s="$sync" -v v="$v" '$1 == s && $3 == v { print $4 }' "$RESULTS/trigger_runs.tsv" | mean)"
+		done
+		u="$(awk -F'\t' -v s="$sync" '$1 == s && $3 == "unwatched" { print $4 }' "$RESULTS/trigger_runs.tsv" | mean)"
+		w="$(awk -F'\t' -v s="$sync" '$1 == s && $3 == "watched" { print $4 }' "$RESULTS/trigger_runs.tsv" | mean)"
+		n="$(awk -F'\t' -v s="$sync" '$1 == s && $3 == "notify" { print $4 }' "$RESULTS/trigger_runs.tsv" | mean)"
+		d="$(awk -F'\t' -v s="$sync" '$1 == s && $3 == "durable" { print $4 }' "$RESULTS/trigger_runs.tsv" | mean)"
+		fig "${prefix}_ratio_watched_unwatched" "$(fmt 3 "$(calc "$w / $u")") (target >= 0.85)"
+		fig "${prefix}_ratio_watched_notify" "$(fmt 3 "$(calc "$w / $n")") (target >= 1.3)"
+		fig "${prefix}_ratio_durable_unwatched" "$(fmt 3 "$(calc "$d / $u")") (target >= 0.6)"
+	done
+	fig trigger_setup "pgbench -n -M prepared -c 2 -j 2, ${rounds} rounds x 4 variants, ${dur_on}s (synchronous_commit=on) / ${dur_off}s (off), fsync=on"
+}

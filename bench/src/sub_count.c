@@ -1,0 +1,216 @@
+/*
+ * sub_count.c: a paho MQTTAsync subscriber that counts messages, for
+ * bench/: it tells when the last of N expected messages arrived.
+ *
+ *   sub_count -u tcp://127.0.0.1:PORT -t FILTER -n EXPECTED [-q QOS]
+ *             [-r READY_FILE] [-i CLIENT_ID] [-T TIMEOUT_S]
+ *
+ * Subscribes (clean session), creates READY_FILE once the broker has
+ * acknowledged the subscription, then counts.  When EXPECTED messages have
+ * arrived, or TIMEOUT_S passed, it prints name=value lines: count, bytes,
+ * avg_payload, first_ns and last_ns (wall clock, CLOCK_REALTIME, at the
+ * first and the EXPECTED-th message) and exits (0 if all arrived).
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <pthread.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <MQTTAsync.h>
+
+#include "common.h"
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static int	connected = 0;
+static int	subscribed = 0;
+static int	failed = 0;
+static long expected = 0;
+static long count = 0;
+static long long bytes = 0;
+static int64_t first_ns = 0;
+static int64_t last_ns = 0;
+
+static void
+on_connect(void *context, MQTTAsync_successData *r)
+{
+	pthread_mutex_lock(&mu);
+	connected = 1;
+	pthread_cond_broadcast(&cv);
+	pthread_mutex_unlock(&mu);
+}
+
+static void
+on_failure(void *context, MQTTAsync_failureData *r)
+{
+	pthread_mutex_lock(&mu);
+	failed = 1;
+	pthread_cond_broadcast(&cv);
+	pthread_mutex_unlock(&mu);
+}
+
+static void
+on_subscribe(void *context, MQTTAsync_successData *r)
+{
+	pthread_mutex_lock(&mu);
+	subscribed = 1;
+	pthread_cond_broadcast(&cv);
+	pthread_mutex_unlock(&mu);
+}
+
+static void
+on_lost(void *context, char *cause)
+{
+	fprintf(stderr, "sub_count: connection lost: %s\n", cause ? cause : "?");
+	on_failure(context, NULL);
+}
+
+static int
+on_message(void *context, char *topic, int topicLen, MQTTAsync_message *m)
+{
+	int64_t		t = now_ns();
+
+	pthread_mutex_lock(&mu);
+	if (count == 0)
+		first_ns = t;
+	count++;
+	bytes += m->payloadlen;
+	if (count == expected)
+	{
+		last_ns = t;
+		pthread_cond_broadcast(&cv);
+	}
+	pthread_mutex_unlock(&mu);
+	MQTTAsync_freeMessage(&m);
+	MQTTAsync_free(topic);
+	return 1;
+}
+
+int
+main(int argc, char **argv)
+{
+	const char *url = NULL;
+	const char *filter = NULL;
+	const char *ready = NULL;
+	const char *cid = NULL;
+	char		cidbuf[64];
+	int			qos = 1;
+	int			timeout_s = 120;
+	int			opt;
+	int			rc;
+	MQTTAsync	client;
+	MQTTAsync_createOptions copts = MQTTAsync_createOptions_initializer;
+	MQTTAsync_connectOptions conn = MQTTAsync_connectOptions_initializer;
+	MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
+	struct timespec dl;
+	int			ok;
+
+	while ((opt = getopt(argc, argv, "u:t:n:q:r:i:T:")) != -1)
+	{
+		switch (opt)
+		{
+			case 'u': url = optarg; break;
+			case 't': filter = optarg; break;
+			case 'n': expected = atol(optarg); break;
+			case 'q': qos = atoi(optarg); break;
+			case 'r': ready = optarg; break;
+			case 'i': cid = optarg; break;
+			case 'T': timeout_s = atoi(optarg); break;
+			default:
+				fprintf(stderr, "usage: %s -u URL -t FILTER -n EXPECTED [-q QOS] [-r READY_FILE] [-i CLIENT_ID] [-T TIMEOUT_S]\n", argv[0]);
+				return 2;
+		}
+	}
+	if (url == NULL || filter == NULL || expected <= 0)
+	{
+		fprintf(stderr, "sub_count: -u, -t and a positive -n are required\n");
+		return 2;
+	}
+	if (cid == NULL)
+	{
+		snprintf(cidbuf, sizeof(cidbuf), "bench-sub-%d", (int) getpid());
+		cid = cidbuf;
+	}
+
+	copts.MQTTVersion = MQTTVERSION_3_1_1;
+	rc = MQTTAsync_createWithOptions(&client, url, cid, MQTTCLIENT_PERSISTENCE_NONE,
+									 NULL, &copts);
+	if (rc != MQTTASYNC_SUCCESS)
+	{
+		fprintf(stderr, "sub_count: create: %s\n", MQTTAsync_strerror(rc));
+		return 1;
+	}
+	MQTTAsync_setCallbacks(client, NULL, on_lost, on_message, NULL);
+
+	conn.keepAliveInterval = 30;
+	conn.cleansession = 1;
+	conn.maxInflight = 65535;
+	conn.onSuccess = on_connect;
+	conn.onFailure = on_failure;
+	conn.MQTTVersion = MQTTVERSION_3_1_1;
+	if ((rc = MQTTAsync_connect(client, &conn)) != MQTTASYNC_SUCCESS)
+	{
+		fprintf(stderr, "sub_count: connect: %s\n", MQTTAsync_strerror(rc));
+		return 1;
+	}
+	dl = deadline_ms(10000);
+	pthread_mutex_lock(&mu);
+	while (!connected && !failed)
+		if (pthread_cond_timedwait(&cv, &mu, &dl) == ETIMEDOUT)
+			break;
+	pthread_mutex_unlock(&mu);
+	if (!connected)
+	{
+		fprintf(stderr, "sub_count: could not connect to %s\n", url);
+		return 1;
+	}
+
+	ro.onSuccess = on_subscribe;
+	ro.onFailure = on_failure;
+	if ((rc = MQTTAsync_subscribe(client, filter, qos, &ro)) != MQTTASYNC_SUCCESS)
+	{
+		fprintf(stderr, "sub_count: subscribe: %s\n", MQTTAsync_strerror(rc));
+		return 1;
+	}
+	dl = deadline_ms(10000);
+	pthread_mutex_lock(&mu);
+	while (!subscribed && !failed)
+		if (pthread_cond_timedwait(&cv, &mu, &dl) == ETIMEDOUT)
+			break;
+	pthread_mutex_unlock(&mu);
+	if (!subscribed)
+	{
+		fprintf(stderr, "sub_count: subscription to %s not acknowledged\n", filter);
+		return 1;
+	}
+	if (ready)
+	{
+		FILE	   *f = fopen(ready, "w");
+
+		if (f)
+			fclose(f);
+	}
+
+	dl = deadline_ms((long) timeout_s * 1000);
+	pthread_mutex_lock(&mu);
+	while (count < expected && !failed)
+		if (pthread_cond_timedwait(&cv, &mu, &dl) == ETIMEDOUT)
+			break;
+	ok = (count >= expected);
+	printf("count=%ld\nexpected=%ld\nbytes=%lld\navg_payload=%.1f\nfirst_ns=%lld\nlast_ns=%lld\n",
+		   count, expected, bytes, count ? (double) bytes / count : 0.0,
+		   (long long) first_ns, (long long) last_ns);
+	pthread_mutex_unlock(&mu);
+	fflush(stdout);
+
+	{
+		MQTTAsync_disconnectOptions d = MQTTAsync_disconnectOptions_initializer;
+
+		d.timeout = 500;
+		MQTTAsync_disconnect(client, &d);
+		usleep(50000);
+	}
+	MQTTAsync_destroy(&client);
+	return ok ? 0 : 1;
+}
