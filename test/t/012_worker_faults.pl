@@ -11,6 +11,9 @@
 #   - pg_ctl stop -m fast: clean shutdown ("pg_mqtt_emit worker shutting
 #     down"), and events committed just before it are published after the
 #     next start
+#   - a transaction larger than the whole queue (64 kB) spills, in order
+#   - a message the broker refuses (over its max_packet_size) ends in
+#     mqtt_emit.dead_letters and does not hold back or reorder the others
 #   - pg_terminate_backend() of the worker: it comes back
 #
 # The subscriber on the first broker uses a persistent session (mosquitto_sub
@@ -22,6 +25,7 @@ use strict;
 use warnings;
 
 use File::Temp ();
+use IPC::Run ();
 use JSON::PP ();
 use MqttEmitTest;
 use PostgreSQL::Test::Utils;
@@ -72,7 +76,7 @@ my $node = new_node(
 	'mqtt_emit.reconnect_max'  => '1s');
 $node->safe_psql('postgres', q{
 	CREATE EXTENSION pg_mqtt_emit;
-	CREATE TABLE ev (id int PRIMARY KEY, phase text);
+	CREATE TABLE ev (id int PRIMARY KEY, phase text, pad text);
 	SELECT mqtt_emit.watch('ev');
 });
 
@@ -82,42 +86,55 @@ $sub->_start;
 
 # --- helpers ----------------------------------------------------------------
 
-# One value from the node, or undef while it does not answer (restarting).
+# One value from a node (default: the main one), or undef while it does not
+# answer (restarting).
 sub try_query
 {
-	my ($sql) = @_;
-	my ($rc, $out) = $node->psql('postgres', $sql);
+	my ($sql, $n) = @_;
+	my ($rc, $out) = ($n // $node)->psql('postgres', $sql);
 	return $rc == 0 ? $out : undef;
 }
 
 sub stat_of
 {
-	my ($col) = @_;
-	return try_query("SELECT $col FROM mqtt_emit.stats");
+	my ($col, $n) = @_;
+	return try_query("SELECT $col FROM mqtt_emit.stats", $n);
 }
 
 sub wait_connected
 {
-	my ($want) = @_;
-	return poll_until(sub { (stat_of('connected') // '') eq $want }, $TIMEOUT, 0.05);
+	my ($want, $n) = @_;
+	return poll_until(sub { (stat_of('connected', $n) // '') eq $want }, $TIMEOUT, 0.05);
 }
 
 my $next_id = 0;
 
-# Commit $n rows of a phase, $per rows per transaction (one psql call each);
-# returns the ids in commit order.
+# Commit $n rows of a phase, $per rows per transaction; returns the ids in
+# commit order.  All transactions go through one psql call, or one call each
+# with separate => 1 (to space them out).  node => another node, pad => bytes
+# of padding per row.
 sub commit_rows
 {
-	my ($phase, $n, $per) = @_;
-	my @ids;
+	my ($phase, $n, $per, %o) = @_;
+	my $pad = $o{pad} // 0;
+	my (@ids, @sql);
 	while (@ids < $n)
 	{
 		my $k = $n - @ids < $per ? $n - @ids : $per;
 		my ($from, $to) = ($next_id + 1, $next_id + $k);
-		$node->safe_psql('postgres',
-			"INSERT INTO ev SELECT g, '$phase' FROM generate_series($from, $to) g");
+		push @sql,
+		  "INSERT INTO ev SELECT g, '$phase', repeat('x', $pad) FROM generate_series($from, $to) g;\n";
 		push @ids, $from .. $to;
 		$next_id = $to;
+	}
+	my $n_node = $o{node} // $node;
+	if ($o{separate})
+	{
+		$n_node->safe_psql('postgres', $_) for @sql;
+	}
+	else
+	{
+		$n_node->safe_psql('postgres', join('', @sql));
 	}
 	return @ids;
 }
@@ -161,8 +178,11 @@ sub check_phase
 	note(sprintf('%s: sent %d, received %d, missing %d, duplicates %d',
 		$what, scalar @$ids, scalar @got, $missing, $dups));
 	is($missing, 0, "$what: no event missing");
-	is_deeply(\@first, $ids, "$what: events arrive in commit order")
-	  if @$subs == 1;
+	if (@$subs == 1)
+	{
+		is_deeply(\@first, $ids, "$what: events arrive in commit order")
+		  or diag("arrival order: @got");
+	}
 	return;
 }
 
@@ -228,6 +248,37 @@ ok($sub->wait_ready($TIMEOUT), 'subscriber reconnected');
 ok(wait_phase([$sub], 'outage', \@outage), 'events committed during the outage arrive');
 check_phase('broker outage', [$sub], 'outage', \@outage);
 
+# --- a writer that keeps committing across a broker restart ------------------
+
+# One session, one row per transaction (so commit order is id order), paced
+# so that it spans the restart.
+my @stream = ($next_id + 1 .. $next_id + 600);
+$next_id += 600;
+my $wsql = join '',
+  map { "INSERT INTO ev VALUES ($_, 'stream'); SELECT pg_sleep(0.005);\n" } @stream;
+my $wfile = "$PostgreSQL::Test::Utils::tmp_check/stream_$$.sql";
+PostgreSQL::Test::Utils::append_to_file($wfile, $wsql);
+my ($wout, $werr) = ('', '');
+my $writer = IPC::Run::start(
+	[ 'psql', '-XAtq', '-v', 'ON_ERROR_STOP=1', '-d', $node->connstr('postgres'), '-f', $wfile ],
+	'<', \undef, '>', \$wout, '2>', \$werr, IPC::Run::timeout($TIMEOUT));
+ok(poll_until(sub { scalar(() = arrived($sub, 'stream')) >= 50 }, $TIMEOUT, 0.05),
+	'stream: events flowing');
+$broker->stop;
+ok(wait_connected('f'), 'stream: broker stopped under load');
+my $at_stop = try_query(q{SELECT count(*) FROM ev WHERE phase = 'stream'}) // 0;
+ok( poll_until(
+		sub { (try_query(q{SELECT count(*) FROM ev WHERE phase = 'stream'}) // 0) >= $at_stop + 50 },
+		$TIMEOUT, 0.05),
+	'stream: commits go on while the broker is down');
+$broker->start;
+ok(wait_connected('t'), 'stream: connected again');
+ok($sub->wait_ready($TIMEOUT), 'stream: subscriber reconnected');
+ok(eval { $writer->finish; 1 } && $writer->result == 0, 'stream: every commit succeeded')
+  or diag($werr);
+ok(wait_phase([$sub], 'stream', \@stream), 'stream: all events arrive');
+check_phase('stream across a broker restart', [$sub], 'stream', \@stream);
+
 # --- broker away and the worker killed: the events still arrive -------------
 
 $broker->stop;
@@ -254,7 +305,8 @@ check_phase('broker away + kill -9', [$sub], 'outage2', \@outage2);
 
 # --- SIGHUP with a new broker_url --------------------------------------------
 
-my $broker2 = start_broker(name => 'second');
+# the second broker refuses packets over 20 kB (used at the end)
+my $broker2 = start_broker(name => 'second', extra_conf => ['max_packet_size 20000']);
 my $sub2    = start_subscriber($broker2, "$prefix/#");
 my @switch  = commit_rows('switch', 200, 50);
 $log_off = -s $node->logfile;
@@ -298,11 +350,62 @@ like($stoplog, qr/pg_mqtt_emit worker shutting down/,
 	'server log: pg_mqtt_emit worker shutting down');
 like($stoplog, qr/database system is shut down/, 'clean shutdown');
 ok(!kill(0, $wpid), 'the worker process is gone');
+# restart with the smallest queue (64 kB), for the overflow test below
+$node->append_conf('postgresql.conf', "mqtt_emit.queue_size = '64kB'");
 $node->start;
 ok(wait_connected('t'), 'worker connected after the start');
 ok(wait_phase([$sub2], 'before_stop', \@before_stop),
 	'events committed just before a fast shutdown are published');
 check_phase('fast shutdown', [$sub2], 'before_stop', \@before_stop);
+
+# --- a small queue, and a message the broker refuses ---------------------------
+
+# The node now has the smallest queue (64 kB) and is on the second broker,
+# which refuses packets over 20 kB.
+is($node->safe_psql('postgres', 'SELECT queue_capacity FROM mqtt_emit.stats'), 65536,
+	'queue of 64 kB');
+
+# transactions larger than the whole queue, between small ones
+my @spill;
+push @spill, commit_rows('spill', 10,  5);
+push @spill, commit_rows('spill', 600, 600, pad => 200);
+push @spill, commit_rows('spill', 10,  2);
+push @spill, commit_rows('spill', 600, 600, pad => 200);
+push @spill, commit_rows('spill', 10,  5);
+ok(wait_phase([$sub2], 'spill', \@spill), 'queue overflow: every event arrives');
+check_phase('queue overflow (64 kB queue, 1220 events)', [$sub2], 'spill', \@spill);
+note('node: ' . (try_query(
+	'SELECT format($$spilled %s, dropped %s, enqueued %s$$, spilled, dropped, enqueued) FROM mqtt_emit.stats',
+	$node) // '?'));
+
+# One event over the broker's maximum packet size, between ordinary ones
+# committed one per transaction while the worker reconnects: the broker
+# closes the connection whenever it gets the big one, and what the worker
+# sent behind it is lost with the connection.  Three rounds, since what is
+# in flight at each disconnection depends on timing.
+for my $round (1 .. 3)
+{
+	my $phase = "oversize$round";
+	my @ov = commit_rows($phase, 5, 1, separate => 1);
+	my ($huge) = commit_rows($phase, 1, 1, pad => 30000);
+	push @ov, commit_rows($phase, 50, 1);
+	push @ov, commit_rows($phase, 5, 1, separate => 1);
+	ok(wait_phase([$sub2], $phase, \@ov),
+		"$phase: a message the broker refuses does not hold back the events behind it");
+	check_phase("$phase: around a refused message", [$sub2], $phase, \@ov);
+	is(scalar(grep { $_ == $huge } arrived($sub2, $phase)), 0,
+		"$phase: the refused message did not arrive");
+	ok( poll_until(
+			sub {
+				(try_query(qq{SELECT count(*) FROM mqtt_emit.dead_letters
+					WHERE payload LIKE '%"id":$huge,%'}, $node) // 0) == 1;
+			},
+			$TIMEOUT, 0.1),
+		"$phase: the refused message is kept in mqtt_emit.dead_letters");
+}
+note('node: ' . (try_query(
+	'SELECT format($$dead_letters %s, retried %s, connects %s$$, dead_letters, retried, connects) FROM mqtt_emit.stats',
+	$node) // '?'));
 
 # --- pg_terminate_backend() of the worker -------------------------------------
 
@@ -310,10 +413,18 @@ $wpid = worker_pid();
 is($node->safe_psql('postgres', "SELECT pg_terminate_backend($wpid)"), 't',
 	'pg_terminate_backend(worker)');
 # bgw_restart_time is 1 s: 15 s is plenty
-ok(wait_new_worker($wpid, 15), 'the worker comes back after pg_terminate_backend()')
+my $back = wait_new_worker($wpid, 15);
+ok($back, 'the worker comes back after pg_terminate_backend()')
   or note('stats: ' . (try_query('SELECT row_to_json(s) FROM mqtt_emit.stats s') // '?'));
 my @after_term = commit_rows('after_term', 20, 10);
-ok(wait_phase([$sub2], 'after_term', \@after_term, 15),
-	'publishing goes on after pg_terminate_backend()');
+if ($back)
+{
+	ok(wait_phase([$sub2], 'after_term', \@after_term, 15),
+		'publishing goes on after pg_terminate_backend()');
+}
+else
+{
+	fail('publishing goes on after pg_terminate_backend(): no worker runs');
+}
 
 done_testing();
