@@ -17,6 +17,7 @@
 use strict;
 use warnings;
 
+use IPC::Run ();
 use JSON::PP ();
 use MqttEmitTest;
 use PostgreSQL::Test::Utils;
@@ -360,6 +361,26 @@ is(scalar @m, 1, 'no-op update: one event');
 check_event('no-op update', $m[0],
 	topic => topic_of('user', 'update'), model => 'user', op => 'update',
 	where => { id => 2 }, data => {}, result => $u2, old => $u2);
+
+# without a primary key: the replica identity index, else the whole old row
+q1(q{CREATE TABLE nopk (a int, b text);
+	SELECT mqtt_emit.watch('nopk');
+	CREATE TABLE ident (code text NOT NULL, v text);
+	CREATE UNIQUE INDEX ident_code ON ident (code);
+	ALTER TABLE ident REPLICA IDENTITY USING INDEX ident_code;
+	SELECT mqtt_emit.watch('ident');
+	INSERT INTO nopk VALUES (1, 'x');
+	INSERT INTO ident VALUES ('k1', 'x')});
+collect('no-pk setup');
+@m = step('no pk', q{UPDATE nopk SET b = 'y'; UPDATE ident SET v = 'y'});
+check_event('update without a key', $m[0],
+	topic => topic_of('nopk', 'update'), model => 'nopk', op => 'update',
+	where => { a => 1, b => 'x' }, data => { b => 'y' },
+	result => { a => 1, b => 'y' }, old => { a => 1, b => 'x' });
+check_event('update with a replica identity index', $m[1],
+	topic => topic_of('ident', 'update'), model => 'ident', op => 'update',
+	where => { code => 'k1' }, data => { v => 'y' },
+	result => { code => 'k1', v => 'y' }, old => { code => 'k1', v => 'x' });
 
 @m = step('delete user', q{DELETE FROM "user" WHERE id = 2});
 is_deeply(topics(@m), [ topic_of('user', 'delete') ], 'delete: exactly one event');
@@ -805,6 +826,61 @@ $bg->query_safe('COMMIT');
 @m = collect('interleaved transactions');
 is_deeply([ map { jdecode($_->{payload})->{result}{name} } @m ], [qw(B1 B2 A1 A2)],
 	'interleaved transactions: in commit order, each in statement order');
+
+# durable delivery (events written to the outbox by the committing
+# transaction) mixed with memory delivery: still commit order
+@m = step('durable and memory', q{
+	INSERT INTO "user" VALUES (300, 'm1', NULL);
+	SET mqtt_emit.delivery = durable;
+	INSERT INTO "user" VALUES (301, 'd1', NULL);
+	BEGIN; INSERT INTO "user" VALUES (302, 'd-rolled-back', NULL); ROLLBACK;
+	RESET mqtt_emit.delivery;
+	INSERT INTO "user" VALUES (303, 'm2', NULL);
+	SET mqtt_emit.delivery = durable;
+	INSERT INTO "user" VALUES (304, 'd2', NULL), (305, 'd3', NULL);
+	UPDATE "user" SET name = 'd4' WHERE id = 305;
+	RESET mqtt_emit.delivery;
+	INSERT INTO "user" VALUES (306, 'm3', NULL)});
+is_deeply([ map { jdecode($_->{payload})->{result}{name} } @m ], [qw(m1 d1 m2 d2 d3 d4 m3)],
+	'durable and memory delivery mixed: commit order, rolled-back durable transaction absent')
+  or diag('got: ' . join ' ', map { jdecode($_->{payload})->{result}{name} . '/' . jdecode($_->{payload})->{operation} } @m);
+my ($durable_update) = grep { jdecode($_->{payload})->{operation} eq 'update' } @m;
+check_event('durable update', $durable_update,
+	topic => topic_of('user', 'update'), model => 'user', op => 'update',
+	where => { id => 305 }, data => { name => 'd4' },
+	result => { id => 305, name => 'd4', email => undef },
+	old    => { id => 305, name => 'd3', email => undef });
+is(q1('SELECT count(*) FROM mqtt_emit.outbox'), '0', 'durable: the outbox is empty once published');
+
+# concurrent durable writers: every event is published (before a marker
+# committed after them all) and each session's events in its commit order
+q1(q{CREATE TABLE conc (id int PRIMARY KEY, w int); SELECT mqtt_emit.watch('conc')});
+my (@writers, $nwriters, $per_writer);
+($nwriters, $per_writer) = (4, 250);
+for my $w (1 .. $nwriters)
+{
+	my $sql = "SET mqtt_emit.delivery = durable;\n"
+	  . join('', map { 'INSERT INTO conc VALUES (' . ($w * 1000 + $_) . ", $w);\n" } 1 .. $per_writer);
+	my $f = "$PostgreSQL::Test::Utils::tmp_check/writer_$w.sql";
+	PostgreSQL::Test::Utils::append_to_file($f, $sql);
+	my ($o, $e) = ('', '');
+	push @writers, IPC::Run::start(
+		[ 'psql', '-XAtq', '-v', 'ON_ERROR_STOP=1', '-d', $node->connstr('postgres'), '-f', $f ],
+		'<', \undef, '>', \$o, '2>', \$e, IPC::Run::timeout($TIMEOUT));
+}
+ok(eval { $_->finish; 1 } && $_->result == 0, 'durable writer committed') for @writers;
+@m = collect('concurrent durable writers');
+my %by_writer;
+push @{ $by_writer{ jdecode($_->{payload})->{result}{w} // 0 } }, jdecode($_->{payload})->{result}{id} for @m;
+is(scalar @m, $nwriters * $per_writer,
+	'concurrent durable writers: every event published before a later marker')
+  or diag('still in the outbox: ' . q1('SELECT count(*) FROM mqtt_emit.outbox')
+	  . ', stats: ' . q1('SELECT row_to_json(s) FROM mqtt_emit.stats s'));
+for my $w (1 .. $nwriters)
+{
+	is_deeply($by_writer{$w}, [ map { $w * 1000 + $_ } 1 .. $per_writer ],
+		"concurrent durable writers: session $w in its commit order");
+}
 
 # a long-lived session sees watch() changes and new columns made elsewhere
 $bg->query_safe(q{INSERT INTO app.line_items VALUES (2, 7, 'SKU-2')});
