@@ -856,7 +856,7 @@ is(q1('SELECT count(*) FROM mqtt_emit.outbox'), '0', 'durable: the outbox is emp
 # committed after them all) and each session's events in its commit order
 q1(q{CREATE TABLE conc (id int PRIMARY KEY, w int); SELECT mqtt_emit.watch('conc')});
 my (@writers, $nwriters, $per_writer);
-($nwriters, $per_writer) = (4, 250);
+($nwriters, $per_writer) = (6, 300);
 for my $w (1 .. $nwriters)
 {
 	my $sql = "SET mqtt_emit.delivery = durable;\n"
