@@ -294,5 +294,7 @@ cmp_ok($after->{published} - $before->{published}, '>=', $N + 1,
 ok($after->{connects} > $before->{connects}, 'stats.connects counts the reconnection');
 
 $sub->stop;
+unlike($broker->log, qr/Outgoing messages are being dropped/,
+	'the broker dropped no message for the subscriber');
 $broker->stop;
 done_testing();

@@ -141,10 +141,16 @@ sub outbox_ids
 # setup
 # ---------------------------------------------------------------------------
 
-my $broker = start_broker();
+# mosquitto silently drops QoS 1 messages for a subscriber that falls more
+# than max_queued_messages (default 1000) behind: lift the limit, so that a
+# missing message is the extension's doing, and check the broker's log.
+my $broker = start_broker(extra_conf => ['max_queued_messages 0']);
 my $node   = new_node(
 	'durable',
 	broker                    => $broker,
+	# part 5 holds a commit with synchronous replication, which needs
+	# wal senders (wal_level replica)
+	init                      => { allows_streaming => 1 },
 	'mqtt_emit.delivery'      => 'durable',
 	'mqtt_emit.reconnect_min' => '100ms',
 	'mqtt_emit.reconnect_max' => '1s');
@@ -386,5 +392,132 @@ is($r->{unexpected}, 0, 'nothing else arrived');
 is($r->{disorder},   0, 'burst events arrived in commit order');
 note "duplicates after the second crash: $r->{duplicates} (allowed)";
 
+# ---------------------------------------------------------------------------
+# 5. a transaction that becomes visible after a later one
+# ---------------------------------------------------------------------------
+#
+# A durable transaction takes its outbox ids at PRE_COMMIT but becomes
+# visible only when its commit completes; a transaction that starts later
+# may become visible first, with higher ids (this happens by itself under
+# concurrent load).  Synchronous replication to a standby that does not
+# exist holds a commit in that window for as long as the test wants: session
+# A commits with synchronous_commit = on and waits (its outbox row is
+# written, not visible); session B commits (synchronous_commit = local) and
+# is published; then A's wait is cancelled and A becomes visible with the
+# lower outbox id.  A's event must be published too:
+#   a) when A becomes visible after B's row was acknowledged and deleted;
+#   b) when A becomes visible while B is still unacknowledged: the broker is
+#      paused (SIGSTOP) once B's PUBLISH is in its socket, A is cancelled,
+#      the worker goes through its loop with A visible, then the broker
+#      continues (SIGCONT).
+
+# bytes waiting in the receive queues of the broker's accepted connections
+sub broker_rx_queued
+{
+	my ($port) = @_;
+	my $hexport = sprintf('%04X', $port);
+	open my $fh, '<', '/proc/net/tcp' or return 0;
+	my $n = 0;
+	while (my $l = <$fh>)
+	{
+		my @f = split ' ', $l;
+		next unless @f > 4 && $f[1] =~ /:$hexport$/ && $f[3] eq '01';
+		my (undef, $rx) = split /:/, $f[4];
+		$n += hex $rx;
+	}
+	close $fh;
+	return $n;
+}
+
+$node->append_conf('postgresql.conf',
+	"synchronous_standby_names = 'no_such_standby'\nsynchronous_commit = local\n");
+$node->reload;
+ok( poll_until(
+		sub {
+			$node->safe_psql('postgres', 'SHOW synchronous_standby_names') eq 'no_such_standby';
+		},
+		$T),
+	'late visibility: synchronous_standby_names names a missing standby');
+
+sub late_visibility
+{
+	my ($label, $a_id, $b_id, $pause_broker) = @_;
+
+	my $late = $node->background_psql('postgres', on_error_stop => 0);
+	$late->query_safe('SET synchronous_commit = on');
+	my ($late_pid) = $late->query_safe('SELECT pg_backend_pid()') =~ /(\d+)/;
+	$late->query_until(qr/sent/, "\\echo sent\nINSERT INTO ev VALUES ($a_id, 'visible late');\n");
+	ok( poll_until(
+			sub {
+				$node->safe_psql('postgres',
+					"SELECT wait_event FROM pg_stat_activity WHERE pid = $late_pid") eq 'SyncRep';
+			},
+			$T),
+		"$label: session A waits in its commit (outbox row written)");
+	is($node->safe_psql('postgres', "SELECT count(*) FROM ev WHERE id = $a_id"), '0',
+		"$label: A's row is not visible yet");
+
+	if ($pause_broker)
+	{
+		kill 'STOP', $broker->pid;
+		$node->safe_psql('postgres', "INSERT INTO ev VALUES ($b_id, 'visible first')");
+		ok(poll_until(sub { broker_rx_queued($broker->port) > 0 }, $T),
+			"$label: B is sent to the paused broker (unacknowledged)");
+	}
+	else
+	{
+		$node->safe_psql('postgres', "INSERT INTO ev VALUES ($b_id, 'visible first')");
+		ok(poll_until(sub { grep { $_ eq $b_id } arrived_ids($sub, $MODEL) }, $T),
+			"$label: session B, committed later, is published");
+		ok( poll_until(
+				sub { $node->safe_psql('postgres', 'SELECT count(*) FROM mqtt_emit.outbox') eq '0' },
+				$T),
+			"$label: B's outbox row is gone once acknowledged");
+	}
+
+	$node->safe_psql('postgres', "SELECT pg_cancel_backend($late_pid)");
+	ok( poll_until(
+			sub { $node->safe_psql('postgres', "SELECT count(*) FROM ev WHERE id = $a_id") eq '1' },
+			$T),
+		"$label: A becomes visible once its wait is cancelled");
+	$late->quit;
+
+	if ($pause_broker)
+	{
+		# let the worker run through its loop with A visible and B in flight
+		my $t0 = $node->safe_psql('postgres', 'SELECT clock_timestamp()');
+		ok( poll_until(
+				sub {
+					$node->safe_psql('postgres',
+						"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_mqtt_emit' AND state_change > '$t0'"
+					) eq '1';
+				},
+				$T),
+			"$label: the worker went through its loop with A visible");
+		kill 'CONT', $broker->pid;
+		ok(poll_until(sub { grep { $_ eq $b_id } arrived_ids($sub, $MODEL) }, $T),
+			"$label: B arrives once the broker continues");
+	}
+
+	my $ok = poll_until(sub { grep { $_ eq $a_id } arrived_ids($sub, $MODEL) }, 20);
+	ok($ok, "$label: A's event, with the lower outbox id, is published too");
+	if (!$ok)
+	{
+		note "$label: still in the outbox after 20 s (outbox id, row id): "
+		  . $node->safe_psql('postgres',
+			"SELECT string_agg(id || ' (' || (payload::jsonb #>> '{result,id}') || ')', ', ') FROM mqtt_emit.outbox");
+	}
+	ok(poll_until(sub { my $st = stats($node); $st && $st->{in_outbox} == 0 }, 5),
+		"$label: the outbox drains");
+}
+
+late_visibility('late visibility (B acknowledged first)', 8001, 8002, 0);
+late_visibility('late visibility (B in flight)',          8003, 8004, 1);
+
+$node->append_conf('postgresql.conf', "synchronous_standby_names = ''\n");
+$node->reload;
+
 $sub->stop;
+unlike($broker->log, qr/Outgoing messages are being dropped/,
+	'the broker dropped no message for the subscriber');
 done_testing();
