@@ -22,7 +22,8 @@
 # as alice; reading a table she may not read, SET ROLE (even to a role she is
 # a member of), SET SESSION AUTHORIZATION and CREATE TEMP TABLE all fail in
 # it, each logged and counted as exactly one listener error, while the
-# observer still runs. Then what a listener must not be able to leave behind:
+# observer still runs; nor does her listener on the model of a watched table
+# she may not read receive its rows. Then what a listener must not be able to leave behind:
 # a setting it changes must not outlive its call (not seen by the next
 # listener, of another role), and in particular a search_path it sets must
 # not be used by the worker's own superuser queries (alice's code would run as
@@ -244,7 +245,7 @@ sub alice_event
 	my $off    = log_size();
 	my ($rc, $out, $err) = as_role('alice', "INSERT INTO alice_s.t VALUES ($ev_id, '$what')");
 	diag("alice's insert failed: $err") if $rc;
-	my $seen = poll_until(sub { sq("SELECT count(*) FROM observed WHERE id = '$ev_id'") eq '1' }, $T);
+	my $seen = poll_until(sub { sq("SELECT count(*) FROM observed WHERE id = '$ev_id' AND what = '$what'") eq '1' }, $T);
 	my $after = stats();
 	return {
 		id       => $ev_id,
@@ -289,6 +290,35 @@ for my $case (
 is(sq(q{SELECT string_agg(DISTINCT usr, ',') FROM observed}), 'postgres', 'the observer always ran as postgres');
 my ($rc_ctl) = as_role('alice', q{SET ROLE admin_r; SELECT x FROM public.secret;});
 is($rc_ctl, 0, 'control: outside a listener alice may SET ROLE admin_r and read secret');
+
+# the rows of a watched table alice may not read do not reach her through a
+# listener on its model (listeners run with her rights: DESIGN 4)
+sq(q{
+CREATE TABLE payroll(id int PRIMARY KEY, salary int);
+SELECT mqtt_emit.watch('payroll');
+CREATE FUNCTION observer_payroll(e mqtt_emit.event) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+	INSERT INTO public.observed(id, what, usr) VALUES (e.result->>'id', 'payroll', current_user);
+END $$;
+});
+{
+	my ($rc, $out, $err) = as_role('alice', q{
+CREATE TABLE alice_s.loot(row_text text);
+CREATE FUNCTION alice_s.spy(e mqtt_emit.event) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+	INSERT INTO alice_s.loot VALUES (e.result::text);
+END $$;
+SELECT mqtt_emit.listen('payroll', 'alice_s.spy(mqtt_emit.event)');
+});
+	note('alice: listen on model payroll ' . ($rc ? "refused: $err" : 'accepted'));
+	sq(q{SELECT mqtt_emit.listen('payroll', 'observer_payroll(mqtt_emit.event)');
+	     INSERT INTO payroll VALUES (1007, 123456);});
+	ok(poll_until(sub { sq(q{SELECT count(*) FROM observed WHERE what = 'payroll' AND id = '1007'}) eq '1' }, $T),
+		'payroll event: the observer ran');
+	my ($rc2, $loot) = as_role('alice', q{SELECT coalesce(string_agg(row_text, ' '), '') FROM alice_s.loot});
+	is($loot, '', 'alice\'s listener did not receive a row of payroll, which she may not read');
+	denied('alice', q{SELECT * FROM payroll}, 'control: alice may not read payroll');
+}
 
 # ---------------------------------------------------------------------------
 # 3. a listener leaves nothing behind
