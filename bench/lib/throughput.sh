@@ -24,7 +24,7 @@ TPUT_OFFSET=0
 tput_ext() {
 	local n="$1" out t_commit last count
 	start_sub tput "$TOPIC_PREFIX/tput/#" "$n"
-	out="$(q a <<-SQL
+	out="$(q t <<-SQL
 		BEGIN;
 		INSERT INTO tput_t SELECT g FROM generate_series($((TPUT_OFFSET + 1)), $((TPUT_OFFSET + n))) g;
 		COMMIT;
@@ -58,7 +58,7 @@ tput_ext_batched() {
 		done
 		echo "SELECT extract(epoch FROM clock_timestamp());"
 	} >"$WORK/tput_batched.sql"
-	out="$(q a -f "$WORK/tput_batched.sql")"
+	out="$(q t -f "$WORK/tput_batched.sql")"
 	TPUT_OFFSET=$((TPUT_OFFSET + n))
 	t_first="$(head -n1 <<<"$out")"
 	t_end="$(tail -n1 <<<"$out")"
@@ -103,18 +103,19 @@ bench_throughput() {
 		sizes=(1000 10000 100000)
 		reps=(5 3 2)
 	fi
-	[[ -n "${CL_PORT[a]:-}" ]] || start_cluster a \
+	# a queue large enough for the largest batch (else it spills to the outbox)
+	start_cluster t \
 		"fsync = on" \
 		"mqtt_emit.queue_size = '256MB'" \
 		"max_wal_size = '8GB'" \
 		"checkpoint_timeout = '30min'"
-	window="$(q a -c 'SHOW mqtt_emit.max_inflight')"
+	window="$(q t -c 'SHOW mqtt_emit.max_inflight')"
 
-	q a <<-'SQL' >/dev/null
+	q t <<-'SQL' >/dev/null
 		CREATE TABLE tput_t (id bigint);
 		SELECT mqtt_emit.watch('tput_t', model => 'tput');
 	SQL
-	wait_idle a
+	wait_idle t
 
 	# warm up, and learn the payload size
 	tput_ext 1000 >/dev/null
@@ -129,7 +130,7 @@ bench_throughput() {
 		n="${sizes[$i]}"
 		for ((r = 1; r <= reps[i]; r++)); do
 			e="$(tput_ext "$n")"
-			wait_idle a 120
+			wait_idle t 120
 			b="$(tput_bare "$n" "$size")"
 			bw="$(tput_bare "$n" "$size" "$window")"
 			note "N=$n run $r: extension $e, bare $b, bare (window $window) $bw msgs/s"
@@ -162,5 +163,5 @@ bench_throughput() {
 	fig "tput_ext_${n}_in_1k_tx_insert_s" "$(cat "$WORK/tput_batched_insert_s")"
 	fig "tput_ratio_ext_${n}_in_1k_tx_bare" "$(fmt 3 "$(calc "$batched / $b")")"
 	fig tput_setup "rows of tput_t(id bigint), one transaction per batch unless noted; sub_count QoS 1; bare_publisher QoS 1 maxInflight 65535; medians of ${reps[*]} runs for N = ${sizes[*]}"
-	q a -c "SELECT mqtt_emit.unwatch('tput_t')" >/dev/null
+	stop_cluster t
 }

@@ -47,6 +47,23 @@ trigger_run() {
 	}
 	tps="$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out" | head -n1)"
 	echo "${tps:-NA}"
+	[[ "$variant" == durable ]] && trigger_unstick_outbox
+	return 0
+}
+
+# Outbox rows written by concurrent durable-mode commits can stay in the
+# outbox until the worker restarts (their ids are assigned before commit, and
+# the worker's publish cursor may already be past an id that commits late),
+# and while the outbox is not empty every later event takes the outbox path.
+# Count such rows and restart the cluster so that the next run starts clean.
+trigger_unstick_outbox() {
+	if pm_poll 30 worker_idle a; then return 0; fi
+	local stuck
+	stuck="$(q a -c 'SELECT count(*) FROM mqtt_emit.outbox')"
+	note "durable run left $stuck rows in mqtt_emit.outbox; restarting the cluster"
+	echo "$stuck" >>"$WORK/trigger_stuck_rows"
+	restart_cluster a
+	wait_idle a 60
 }
 
 bench_trigger() {
@@ -55,9 +72,10 @@ bench_trigger() {
 	dur_on="$(quick 15 5)"
 	dur_off="$(quick 10 5)"
 
+	# default mqtt_emit.queue_size (8MB): a much larger ring costs every
+	# backend a page fault per 4kB of ring it writes for the first time
 	start_cluster a \
 		"fsync = on" \
-		"mqtt_emit.queue_size = '256MB'" \
 		"max_wal_size = '8GB'" \
 		"checkpoint_timeout = '30min'"
 
@@ -102,6 +120,11 @@ bench_trigger() {
 			done
 		done
 	done
+	if [[ -s "$WORK/trigger_stuck_rows" ]]; then
+		fig trigger_durable_outbox_rows_left "$(awk '{ s += $1; n++ } END { printf "%d rows after %d of the durable runs (published only after a worker restart)", s, n }' "$WORK/trigger_stuck_rows")"
+	else
+		fig trigger_durable_outbox_rows_left 0
+	fi
 	# leave the table unwatched
 	trigger_setup_sql unwatched | q a -f - >/dev/null
 	wait_idle a
@@ -120,5 +143,6 @@ bench_trigger() {
 		fig "${prefix}_ratio_watched_notify" "$(fmt 3 "$(calc "$w / $n")") (target >= 1.3)"
 		fig "${prefix}_ratio_durable_unwatched" "$(fmt 3 "$(calc "$d / $u")") (target >= 0.6)"
 	done
+	stop_cluster a
 	fig trigger_setup "pgbench -n -M prepared -c 2 -j 2, ${rounds} rounds x 4 variants, ${dur_on}s (synchronous_commit=on) / ${dur_off}s (off), fsync=on"
 }

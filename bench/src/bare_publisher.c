@@ -7,10 +7,12 @@
  * per message), retrying when paho reports MQTTASYNC_MAX_BUFFERED_MESSAGES.
  *
  *   bare_publisher -u tcp://127.0.0.1:PORT -t TOPIC -n COUNT -s SIZE [-q QOS]
- *                  [-i CLIENT_ID] [-T TIMEOUT_S] [-w WINDOW]
+ *                  [-i CLIENT_ID] [-T TIMEOUT_S] [-w WINDOW] [-r RATE]
  *
  * WINDOW (default 0, none) keeps at most that many messages unacknowledged
  * in the program itself, as mqtt_emit.max_inflight does in the extension.
+ * RATE (messages/s, default 0: as fast as possible) paces the sends evenly,
+ * to measure paho's cost per message when messages do not come in bursts.
  *
  * Prints name=value lines: start_ns (wall clock before the first send),
  * sent_ns (after the last sendMessage returned), acked_ns (last
@@ -102,6 +104,7 @@ main(int argc, char **argv)
 	int			qos = 1;
 	int			timeout_s = 120;
 	long		window = 0;
+	double		rate = 0;
 	int			opt;
 	char		cidbuf[64];
 	char	   *payload;
@@ -115,7 +118,7 @@ main(int argc, char **argv)
 	struct timespec dl;
 	long		retries = 0;
 
-	while ((opt = getopt(argc, argv, "u:t:n:s:q:i:T:w:")) != -1)
+	while ((opt = getopt(argc, argv, "u:t:n:s:q:i:T:w:r:")) != -1)
 	{
 		switch (opt)
 		{
@@ -127,8 +130,9 @@ main(int argc, char **argv)
 			case 'i': cid = optarg; break;
 			case 'T': timeout_s = atoi(optarg); break;
 			case 'w': window = atol(optarg); break;
+			case 'r': rate = atof(optarg); break;
 			default:
-				fprintf(stderr, "usage: %s -u URL [-t TOPIC] [-n COUNT] [-s SIZE] [-q QOS] [-i CLIENT_ID] [-T TIMEOUT_S] [-w WINDOW]\n", argv[0]);
+				fprintf(stderr, "usage: %s -u URL [-t TOPIC] [-n COUNT] [-s SIZE] [-q QOS] [-i CLIENT_ID] [-T TIMEOUT_S] [-w WINDOW] [-r RATE]\n", argv[0]);
 				return 2;
 		}
 	}
@@ -196,6 +200,18 @@ main(int argc, char **argv)
 		MQTTAsync_message msg = MQTTAsync_message_initializer;
 		MQTTAsync_responseOptions ro = MQTTAsync_responseOptions_initializer;
 
+		if (rate > 0)
+		{
+			int64_t		due = start_ns + (int64_t) (i * 1e9 / rate);
+			int64_t		now = now_ns();
+
+			if (due > now)
+			{
+				struct timespec ts = {(due - now) / 1000000000, (due - now) % 1000000000};
+
+				nanosleep(&ts, NULL);
+			}
+		}
 		if (window > 0 && qos > 0)
 		{
 			/* keep at most window messages unacknowledged, as the extension does */
