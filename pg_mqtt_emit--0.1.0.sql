@@ -350,6 +350,11 @@ COMMENT ON FUNCTION mqtt_emit.unlisten(bigint) IS
 -- (moved here by the worker).  A row leaves when the broker has
 -- acknowledged it.  flags: 1 = still to publish, 2 = local listeners still
 -- to run.  model holds the topic for ad-hoc publishes (kind 2).
+-- seq is the publishing order, given by the worker in commit order: rows a
+-- backend writes carry the transaction's batch number, and a marker in the
+-- shared-memory queue tells the worker where in the commit order they
+-- belong (marked).  Rows without a marker get their seq when the worker
+-- finds them.
 CREATE TABLE mqtt_emit.outbox (
     id          bigserial PRIMARY KEY,
     kind        int2 NOT NULL,
@@ -358,8 +363,13 @@ CREATE TABLE mqtt_emit.outbox (
     qos         int2 NOT NULL,
     model       text NOT NULL,
     payload     text NOT NULL,
+    batch       bigint NOT NULL,
+    marked      boolean NOT NULL DEFAULT false,
+    seq         bigint,
     created_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
+CREATE INDEX outbox_seq_idx ON mqtt_emit.outbox (seq) WHERE seq IS NOT NULL;
+CREATE INDEX outbox_unordered_idx ON mqtt_emit.outbox (id) WHERE seq IS NULL;
 COMMENT ON TABLE mqtt_emit.outbox IS
 'Committed events waiting for the broker; internal, not readable by PUBLIC';
 REVOKE ALL ON mqtt_emit.outbox FROM PUBLIC;

@@ -45,12 +45,12 @@ typedef enum
 	BS_CONNECTED
 } BrokerState;
 
-/* The per-message context handed to paho for publish completions. */
-typedef struct PublishCtx
-{
-	MeBroker   *broker;
-	uint64		seq;
-} PublishCtx;
+/*
+ * The publisher.  Publish completions carry only the message's sequence
+ * number as their context (no allocation per message); there is one
+ * publisher at a time, and callbacks of a destroyed client never run.
+ */
+static MeBroker *current_publisher = NULL;
 
 struct MeBroker
 {
@@ -156,49 +156,39 @@ on_connect_failure5(void *context, MQTTAsync_failureData5 *response)
 }
 
 static void
+record_publish_outcome(void *context, bool ok)
+{
+	MeBroker   *b = current_publisher;
+	uint64		seq = (uint64) (uintptr_t) context;
+
+	if (b == NULL)
+		return;
+	pthread_mutex_lock(&b->mutex);
+	if (ok)
+		push_seq(&b->acks, &b->nacks, &b->maxacks, seq);
+	else
+		push_seq(&b->failures, &b->nfailures, &b->maxfailures, seq);
+	pthread_mutex_unlock(&b->mutex);
+	SetLatch(b->latch);
+}
+
+static void
 on_publish_success(void *context, MQTTAsync_successData *response)
 {
-	PublishCtx *ctx = (PublishCtx *) context;
-	MeBroker   *b = ctx->broker;
-
-	pthread_mutex_lock(&b->mutex);
-	push_seq(&b->acks, &b->nacks, &b->maxacks, ctx->seq);
-	pthread_mutex_unlock(&b->mutex);
-	free(ctx);
-	SetLatch(b->latch);
+	record_publish_outcome(context, true);
 }
 
 static void
 on_publish_success5(void *context, MQTTAsync_successData5 *response)
 {
-	PublishCtx *ctx = (PublishCtx *) context;
-
 	/* a PUBACK with a failure reason code is no acknowledgement */
-	if (response && response->reasonCode >= 0x80)
-	{
-		MeBroker   *b = ctx->broker;
-
-		pthread_mutex_lock(&b->mutex);
-		push_seq(&b->failures, &b->nfailures, &b->maxfailures, ctx->seq);
-		pthread_mutex_unlock(&b->mutex);
-		free(ctx);
-		SetLatch(b->latch);
-		return;
-	}
-	on_publish_success(context, NULL);
+	record_publish_outcome(context, !(response && response->reasonCode >= 0x80));
 }
 
 static void
 on_publish_failure(void *context, MQTTAsync_failureData *response)
 {
-	PublishCtx *ctx = (PublishCtx *) context;
-	MeBroker   *b = ctx->broker;
-
-	pthread_mutex_lock(&b->mutex);
-	push_seq(&b->failures, &b->nfailures, &b->maxfailures, ctx->seq);
-	pthread_mutex_unlock(&b->mutex);
-	free(ctx);
-	SetLatch(b->latch);
+	record_publish_outcome(context, false);
 }
 
 static void
@@ -326,6 +316,8 @@ me_broker_create(const char *client_id, bool subscriber, Latch *latch,
 		free(b);
 		return NULL;
 	}
+	if (!subscriber)
+		current_publisher = b;
 	return b;
 }
 
@@ -498,13 +490,7 @@ me_broker_publish(MeBroker *b, const char *topic, const char *payload,
 	MQTTAsync_responseOptions ropts = MQTTAsync_responseOptions_initializer;
 	MQTTAsync_message msg = MQTTAsync_message_initializer;
 	MQTTProperties props = MQTTProperties_initializer;
-	PublishCtx *ctx = malloc(sizeof(PublishCtx));
 	int			rc;
-
-	if (ctx == NULL)
-		return MQTTASYNC_FAILURE;
-	ctx->broker = b;
-	ctx->seq = seq;
 
 	if (b->version == MQTTVERSION_5)
 	{
@@ -516,7 +502,7 @@ me_broker_publish(MeBroker *b, const char *topic, const char *payload,
 		ropts.onSuccess = on_publish_success;
 		ropts.onFailure = on_publish_failure;
 	}
-	ropts.context = ctx;
+	ropts.context = (void *) (uintptr_t) seq;
 
 	msg.payload = (void *) payload;
 	msg.payloadlen = len;
@@ -539,8 +525,6 @@ me_broker_publish(MeBroker *b, const char *topic, const char *payload,
 	}
 
 	rc = MQTTAsync_sendMessage(b->client, topic, &msg, &ropts);
-	if (rc != MQTTASYNC_SUCCESS)
-		free(ctx);
 	if (props.count > 0)
 		MQTTProperties_free(&props);
 	return rc;
@@ -583,6 +567,8 @@ me_broker_destroy(MeBroker *b)
 	if (b == NULL)
 		return;
 	MQTTAsync_destroy(&b->client);
+	if (current_publisher == b)
+		current_publisher = NULL;
 	pthread_mutex_lock(&b->mutex);
 	m = b->in_head;
 	b->in_head = b->in_tail = NULL;

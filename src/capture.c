@@ -35,9 +35,11 @@
  */
 #include "postgres.h"
 
+#include "access/attmap.h"
 #include "access/htup_details.h"
 #include "access/relation.h"
 #include "access/xact.h"
+#include "catalog/partition.h"
 #include "catalog/pg_authid.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
@@ -100,6 +102,10 @@ static int	maxpending = 0;
 static Size pending_bytes = 0;
 static Size reserved_bytes = 0;
 static int	outboxed = 0;			/* written to the outbox at PRE_COMMIT */
+static bool marker_reserved = false;
+static MqttEmitMarker marker;
+
+#define ME_MARKER_ENTRY_SIZE (sizeof(MqttEmitEventHeader) + sizeof(MqttEmitMarker))
 static bool spilled = false;
 static bool listeners_changed = false;
 
@@ -142,6 +148,50 @@ capture_relcache_callback(Datum arg, Oid relid)
 }
 
 /*
+ * A partition's copy of the capture trigger carries the column numbers of
+ * the partitioned table that watch() was called on, and a partition may
+ * number its columns differently (dropped columns, ATTACH PARTITION).
+ * Translate them, by column name, into the partition's numbers.
+ */
+static void
+map_to_partition(Relation rel, Trigger *trigger, AttrNumber *listed, int nlisted)
+{
+	List	   *ancestors = get_partition_ancestors(RelationGetRelid(rel));
+	ListCell   *lc;
+
+	foreach(lc, ancestors)
+	{
+		Relation	anc = relation_open(lfirst_oid(lc), AccessShareLock);
+		TriggerDesc *td = anc->trigdesc;
+		bool		owner = false;
+		int			i;
+
+		for (i = 0; td != NULL && i < td->numtriggers; i++)
+			if (!td->triggers[i].tgisclone &&
+				td->triggers[i].tgfoid == trigger->tgfoid &&
+				strcmp(td->triggers[i].tgname, trigger->tgname) == 0)
+				owner = true;
+		if (owner)
+		{
+			AttrMap    *map = build_attrmap_by_name(RelationGetDescr(rel),
+													RelationGetDescr(anc));
+
+			for (i = 0; i < nlisted; i++)
+				listed[i] = (listed[i] > 0 && listed[i] <= map->maplen) ?
+					map->attnums[listed[i] - 1] : InvalidAttrNumber;
+			free_attrmap(map);
+			relation_close(anc, AccessShareLock);
+			return;
+		}
+		relation_close(anc, AccessShareLock);
+	}
+	ereport(ERROR,
+			(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+			 errmsg("cannot find the partitioned table that trigger \"%s\" on \"%s\" was copied from",
+					trigger->tgname, RelationGetRelationName(rel))));
+}
+
+/*
  * Build (or rebuild) the cache entry of a relation from its descriptor and
  * the trigger's arguments.
  */
@@ -157,6 +207,8 @@ get_capture_rel(Relation rel, Trigger *trigger)
 	StringInfoData buf;
 	int			i;
 	const char *mode;
+	int			nlisted;
+	AttrNumber *listed;
 
 	if (capture_rels == NULL)
 	{
@@ -207,6 +259,14 @@ get_capture_rel(Relation rel, Trigger *trigger)
 	appendStringInfoString(&buf, ",\"operation\":");
 	entry->model_json = pstrdup(buf.data);
 
+	/* the listed columns, as numbers of the table watch() was called on */
+	nlisted = trigger->tgnargs - 3;
+	listed = palloc(sizeof(AttrNumber) * Max(nlisted, 1));
+	for (i = 0; i < nlisted; i++)
+		listed[i] = (AttrNumber) atoi(trigger->tgargs[i + 3]);
+	if (trigger->tgisclone && nlisted > 0)
+		map_to_partition(rel, trigger, listed, nlisted);
+
 	entry->natts = tupdesc->natts;
 	entry->cols = palloc0(sizeof(CaptureColumn) * tupdesc->natts);
 	pkattrs = RelationGetIndexAttrBitmap(rel, INDEX_ATTR_BITMAP_PRIMARY_KEY);
@@ -219,19 +279,19 @@ get_capture_rel(Relation rel, Trigger *trigger)
 		Form_pg_attribute att = TupleDescAttr(tupdesc, i);
 		CaptureColumn *col = &entry->cols[i];
 		int			j;
-		bool		listed = false;
+		bool		is_listed = false;
 
 		if (att->attisdropped)
 			continue;
-		for (j = 3; j < trigger->tgnargs; j++)
-			if (atoi(trigger->tgargs[j]) == att->attnum)
-				listed = true;
+		for (j = 0; j < nlisted; j++)
+			if (listed[j] == att->attnum)
+				is_listed = true;
 		if (mode[0] == 'a')
 			col->include = true;
 		else if (mode[0] == 'i')
-			col->include = listed;
+			col->include = is_listed;
 		else
-			col->include = !listed;
+			col->include = !is_listed;
 		if (!col->include)
 			continue;
 
@@ -519,6 +579,7 @@ reset_pending(void)
 	pending_bytes = 0;
 	reserved_bytes = 0;
 	outboxed = 0;
+	marker_reserved = false;
 	spilled = false;
 }
 
@@ -531,7 +592,8 @@ reset_pending(void)
  * worker when it moves the queue into the outbox.
  */
 void
-me_outbox_insert(char **entries, int n, uint8 flag_mask)
+me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
+				 bool marked, int64 first_seq, int64 *min_id, int64 *max_id)
 {
 	Datum	   *kinds = palloc(sizeof(Datum) * n);
 	Datum	   *flags = palloc(sizeof(Datum) * n);
@@ -539,11 +601,12 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask)
 	Datum	   *qoss = palloc(sizeof(Datum) * n);
 	Datum	   *models = palloc(sizeof(Datum) * n);
 	Datum	   *payloads = palloc(sizeof(Datum) * n);
-	Datum		values[6];
+	Datum		values[9];
 	Oid			save_userid;
 	int			save_sec;
 	int			i;
 	int			ret;
+	bool		isnull;
 
 	for (i = 0; i < n; i++)
 	{
@@ -564,6 +627,9 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask)
 	values[3] = PointerGetDatum(construct_array(qoss, n, INT2OID, 2, true, TYPALIGN_SHORT));
 	values[4] = PointerGetDatum(construct_array(models, n, TEXTOID, -1, false, TYPALIGN_INT));
 	values[5] = PointerGetDatum(construct_array(payloads, n, TEXTOID, -1, false, TYPALIGN_INT));
+	values[6] = Int64GetDatum(batch);
+	values[7] = BoolGetDatum(marked);
+	values[8] = Int64GetDatum(first_seq);
 
 	GetUserIdAndSecContext(&save_userid, &save_sec);
 	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID,
@@ -572,14 +638,24 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask)
 	PushActiveSnapshot(GetTransactionSnapshot());
 	if (outbox_plan == NULL)
 	{
-		Oid			types[6] = {INT2ARRAYOID, INT2ARRAYOID, INT2ARRAYOID,
-		INT2ARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
+		Oid			types[9] = {INT2ARRAYOID, INT2ARRAYOID, INT2ARRAYOID,
+			INT2ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8OID, BOOLOID, INT8OID};
 		SPIPlanPtr	plan;
 
-		plan = SPI_prepare("INSERT INTO mqtt_emit.outbox (kind, flags, op, qos, model, payload) "
-						   "SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3), "
-						   "pg_catalog.unnest($4), pg_catalog.unnest($5), pg_catalog.unnest($6))",
-						   6, types);
+		plan = SPI_prepare("WITH ins AS ("
+						   " INSERT INTO mqtt_emit.outbox"
+						   "  (kind, flags, op, qos, model, payload, batch, marked, seq)"
+						   " SELECT r.k, r.f, r.o, r.q, r.m, r.p, $7, $8,"
+						   "  CASE WHEN $9 OPERATOR(pg_catalog.=) 0 THEN NULL"
+						   "   ELSE $9 OPERATOR(pg_catalog.+) r.n OPERATOR(pg_catalog.-) 1 END"
+						   " FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2),"
+						   "  pg_catalog.unnest($3), pg_catalog.unnest($4),"
+						   "  pg_catalog.unnest($5), pg_catalog.unnest($6))"
+						   "  WITH ORDINALITY AS r(k, f, o, q, m, p, n)"
+						   " ORDER BY r.n"
+						   " RETURNING id)"
+						   " SELECT pg_catalog.min(id), pg_catalog.max(id) FROM ins",
+						   9, types);
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed for the outbox insert: %s",
 				 SPI_result_code_string(SPI_result));
@@ -587,8 +663,10 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask)
 		outbox_plan = plan;
 	}
 	ret = SPI_execute_plan(outbox_plan, values, NULL, false, 0);
-	if (ret != SPI_OK_INSERT)
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "cannot write to mqtt_emit.outbox: %s", SPI_result_code_string(ret));
+	*min_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	*max_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
 	PopActiveSnapshot();
 	SPI_finish();
 	SetUserIdAndSecContext(save_userid, save_sec);
@@ -609,7 +687,13 @@ write_outbox(void)
 				 errdetail("The outbox holds about " UINT64_FORMAT " events; \"mqtt_emit.outbox_max\" is %d.",
 						   rows, mqtt_emit_outbox_max),
 				 errhint("Check that the broker is reachable (see mqtt_emit.stats), or raise \"mqtt_emit.outbox_max\".")));
-	me_outbox_insert(pending, npending, 0xFF);
+	/* a marker in the queue will place these rows in the commit order */
+	marker_reserved = me_queue_reserve(ME_MARKER_ENTRY_SIZE);
+	if (marker_reserved)
+		reserved_bytes = ME_MARKER_ENTRY_SIZE;
+	marker.batch = (int64) me_next_event_seq();
+	me_outbox_insert(pending, npending, 0xFF, marker.batch, marker_reserved, 0,
+					 &marker.min_id, &marker.max_id);
 	outboxed = npending;
 }
 
@@ -650,8 +734,23 @@ capture_xact_callback(XactEvent event, void *arg)
 			break;
 
 		case XACT_EVENT_COMMIT:
-			if (npending > 0 && reserved_bytes > 0)
-				me_queue_push_reserved(pending, npending, reserved_bytes);
+			if (outboxed > 0 && marker_reserved)
+			{
+				/* no allocation here: the entry is built on the stack */
+				char		entry[ME_MARKER_ENTRY_SIZE];
+				char	   *entries[1] = {entry};
+				MqttEmitEventHeader hdr;
+
+				memset(&hdr, 0, sizeof(hdr));
+				hdr.total_len = ME_MARKER_ENTRY_SIZE;
+				hdr.kind = ME_KIND_MARKER;
+				hdr.payload_len = sizeof(MqttEmitMarker);
+				memcpy(entry, &hdr, sizeof(hdr));
+				memcpy(entry + sizeof(hdr), &marker, sizeof(marker));
+				me_queue_push_reserved(entries, 1, reserved_bytes, 0);
+			}
+			if (npending > 0 && reserved_bytes > 0 && outboxed == 0)
+				me_queue_push_reserved(pending, npending, reserved_bytes, npending);
 			else if (outboxed > 0)
 			{
 				pg_atomic_fetch_add_u64(&me_shared->outbox_rows, outboxed);

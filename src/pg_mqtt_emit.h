@@ -69,8 +69,21 @@ typedef enum
 typedef enum
 {
 	ME_KIND_ROW = 1,			/* a captured row change */
-	ME_KIND_PUBLISH = 2			/* mqtt_emit.publish(): explicit topic */
+	ME_KIND_PUBLISH = 2,		/* mqtt_emit.publish(): explicit topic */
+	ME_KIND_MARKER = 3			/* a committed transaction's outbox rows */
 } MqttEmitKind;
+
+/*
+ * The payload of an ME_KIND_MARKER entry: a transaction that wrote its
+ * events to the outbox marks its place in the commit order with it.  Its
+ * rows have this batch number and ids between min_id and max_id.
+ */
+typedef struct MqttEmitMarker
+{
+	int64		batch;
+	int64		min_id;
+	int64		max_id;
+} MqttEmitMarker;
 
 #define ME_FLAG_PUBLISH		0x01	/* send it to the broker */
 #define ME_FLAG_LOCAL		0x02	/* run local listeners for it */
@@ -133,6 +146,7 @@ typedef struct MqttEmitShared
 	pg_atomic_uint32 outbox_version;	/* bumped when backends add rows */
 	pg_atomic_uint64 outbox_rows;	/* rows in the outbox (approximate) */
 	pg_atomic_uint64 outbox_oldest; /* created_at of the oldest row, or 0 */
+	bool		fresh;			/* no worker has run since memory was set up */
 
 	slock_t		errlock;		/* protects the last_error fields */
 	TimestampTz last_error_time;
@@ -187,7 +201,7 @@ extern void me_shmem_request(void);
 extern void me_shmem_startup(void);
 extern bool me_queue_reserve(Size len);
 extern void me_queue_unreserve(Size len);
-extern void me_queue_push_reserved(char **entries, int nentries, Size len);
+extern void me_queue_push_reserved(char **entries, int nentries, Size len, int nevents);
 extern uint64 me_queue_tail(void);
 extern void me_queue_copy(uint64 pos, char *dst, Size len);
 extern void me_queue_release(uint64 new_head, int nevents);
@@ -251,7 +265,9 @@ extern void me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 								 const char *model, int model_len,
 								 const char *payload, int payload_len, int qos);
 extern void me_capture_listeners_changed(void);
-extern void me_outbox_insert(char **entries, int n, uint8 flag_mask);
+extern void me_outbox_insert(char **entries, int n, uint8 flag_mask,
+							 int64 batch, bool marked, int64 first_seq,
+							 int64 *min_id, int64 *max_id);
 
 /* worker.c */
 extern void me_worker_register(void);

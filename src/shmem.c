@@ -28,8 +28,8 @@
  *	  Producers hold it while they copy their events into the ring, which
  *	  keeps the queue in commit order; the worker holds it only to read tail
  *	  and to move head.
- *	- worker_pid and worker_latch are written by the worker under the lock in
- *	  exclusive mode and read under it in shared mode.
+ *	- worker_pid, worker_latch and fresh are written by the worker under the
+ *	  lock in exclusive mode and read under it in shared mode.
  *	- errlock (spinlock) protects last_error and last_error_time.
  *	- counters, event_seq, listeners_version and the connection flags are
  *	  atomics and need no lock.
@@ -107,6 +107,7 @@ me_shmem_startup(void)
 		pg_atomic_init_u32(&me_shared->outbox_version, 0);
 		pg_atomic_init_u64(&me_shared->outbox_rows, 0);
 		pg_atomic_init_u64(&me_shared->outbox_oldest, 0);
+		me_shared->fresh = true;
 		SpinLockInit(&me_shared->errlock);
 		me_shared->last_error_time = 0;
 		me_shared->last_error[0] = '\0';
@@ -172,12 +173,13 @@ me_queue_copy(uint64 pos, char *dst, Size len)
 }
 
 /*
- * Write nentries events (each starting with its MqttEmitEventHeader) into
+ * Write nentries entries (each starting with its MqttEmitEventHeader) into
  * space reserved earlier by me_queue_reserve(len), and wake the worker.
+ * nevents of them are events (the others are markers, not counted).
  * Called after commit: it must not fail, and it does not allocate.
  */
 void
-me_queue_push_reserved(char **entries, int nentries, Size len)
+me_queue_push_reserved(char **entries, int nentries, Size len, int nevents)
 {
 	int			i;
 	Latch	   *latch;
@@ -195,7 +197,8 @@ me_queue_push_reserved(char **entries, int nentries, Size len)
 	latch = me_shared->worker_latch;
 	LWLockRelease(me_shared->lock);
 
-	pg_atomic_fetch_add_u64(&me_shared->counters[ME_STAT_ENQUEUED], nentries);
+	if (nevents > 0)
+		pg_atomic_fetch_add_u64(&me_shared->counters[ME_STAT_ENQUEUED], nevents);
 	if (latch)
 		SetLatch(latch);
 }

@@ -116,13 +116,15 @@ static int	outbox_inflight = 0;	/* outbox rows in the fifo */
 static bool extension_ready = false;
 static bool outbox_mode = true;
 static uint32 outbox_seen_version = 0;
-static int64 ob_pub_cursor = 0; /* rows with id <= this were sent */
+static int64 ob_pub_cursor = 0; /* rows with seq <= this were sent */
+static int64 ob_next_seq = 1;	/* the next publishing order number */
 static int64 *ob_acked = NULL;	/* acknowledged rows to delete */
 static int	ob_nacked = 0;
 static int	ob_maxacked = 0;
 static int64 strike_id = 0;		/* oldest unacknowledged row at resets */
 static int	strikes = 0;
 static int64 dead_letter_id = 0;
+static bool strays_pending = false; /* backends wrote rows without a marker */
 static SPIPlanPtr plan_delete = NULL;
 
 static uint32 listeners_version = 0;
@@ -156,6 +158,7 @@ static bool process_queue(uint64 tail);
 static void process_outbox(void);
 static void count_outbox(void);
 static void move_queue_to_outbox_at_exit(void);
+static void wait_for_acks_at_exit(void);
 static void release_done(void);
 static void reset_inflight(void);
 static void sync_subscriptions(bool all);
@@ -377,6 +380,7 @@ mqtt_emit_worker_main(Datum main_arg)
 		{
 			outbox_seen_version = version;
 			outbox_mode = true;
+			strays_pending = true;
 		}
 		if (extension_ready && !(publisher.broker && me_broker_connected(publisher.broker)))
 			outbox_mode = true;
@@ -400,7 +404,8 @@ mqtt_emit_worker_main(Datum main_arg)
 		ResetLatch(MyLatch);
 	}
 
-	/* SIGTERM: keep what is still queued, then leave */
+	/* SIGTERM: let acknowledgements on their way arrive, keep the rest */
+	wait_for_acks_at_exit();
 	move_queue_to_outbox_at_exit();
 	if (publisher.broker)
 		me_broker_disconnect(publisher.broker, 1000);
@@ -408,7 +413,13 @@ mqtt_emit_worker_main(Datum main_arg)
 		me_broker_disconnect(subscriber.broker, 100);
 	destroy_clients();
 	ereport(LOG, (errmsg("pg_mqtt_emit worker shutting down")));
-	proc_exit(0);
+
+	/*
+	 * Exit code 1: the postmaster starts the worker again unless the server
+	 * is shutting down, so that pg_terminate_backend() does not stop
+	 * publishing for good.
+	 */
+	proc_exit(1);
 }
 
 static void
@@ -549,6 +560,17 @@ handle_publisher_news(void)
 			publisher.next_attempt = GetCurrentTimestamp() +
 				(TimestampTz) mqtt_emit_reconnect_min * 1000;
 		}
+
+		/*
+		 * Start over with a new client: paho would otherwise send what it
+		 * still buffers ahead of the unacknowledged events resent from the
+		 * oldest one, out of order.
+		 */
+		me_broker_destroy(publisher.broker);
+		publisher.broker = NULL;
+		if (need_reset)
+			reset_inflight();
+		return;
 	}
 
 	for (i = 0; i < news.nacks; i++)
@@ -917,9 +939,84 @@ skip_entry(uint64 end)
 }
 
 /*
+ * Give the rows of a committed transaction's outbox batch their place in
+ * the publishing order.  Inside a transaction, with SPI connected.
+ */
+static void
+sequence_batch(const MqttEmitMarker *mk)
+{
+	Datum		args[4];
+	Oid			types[4] = {INT8OID, INT8OID, INT8OID, INT8OID};
+	int			ret;
+
+	args[0] = Int64GetDatum(mk->batch);
+	args[1] = Int64GetDatum(mk->min_id);
+	args[2] = Int64GetDatum(mk->max_id);
+	args[3] = Int64GetDatum(ob_next_seq);
+	ret = SPI_execute_with_args("UPDATE mqtt_emit.outbox o SET seq = $4 + s.n - 1 "
+								"FROM (SELECT id, row_number() OVER (ORDER BY id) AS n "
+								"      FROM mqtt_emit.outbox "
+								"      WHERE id BETWEEN $2 AND $3 AND batch = $1 AND seq IS NULL) s "
+								"WHERE o.id = s.id",
+								4, types, args, NULL, false, 0);
+	if (ret != SPI_OK_UPDATE)
+		elog(ERROR, "cannot order outbox rows: %s", SPI_result_code_string(ret));
+	ob_next_seq += SPI_processed;
+}
+
+/*
+ * Give rows that no marker will place (written when not even a marker fit
+ * in the queue, or whose marker a crash lost) their place, in id order.
+ * With all, every row without a place (after a crash: no marker can come).
+ */
+static void
+sequence_strays(bool all)
+{
+	Datum		arg = Int64GetDatum(ob_next_seq);
+	Oid			type = INT8OID;
+	int			ret;
+
+	ret = SPI_execute_with_args(all ?
+								"UPDATE mqtt_emit.outbox o SET seq = $1 + s.n - 1 "
+								"FROM (SELECT id, row_number() OVER (ORDER BY id) AS n "
+								"      FROM mqtt_emit.outbox WHERE seq IS NULL) s "
+								"WHERE o.id = s.id" :
+								"UPDATE mqtt_emit.outbox o SET seq = $1 + s.n - 1 "
+								"FROM (SELECT id, row_number() OVER (ORDER BY id) AS n "
+								"      FROM mqtt_emit.outbox WHERE seq IS NULL AND NOT marked) s "
+								"WHERE o.id = s.id",
+								1, &type, &arg, NULL, false, 0);
+	if (ret != SPI_OK_UPDATE)
+		elog(ERROR, "cannot order outbox rows: %s", SPI_result_code_string(ret));
+	ob_next_seq += SPI_processed;
+}
+
+/*
+ * Move the collected queue entries into the outbox, in their order.
+ */
+static void
+flush_moved(char **moved, int *nmoved)
+{
+	int64		min_id,
+				max_id;
+
+	if (*nmoved == 0)
+		return;
+	me_outbox_insert(moved, *nmoved, (uint8) ~ME_FLAG_LOCAL, 0, true, ob_next_seq,
+					 &min_id, &max_id);
+	ob_next_seq += *nmoved;
+	pg_atomic_fetch_add_u64(&me_shared->outbox_rows, *nmoved);
+	me_count(ME_STAT_OUTBOXED, *nmoved);
+	*nmoved = 0;
+}
+
+/*
  * Run local listeners of queued events, and publish them (or, in outbox
  * mode, move them into the outbox) as far as the broker and the in-flight
- * window allow.  Returns true when there is more to do right away.
+ * window allow.  Markers of transactions that wrote the outbox place their
+ * rows in the publishing order; in direct mode, one switches to outbox
+ * mode, so that nothing behind it overtakes its rows.  Returns true when
+ * there is more to do right away.
  */
 static bool
 process_queue(uint64 tail)
@@ -927,6 +1024,7 @@ process_queue(uint64 tail)
 	uint64		pos;
 	int			n = 0;
 	bool		in_tx = false;
+	bool		spi = false;
 	bool		can_publish;
 	bool		moving;
 	char	  **moved = NULL;
@@ -951,7 +1049,17 @@ process_queue(uint64 tail)
 		me_queue_copy(pos, (char *) &hdr, sizeof(hdr));
 		end = pos + hdr.total_len;
 
-		if (need_pub && !(hdr.flags & ME_FLAG_PUBLISH) && !moving)
+		if (need_pub && hdr.kind == ME_KIND_MARKER && !moving)
+		{
+			/* rows in the outbox come next: publish through the outbox */
+			outbox_mode = true;
+			can_publish = false;
+			need_pub = false;
+			if (!need_local)
+				break;
+		}
+		if (need_pub && !(hdr.flags & ME_FLAG_PUBLISH) &&
+			hdr.kind != ME_KIND_MARKER && !moving)
 		{
 			skip_entry(end);
 			need_pub = false;
@@ -990,9 +1098,27 @@ process_queue(uint64 tail)
 			}
 			if (need_pub && moving)
 			{
-				/* keep it in the outbox; local listeners have run */
-				if (h->flags & ME_FLAG_PUBLISH)
+				if (!in_tx)
 				{
+					begin_tx("moving events to the outbox");
+					in_tx = true;
+				}
+				if (h->kind == ME_KIND_MARKER)
+				{
+					MqttEmitMarker mk;
+
+					memcpy(&mk, model, sizeof(mk));
+					flush_moved(moved, &nmoved);
+					if (!spi)
+					{
+						SPI_connect();
+						spi = true;
+					}
+					sequence_batch(&mk);
+				}
+				else if (h->flags & ME_FLAG_PUBLISH)
+				{
+					/* keep it in the outbox; local listeners have run */
 					moved[nmoved] = palloc(h->total_len);
 					memcpy(moved[nmoved], h, h->total_len);
 					nmoved++;
@@ -1018,19 +1144,16 @@ process_queue(uint64 tail)
 			begin_tx("moving events to the outbox");
 			in_tx = true;
 		}
-		me_outbox_insert(moved, nmoved, (uint8) ~ME_FLAG_LOCAL);
+		flush_moved(moved, &nmoved);
 	}
+	if (spi)
+		SPI_finish();
 	if (in_tx)
 		end_tx();
 	if (moved_end > 0)
 	{
 		/* committed: the moved events are the outbox's now */
 		pub_pos = pub_done = moved_end;
-		if (nmoved > 0)
-		{
-			pg_atomic_fetch_add_u64(&me_shared->outbox_rows, nmoved);
-			me_count(ME_STAT_OUTBOXED, nmoved);
-		}
 	}
 
 	return n >= BATCH_EVENTS;
@@ -1045,13 +1168,30 @@ count_outbox(void)
 {
 	bool		isnull;
 
+	bool		fresh;
+
 	SPI_connect();
-	if (SPI_execute("SELECT count(*) FROM mqtt_emit.outbox", true, 1) == SPI_OK_SELECT &&
-		SPI_processed == 1)
+	if (SPI_execute("SELECT count(*), coalesce(max(seq), 0) FROM mqtt_emit.outbox",
+					true, 1) == SPI_OK_SELECT && SPI_processed == 1)
+	{
 		pg_atomic_write_u64(&me_shared->outbox_rows,
 							(uint64) DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
 																 SPI_tuptable->tupdesc,
 																 1, &isnull)));
+		ob_next_seq = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+												  SPI_tuptable->tupdesc, 2, &isnull)) + 1;
+	}
+
+	/*
+	 * After a crash the queue is new: markers it held are gone, so rows
+	 * still waiting for theirs are placed now, in id order.
+	 */
+	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
+	fresh = me_shared->fresh;
+	me_shared->fresh = false;
+	LWLockRelease(me_shared->lock);
+	if (fresh)
+		sequence_strays(true);
 	SPI_finish();
 	outbox_mode = true;
 }
@@ -1187,6 +1327,12 @@ process_outbox(void)
 		ob_nacked = 0;
 	}
 
+	if (strays_pending)
+	{
+		sequence_strays(false);
+		strays_pending = false;
+	}
+
 	/* local listeners of rows written by committing backends */
 	ret = SPI_execute("SELECT id, kind, flags, op, qos, model, payload, created_at "
 					  "FROM mqtt_emit.outbox WHERE (flags & 2) <> 0 ORDER BY id LIMIT 1000",
@@ -1235,8 +1381,8 @@ process_outbox(void)
 
 		args[0] = Int64GetDatum(ob_pub_cursor);
 		args[1] = Int32GetDatum(mqtt_emit_max_inflight - fifo_count);
-		ret = SPI_execute_with_args("SELECT id, kind, flags, op, qos, model, payload, created_at "
-									"FROM mqtt_emit.outbox WHERE id > $1 ORDER BY id LIMIT $2",
+		ret = SPI_execute_with_args("SELECT id, kind, flags, op, qos, model, payload, created_at, seq "
+									"FROM mqtt_emit.outbox WHERE seq > $1 ORDER BY seq LIMIT $2",
 									2, types, args, NULL, true, 0);
 		if (ret == SPI_OK_SELECT && SPI_processed > 0)
 		{
@@ -1252,19 +1398,23 @@ process_outbox(void)
 				text	   *payload;
 				TimestampTz created;
 
+				bool		isnull;
+				int64		seq;
+
 				row_to_event(tt->vals[i], tt->tupdesc, &hdr, &id, &model, &payload, &created);
+				seq = DatumGetInt64(SPI_getbinval(tt->vals[i], tt->tupdesc, 9, &isnull));
 				if (i == 0 && fifo_count == 0)
 					pg_atomic_write_u64(&me_shared->outbox_oldest, (uint64) created);
 				if (hdr.flags & ME_FLAG_LOCAL)
 					break;		/* its local listeners first */
 				if (!(hdr.flags & ME_FLAG_PUBLISH))
 				{
-					ob_pub_cursor = id;
+					ob_pub_cursor = seq;
 					continue;
 				}
 				if (!publish_event(&hdr, VARDATA_ANY(model), VARDATA_ANY(payload), 0, id))
 					break;
-				ob_pub_cursor = id;
+				ob_pub_cursor = seq;
 			}
 		}
 	}
@@ -1285,6 +1435,27 @@ process_outbox(void)
 
 	SPI_finish();
 	end_tx();
+}
+
+/*
+ * At shutdown, wait a little (at most a second) for acknowledgements of
+ * messages already sent, so that fewer are sent again after the restart.
+ */
+static void
+wait_for_acks_at_exit(void)
+{
+	int			i;
+
+	for (i = 0; i < 20 && fifo_count > 0; i++)
+	{
+		if (publisher.broker == NULL || !me_broker_connected(publisher.broker))
+			break;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 50, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		handle_publisher_news();
+	}
+	release_done();
 }
 
 /*
@@ -1330,7 +1501,8 @@ release_done(void)
 
 		me_queue_copy(pos, (char *) &hdr, sizeof(hdr));
 		pos += hdr.total_len;
-		nevents++;
+		if (hdr.kind != ME_KIND_MARKER)
+			nevents++;
 	}
 	Assert(pos == done);
 	me_queue_release(done, nevents);
