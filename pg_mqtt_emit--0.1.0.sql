@@ -238,6 +238,80 @@ RETURNS void
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'mqtt_emit_listeners_changed';
 
+-- Every row of the registry is checked, however it is inserted (listen()
+-- or a direct INSERT, which row security allows for one's own rows): the
+-- worker calls what the registry names.
+CREATE FUNCTION mqtt_emit._validate_listener()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p record;
+    op text;
+    ops text[];
+BEGIN
+    IF NEW.model IS NULL OR NEW.model = '' OR length(NEW.model) > 200
+       OR NEW.model ~ '[[:cntrl:]/+#]' THEN
+        RAISE EXCEPTION 'invalid model name "%"', NEW.model
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A model name has 1 to 200 characters and no control characters, "/", "+" or "#".';
+    END IF;
+    IF NEW.listener IS NULL THEN
+        RAISE EXCEPTION 'listener must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT pr.pronargs, pr.proargtypes, pr.proretset, pr.prokind
+      INTO p FROM pg_proc pr WHERE pr.oid = NEW.listener;
+    IF NOT FOUND OR p.prokind <> 'f' OR p.pronargs <> 1
+       OR p.proargtypes[0] <> 'mqtt_emit.event'::regtype OR p.proretset THEN
+        RAISE EXCEPTION 'function % cannot be a listener', NEW.listener
+            USING ERRCODE = 'invalid_function_definition',
+                  HINT = 'A listener is a function f(event mqtt_emit.event) RETURNS void.';
+    END IF;
+    IF NOT has_function_privilege(NEW.owner, NEW.listener, 'EXECUTE') THEN
+        RAISE EXCEPTION 'permission denied for function %', NEW.listener
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'A listener runs as the role that registers it, which must be allowed to execute it.';
+    END IF;
+    IF NEW.allow_remote IS NULL OR NEW.remote_only IS NULL THEN
+        RAISE EXCEPTION 'allow_remote and remote_only must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF NEW.remote_only AND NOT NEW.allow_remote THEN
+        RAISE EXCEPTION 'remote_only requires allow_remote'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use allow_remote => true, remote_only => true for a listener that runs for remote events only.';
+    END IF;
+    IF NEW.filter IS NOT NULL AND jsonb_typeof(NEW.filter) <> 'object' THEN
+        RAISE EXCEPTION 'filter must be a JSON object'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'The filter is matched with @> against the event''s result row, e.g. ''{"status": "active"}''.';
+    END IF;
+    IF NEW.operations IS NOT NULL THEN
+        ops := '{}';
+        FOREACH op IN ARRAY NEW.operations LOOP
+            op := CASE lower(op) WHEN 'insert' THEN 'create' ELSE op END;
+            IF op IS NULL OR lower(op) NOT IN ('create', 'update', 'delete', 'createmany',
+                                               'updatemany', 'deletemany', 'upsert') THEN
+                RAISE EXCEPTION 'unknown operation "%"', op
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'Operations are create (or insert), update and delete, and the seed''s createMany, updateMany, deleteMany and upsert.';
+            END IF;
+            ops := ops || op;
+        END LOOP;
+        IF cardinality(ops) = 0 THEN
+            RAISE EXCEPTION 'operations must name at least one operation, or be null for all'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        NEW.operations := ops;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER validate_listener BEFORE INSERT ON mqtt_emit.listeners
+    FOR EACH ROW EXECUTE FUNCTION mqtt_emit._validate_listener();
+
 CREATE FUNCTION mqtt_emit.listen(
     model text,
     listener regprocedure,
@@ -251,70 +325,12 @@ LANGUAGE plpgsql VOLATILE
 -- everything below is schema-qualified and runs as the caller anyway
 AS $$
 DECLARE
-    p record;
-    op text;
-    ops text[];
     new_id bigint;
-    caller_path text := pg_catalog.current_setting('search_path');
 BEGIN
-    IF model IS NULL OR model = '' OR pg_catalog.length(model) > 200 OR model ~ '[[:cntrl:]/+#]' THEN
-        RAISE EXCEPTION 'invalid model name "%"', model
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'A model name has 1 to 200 characters and no control characters, "/", "+" or "#".';
-    END IF;
-    IF listener IS NULL THEN
-        RAISE EXCEPTION 'listener must not be null'
-            USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    SELECT pr.pronargs, pr.proargtypes, pr.proretset, pr.prokind
-      INTO p FROM pg_catalog.pg_proc pr WHERE pr.oid = listener;
-    IF p.prokind <> 'f' OR p.pronargs <> 1
-       OR p.proargtypes[0] <> 'mqtt_emit.event'::pg_catalog.regtype OR p.proretset THEN
-        RAISE EXCEPTION 'function % cannot be a listener', listener
-            USING ERRCODE = 'invalid_function_definition',
-                  HINT = 'A listener is a function f(event mqtt_emit.event) RETURNS void.';
-    END IF;
-    IF NOT pg_catalog.has_function_privilege(current_user, listener, 'EXECUTE') THEN
-        RAISE EXCEPTION 'permission denied for function %', listener
-            USING ERRCODE = 'insufficient_privilege',
-                  HINT = 'A listener runs as the role that registers it, which must be allowed to execute it.';
-    END IF;
-    IF allow_remote IS NULL OR remote_only IS NULL THEN
-        RAISE EXCEPTION 'allow_remote and remote_only must not be null'
-            USING ERRCODE = 'null_value_not_allowed';
-    END IF;
-    IF remote_only AND NOT allow_remote THEN
-        RAISE EXCEPTION 'remote_only requires allow_remote'
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Use allow_remote => true, remote_only => true for a listener that runs for remote events only.';
-    END IF;
-    IF filter IS NOT NULL AND pg_catalog.jsonb_typeof(filter) <> 'object' THEN
-        RAISE EXCEPTION 'filter must be a JSON object'
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'The filter is matched with @> against the event''s result row, e.g. ''{"status": "active"}''.';
-    END IF;
-    IF operations IS NOT NULL THEN
-        ops := '{}';
-        FOREACH op IN ARRAY operations LOOP
-            op := CASE pg_catalog.lower(op) WHEN 'insert' THEN 'create' ELSE op END;
-            IF op IS NULL OR pg_catalog.lower(op) NOT IN ('create', 'update', 'delete', 'createmany',
-                                               'updatemany', 'deletemany', 'upsert') THEN
-                RAISE EXCEPTION 'unknown operation "%"', op
-                    USING ERRCODE = 'invalid_parameter_value',
-                          HINT = 'Operations are create (or insert), update and delete, and the seed''s createMany, updateMany, deleteMany and upsert.';
-            END IF;
-            ops := ops || op;
-        END LOOP;
-        IF pg_catalog.cardinality(ops) = 0 THEN
-            RAISE EXCEPTION 'operations must name at least one operation, or be null for all'
-                USING ERRCODE = 'invalid_parameter_value';
-        END IF;
-    END IF;
-
     INSERT INTO mqtt_emit.listeners
         (model, listener, allow_remote, remote_only, filter, operations, owner, search_path)
-    VALUES (model, listener, allow_remote, remote_only, filter, ops,
-            current_user::pg_catalog.regrole, caller_path)
+    VALUES (model, listener, allow_remote, remote_only, filter, operations,
+            current_user::pg_catalog.regrole, pg_catalog.current_setting('search_path'))
     RETURNING id INTO new_id;
     PERFORM mqtt_emit._listeners_changed();
     RETURN new_id;
@@ -366,6 +382,7 @@ CREATE TABLE mqtt_emit.outbox (
     batch       bigint NOT NULL,
     marked      boolean NOT NULL DEFAULT false,
     seq         bigint,
+    relid       oid NOT NULL DEFAULT 0,
     created_at  timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX outbox_seq_idx ON mqtt_emit.outbox (seq) WHERE seq IS NOT NULL;

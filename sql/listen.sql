@@ -70,7 +70,7 @@ REVOKE ALL ON secrets FROM PUBLIC;
 CREATE FUNCTION l_snoop(e mqtt_emit.event) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN INSERT INTO public.calls (who, id) SELECT 'snoop:' || current_user, v FROM public.secrets; END $$;
 CREATE FUNCTION l_whoami(e mqtt_emit.event) RETURNS void LANGUAGE plpgsql AS $$
-BEGIN INSERT INTO public.calls (who, id) VALUES ('whoami', current_user); END $$;
+BEGIN INSERT INTO public.calls (who, id) VALUES ('whoami:' || (e.result->>'id'), current_user); END $$;
 
 SET ROLE regress_mqtt_plain;
 SELECT try($$SELECT mqtt_emit.listen('item', 'l_private(mqtt_emit.event)')$$);
@@ -79,13 +79,20 @@ SELECT mqtt_emit.listen('item', 'l_snoop(mqtt_emit.event)') AS id_snoop \gset
 SELECT mqtt_emit.listen('item', 'l_whoami(mqtt_emit.event)') AS id_whoami \gset
 SELECT count(*) AS visible_listeners FROM mqtt_emit.listeners;
 SELECT try($$INSERT INTO mqtt_emit.listeners (model, listener, owner) VALUES ('item', 'l_whoami(mqtt_emit.event)', 'postgres')$$);
+-- rows inserted directly are checked like listen()'s
+SELECT try($$INSERT INTO mqtt_emit.listeners (model, listener) VALUES ('item', 'not_a_listener(int)')$$);
+SELECT try($$UPDATE mqtt_emit.listeners SET listener = 'not_a_listener(int)'$$);
 DELETE FROM mqtt_emit.listeners WHERE owner <> current_user::regrole;
 SELECT try($$SELECT mqtt_emit.unlisten(1)$$);
 RESET ROLE;
 
+-- the role may not read item: its listeners get none of item's rows
 INSERT INTO item VALUES (3, 'active', 's3');
-SELECT wait_until('SELECT count(*) FILTER (WHERE who = ''whoami'') = 1 FROM calls') AS arrived;
-SELECT who, id FROM calls WHERE who IN ('whoami', 'private') OR who LIKE 'snoop%' ORDER BY who;
+SELECT wait_until('SELECT count(*) = 1 FROM calls WHERE who = ''default'' AND id = ''3''') AS dispatched;
+GRANT SELECT ON item TO regress_mqtt_plain;
+INSERT INTO item VALUES (4, 'active', 's4');
+SELECT wait_until('SELECT count(*) FILTER (WHERE who LIKE ''whoami%'') = 1 FROM calls') AS arrived;
+SELECT who, id FROM calls WHERE who LIKE 'whoami%' OR who = 'private' OR who LIKE 'snoop%' ORDER BY who;
 SELECT mqtt_emit.unlisten(:id_snoop);
 SELECT mqtt_emit.unlisten(:id_whoami);
 

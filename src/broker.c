@@ -147,11 +147,14 @@ on_connect_failure5(void *context, MQTTAsync_failureData5 *response)
 {
 	char		buf[256];
 
+	/* paho reports a refusing CONNACK's reason in code, not reasonCode */
 	snprintf(buf, sizeof(buf), "connect failed: %s (code %d, reason %s)",
 			 (response && response->message) ? response->message :
 			 MQTTAsync_strerror(response ? response->code : 0),
 			 response ? response->code : 0,
-			 response ? MQTTReasonCode_toString(response->reasonCode) : "");
+			 !response ? "" :
+			 response->reasonCode != 0 ? MQTTReasonCode_toString(response->reasonCode) :
+			 response->code > 0 ? MQTTReasonCode_toString(response->code) : "none");
 	record_lost((MeBroker *) context, buf);
 }
 

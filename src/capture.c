@@ -486,7 +486,7 @@ mqtt_emit_capture(PG_FUNCTION_ARGS)
 
 	MemoryContextSwitchTo(old);
 
-	me_capture_add_event(ME_KIND_ROW, flags, op,
+	me_capture_add_event(ME_KIND_ROW, flags, op, RelationGetRelid(rel),
 						 buf.data + sizeof(MqttEmitEventHeader), cr->model_len,
 						 buf.data + sizeof(MqttEmitEventHeader) + cr->model_len,
 						 buf.len - sizeof(MqttEmitEventHeader) - cr->model_len,
@@ -502,7 +502,7 @@ mqtt_emit_capture(PG_FUNCTION_ARGS)
  */
 void
 me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
-					 const char *model, int model_len,
+					 Oid relid, const char *model, int model_len,
 					 const char *payload, int payload_len, int qos)
 {
 	MqttEmitEventHeader hdr;
@@ -526,7 +526,7 @@ me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 	hdr.flags = flags;
 	hdr.op = (uint8) op;
 	hdr.qos = (uint8) qos;
-	hdr.userid = GetUserId();
+	hdr.relid = relid;
 	hdr.model_len = model_len;
 	hdr.payload_len = payload_len;
 
@@ -601,7 +601,8 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 	Datum	   *qoss = palloc(sizeof(Datum) * n);
 	Datum	   *models = palloc(sizeof(Datum) * n);
 	Datum	   *payloads = palloc(sizeof(Datum) * n);
-	Datum		values[9];
+	Datum	   *relids = palloc(sizeof(Datum) * n);
+	Datum		values[10];
 	Oid			save_userid;
 	int			save_sec;
 	int			i;
@@ -620,6 +621,7 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 		models[i] = PointerGetDatum(cstring_to_text_with_len(model, hdr->model_len));
 		payloads[i] = PointerGetDatum(cstring_to_text_with_len(model + hdr->model_len,
 															   hdr->payload_len));
+		relids[i] = ObjectIdGetDatum(hdr->relid);
 	}
 	values[0] = PointerGetDatum(construct_array(kinds, n, INT2OID, 2, true, TYPALIGN_SHORT));
 	values[1] = PointerGetDatum(construct_array(flags, n, INT2OID, 2, true, TYPALIGN_SHORT));
@@ -630,6 +632,7 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 	values[6] = Int64GetDatum(batch);
 	values[7] = BoolGetDatum(marked);
 	values[8] = Int64GetDatum(first_seq);
+	values[9] = PointerGetDatum(construct_array(relids, n, OIDOID, sizeof(Oid), true, TYPALIGN_INT));
 
 	GetUserIdAndSecContext(&save_userid, &save_sec);
 	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID,
@@ -638,24 +641,25 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 	PushActiveSnapshot(GetTransactionSnapshot());
 	if (outbox_plan == NULL)
 	{
-		Oid			types[9] = {INT2ARRAYOID, INT2ARRAYOID, INT2ARRAYOID,
-			INT2ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8OID, BOOLOID, INT8OID};
+		Oid			types[10] = {INT2ARRAYOID, INT2ARRAYOID, INT2ARRAYOID,
+			INT2ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8OID, BOOLOID, INT8OID,
+		OIDARRAYOID};
 		SPIPlanPtr	plan;
 
 		plan = SPI_prepare("WITH ins AS ("
 						   " INSERT INTO mqtt_emit.outbox"
-						   "  (kind, flags, op, qos, model, payload, batch, marked, seq)"
+						   "  (kind, flags, op, qos, model, payload, batch, marked, seq, relid)"
 						   " SELECT r.k, r.f, r.o, r.q, r.m, r.p, $7, $8,"
 						   "  CASE WHEN $9 OPERATOR(pg_catalog.=) 0 THEN NULL"
-						   "   ELSE $9 OPERATOR(pg_catalog.+) r.n OPERATOR(pg_catalog.-) 1 END"
+						   "   ELSE $9 OPERATOR(pg_catalog.+) r.n OPERATOR(pg_catalog.-) 1 END, r.r"
 						   " FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2),"
 						   "  pg_catalog.unnest($3), pg_catalog.unnest($4),"
-						   "  pg_catalog.unnest($5), pg_catalog.unnest($6))"
-						   "  WITH ORDINALITY AS r(k, f, o, q, m, p, n)"
+						   "  pg_catalog.unnest($5), pg_catalog.unnest($6), pg_catalog.unnest($10))"
+						   "  WITH ORDINALITY AS r(k, f, o, q, m, p, r, n)"
 						   " ORDER BY r.n"
 						   " RETURNING id)"
 						   " SELECT pg_catalog.min(id), pg_catalog.max(id) FROM ins",
-						   9, types);
+						   10, types);
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed for the outbox insert: %s",
 				 SPI_result_code_string(SPI_result));

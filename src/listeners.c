@@ -150,6 +150,7 @@ typedef struct EventData
 	TimestampTz emitted_at;
 	const char *topic;
 	Jsonb	   *payload;
+	Oid			relid;			/* local events: the changed table */
 } EventData;
 
 static char *
@@ -252,6 +253,32 @@ me_listeners_refresh(void)
 		l->search_path = SPI_getvalue(tup, td, 10);
 		if (l->search_path == NULL)
 			l->search_path = pstrdup("pg_catalog");
+
+		/* a listener takes exactly one mqtt_emit.event, whoever wrote the row */
+		if (get_func_nargs(l->fn) != 1 || get_func_rettype(l->fn) == InvalidOid)
+		{
+			ereport(LOG,
+					(errmsg("pg_mqtt_emit ignores listener " INT64_FORMAT ": %s is not a function of one mqtt_emit.event",
+							l->id, l->fn_name)));
+			continue;
+		}
+		{
+			Oid		   *argtypes;
+			int			nargs;
+			HeapTuple	ftup = SearchSysCache1(PROCOID, ObjectIdGetDatum(l->fn));
+
+			if (!HeapTupleIsValid(ftup))
+				continue;
+			get_func_signature(l->fn, &argtypes, &nargs);
+			ReleaseSysCache(ftup);
+			if (nargs != 1 || argtypes[0] != typoid)
+			{
+				ereport(LOG,
+						(errmsg("pg_mqtt_emit ignores listener " INT64_FORMAT ": %s is not a function of one mqtt_emit.event",
+								l->id, l->fn_name)));
+				continue;
+			}
+		}
 		nlisteners++;
 	}
 	MemoryContextSwitchTo(old);
@@ -361,7 +388,8 @@ call_listener(Listener *l, Datum event, const EventData *ev)
 
 		if (mqtt_emit_listener_timeout > 0)
 			disable_timeout(STATEMENT_TIMEOUT, false);
-		AtEOXact_GUC(true, nestlevel);
+		/* nothing the listener set outlives its call */
+		AtEOXact_GUC(false, nestlevel);
 		SetUserIdAndSecContext(save_userid, save_sec);
 
 		ReleaseCurrentSubTransaction();
@@ -420,6 +448,22 @@ dispatch(const EventData *ev)
 			continue;
 		if (ev->remote ? !l->allow_remote : l->remote_only)
 			continue;
+
+		/*
+		 * A local event carries rows of a table: only roles that may read
+		 * it (all of its columns) get them, so a listener cannot be used to
+		 * read what its owner may not SELECT.
+		 */
+		if (!ev->remote && OidIsValid(ev->relid) &&
+			pg_class_aclcheck(ev->relid, l->owner, ACL_SELECT) != ACLCHECK_OK &&
+			pg_attribute_aclcheck_all(ev->relid, l->owner, ACL_SELECT,
+									  ACLMASK_ALL) != ACLCHECK_OK)
+		{
+			ereport(DEBUG1,
+					(errmsg("pg_mqtt_emit listener %s skipped: role %u may not read table %u",
+							l->fn_name, l->owner, ev->relid)));
+			continue;
+		}
 		if (l->operations != NIL)
 		{
 			ListCell   *lc;
@@ -516,6 +560,7 @@ me_listeners_run_local(const MqttEmitEventHeader *hdr, const char *model,
 	ev.model = pnstrdup(model, hdr->model_len);
 	ev.operation = me_op_name(hdr->op);
 	ev.remote = false;
+	ev.relid = hdr->relid;
 	ev.topic = topic;
 	ev.payload = jb;
 	if ((v = get_field(jb, "eventId")) != NULL && v->type == jbvString)

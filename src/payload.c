@@ -46,6 +46,7 @@
 #include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
+#include "utils/resowner.h"
 #include "utils/timestamp.h"
 #include "utils/typcache.h"
 
@@ -360,17 +361,34 @@ me_build_topic(StringInfo buf, const MqttEmitEventHeader *hdr,
 static bool
 compute_signature(uint8 *mac, const char *payload, int len)
 {
-	pg_hmac_ctx *ctx = pg_hmac_create(PG_SHA256);
+	static ResourceOwner owner = NULL;
+	ResourceOwner save = CurrentResourceOwner;
+	pg_hmac_ctx *ctx;
 	bool		ok;
 
+	/*
+	 * With OpenSSL, pg_hmac_create() registers with the current resource
+	 * owner, which the worker's loop outside a transaction does not have.
+	 */
+	if (CurrentResourceOwner == NULL)
+	{
+		if (owner == NULL)
+			owner = ResourceOwnerCreate(NULL, "pg_mqtt_emit signing");
+		CurrentResourceOwner = owner;
+	}
+	ctx = pg_hmac_create(PG_SHA256);
 	if (ctx == NULL)
+	{
+		CurrentResourceOwner = save;
 		return false;
+	}
 	ok = pg_hmac_init(ctx, (const uint8 *) mqtt_emit_signing_key,
 					  strlen(mqtt_emit_signing_key)) == 0 &&
 		pg_hmac_update(ctx, (const uint8 *) payload, len) == 0 &&
 		pg_hmac_update(ctx, (const uint8 *) "}", 1) == 0 &&
 		pg_hmac_final(ctx, mac, PG_SHA256_DIGEST_LENGTH) == 0;
 	pg_hmac_free(ctx);
+	CurrentResourceOwner = save;
 	return ok;
 }
 

@@ -137,13 +137,6 @@ _PG_init(void)
 							   "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY,
 							   NULL, NULL, NULL);
-	DefineCustomStringVariable("mqtt_emit.password",
-							   "Sets the password for the MQTT broker.",
-							   NULL,
-							   &mqtt_emit_password,
-							   "",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL,
-							   NULL, NULL, NULL);
 	DefineCustomIntVariable("mqtt_emit.qos",
 							"Sets the MQTT quality of service used for publishing.",
 							NULL,
@@ -300,13 +293,6 @@ _PG_init(void)
 							PGC_SIGHUP, 0,
 							NULL, NULL, NULL);
 
-	DefineCustomStringVariable("mqtt_emit.signing_key",
-							   "Sets the shared secret for signing published messages with HMAC-SHA256.",
-							   "Empty means messages are not signed.",
-							   &mqtt_emit_signing_key,
-							   "",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL,
-							   NULL, NULL, NULL);
 	DefineCustomBoolVariable("mqtt_emit.require_signature",
 							 "Drops received messages without a valid signature.",
 							 "Needs \"mqtt_emit.signing_key\".",
@@ -323,6 +309,20 @@ _PG_init(void)
 								   &mqtt_emit_database,
 								   "postgres",
 								   PGC_POSTMASTER, 0,
+								   NULL, NULL, NULL);
+		DefineCustomStringVariable("mqtt_emit.password",
+								   "Sets the password for the MQTT broker.",
+								   "Changing it needs a restart: a reloaded value would be written to the server log.",
+								   &mqtt_emit_password,
+								   "",
+								   PGC_POSTMASTER, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL,
+								   NULL, NULL, NULL);
+		DefineCustomStringVariable("mqtt_emit.signing_key",
+								   "Sets the shared secret for signing published messages with HMAC-SHA256.",
+								   "Empty means messages are not signed. Changing it needs a restart: a reloaded value would be written to the server log.",
+								   &mqtt_emit_signing_key,
+								   "",
+								   PGC_POSTMASTER, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL,
 								   NULL, NULL, NULL);
 		DefineCustomIntVariable("mqtt_emit.queue_size",
 								"Sets the size of the shared-memory event queue.",

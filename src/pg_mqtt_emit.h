@@ -95,7 +95,7 @@ typedef struct MqttEmitEventHeader
 	uint8		flags;			/* ME_FLAG_* */
 	uint8		op;				/* MqttEmitOp */
 	uint8		qos;			/* for ME_KIND_PUBLISH; 255 = default */
-	Oid			userid;			/* role that committed it */
+	Oid			relid;			/* the changed table, or InvalidOid */
 	uint32		model_len;
 	uint32		payload_len;
 } MqttEmitEventHeader;
@@ -262,7 +262,7 @@ extern MqttEmitSigCheck me_check_signature(const char *payload, int len);
 /* capture.c */
 extern void me_capture_init(void);
 extern void me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
-								 const char *model, int model_len,
+								 Oid relid, const char *model, int model_len,
 								 const char *payload, int payload_len, int qos);
 extern void me_capture_listeners_changed(void);
 extern void me_outbox_insert(char **entries, int n, uint8 flag_mask,

@@ -111,7 +111,7 @@ mqtt_emit_publish(PG_FUNCTION_ARGS)
 				 errdetail("Topics used for publishing must not contain \"+\" or \"#\".")));
 
 	me_capture_add_event(ME_KIND_PUBLISH, ME_FLAG_PUBLISH, ME_OP_OTHER,
-						 topic, topic_len,
+						 InvalidOid, topic, topic_len,
 						 VARDATA_ANY(payload_t), VARSIZE_ANY_EXHDR(payload_t),
 						 qos);
 	PG_RETURN_VOID();

@@ -267,6 +267,9 @@ mqtt_emit_worker_main(Datum main_arg)
 	BackgroundWorkerInitializeConnection(mqtt_emit_database, NULL, 0);
 	pgstat_report_appname("pg_mqtt_emit");
 
+	/* the worker's own SQL resolves names in pg_catalog only */
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
+
 	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
 	if (me_shared->worker_pid != 0)
 	{
@@ -330,6 +333,7 @@ mqtt_emit_worker_main(Datum main_arg)
 								mqtt_emit_broker_url)));
 				destroy_clients();
 				remember_settings();
+				publisher.last_logged[0] = subscriber.last_logged[0] = '\0';
 				publisher.next_attempt = subscriber.next_attempt = 0;
 				publisher.backoff_ms = subscriber.backoff_ms = mqtt_emit_reconnect_min;
 			}
@@ -1225,7 +1229,7 @@ row_to_event(HeapTuple tup, TupleDesc td, MqttEmitEventHeader *hdr,
 	hdr->model_len = VARSIZE_ANY_EXHDR(*model);
 	hdr->payload_len = VARSIZE_ANY_EXHDR(*payload);
 	hdr->total_len = sizeof(MqttEmitEventHeader) + hdr->model_len + hdr->payload_len;
-	hdr->userid = InvalidOid;
+	hdr->relid = DatumGetObjectId(SPI_getbinval(tup, td, 9, &isnull));
 }
 
 /*
@@ -1237,7 +1241,7 @@ dead_letter(int64 id)
 	Datum		arg = Int64GetDatum(id);
 	Oid			argtype = INT8OID;
 
-	if (SPI_execute_with_args("SELECT id, kind, flags, op, qos, model, payload, created_at "
+	if (SPI_execute_with_args("SELECT id, kind, flags, op, qos, model, payload, created_at, relid "
 							  "FROM mqtt_emit.outbox WHERE id = $1",
 							  1, &argtype, &arg, NULL, false, 1) == SPI_OK_SELECT &&
 		SPI_processed == 1)
@@ -1334,7 +1338,7 @@ process_outbox(void)
 	}
 
 	/* local listeners of rows written by committing backends */
-	ret = SPI_execute("SELECT id, kind, flags, op, qos, model, payload, created_at "
+	ret = SPI_execute("SELECT id, kind, flags, op, qos, model, payload, created_at, relid "
 					  "FROM mqtt_emit.outbox WHERE (flags & 2) <> 0 ORDER BY id LIMIT 1000",
 					  false, 0);
 	if (ret == SPI_OK_SELECT && SPI_processed > 0)
@@ -1381,7 +1385,7 @@ process_outbox(void)
 
 		args[0] = Int64GetDatum(ob_pub_cursor);
 		args[1] = Int32GetDatum(mqtt_emit_max_inflight - fifo_count);
-		ret = SPI_execute_with_args("SELECT id, kind, flags, op, qos, model, payload, created_at, seq "
+		ret = SPI_execute_with_args("SELECT id, kind, flags, op, qos, model, payload, created_at, relid, seq "
 									"FROM mqtt_emit.outbox WHERE seq > $1 ORDER BY seq LIMIT $2",
 									2, types, args, NULL, true, 0);
 		if (ret == SPI_OK_SELECT && SPI_processed > 0)
@@ -1402,7 +1406,7 @@ process_outbox(void)
 				int64		seq;
 
 				row_to_event(tt->vals[i], tt->tupdesc, &hdr, &id, &model, &payload, &created);
-				seq = DatumGetInt64(SPI_getbinval(tt->vals[i], tt->tupdesc, 9, &isnull));
+				seq = DatumGetInt64(SPI_getbinval(tt->vals[i], tt->tupdesc, 10, &isnull));
 				if (i == 0 && fifo_count == 0)
 					pg_atomic_write_u64(&me_shared->outbox_oldest, (uint64) created);
 				if (hdr.flags & ME_FLAG_LOCAL)
