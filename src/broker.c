@@ -71,6 +71,9 @@ struct MeBroker
 	uint64	   *failures;
 	int			nfailures;
 	int			maxfailures;
+	uint64	   *rejects;
+	int			nrejects;
+	int			maxrejects;
 	MeIncoming *in_head;
 	MeIncoming *in_tail;
 	size_t		in_bytes;
@@ -158,8 +161,9 @@ on_connect_failure5(void *context, MQTTAsync_failureData5 *response)
 	record_lost((MeBroker *) context, buf);
 }
 
+/* outcome: 1 acknowledged, 0 failed (send again), -1 refused for good */
 static void
-record_publish_outcome(void *context, bool ok)
+record_publish_outcome(void *context, int outcome)
 {
 	MeBroker   *b = current_publisher;
 	uint64		seq = (uint64) (uintptr_t) context;
@@ -167,8 +171,10 @@ record_publish_outcome(void *context, bool ok)
 	if (b == NULL)
 		return;
 	pthread_mutex_lock(&b->mutex);
-	if (ok)
+	if (outcome > 0)
 		push_seq(&b->acks, &b->nacks, &b->maxacks, seq);
+	else if (outcome < 0)
+		push_seq(&b->rejects, &b->nrejects, &b->maxrejects, seq);
 	else
 		push_seq(&b->failures, &b->nfailures, &b->maxfailures, seq);
 	pthread_mutex_unlock(&b->mutex);
@@ -178,20 +184,20 @@ record_publish_outcome(void *context, bool ok)
 static void
 on_publish_success(void *context, MQTTAsync_successData *response)
 {
-	record_publish_outcome(context, true);
+	record_publish_outcome(context, 1);
 }
 
 static void
 on_publish_success5(void *context, MQTTAsync_successData5 *response)
 {
-	/* a PUBACK with a failure reason code is no acknowledgement */
-	record_publish_outcome(context, !(response && response->reasonCode >= 0x80));
+	/* a PUBACK with a failure reason code: the broker refuses this message */
+	record_publish_outcome(context, (response && response->reasonCode >= 0x80) ? -1 : 1);
 }
 
 static void
 on_publish_failure(void *context, MQTTAsync_failureData *response)
 {
-	record_publish_outcome(context, false);
+	record_publish_outcome(context, 0);
 }
 
 static void
@@ -429,8 +435,10 @@ me_broker_poll(MeBroker *b, MeBrokerNews *news)
 {
 	uint64	   *acks = NULL;
 	uint64	   *fails = NULL;
+	uint64	   *rejs = NULL;
 	int			nacks,
-				nfails;
+				nfails,
+				nrejs;
 
 	memset(news, 0, sizeof(*news));
 
@@ -438,11 +446,14 @@ me_broker_poll(MeBroker *b, MeBrokerNews *news)
 	pthread_mutex_lock(&b->mutex);
 	nacks = b->nacks;
 	nfails = b->nfailures;
+	nrejs = b->nrejects;
 	pthread_mutex_unlock(&b->mutex);
 	if (nacks > 0)
 		acks = palloc(sizeof(uint64) * (nacks + 1024));
 	if (nfails > 0)
 		fails = palloc(sizeof(uint64) * (nfails + 1024));
+	if (nrejs > 0)
+		rejs = palloc(sizeof(uint64) * (nrejs + 1024));
 
 	pthread_mutex_lock(&b->mutex);
 	news->connected = b->news_connected;
@@ -468,6 +479,15 @@ me_broker_poll(MeBroker *b, MeBrokerNews *news)
 				sizeof(uint64) * (b->nfailures - news->nfailures));
 		b->nfailures -= news->nfailures;
 		news->failures = fails;
+	}
+	if (rejs && b->nrejects > 0)
+	{
+		news->nrejects = Min(b->nrejects, nrejs + 1024);
+		memcpy(rejs, b->rejects, sizeof(uint64) * news->nrejects);
+		memmove(b->rejects, b->rejects + news->nrejects,
+				sizeof(uint64) * (b->nrejects - news->nrejects));
+		b->nrejects -= news->nrejects;
+		news->rejects = rejs;
 	}
 	news->incoming = b->in_head;
 	b->in_head = b->in_tail = NULL;
@@ -585,6 +605,7 @@ me_broker_destroy(MeBroker *b)
 	}
 	free(b->acks);
 	free(b->failures);
+	free(b->rejects);
 	pthread_mutex_destroy(&b->mutex);
 	free(b);
 }

@@ -35,6 +35,8 @@ typedef struct MeBrokerNews
 	int			nacks;
 	uint64	   *failures;		/* sequence numbers that failed (palloc'd) */
 	int			nfailures;
+	uint64	   *rejects;		/* refused by the broker for good (palloc'd) */
+	int			nrejects;
 	MeIncoming *incoming;		/* received messages, oldest first */
 	uint64		incoming_dropped;	/* dropped for lack of buffer space */
 } MeBrokerNews;

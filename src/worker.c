@@ -73,6 +73,7 @@
 /* One published event waiting for its acknowledgements. */
 typedef struct InFlight
 {
+	uint64		start_pos;		/* queue entry: where it starts */
 	uint64		end_pos;		/* queue entry: done up to here when acked */
 	int64		outbox_id;		/* outbox row, or 0 for a queue entry */
 	int			pending;		/* acknowledgements still missing */
@@ -124,6 +125,8 @@ static int	ob_maxacked = 0;
 static int64 strike_id = 0;		/* oldest unacknowledged row at resets */
 static int	strikes = 0;
 static int64 dead_letter_id = 0;
+static List *dead_queue_entries = NIL;	/* refused queue entries (copies) */
+static List *dead_outbox_ids = NIL; /* refused outbox rows */
 static bool strays_pending = false; /* backends wrote rows without a marker */
 static SPIPlanPtr plan_delete = NULL;
 
@@ -157,6 +160,9 @@ static void handle_subscriber_news(void);
 static bool process_queue(uint64 tail);
 static void process_outbox(void);
 static void count_outbox(void);
+static void dead_letter(int64 id, const char *reason);
+static void remember_dead_letter(InFlight *f);
+static void flush_dead_letters(void);
 static void move_queue_to_outbox_at_exit(void);
 static void wait_for_acks_at_exit(void);
 static void release_done(void);
@@ -366,6 +372,7 @@ mqtt_emit_worker_main(Datum main_arg)
 		now = GetCurrentTimestamp();
 		service_client(&publisher, now, &timeout);
 		handle_publisher_news();
+		flush_dead_letters();
 		if (subscribed != NIL || subscriber.broker != NULL)
 		{
 			service_client(&subscriber, now, &timeout);
@@ -533,6 +540,96 @@ note_connected(ClientSlot *slot)
 }
 
 /*
+ * The broker refused the message of an in-flight event for good (an MQTT 5
+ * PUBACK with a failure reason): note it for mqtt_emit.dead_letters.
+ */
+static void
+remember_dead_letter(InFlight *f)
+{
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+	if (f->outbox_id != 0)
+	{
+		int64	   *id = palloc(sizeof(int64));
+
+		*id = f->outbox_id;
+		dead_outbox_ids = lappend(dead_outbox_ids, id);
+	}
+	else
+	{
+		MqttEmitEventHeader hdr;
+		char	   *copy;
+
+		me_queue_copy(f->start_pos, (char *) &hdr, sizeof(hdr));
+		copy = palloc(hdr.total_len);
+		me_queue_copy(f->start_pos, copy, hdr.total_len);
+		dead_queue_entries = lappend(dead_queue_entries, copy);
+	}
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * Write what the broker refused into mqtt_emit.dead_letters.
+ */
+static void
+flush_dead_letters(void)
+{
+	ListCell   *lc;
+
+	if (dead_queue_entries == NIL && dead_outbox_ids == NIL)
+		return;
+	if (!extension_ready)
+	{
+		/* nowhere to keep them: count and log only */
+		me_count(ME_STAT_DEAD_LETTERS,
+				 list_length(dead_queue_entries) + list_length(dead_outbox_ids));
+		ereport(LOG,
+				(errmsg("pg_mqtt_emit: the broker refused %d messages for good",
+						list_length(dead_queue_entries) + list_length(dead_outbox_ids))));
+		list_free_deep(dead_queue_entries);
+		list_free_deep(dead_outbox_ids);
+		dead_queue_entries = dead_outbox_ids = NIL;
+		return;
+	}
+	begin_tx("keeping dead letters");
+	SPI_connect();
+	foreach(lc, dead_outbox_ids)
+		dead_letter(*(int64 *) lfirst(lc), "the broker refused the message");
+	foreach(lc, dead_queue_entries)
+	{
+		MqttEmitEventHeader *hdr = (MqttEmitEventHeader *) lfirst(lc);
+		char	   *model = (char *) hdr + sizeof(MqttEmitEventHeader);
+		Datum		args[3];
+		Oid			types[3] = {TEXTOID, TEXTOID, TEXTOID};
+		char	   *m = pnstrdup(model, hdr->model_len);
+
+		if (hdr->kind == ME_KIND_PUBLISH)
+		{
+			resetStringInfo(&topicbuf);
+			appendStringInfoString(&topicbuf, m);
+		}
+		else
+			me_build_topic(&topicbuf, hdr, m, mqtt_emit_topic_style == ME_TOPIC_ALL);
+		args[0] = CStringGetTextDatum(topicbuf.data);
+		args[1] = PointerGetDatum(cstring_to_text_with_len(model + hdr->model_len,
+														   hdr->payload_len));
+		args[2] = CStringGetTextDatum("the broker refused the message");
+		SPI_execute_with_args("INSERT INTO mqtt_emit.dead_letters (topic, payload, reason, created_at) "
+							  "VALUES ($1, $2, $3, now())", 3, types, args, NULL, false, 0);
+		me_count(ME_STAT_DEAD_LETTERS, 1);
+		ereport(LOG,
+				(errmsg("pg_mqtt_emit moved a message on topic \"%s\" to mqtt_emit.dead_letters",
+						topicbuf.data),
+				 errdetail("The broker refused it.")));
+	}
+	SPI_finish();
+	end_tx();
+	list_free_deep(dead_queue_entries);
+	list_free_deep(dead_outbox_ids);
+	dead_queue_entries = dead_outbox_ids = NIL;
+}
+
+/*
  * Take the publisher's mailbox: connection changes, acknowledgements and
  * failures.
  */
@@ -575,6 +672,21 @@ handle_publisher_news(void)
 		if (need_reset)
 			reset_inflight();
 		return;
+	}
+
+	/* refused for good: keep a copy in the dead letters, do not resend */
+	for (i = 0; i < news.nrejects; i++)
+	{
+		uint64		seq = news.rejects[i];
+		InFlight   *f;
+
+		if (seq < fifo_first_seq || seq >= fifo_first_seq + fifo_count)
+			continue;
+		f = &fifo[(fifo_start + (seq - fifo_first_seq)) % FIFO_SIZE];
+		if (f->pending <= 0)
+			continue;
+		f->pending--;
+		remember_dead_letter(f);
 	}
 
 	for (i = 0; i < news.nacks; i++)
@@ -915,6 +1027,7 @@ publish_event(const MqttEmitEventHeader *hdr, const char *model,
 		if (fifo_count == 0)
 			fifo_first_seq = seq;
 		f = &fifo[(fifo_start + fifo_count) % FIFO_SIZE];
+		f->start_pos = end_pos - hdr->total_len;
 		f->end_pos = end_pos;
 		f->outbox_id = outbox_id;
 		f->pending = nmsgs;
@@ -1236,7 +1349,7 @@ row_to_event(HeapTuple tup, TupleDesc td, MqttEmitEventHeader *hdr,
  * Move the row that the broker keeps refusing to mqtt_emit.dead_letters.
  */
 static void
-dead_letter(int64 id)
+dead_letter(int64 id, const char *reason)
 {
 	Datum		arg = Int64GetDatum(id);
 	Oid			argtype = INT8OID;
@@ -1267,7 +1380,7 @@ dead_letter(int64 id)
 			me_build_topic(&topicbuf, &hdr, m, mqtt_emit_topic_style == ME_TOPIC_ALL);
 		args[0] = CStringGetTextDatum(topicbuf.data);
 		args[1] = PointerGetDatum(payload);
-		args[2] = CStringGetTextDatum("the broker closed the connection each time this message was sent");
+		args[2] = CStringGetTextDatum(reason);
 		args[3] = TimestampTzGetDatum(created);
 		SPI_execute_with_args("INSERT INTO mqtt_emit.dead_letters (topic, payload, reason, created_at) "
 							  "VALUES ($1, $2, $3, $4)", 4, types, args, NULL, false, 0);
@@ -1279,8 +1392,7 @@ dead_letter(int64 id)
 		ereport(LOG,
 				(errmsg("pg_mqtt_emit moved a message on topic \"%s\" to mqtt_emit.dead_letters",
 						topicbuf.data),
-				 errdetail("The broker closed the connection %d times when it was sent.",
-						   STRIKES_FOR_DEAD_LETTER)));
+				 errdetail("%s.", reason)));
 	}
 }
 
@@ -1302,7 +1414,8 @@ process_outbox(void)
 
 	if (dead_letter_id != 0)
 	{
-		dead_letter(dead_letter_id);
+		dead_letter(dead_letter_id,
+					"the broker closed the connection each time this message was sent");
 		dead_letter_id = 0;
 		strikes = 0;
 	}
