@@ -73,15 +73,25 @@ sub arrived_ids
 	my $st = $readers{ $sub->file . "\0$model" } //= { off => 0, ids => [] };
 	my $re = qr{^\Q${\ topic_prefix()}\E/\Q$model\E/create$};
 	open my $fh, '<', $sub->file or return @{ $st->{ids} };
+	# read up to the size the file has now: the subscriber keeps appending
+	my $size = -s $fh;
 	seek $fh, $st->{off}, 0;
-	while (my $line = <$fh>)
+	while ($st->{off} < $size && defined(my $line = <$fh>))
 	{
 		# a line still being written: read it next time
 		last unless $line =~ s/\n\z//;
 		$st->{off} += length($line) + 1;
 		my ($hex, $qos, $retain, $topic) = split /\t/, $line, 4;
 		next unless defined $topic && $topic =~ $re;
-		my $p = eval { $JSON->decode(pack('H*', $hex)) };
+		my $payload = pack('H*', $hex);
+		# the watched tables have id as their first column; decode the
+		# JSON only when that shortcut does not apply
+		if ($payload =~ /"result":\{"id":(-?\d+)[,}]/)
+		{
+			push @{ $st->{ids} }, $1;
+			next;
+		}
+		my $p = eval { $JSON->decode($payload) };
 		push @{ $st->{ids} }, (ref $p eq 'HASH' && ref $p->{result} eq 'HASH')
 		  ? $p->{result}{id} // '?' : '?';
 	}
