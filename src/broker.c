@@ -203,7 +203,9 @@ on_publish_failure(void *context, MQTTAsync_failureData *response)
 static void
 on_publish_failure5(void *context, MQTTAsync_failureData5 *response)
 {
-	on_publish_failure(context, NULL);
+	/* paho reports a PUBACK with a failure reason code here */
+	record_publish_outcome(context,
+						   (response && response->reasonCode >= 0x80) ? -1 : 0);
 }
 
 static int
