@@ -5,7 +5,7 @@
 # lat_t(id, v). Node "lb" (B) has a PL/pgSQL listener for model "lat"
 # (allow_remote, remote_only) that records the event's row id and
 # clock_timestamp() when it runs. pgbench on A inserts one row per
-# transaction at a steady 1,000 transactions/s (-R 1000, 2 clients) for
+# transaction at a steady 1,000 transactions/s (-R 1000, 4 clients) for
 # 20 s. Afterwards B's records are copied to A and joined on the id with
 # pg_xact_commit_timestamp(xmin) of each row: latency = listener time -
 # commit time (both servers run on this machine and share its clock).
@@ -19,7 +19,7 @@ lat_measure() {
 	local label="$1" opts="$2" dur="$3" rate="$4"
 	local first last_id total got out
 	first="$(q la -c 'SELECT coalesce(max(id), 0) FROM lat_t')"
-	out="$(PGOPTIONS="$opts" pgb la -n -M prepared -c 2 -j 2 -R "$rate" -T "$dur" -f "$WORK/lat_insert.sql" 2>&1)" ||
+	out="$(PGOPTIONS="$opts" pgb la -n -M prepared -c 4 -j 2 -R "$rate" -T "$dur" -f "$WORK/lat_insert.sql" 2>&1)" ||
 		{ echo "$out" >&2; pm_die "pgbench on la failed"; }
 	note "$label: $(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out" | head -n1) tps, $(sed -n 's/^rate limit schedule lag: //p' <<<"$out")"
 	last_id="$(q la -c 'SELECT coalesce(max(id), 0) FROM lat_t')"
@@ -102,7 +102,7 @@ bench_latency() {
 
 	lat_measure default "-c synchronous_commit=on" "$dur" 1000
 	lat_measure synccommit_off "-c synchronous_commit=off" "$dur" 1000
-	fig latency_setup "pgbench -R 1000 -c 2 -j 2 -T $dur single-row INSERT on A (fsync=on, track_commit_timestamp=on); listener on B inserts clock_timestamp(); latency = that - pg_xact_commit_timestamp"
+	fig latency_setup "pgbench -R 1000 -c 4 -j 2 -T $dur single-row INSERT on A (fsync=on, track_commit_timestamp=on); listener on B inserts clock_timestamp(); latency = that - pg_xact_commit_timestamp"
 	stop_cluster la
 	stop_cluster lb
 }

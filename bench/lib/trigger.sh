@@ -12,7 +12,8 @@
 # run, and the worker must be idle (queue and outbox empty) before each run.
 # Done with synchronous_commit = on (the default; fsync = on) and again with
 # synchronous_commit = off, where commits do not wait for the WAL flush and
-# the trigger's own cost shows more.
+# the trigger's own cost shows more. Figures: the median tps of each variant,
+# and for each ratio the median over rounds of the ratio within a round.
 
 TRIGGER_VARIANTS=(unwatched watched notify durable)
 
@@ -31,6 +32,21 @@ trigger_setup_sql() {
 	esac
 	echo "TRUNCATE bench_t;"
 	echo "CHECKPOINT;"
+}
+
+# trigger_ratio SYNC A B: median over rounds of tps(A) / tps(B), and the
+# range of the per-round ratios
+trigger_ratio() {
+	awk -F'\t' -v s="$1" -v a="$2" -v b="$3" '
+		$1 == s && $3 == a && $4 != "NA" { x[$2] = $4 }
+		$1 == s && $3 == b && $4 != "NA" { y[$2] = $4 }
+		END {
+			for (r in x) if (r in y && y[r] > 0) { v[n++] = x[r] / y[r] }
+			if (!n) { print "NA"; exit }
+			for (i = 0; i < n; i++) for (j = i + 1; j < n; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
+			m = (n % 2) ? v[(n - 1) / 2] : (v[n / 2 - 1] + v[n / 2]) / 2
+			printf "%.3f (rounds: %.2f-%.2f)", m, v[0], v[n - 1]
+		}' "$RESULTS/trigger_runs.tsv"
 }
 
 # trigger_run VARIANT SYNC DURATION: prints the tps
@@ -57,7 +73,7 @@ trigger_run() {
 # and while the outbox is not empty every later event takes the outbox path.
 # Count such rows and restart the cluster so that the next run starts clean.
 trigger_unstick_outbox() {
-	if pm_poll 30 worker_idle a; then return 0; fi
+	if pm_poll 10 worker_idle a; then return 0; fi
 	local stuck
 	stuck="$(q a -c 'SELECT count(*) FROM mqtt_emit.outbox')"
 	note "durable run left $stuck rows in mqtt_emit.outbox; restarting the cluster"
@@ -68,9 +84,9 @@ trigger_unstick_outbox() {
 
 bench_trigger() {
 	local rounds dur_on dur_off
-	rounds="$(quick 3 1)"
-	dur_on="$(quick 15 5)"
-	dur_off="$(quick 10 5)"
+	rounds="$(quick 5 1)"
+	dur_on="$(quick 8 5)"
+	dur_off="$(quick 6 5)"
 
 	# default mqtt_emit.queue_size (8MB): a much larger ring costs every
 	# backend a page fault per 4kB of ring it writes for the first time
@@ -129,19 +145,18 @@ bench_trigger() {
 	trigger_setup_sql unwatched | q a -f - >/dev/null
 	wait_idle a
 
-	local prefix u w n d
+	# tps: median over rounds; ratios: median over rounds of the ratio within
+	# each round (the variants of one round ran minutes apart at most, so a
+	# slow drift of the machine's other load cancels out)
+	local prefix
 	for sync in on off; do
 		if [[ "$sync" == on ]]; then prefix=trigger; else prefix=trigger_synccommit_off; fi
 		for v in "${TRIGGER_VARIANTS[@]}"; do
-			fig "${prefix}_tps_$v" "$(awk -F'\t' -v s="$sync" -v v="$v" '$1 == s && $3 == v { print $4 }' "$RESULTS/trigger_runs.tsv" | mean)"
+			fig "${prefix}_tps_$v" "$(awk -F'\t' -v s="$sync" -v v="$v" '$1 == s && $3 == v { print $4 }' "$RESULTS/trigger_runs.tsv" | median) (runs: $(awk -F'\t' -v s="$sync" -v v="$v" '$1 == s && $3 == v { printf "%s%.0f", sep, $4; sep = " " }' "$RESULTS/trigger_runs.tsv"))"
 		done
-		u="$(awk -F'\t' -v s="$sync" '$1 == s && $3 == "unwatched" { print $4 }' "$RESULTS/trigger_runs.tsv" | mean)"
-		w="$(awk -F'\t' -v s="$sync" '$1 == s && $3 == "watched" { print $4 }' "$RESULTS/trigger_runs.tsv" | mean)"
-		n="$(awk -F'\t' -v s="$sync" '$1 == s && $3 == "notify" { print $4 }' "$RESULTS/trigger_runs.tsv" | mean)"
-		d="$(awk -F'\t' -v s="$sync" '$1 == s && $3 == "durable" { print $4 }' "$RESULTS/trigger_runs.tsv" | mean)"
-		fig "${prefix}_ratio_watched_unwatched" "$(fmt 3 "$(calc "$w / $u")") (target >= 0.85)"
-		fig "${prefix}_ratio_watched_notify" "$(fmt 3 "$(calc "$w / $n")") (target >= 1.3)"
-		fig "${prefix}_ratio_durable_unwatched" "$(fmt 3 "$(calc "$d / $u")") (target >= 0.6)"
+		fig "${prefix}_ratio_watched_unwatched" "$(trigger_ratio "$sync" watched unwatched) (target >= 0.85)"
+		fig "${prefix}_ratio_watched_notify" "$(trigger_ratio "$sync" watched notify) (target >= 1.3)"
+		fig "${prefix}_ratio_durable_unwatched" "$(trigger_ratio "$sync" durable unwatched) (target >= 0.6)"
 	done
 	stop_cluster a
 	fig trigger_setup "pgbench -n -M prepared -c 2 -j 2, ${rounds} rounds x 4 variants, ${dur_on}s (synchronous_commit=on) / ${dur_off}s (off), fsync=on"
