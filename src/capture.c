@@ -515,12 +515,6 @@ me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 				 errmsg("event payload of %d bytes exceeds \"mqtt_emit.max_payload\" (%d bytes)",
 						payload_len, mqtt_emit_max_payload),
 				 errhint("Exclude large columns with mqtt_emit.watch(..., exclude_columns => ...) or raise \"mqtt_emit.max_payload\".")));
-	if (total > me_shared->capacity)
-		ereport(ERROR,
-				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-				 errmsg("event of %zu bytes does not fit in the event queue", total),
-				 errhint("Raise \"mqtt_emit.queue_size\".")));
-
 	hdr.total_len = (uint32) total;
 	hdr.kind = (uint8) kind;
 	hdr.flags = flags;
@@ -692,7 +686,7 @@ write_outbox(void)
 						   rows, mqtt_emit_outbox_max),
 				 errhint("Check that the broker is reachable (see mqtt_emit.stats), or raise \"mqtt_emit.outbox_max\".")));
 	/* a marker in the queue will place these rows in the commit order */
-	marker_reserved = me_queue_reserve(ME_MARKER_ENTRY_SIZE);
+	marker_reserved = me_queue_reserve(ME_MARKER_ENTRY_SIZE, true);
 	if (marker_reserved)
 		reserved_bytes = ME_MARKER_ENTRY_SIZE;
 	marker.batch = (int64) me_next_event_seq();
@@ -711,7 +705,7 @@ capture_xact_callback(XactEvent event, void *arg)
 				break;
 			if (mqtt_emit_delivery == ME_DELIVERY_DURABLE)
 				write_outbox();
-			else if (me_queue_reserve(pending_bytes))
+			else if (me_queue_reserve(pending_bytes, false))
 				reserved_bytes = pending_bytes;
 			else if (mqtt_emit_overflow == ME_OVERFLOW_SPILL)
 			{

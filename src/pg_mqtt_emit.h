@@ -199,7 +199,7 @@ extern MqttEmitShared *me_shared;
 extern Size me_shmem_size(void);
 extern void me_shmem_request(void);
 extern void me_shmem_startup(void);
-extern bool me_queue_reserve(Size len);
+extern bool me_queue_reserve(Size len, bool marker);
 extern void me_queue_unreserve(Size len);
 extern void me_queue_push_reserved(char **entries, int nentries, Size len, int nevents);
 extern uint64 me_queue_tail(void);

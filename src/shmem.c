@@ -116,17 +116,26 @@ me_shmem_startup(void)
 }
 
 /*
- * Reserve len bytes of queue space for a committing transaction.  Returns
- * false when the queue cannot hold them now.
+ * Reserve len bytes of queue space for a committing transaction (for its
+ * events, or for a marker of its outbox rows).  Returns false when the
+ * queue cannot hold them now.
  */
 bool
-me_queue_reserve(Size len)
+me_queue_reserve(Size len, bool marker)
 {
 	bool		ok;
+	Size		limit = me_shared->capacity;
+
+	/*
+	 * Events leave the last eighth of the queue (at most 64 kB) to markers,
+	 * so that a transaction that spilled to the outbox because the queue
+	 * was full can still mark its place in the commit order.
+	 */
+	if (!marker)
+		limit -= Min(me_shared->capacity / 8, 64 * 1024);
 
 	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
-	ok = (me_shared->tail - me_shared->head) + me_shared->reserved + len
-		<= me_shared->capacity;
+	ok = (me_shared->tail - me_shared->head) + me_shared->reserved + len <= limit;
 	if (ok)
 		me_shared->reserved += len;
 	LWLockRelease(me_shared->lock);

@@ -76,6 +76,7 @@ typedef struct InFlight
 	uint64		start_pos;		/* queue entry: where it starts */
 	uint64		end_pos;		/* queue entry: done up to here when acked */
 	int64		outbox_id;		/* outbox row, or 0 for a queue entry */
+	int64		key;			/* outbox row: its seq; queue entry: -(start+1) */
 	int			pending;		/* acknowledgements still missing */
 } InFlight;
 
@@ -122,7 +123,7 @@ static int64 ob_next_seq = 1;	/* the next publishing order number */
 static int64 *ob_acked = NULL;	/* acknowledged rows to delete */
 static int	ob_nacked = 0;
 static int	ob_maxacked = 0;
-static int64 strike_id = 0;		/* oldest unacknowledged row at resets */
+static int64 strike_key = 0;	/* oldest unacknowledged event at resets */
 static int	strikes = 0;
 static int64 dead_letter_id = 0;
 static List *dead_queue_entries = NIL;	/* refused queue entries (copies) */
@@ -764,20 +765,24 @@ reset_inflight(void)
 	need_reset = false;
 	if (fifo_count > 0)
 	{
-		int64		oldest = fifo[fifo_start].outbox_id;
+		InFlight   *oldest = &fifo[fifo_start];
 
 		me_count(ME_STAT_RETRIED, fifo_count);
 
-		/* the same row failing again and again is refused for good */
-		if (oldest != 0 && oldest == strike_id)
+		/*
+		 * The same event failing again and again is refused for good.  An
+		 * event keeps its strikes when it moves from the queue into the
+		 * outbox (see process_queue).
+		 */
+		if (oldest->key == strike_key)
 			strikes++;
 		else
 		{
-			strike_id = oldest;
+			strike_key = oldest->key;
 			strikes = 1;
 		}
-		if (oldest != 0 && strikes >= STRIKES_FOR_DEAD_LETTER)
-			dead_letter_id = oldest;
+		if (oldest->outbox_id != 0 && strikes >= STRIKES_FOR_DEAD_LETTER)
+			dead_letter_id = oldest->outbox_id;
 	}
 	fifo_start = 0;
 	fifo_count = 0;
@@ -966,7 +971,7 @@ read_entry(uint64 pos)
  */
 static bool
 publish_event(const MqttEmitEventHeader *hdr, const char *model,
-			  const char *payload, uint64 end_pos, int64 outbox_id)
+			  const char *payload, uint64 end_pos, int64 outbox_id, int64 key)
 {
 	int			qos = (hdr->qos <= 2) ? hdr->qos : mqtt_emit_qos;
 	int			nmsgs = 0;
@@ -1030,6 +1035,7 @@ publish_event(const MqttEmitEventHeader *hdr, const char *model,
 		f->start_pos = end_pos - hdr->total_len;
 		f->end_pos = end_pos;
 		f->outbox_id = outbox_id;
+		f->key = key;
 		f->pending = nmsgs;
 		fifo_count++;
 		next_seq++;
@@ -1236,6 +1242,8 @@ process_queue(uint64 tail)
 				else if (h->flags & ME_FLAG_PUBLISH)
 				{
 					/* keep it in the outbox; local listeners have run */
+					if (strike_key == -(int64) pos - 1)
+						strike_key = ob_next_seq + nmoved;	/* its seq there */
 					moved[nmoved] = palloc(h->total_len);
 					memcpy(moved[nmoved], h, h->total_len);
 					nmoved++;
@@ -1244,7 +1252,8 @@ process_queue(uint64 tail)
 			}
 			else if (need_pub)
 			{
-				if (publish_event(h, model, model + h->model_len, end, 0))
+				if (publish_event(h, model, model + h->model_len, end, 0,
+								  -(int64) pos - 1))
 					pub_pos = end;
 				else if (local_pos <= pos)
 					break;
@@ -1450,6 +1459,18 @@ process_outbox(void)
 		strays_pending = false;
 	}
 
+	/* the oldest waiting row, for mqtt_emit.stats */
+	ret = SPI_execute("SELECT created_at FROM mqtt_emit.outbox ORDER BY id LIMIT 1", false, 1);
+	if (ret == SPI_OK_SELECT)
+	{
+		bool		isnull = true;
+		Datum		d = (SPI_processed == 1) ?
+			SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull) : (Datum) 0;
+
+		pg_atomic_write_u64(&me_shared->outbox_oldest,
+							isnull ? 0 : (uint64) DatumGetTimestampTz(d));
+	}
+
 	/* local listeners of rows written by committing backends */
 	ret = SPI_execute("SELECT id, kind, flags, op, qos, model, payload, created_at, relid "
 					  "FROM mqtt_emit.outbox WHERE (flags & 2) <> 0 ORDER BY id LIMIT 1000",
@@ -1500,7 +1521,7 @@ process_outbox(void)
 		args[1] = Int32GetDatum(mqtt_emit_max_inflight - fifo_count);
 		ret = SPI_execute_with_args("SELECT id, kind, flags, op, qos, model, payload, created_at, relid, seq "
 									"FROM mqtt_emit.outbox WHERE seq > $1 ORDER BY seq LIMIT $2",
-									2, types, args, NULL, true, 0);
+									2, types, args, NULL, false, 0);
 		if (ret == SPI_OK_SELECT && SPI_processed > 0)
 		{
 			SPITupleTable *tt = SPI_tuptable;
@@ -1520,8 +1541,6 @@ process_outbox(void)
 
 				row_to_event(tt->vals[i], tt->tupdesc, &hdr, &id, &model, &payload, &created);
 				seq = DatumGetInt64(SPI_getbinval(tt->vals[i], tt->tupdesc, 10, &isnull));
-				if (i == 0 && fifo_count == 0)
-					pg_atomic_write_u64(&me_shared->outbox_oldest, (uint64) created);
 				if (hdr.flags & ME_FLAG_LOCAL)
 					break;		/* its local listeners first */
 				if (!(hdr.flags & ME_FLAG_PUBLISH))
@@ -1529,7 +1548,7 @@ process_outbox(void)
 					ob_pub_cursor = seq;
 					continue;
 				}
-				if (!publish_event(&hdr, VARDATA_ANY(model), VARDATA_ANY(payload), 0, id))
+				if (!publish_event(&hdr, VARDATA_ANY(model), VARDATA_ANY(payload), 0, id, seq))
 					break;
 				ob_pub_cursor = seq;
 			}
@@ -1540,7 +1559,7 @@ process_outbox(void)
 	if (connected && empty_batch && outbox_inflight == 0 && ob_nacked == 0 &&
 		ring_inflight == 0)
 	{
-		ret = SPI_execute("SELECT 1 FROM mqtt_emit.outbox LIMIT 1", true, 1);
+		ret = SPI_execute("SELECT 1 FROM mqtt_emit.outbox LIMIT 1", false, 1);
 		if (ret == SPI_OK_SELECT && SPI_processed == 0)
 		{
 			outbox_mode = false;
