@@ -97,6 +97,7 @@ pm_start_broker() {
 			echo "allow_anonymous true"
 			echo "persistence false"
 			echo "max_inflight_messages 0"
+			echo "max_queued_messages 0"
 			echo "log_dest file $dir/mosquitto.log"
 			echo "log_timestamp_format %Y-%m-%dT%H:%M:%S"
 			# as root mosquitto would switch to user mosquitto, which cannot write here

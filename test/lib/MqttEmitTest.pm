@@ -546,6 +546,7 @@ sub _write_conf
 		'allow_anonymous true',
 		'persistence false',
 		'max_inflight_messages 0',
+		'max_queued_messages 0',
 		"log_dest file $self->{log_file}",
 		'log_type error',
 		'log_type warning',
