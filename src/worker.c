@@ -742,7 +742,8 @@ handle_publisher_news(void)
 		fifo_start = (fifo_start + 1) % FIFO_SIZE;
 		fifo_count--;
 		fifo_first_seq++;
-		strikes = 0;			/* the broker takes messages again */
+		if (f->key == strike_key)
+			strikes = 0;		/* the broker took the one it refused */
 	}
 	if (ring_inflight == 0)
 		pub_done = pub_pos;

@@ -171,6 +171,7 @@ sq($node1,
 	    $common_sql
 	  . qq{CREATE TABLE "user"(id text PRIMARY KEY, name text);\n}
 	  . qq{SELECT mqtt_emit.watch('"user"');\n}
+	  . qq{GRANT SELECT ON "user" TO alice;  -- local rows reach only roles that may read them\n}
 	  . qq{CREATE TABLE pct(id text PRIMARY KEY);\n}
 	  . qq{SELECT mqtt_emit.watch('pct', model => 'pct%model');\n}
 	  . $listener_fn->('rec')

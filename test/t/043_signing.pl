@@ -300,6 +300,9 @@ ok(wait_call('off-signed'), 'require_signature = off: a well signed message is a
 $node2->append_conf('postgresql.conf',
 	"mqtt_emit.require_signature = on\nmqtt_emit.signing_key = '$KEY2'\n");
 $node2->restart;
+# a new worker after the restart; the checks below follow that one
+ok(poll_until(sub { ($pid2 = snapshot($node2)->{worker_pid} // '') ne '' }, $T),
+	'node 2 restarted with the new key: its worker runs');
 $sign_key = $KEY2;
 my $rot_n = 0;
 ok( poll_until(
@@ -370,7 +373,7 @@ for my $n ([ 'node 1', $node1 ], [ 'node 2', $node2 ])
 		  or diag("leaked by: $leak");
 	}
 }
-is(snapshot($node2)->{worker_pid}, $pid2, 'node 2: the same worker throughout');
+is(snapshot($node2)->{worker_pid}, $pid2, 'node 2: the same worker since the key rotation');
 
 # a node whose postmaster is gone is told so, or the harness's END would bail out
 if (node1_up()) { $node1->stop; }
