@@ -731,6 +731,48 @@ split_topic(const MeIncoming *m, const char **model, int *model_len)
 }
 
 /*
+ * Optional string member of a received message: false (rejected) when it
+ * is there with another type.
+ */
+static bool
+optional_string(const MeIncoming *m, Jsonb *jb, const char *key, const char **out)
+{
+	JsonbValue *v = get_field(jb, key);
+	char		why[64];
+
+	if (v == NULL)
+		return true;
+	if (v->type != jbvString)
+	{
+		snprintf(why, sizeof(why), "\"%s\" is not a string", key);
+		reject(m, why);
+		return false;
+	}
+	*out = jbv_string(v);
+	return true;
+}
+
+/*
+ * Optional object member (or null) of a received message.
+ */
+static bool
+optional_object(const MeIncoming *m, Jsonb *jb, const char *key, Jsonb **out)
+{
+	JsonbValue *v = get_field(jb, key);
+	char		why[64];
+
+	if (v != NULL && v->type != jbvNull &&
+		!(v->type == jbvBinary && JsonContainerIsObject(v->val.binary.data)))
+	{
+		snprintf(why, sizeof(why), "\"%s\" is not an object", key);
+		reject(m, why);
+		return false;
+	}
+	*out = jbv_jsonb(v);
+	return true;
+}
+
+/*
  * Scan a received JSON text for nesting depth and member count before it is
  * parsed, so that a hostile message costs no more than one pass over its
  * bytes.  Returns NULL when it is within the limits, else the problem.
@@ -920,50 +962,12 @@ me_listeners_handle_remote(MeIncoming *m)
 	}
 	ev.operation = jbv_string(v);
 
-	v = get_field(jb, "eventId");
-	if (v != NULL && v->type != jbvString)
-	{
-		reject(m, "\"eventId\" is not a string");
+	if (!optional_string(m, jb, "eventId", &ev.event_id) ||
+		!optional_string(m, jb, "origin", &ev.origin) ||
+		!optional_object(m, jb, "args", &ev.args) ||
+		!optional_object(m, jb, "result", &ev.result) ||
+		!optional_object(m, jb, "old", &ev.old))
 		return;
-	}
-	if (v != NULL)
-		ev.event_id = jbv_string(v);
-
-	v = get_field(jb, "origin");
-	if (v != NULL && v->type != jbvString)
-	{
-		reject(m, "\"origin\" is not a string");
-		return;
-	}
-	if (v != NULL)
-		ev.origin = jbv_string(v);
-
-	v = get_field(jb, "args");
-	if (v != NULL && v->type != jbvNull &&
-		!(v->type == jbvBinary && JsonContainerIsObject(v->val.binary.data)))
-	{
-		reject(m, "\"args\" is not an object");
-		return;
-	}
-	ev.args = jbv_jsonb(v);
-
-	v = get_field(jb, "result");
-	if (v != NULL && v->type != jbvNull &&
-		!(v->type == jbvBinary && JsonContainerIsObject(v->val.binary.data)))
-	{
-		reject(m, "\"result\" is not an object");
-		return;
-	}
-	ev.result = jbv_jsonb(v);
-
-	v = get_field(jb, "old");
-	if (v != NULL && v->type != jbvNull &&
-		!(v->type == jbvBinary && JsonContainerIsObject(v->val.binary.data)))
-	{
-		reject(m, "\"old\" is not an object");
-		return;
-	}
-	ev.old = jbv_jsonb(v);
 
 	v = get_field(jb, "timestamp");
 	if (v != NULL && v->type != jbvString)

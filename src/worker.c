@@ -225,14 +225,21 @@ dup_setting(char *old, const char *val)
 	return MemoryContextStrdup(TopMemoryContext, val ? val : "");
 }
 
+/* The TLS settings as one string, to notice when any of them changes. */
+static void
+tls_settings(char *buf, Size len)
+{
+	snprintf(buf, len, "%s|%s|%s|%d",
+			 mqtt_emit_tls_ca_file, mqtt_emit_tls_cert_file,
+			 mqtt_emit_tls_key_file, (int) mqtt_emit_tls_verify);
+}
+
 static void
 remember_settings(void)
 {
 	char		tls[3072];
 
-	snprintf(tls, sizeof(tls), "%s|%s|%s|%d",
-			 mqtt_emit_tls_ca_file, mqtt_emit_tls_cert_file,
-			 mqtt_emit_tls_key_file, (int) mqtt_emit_tls_verify);
+	tls_settings(tls, sizeof(tls));
 	conf_broker_url = dup_setting(conf_broker_url, mqtt_emit_broker_url);
 	conf_client_id = dup_setting(conf_client_id, me_client_id());
 	conf_username = dup_setting(conf_username, mqtt_emit_username);
@@ -248,9 +255,7 @@ broker_settings_changed(void)
 {
 	char		tls[3072];
 
-	snprintf(tls, sizeof(tls), "%s|%s|%s|%d",
-			 mqtt_emit_tls_ca_file, mqtt_emit_tls_cert_file,
-			 mqtt_emit_tls_key_file, (int) mqtt_emit_tls_verify);
+	tls_settings(tls, sizeof(tls));
 	return strcmp(conf_broker_url, mqtt_emit_broker_url) != 0 ||
 		strcmp(conf_client_id, me_client_id()) != 0 ||
 		strcmp(conf_username, mqtt_emit_username) != 0 ||
