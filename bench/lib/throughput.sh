@@ -5,7 +5,8 @@
 # COMMIT has returned (clock_timestamp() of the next statement) and stops
 # when sub_count (a paho subscriber, QoS 1) has received the N-th message.
 # Also N = 100k in transactions of 1k rows run back to back, the clock
-# starting at the first commit.
+# starting at the first commit, and N = 100k in one transaction in durable
+# delivery mode (outbox written at commit, published from the outbox).
 #
 # The reference: bench/src/bare_publisher.c, paho MQTTAsync, QoS 1,
 # maxInflight 65535, publishing N messages of the extension's average
@@ -20,12 +21,13 @@
 
 TPUT_OFFSET=0
 
-# tput_ext N: msgs/s, commit -> subscriber has N
+# tput_ext N [DELIVERY]: msgs/s, commit -> subscriber has N
 tput_ext() {
-	local n="$1" out t_commit last count
+	local n="$1" delivery="${2:-memory}" out t_commit last count
 	start_sub tput "$TOPIC_PREFIX/tput/#" "$n"
 	out="$(q t <<-SQL
 		BEGIN;
+		SET LOCAL mqtt_emit.delivery = $delivery;
 		INSERT INTO tput_t SELECT g FROM generate_series($((TPUT_OFFSET + 1)), $((TPUT_OFFSET + n))) g;
 		COMMIT;
 		SELECT extract(epoch FROM clock_timestamp());
@@ -155,6 +157,14 @@ bench_throughput() {
 	bw="$(awk -F'\t' -v n="$n" '$1 == n { print $4 }' "$RESULTS/throughput.tsv")"
 	fig "tput_ratio_ext_bare_$n" "$(fmt 3 "$(calc "$e / $b")") (target >= 0.8)"
 	fig "tput_ratio_ext_bare_window${window}_$n" "$(fmt 3 "$(calc "$e / $bw")")"
+
+	# the same N in durable mode: written to the outbox at commit, published
+	# by the worker from there
+	local durable
+	durable="$(tput_ext "$n" durable)"
+	wait_idle t 300
+	fig "tput_ext_durable_${n}_msgs_per_s" "$durable"
+	fig "tput_ratio_ext_durable_bare_$n" "$(fmt 3 "$(calc "$durable / $b")")"
 
 	# the same N in transactions of 1k rows
 	local batched
