@@ -49,20 +49,25 @@ trigger_ratio() {
 		}' "$RESULTS/trigger_runs.tsv"
 }
 
-# trigger_run VARIANT SYNC DURATION: prints the tps
+# trigger_run VARIANT SYNC DURATION: prints "tps rows spilled": pgbench's
+# tps, the rows inserted, and how many of their events went to the outbox
+# because the queue was full (mqtt_emit.stats.spilled; memory mode only)
 trigger_run() {
-	local variant="$1" sync="$2" dur="$3" opts out tps
+	local variant="$1" sync="$2" dur="$3" opts out tps s0 s1 rows
 	trigger_setup_sql "$variant" | q a -f - >/dev/null
 	wait_idle a
+	s0="$(q a -c 'SELECT spilled FROM mqtt_emit.stats')"
 	opts="-c synchronous_commit=$sync"
 	[[ "$variant" == durable ]] && opts="$opts -c mqtt_emit.delivery=durable"
 	out="$(PGOPTIONS="$opts" pgb a -n -M prepared -c 2 -j 2 -T "$dur" -f "$WORK/trigger_insert.sql" 2>&1)" || {
 		echo "$out" >&2
-		echo NA
+		echo "NA 0 0"
 		return
 	}
 	tps="$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out" | head -n1)"
-	echo "${tps:-NA}"
+	s1="$(q a -c 'SELECT spilled FROM mqtt_emit.stats')"
+	rows="$(q a -c 'SELECT count(*) FROM bench_t')"
+	echo "${tps:-NA} $rows $((s1 - s0))"
 	[[ "$variant" == durable ]] && trigger_unstick_outbox
 	return 0
 }
@@ -134,16 +139,16 @@ bench_trigger() {
 	wait "$SUB_PID" || true
 	fig trigger_event_payload_bytes "$(kv "$WORK/sub.trig.out" avg_payload)"
 
-	local sync round i v tps dur
+	local sync round i v tps dur rows spilled
 	: >"$RESULTS/trigger_runs.tsv"
 	for sync in on off; do
 		if [[ "$sync" == on ]]; then dur="$dur_on"; else dur="$dur_off"; fi
 		for ((round = 1; round <= rounds; round++)); do
 			for ((i = 0; i < 4; i++)); do
 				v="${TRIGGER_VARIANTS[$(((i + round - 1) % 4))]}"
-				tps="$(trigger_run "$v" "$sync" "$dur")"
-				note "synchronous_commit=$sync round $round $v: $tps tps"
-				printf '%s\t%s\t%s\t%s\n' "$sync" "$round" "$v" "$tps" >>"$RESULTS/trigger_runs.tsv"
+				read -r tps rows spilled < <(trigger_run "$v" "$sync" "$dur")
+				note "synchronous_commit=$sync round $round $v: $tps tps ($spilled of $rows events spilled to the outbox)"
+				printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$sync" "$round" "$v" "$tps" "$rows" "$spilled" >>"$RESULTS/trigger_runs.tsv"
 			done
 		done
 	done
@@ -165,6 +170,7 @@ bench_trigger() {
 		for v in "${TRIGGER_VARIANTS[@]}"; do
 			fig "${prefix}_tps_$v" "$(awk -F'\t' -v s="$sync" -v v="$v" '$1 == s && $3 == v { print $4 }' "$RESULTS/trigger_runs.tsv" | median) (runs: $(awk -F'\t' -v s="$sync" -v v="$v" '$1 == s && $3 == v { printf "%s%.0f", sep, $4; sep = " " }' "$RESULTS/trigger_runs.tsv"))"
 		done
+		fig "${prefix}_watched_spilled" "$(awk -F'\t' -v s="$sync" '$1 == s && $3 == "watched" { r += $5; x += $6 } END { printf "%d of %d events (%.0f%%) went to the outbox: queue full", x, r, r ? 100 * x / r : 0 }' "$RESULTS/trigger_runs.tsv")"
 		fig "${prefix}_ratio_watched_unwatched" "$(trigger_ratio "$sync" watched unwatched) (target >= 0.85)"
 		fig "${prefix}_ratio_watched_notify" "$(trigger_ratio "$sync" watched notify) (target >= 1.3)"
 		fig "${prefix}_ratio_durable_unwatched" "$(trigger_ratio "$sync" durable unwatched) (target >= 0.6)"
