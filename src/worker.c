@@ -654,32 +654,6 @@ handle_publisher_news(void)
 		note_connected(&publisher);
 		pg_atomic_write_u32(&me_shared->publisher_connected, 1);
 	}
-	if (news.lost)
-	{
-		pg_atomic_write_u32(&me_shared->publisher_connected, 0);
-		report_broker_problem(&publisher, news.error);
-		if (fifo_count > 0)
-			need_reset = true;
-		if (publisher.was_connected)
-		{
-			/* first attempt soon after losing a working connection */
-			publisher.was_connected = false;
-			publisher.next_attempt = GetCurrentTimestamp() +
-				(TimestampTz) mqtt_emit_reconnect_min * 1000;
-		}
-
-		/*
-		 * Start over with a new client: paho would otherwise send what it
-		 * still buffers ahead of the unacknowledged events resent from the
-		 * oldest one, out of order.
-		 */
-		me_broker_destroy(publisher.broker);
-		publisher.broker = NULL;
-		if (need_reset)
-			reset_inflight();
-		return;
-	}
-
 	/* refused for good: keep a copy in the dead letters, do not resend */
 	for (i = 0; i < news.nrejects; i++)
 	{
@@ -752,6 +726,30 @@ handle_publisher_news(void)
 	}
 	if (ring_inflight == 0)
 		pub_done = pub_pos;
+	/* after the acknowledgements that came before the loss */
+	if (news.lost)
+	{
+		pg_atomic_write_u32(&me_shared->publisher_connected, 0);
+		report_broker_problem(&publisher, news.error);
+		if (fifo_count > 0)
+			need_reset = true;
+		if (publisher.was_connected)
+		{
+			/* first attempt soon after losing a working connection */
+			publisher.was_connected = false;
+			publisher.next_attempt = GetCurrentTimestamp() +
+				(TimestampTz) mqtt_emit_reconnect_min * 1000;
+		}
+
+		/*
+		 * Start over with a new client: paho would otherwise send what it
+		 * still buffers ahead of the unacknowledged events resent from the
+		 * oldest one, out of order.
+		 */
+		me_broker_destroy(publisher.broker);
+		publisher.broker = NULL;
+	}
+
 	if (news.nacks > 0)
 		backpressure = false;
 
