@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # bench/run.sh: pg_mqtt_emit's benchmarks (DESIGN.md section 9).
 #
-#   bash bench/run.sh                    # everything, ~12-15 minutes on 2 cores
-#   BENCH_QUICK=1 bash bench/run.sh      # short runs, ~3 minutes, rough figures
+#   bash bench/run.sh                    # everything, ~13 minutes on 2 cores
+#   BENCH_QUICK=1 bash bench/run.sh      # short runs, ~4 minutes, rough figures
 #   bash bench/run.sh trigger latency    # only some sections
 #
 # Sections: trigger (pgbench single-row INSERT overhead), throughput (commit ->
@@ -15,9 +15,9 @@
 # the tree to a temp dir, builds the extension from it and installs it into a
 # private copy of the PostgreSQL installation in that temp dir (nothing is
 # installed system-wide), builds the C programs of bench/, then runs the
-# sections as user postgres against
-# servers it starts itself (mosquitto with max_inflight_messages 0, PostgreSQL
-# clusters with pg_mqtt_emit preloaded) on free ports, and stops them by PID.
+# sections as user postgres against servers it starts itself (mosquitto with
+# max_inflight_messages 0, PostgreSQL clusters with pg_mqtt_emit preloaded)
+# on free ports, and stops them by PID.
 #
 # Prints figures as "name: value" lines on stdout (progress goes to stderr).
 # Writes figures.txt, the raw data and PNG plots to bench/out/ (BENCH_OUT).
@@ -56,7 +56,7 @@ sections=()
 for arg in "$@"; do
 	case "$arg" in
 		trigger | throughput | latency | memory | profile) sections+=("$arg") ;;
-		-h | --help) sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+		-h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; exit 0 ;;
 		*) echo "unknown section \"$arg\" (trigger, throughput, latency, memory, profile)" >&2; exit 2 ;;
 	esac
 done
