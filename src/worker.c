@@ -129,6 +129,7 @@ static int64 dead_letter_id = 0;
 static List *dead_queue_entries = NIL;	/* refused queue entries (copies) */
 static List *dead_outbox_ids = NIL; /* refused outbox rows */
 static bool strays_pending = false; /* backends wrote rows without a marker */
+static uint64 strays_after = 0;	/* ... to be placed after this queue position */
 static SPIPlanPtr plan_delete = NULL;
 
 static uint32 listeners_version = 0;
@@ -386,18 +387,20 @@ mqtt_emit_worker_main(Datum main_arg)
 		}
 
 		/*
-		 * Read the queue's tail before the outbox version: a backend that
-		 * wrote the outbox bumps the version before any later transaction
-		 * can reach the queue, so events behind such rows are never sent
-		 * ahead of them.
+		 * Read the outbox version before the queue's tail.  Rows that a
+		 * backend wrote without a marker (not even a marker fitted in the
+		 * queue) are placed in the publishing order only once everything
+		 * queued before their commit has been moved or published: a
+		 * session's earlier transactions are in the queue before its bump.
 		 */
-		tail = me_queue_tail();
 		version = pg_atomic_read_u32(&me_shared->outbox_version);
+		tail = me_queue_tail();
 		if (version != outbox_seen_version)
 		{
 			outbox_seen_version = version;
 			outbox_mode = true;
 			strays_pending = true;
+			strays_after = tail;
 		}
 		if (extension_ready && !(publisher.broker && me_broker_connected(publisher.broker)))
 			outbox_mode = true;
@@ -1457,7 +1460,7 @@ process_outbox(void)
 		ob_nacked = 0;
 	}
 
-	if (strays_pending)
+	if (strays_pending && pub_pos >= strays_after)
 	{
 		sequence_strays(false);
 		strays_pending = false;
