@@ -45,6 +45,8 @@
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/latch.h"
 #include "nodes/bitmapset.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -677,6 +679,7 @@ static void
 write_outbox(void)
 {
 	uint64		rows = pg_atomic_read_u64(&me_shared->outbox_rows);
+	int			i;
 
 	if (mqtt_emit_outbox_max > 0 && rows + npending > (uint64) mqtt_emit_outbox_max)
 		ereport(ERROR,
@@ -685,8 +688,22 @@ write_outbox(void)
 				 errdetail("The outbox holds about " UINT64_FORMAT " events; \"mqtt_emit.outbox_max\" is %d.",
 						   rows, mqtt_emit_outbox_max),
 				 errhint("Check that the broker is reachable (see mqtt_emit.stats), or raise \"mqtt_emit.outbox_max\".")));
-	/* a marker in the queue will place these rows in the commit order */
+	/*
+	 * A marker in the queue will place these rows in the commit order.  The
+	 * last eighth of the queue is kept for markers; should even that be
+	 * full, wait a little for the worker to take some (up to 10 s), since
+	 * rows without a marker can only be placed approximately.
+	 */
 	marker_reserved = me_queue_reserve(ME_MARKER_ENTRY_SIZE, true);
+	for (i = 0; !marker_reserved && i < 10000; i++)
+	{
+		me_wake_worker();
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 1, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		marker_reserved = me_queue_reserve(ME_MARKER_ENTRY_SIZE, true);
+	}
 	if (marker_reserved)
 		reserved_bytes = ME_MARKER_ENTRY_SIZE;
 	marker.batch = (int64) me_next_event_seq();
