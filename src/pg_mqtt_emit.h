@@ -205,7 +205,6 @@ extern void me_queue_push_reserved(char **entries, int nentries, Size len, int n
 extern uint64 me_queue_tail(void);
 extern void me_queue_copy(uint64 pos, char *dst, Size len);
 extern void me_queue_release(uint64 new_head, int nevents);
-extern uint64 me_queue_head(void);
 extern void me_count(MqttEmitCounter c, uint64 n);
 extern uint64 me_counter(MqttEmitCounter c);
 extern void me_set_last_error(const char *fmt,...) pg_attribute_printf(1, 2);

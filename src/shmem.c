@@ -223,17 +223,6 @@ me_queue_tail(void)
 	return tail;
 }
 
-uint64
-me_queue_head(void)
-{
-	uint64		head;
-
-	LWLockAcquire(me_shared->lock, LW_SHARED);
-	head = me_shared->head;
-	LWLockRelease(me_shared->lock);
-	return head;
-}
-
 /*
  * The worker has finished every event before new_head; nevents of them are
  * leaving the queue now.
