@@ -25,6 +25,9 @@
 # Environment: BENCH_QUICK=1, BENCH_PROFILE=1, BENCH_OUT (default bench/out),
 # BENCH_REV (measure that git revision of the extension, e.g. HEAD, instead
 # of the working tree),
+# BENCH_TRIGGER_ROUNDS (default 5), BENCH_TRIGGER_SYNC (default "on off":
+# the synchronous_commit settings of the trigger section), BENCH_PG_CONF (one
+# more postgresql.conf line for every cluster, e.g. "mqtt_emit.batch_delay = 0"),
 # SKIP_DEPS=1, SKIP_BUILD=1 (use the system's installed extension), KEEP_TMP=1,
 # PG_CONFIG. Not a test: it never fails because a target is missed.
 set -euo pipefail
@@ -159,6 +162,9 @@ inner_env=(
 	LC_ALL=C.UTF-8
 	BENCH_QUICK="${BENCH_QUICK:-0}"
 	BENCH_GIT="$bench_git"
+	BENCH_TRIGGER_ROUNDS="${BENCH_TRIGGER_ROUNDS:-}"
+	BENCH_TRIGGER_SYNC="${BENCH_TRIGGER_SYNC:-on off}"
+	BENCH_PG_CONF="${BENCH_PG_CONF:-}"
 )
 if [[ "$(id -u)" -eq 0 ]]; then
 	chown -R "$PG_USER:" "$WORK"

@@ -60,6 +60,7 @@ int			mqtt_emit_overflow = ME_OVERFLOW_SPILL;
 int			mqtt_emit_listener_timeout = 10000; /* ms */
 int			mqtt_emit_topic_style = ME_TOPIC_OPERATION;
 int			mqtt_emit_max_inflight = 8192;
+double		mqtt_emit_batch_delay = 0.5;	/* ms */
 int			mqtt_emit_outbox_max = 10000000;
 char	   *mqtt_emit_signing_key = NULL;
 bool		mqtt_emit_require_signature = false;
@@ -284,6 +285,16 @@ _PG_init(void)
 							8192, 1, 65535,
 							PGC_SIGHUP, 0,
 							NULL, NULL, NULL);
+
+	DefineCustomRealVariable("mqtt_emit.batch_delay",
+							 "Sets how long the worker waits for more events after publishing some.",
+							 "While events keep arriving, the worker naps this long between "
+							 "rounds instead of being woken by every commit, and publishes what "
+							 "gathered meanwhile together.  Zero wakes it at every commit.",
+							 &mqtt_emit_batch_delay,
+							 0.5, 0.0, 100.0,
+							 PGC_SIGHUP, GUC_UNIT_MS,
+							 NULL, NULL, NULL);
 
 	DefineCustomIntVariable("mqtt_emit.outbox_max",
 							"Sets the largest number of events the outbox table may hold.",

@@ -146,6 +146,7 @@ typedef struct MqttEmitShared
 	pg_atomic_uint32 outbox_version;	/* bumped when backends add rows */
 	pg_atomic_uint64 outbox_rows;	/* rows in the outbox (approximate) */
 	pg_atomic_uint64 outbox_oldest; /* created_at of the oldest row, or 0 */
+	pg_atomic_uint32 worker_napping;	/* the worker will look again soon */
 	bool		fresh;			/* no worker has run since memory was set up */
 
 	slock_t		errlock;		/* protects the last_error fields */
@@ -184,6 +185,7 @@ extern int	mqtt_emit_overflow;
 extern int	mqtt_emit_listener_timeout;
 extern int	mqtt_emit_topic_style;
 extern int	mqtt_emit_max_inflight;
+extern double mqtt_emit_batch_delay;
 extern int	mqtt_emit_outbox_max;
 extern char *mqtt_emit_signing_key;
 extern bool mqtt_emit_require_signature;

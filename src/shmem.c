@@ -31,8 +31,8 @@
  *	- worker_pid, worker_latch and fresh are written by the worker under the
  *	  lock in exclusive mode and read under it in shared mode.
  *	- errlock (spinlock) protects last_error and last_error_time.
- *	- counters, event_seq, listeners_version and the connection flags are
- *	  atomics and need no lock.
+ *	- counters, event_seq, listeners_version, worker_napping and the
+ *	  connection flags are atomics and need no lock.
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
@@ -107,6 +107,7 @@ me_shmem_startup(void)
 		pg_atomic_init_u32(&me_shared->outbox_version, 0);
 		pg_atomic_init_u64(&me_shared->outbox_rows, 0);
 		pg_atomic_init_u64(&me_shared->outbox_oldest, 0);
+		pg_atomic_init_u32(&me_shared->worker_napping, 0);
 		me_shared->fresh = true;
 		SpinLockInit(&me_shared->errlock);
 		me_shared->last_error_time = 0;
@@ -208,7 +209,15 @@ me_queue_push_reserved(char **entries, int nentries, Size len, int nevents)
 
 	if (nevents > 0)
 		pg_atomic_fetch_add_u64(&me_shared->counters[ME_STAT_ENQUEUED], nevents);
-	if (latch)
+
+	/*
+	 * A napping worker looks at the tail again by itself; signalling it
+	 * costs a system call per commit.  The barrier orders our tail update
+	 * before the read of worker_napping; the worker clears the flag before
+	 * it reads the tail one last time and sleeps (see worker.c).
+	 */
+	pg_memory_barrier();
+	if (latch && pg_atomic_read_u32(&me_shared->worker_napping) == 0)
 		SetLatch(latch);
 }
 

@@ -110,6 +110,8 @@ static int	fifo_count;
 static uint64 fifo_first_seq;
 static uint64 next_seq = 1;
 static bool need_reset = false;
+static bool napping = false;	/* worker_napping is set */
+static uint64 napped_tail = 0;	/* the tail when we last napped */
 static bool backpressure = false;
 static int	ring_inflight = 0;	/* queue entries in the fifo */
 static int	outbox_inflight = 0;	/* outbox rows in the fifo */
@@ -170,6 +172,7 @@ static void wait_for_acks_at_exit(void);
 static void release_done(void);
 static void reset_inflight(void);
 static void sync_subscriptions(bool all);
+static void commit_async(void);
 static void begin_tx(const char *what);
 static void end_tx(void);
 
@@ -206,6 +209,7 @@ worker_sigterm(SIGNAL_ARGS)
 static void
 worker_detach(int code, Datum arg)
 {
+	pg_atomic_write_u32(&me_shared->worker_napping, 0);
 	pg_atomic_write_u32(&me_shared->publisher_connected, 0);
 	pg_atomic_write_u32(&me_shared->subscriber_connected, 0);
 	pg_atomic_write_u32(&me_shared->subscriptions, 0);
@@ -418,6 +422,35 @@ mqtt_emit_worker_main(Datum main_arg)
 		if (more)
 			continue;
 
+		/*
+		 * New events came since the last round: nap for batch_delay rather
+		 * than sleep on the latch.  While worker_napping is set, committing
+		 * backends do not signal us, and the next round takes together
+		 * whatever arrived meanwhile (and its acknowledgements).  A round
+		 * that finds no new events ends the naps: clear the flag, then
+		 * read the tail once more (a backend that saw the flag set has
+		 * advanced the tail before it looked), and sleep.
+		 */
+		if (tail != napped_tail && mqtt_emit_batch_delay > 0)
+		{
+			napped_tail = tail;
+			if (!napping)
+			{
+				pg_atomic_write_u32(&me_shared->worker_napping, 1);
+				napping = true;
+			}
+			pg_usleep((long) (mqtt_emit_batch_delay * 1000.0));
+			continue;
+		}
+		if (napping)
+		{
+			pg_atomic_write_u32(&me_shared->worker_napping, 0);
+			napping = false;
+			pg_memory_barrier();
+			if (me_queue_tail() != tail)
+				continue;
+		}
+
 		(void) WaitLatch(MyLatch,
 						 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 timeout, PG_WAIT_EXTENSION);
@@ -604,6 +637,8 @@ flush_dead_letters(void)
 	SPI_connect();
 	foreach(lc, dead_outbox_ids)
 		dead_letter(*(int64 *) lfirst(lc), "the broker refused the message");
+	if (dead_queue_entries != NIL)
+		ForceSyncCommit();		/* their queue entries are gone already */
 	foreach(lc, dead_queue_entries)
 	{
 		MqttEmitEventHeader *hdr = (MqttEmitEventHeader *) lfirst(lc);
@@ -1134,6 +1169,7 @@ flush_moved(char **moved, int *nmoved)
 		return;
 	me_outbox_insert(moved, *nmoved, (uint8) ~ME_FLAG_LOCAL, 0, true, ob_next_seq,
 					 &min_id, &max_id);
+	ForceSyncCommit();			/* the queue forgets them at our commit */
 	ob_next_seq += *nmoved;
 	pg_atomic_fetch_add_u64(&me_shared->outbox_rows, *nmoved);
 	me_count(ME_STAT_OUTBOXED, *nmoved);
@@ -1243,6 +1279,7 @@ process_queue(uint64 tail)
 					{
 						SPI_connect();
 						spi = true;
+						commit_async();
 					}
 					sequence_batch(&mk);
 				}
@@ -1426,6 +1463,7 @@ process_outbox(void)
 	bool		empty_batch = true;
 
 	begin_tx("draining the outbox");
+	commit_async();
 	SPI_connect();
 
 	if (dead_letter_id != 0)
@@ -1650,6 +1688,22 @@ release_done(void)
 	Assert(pos == done);
 	me_queue_release(done, nevents);
 	head_pos = done;
+}
+
+/*
+ * Let the current transaction commit without waiting for its WAL flush.
+ * For the outbox's bookkeeping only: losing such a transaction in a crash
+ * publishes rows again (deletes), places them again (seq), or runs their
+ * local listeners again together with the flag that says they ran.
+ * Transactions that take events out of the shared-memory queue (moving
+ * them into the outbox or dead_letters) call ForceSyncCommit(), which
+ * overrides this: the queue forgets the events once they commit.
+ */
+static void
+commit_async(void)
+{
+	(void) set_config_option("synchronous_commit", "off", PGC_SUSET,
+							 PGC_S_SESSION, GUC_ACTION_LOCAL, true, 0, false);
 }
 
 static void

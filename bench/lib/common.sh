@@ -53,7 +53,8 @@ start_cluster() {
 		"mqtt_emit.client_id = 'bench-$RUN_ID-$name'" \
 		"max_connections = 50" \
 		"log_min_messages = warning" \
-		"$@" || pm_die "cluster $name did not start (log: $WORK/$name/postgresql.log)"
+		"$@" \
+		${BENCH_PG_CONF:+"$BENCH_PG_CONF"} || pm_die "cluster $name did not start (log: $WORK/$name/postgresql.log)"
 	CL_SOCK[$name]="$PG_SOCK"
 	CL_PORT[$name]="$PG_PORT"
 	CL_DATA[$name]="$PGDATA_DIR"

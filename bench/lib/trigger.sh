@@ -5,7 +5,10 @@
 #   unwatched   no trigger
 #   watched     mqtt_emit.watch('bench_t'), memory delivery, broker up
 #   notify      a PL/pgSQL AFTER ROW trigger doing
-#               pg_notify('ch', row_to_json(NEW)::text)
+#               pg_notify('ch', row_to_json(NEW)::text), nobody listening
+#   notify_listened  the same, with a session that LISTENs on the channel and
+#               consumes every notification (bench/src/notify_sink.c), as an
+#               application built on pg_notify has one
 #   durable     watched, with PGOPTIONS='-c mqtt_emit.delivery=durable'
 # Rounds are interleaved (each round runs the four variants, starting at a
 # different one), the table is truncated and a checkpoint taken before every
@@ -15,7 +18,7 @@
 # the trigger's own cost shows more. Figures: the median tps of each variant,
 # and for each ratio the median over rounds of the ratio within a round.
 
-TRIGGER_VARIANTS=(unwatched watched notify durable)
+TRIGGER_VARIANTS=(unwatched watched notify durable notify_listened)
 
 trigger_setup_sql() {
 	local variant="$1"
@@ -27,7 +30,7 @@ trigger_setup_sql() {
 	SQL
 	case "$variant" in
 		watched | durable) echo "SELECT mqtt_emit.watch('bench_t');" ;;
-		notify)
+		notify | notify_listened)
 			echo "CREATE TRIGGER bench_notify_trg AFTER INSERT ON bench_t FOR EACH ROW EXECUTE FUNCTION bench_notify();" ;;
 	esac
 	echo "TRUNCATE bench_t;"
@@ -57,6 +60,14 @@ trigger_run() {
 	trigger_setup_sql "$variant" | q a -f - >/dev/null
 	wait_idle a
 	s0="$(q a -c 'SELECT spilled FROM mqtt_emit.stats')"
+	if [[ "$variant" == notify_listened ]]; then
+		rm -f "$WORK/notify_sink.out"
+		"$BENCH_BIN/notify_sink" "host=${CL_SOCK[a]} port=${CL_PORT[a]} user=postgres dbname=postgres" ch \
+			>"$WORK/notify_sink.out" 2>"$WORK/notify_sink.err" &
+		SINK_PID=$!
+		pm_track_pid "$SINK_PID"
+		pm_poll 20 grep -q ready "$WORK/notify_sink.out" || pm_die "notify_sink did not start: $(cat "$WORK/notify_sink.err")"
+	fi
 	opts="-c synchronous_commit=$sync"
 	[[ "$variant" == durable ]] && opts="$opts -c mqtt_emit.delivery=durable"
 	out="$(PGOPTIONS="$opts" pgb a -n -M prepared -c 2 -j 2 -T "$dur" -f "$WORK/trigger_insert.sql" 2>&1)" || {
@@ -65,6 +76,11 @@ trigger_run() {
 		return
 	}
 	tps="$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out" | head -n1)"
+	if [[ "$variant" == notify_listened ]]; then
+		kill -TERM "$SINK_PID" 2>/dev/null || true
+		wait "$SINK_PID" 2>/dev/null || true
+		note "notify_sink: $(cat "$WORK/notify_sink.out" | tail -n1)"
+	fi
 	s1="$(q a -c 'SELECT spilled FROM mqtt_emit.stats')"
 	rows="$(q a -c 'SELECT count(*) FROM bench_t')"
 	echo "${tps:-NA} $rows $((s1 - s0))"
@@ -100,7 +116,7 @@ trigger_unstick_outbox() {
 
 bench_trigger() {
 	local rounds dur_on dur_off
-	rounds="$(quick 5 1)"
+	rounds="${BENCH_TRIGGER_ROUNDS:-$(quick 5 1)}"
 	dur_on="$(quick 8 5)"
 	dur_off="$(quick 6 5)"
 
@@ -141,11 +157,11 @@ bench_trigger() {
 
 	local sync round i v tps dur rows spilled
 	: >"$RESULTS/trigger_runs.tsv"
-	for sync in on off; do
+	for sync in ${BENCH_TRIGGER_SYNC:-on off}; do
 		if [[ "$sync" == on ]]; then dur="$dur_on"; else dur="$dur_off"; fi
 		for ((round = 1; round <= rounds; round++)); do
-			for ((i = 0; i < 4; i++)); do
-				v="${TRIGGER_VARIANTS[$(((i + round - 1) % 4))]}"
+			for ((i = 0; i < ${#TRIGGER_VARIANTS[@]}; i++)); do
+				v="${TRIGGER_VARIANTS[$(((i + round - 1) % ${#TRIGGER_VARIANTS[@]}))]}"
 				read -r tps rows spilled < <(trigger_run "$v" "$sync" "$dur")
 				note "synchronous_commit=$sync round $round $v: $tps tps ($spilled of $rows events spilled to the outbox)"
 				printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$sync" "$round" "$v" "$tps" "$rows" "$spilled" >>"$RESULTS/trigger_runs.tsv"
@@ -165,7 +181,7 @@ bench_trigger() {
 	# each round (the variants of one round ran minutes apart at most, so a
 	# slow drift of the machine's other load cancels out)
 	local prefix
-	for sync in on off; do
+	for sync in ${BENCH_TRIGGER_SYNC:-on off}; do
 		if [[ "$sync" == on ]]; then prefix=trigger; else prefix=trigger_synccommit_off; fi
 		for v in "${TRIGGER_VARIANTS[@]}"; do
 			fig "${prefix}_tps_$v" "$(awk -F'\t' -v s="$sync" -v v="$v" '$1 == s && $3 == v { print $4 }' "$RESULTS/trigger_runs.tsv" | median) (runs: $(awk -F'\t' -v s="$sync" -v v="$v" '$1 == s && $3 == v { printf "%s%.0f", sep, $4; sep = " " }' "$RESULTS/trigger_runs.tsv"))"
@@ -173,8 +189,9 @@ bench_trigger() {
 		fig "${prefix}_watched_spilled" "$(awk -F'\t' -v s="$sync" '$1 == s && $3 == "watched" { r += $5; x += $6 } END { printf "%d of %d events (%.0f%%) went to the outbox: queue full", x, r, r ? 100 * x / r : 0 }' "$RESULTS/trigger_runs.tsv")"
 		fig "${prefix}_ratio_watched_unwatched" "$(trigger_ratio "$sync" watched unwatched) (target >= 0.85)"
 		fig "${prefix}_ratio_watched_notify" "$(trigger_ratio "$sync" watched notify) (target >= 1.3)"
+		fig "${prefix}_ratio_watched_notify_listened" "$(trigger_ratio "$sync" watched notify_listened) (pg_notify with a consumer)"
 		fig "${prefix}_ratio_durable_unwatched" "$(trigger_ratio "$sync" durable unwatched) (target >= 0.6)"
 	done
 	stop_cluster a
-	fig trigger_setup "pgbench -n -M prepared -c 2 -j 2, ${rounds} rounds x 4 variants, ${dur_on}s (synchronous_commit=on) / ${dur_off}s (off), fsync=on"
+	fig trigger_setup "pgbench -n -M prepared -c 2 -j 2, ${rounds} rounds x ${#TRIGGER_VARIANTS[@]} variants, ${dur_on}s (synchronous_commit=on) / ${dur_off}s (off), fsync=on"
 }
