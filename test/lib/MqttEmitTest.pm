@@ -89,6 +89,7 @@ use Exporter 'import';
 use File::Path ();
 use File::Temp ();
 use IPC::Run ();
+use JSON::PP ();
 use POSIX qw(WNOHANG);
 use Scalar::Util qw(refaddr weaken);
 use Test::More ();
@@ -97,7 +98,12 @@ use Time::HiRes ();
 our @EXPORT = qw(
   start_broker new_node start_subscriber poll_until
   topic_prefix mqtt_pub free_port
+  arrived_ids tally ranges
 );
+
+# Not exported by default: several scripts define a stats() of their own.
+# use MqttEmitTest qw(:DEFAULT stats);
+our @EXPORT_OK = qw(stats);
 
 # Objects (brokers, subscribers) to stop in END, keyed by address.
 our %LIVE;
@@ -115,6 +121,8 @@ our $TOPIC_PREFIX = $ENV{MQTT_EMIT_TEST_TOPIC_PREFIX}
   // ('test/' . $rand_hex->(6));
 
 my $node_counter = 0;
+
+my $JSON = JSON::PP->new->utf8;
 
 # A signal ends the script through exit(), so that the END blocks (ours and
 # PostgreSQL::Test::Cluster's) stop what was started.
@@ -412,6 +420,201 @@ sub start_subscriber
 	my $sub = MqttEmitTest::Subscriber->_new($broker, $filter, %opts);
 	$sub->_start;
 	return $sub;
+}
+
+=pod
+
+=item stats($node)
+
+mqtt_emit.stats of C<$node> (database postgres) as a hash ref, or undef when
+the node does not answer (stopped, crash restart). Exported on request:
+C<use MqttEmitTest qw(:DEFAULT stats)>.
+
+=cut
+
+sub stats
+{
+	my ($node) = @_;
+	my ($rc, $out) =
+	  $node->psql('postgres', 'SELECT row_to_json(s) FROM mqtt_emit.stats s');
+	return undef if $rc != 0 || !defined $out || $out eq '';
+	return $JSON->decode($out);
+}
+
+=pod
+
+=item arrived_ids($sub, $model)
+
+The C<result.id> of every create event of C<$model> (topic
+C<topic_prefix()/$model/create>) that subscriber C<$sub> received, in arrival
+order, duplicates included; C<'?'> for a payload that is not the expected
+JSON. The same list as walking C<< $sub->messages >>, but read incrementally:
+the file offset reached and the ids found so far are kept per subscriber
+output file and model, and each call parses only the complete lines added
+since (a line still being written is left for the next call), so polling it
+over tens of thousands of events stays cheap. A subscriber's output file only
+grows after it started.
+
+=cut
+
+# arrived_ids() state, by "<subscriber file>\0<model>":
+# { off => bytes of complete lines parsed, ids => [ ids found so far ] }.
+my %arrived_readers;
+
+# A create event exactly as capture.c writes it; $1 is the top-level
+# result.id when it is an integer and result's first key. Anything else
+# (other key order, whitespace, a non-integer id) is decoded as JSON.
+my $create_id_re = qr/
+	\A\{"model":"(?:[^"\\]++|\\.)*+","operation":"create",
+	"args":\{"data":(?&obj)\},"result":\{"id":(-?\d+)[,}]
+	(?(DEFINE)(?<obj>\{(?:[^{}"]++|"(?:[^"\\]++|\\.)*+"|(?&obj))*+\}))
+/xs;
+
+sub arrived_ids
+{
+	my ($sub, $model) = @_;
+	my $st = $arrived_readers{ $sub->file . "\0$model" } //= { off => 0, ids => [] };
+	my $re = qr{^\Q${\ topic_prefix()}\E/\Q$model\E/create$};
+	open my $fh, '<', $sub->file or return @{ $st->{ids} };
+	# read up to the size the file has now: the subscriber keeps appending
+	my $size = -s $fh;
+	seek $fh, $st->{off}, 0;
+	while ($st->{off} < $size && defined(my $line = <$fh>))
+	{
+		# the same parsing as MqttEmitTest::Subscriber::_read_all; a line
+		# still being written has no newline yet: read it next time
+		last unless $line =~ s/\n\z//;
+		$st->{off} += length($line) + 1;
+		my ($hex, $qos, $retain, $topic) = split /\t/, $line, 4;
+		# probes never match $re
+		next unless defined $topic && $topic =~ $re;
+		my $payload = pack('H*', $hex);
+		if ($payload =~ $create_id_re)
+		{
+			push @{ $st->{ids} }, $1;
+			next;
+		}
+		my $p = eval { $JSON->decode($payload) };
+		push @{ $st->{ids} }, (ref $p eq 'HASH' && ref $p->{result} eq 'HASH')
+		  ? $p->{result}{id} // '?' : '?';
+	}
+	close $fh;
+	return @{ $st->{ids} };
+}
+
+=pod
+
+=item ranges(@ids)
+
+C<"1-5, 9, 12-40"> for a list of integers (anything else is left out),
+cut after 400 characters.
+
+=cut
+
+sub ranges
+{
+	my @n = sort { $a <=> $b } grep { /^-?\d+$/ } @_;
+	my @out;
+	while (@n)
+	{
+		my $s = shift @n;
+		my $e = $s;
+		$e = shift @n while @n && $n[0] == $e + 1;
+		push @out, $s == $e ? $s : "$s-$e";
+	}
+	my $txt = join ', ', @out;
+	return length $txt > 400 ? substr($txt, 0, 400) . ' ...' : $txt;
+}
+
+=pod
+
+=item tally($label, \@arrived, \@expected, $forbidden)
+
+Compares the ids that arrived (in arrival order) with those committed (in
+commit order), note()s the counts, the missing, unexpected and forbidden ids
+(see ranges()) and the first 5 commit order inversions, and returns a hash ref:
+
+  sent        ids expected
+  received    ids arrived, duplicates included
+  distinct    distinct ids arrived
+  missing     expected ids that never arrived
+  duplicates  arrivals of an id already seen
+  unexpected  distinct arrived ids not expected
+  forbidden   distinct arrived ids that $forbidden matches (0 without one)
+  disorder    first deliveries of expected ids that came after one committed later
+  inversions  array ref: up to 5 of them, as "A then B"
+
+C<$forbidden>, the ids that must never arrive (rolled back), is undef, an
+array ref of ids, or a code ref called with an id that returns true for such
+an id.
+
+=cut
+
+sub tally
+{
+	my ($label, $arrived, $expected, $forbidden) = @_;
+	my $is_bad;
+	if (!defined $forbidden)
+	{
+		$is_bad = sub { 0 };
+	}
+	elsif (ref $forbidden eq 'ARRAY')
+	{
+		my %bad = map { $_ => 1 } @$forbidden;
+		$is_bad = sub { $bad{ $_[0] } };
+	}
+	elsif (ref $forbidden eq 'CODE')
+	{
+		$is_bad = $forbidden;
+	}
+	else
+	{
+		croak 'tally: $forbidden must be undef, an array ref or a code ref';
+	}
+
+	my %pos = map { $expected->[$_] => $_ } 0 .. $#$expected;
+	my (%seen, @first, @unexpected, @forbidden_seen);
+	my $dups = 0;
+	for my $id (@$arrived)
+	{
+		if ($seen{$id}++) { $dups++; next; }
+		if (exists $pos{$id}) { push @first, $id; }
+		else                  { push @unexpected, $id; }
+		push @forbidden_seen, $id if $is_bad->($id);
+	}
+	my @missing = grep { !$seen{$_} } @$expected;
+	my $disorder = 0;
+	my @inv;
+	for my $i (1 .. $#first)
+	{
+		next unless $pos{ $first[$i] } < $pos{ $first[ $i - 1 ] };
+		$disorder++;
+		push @inv, "$first[$i - 1] then $first[$i]" if @inv < 5;
+	}
+	my %r = (
+		sent       => scalar @$expected,
+		received   => scalar @$arrived,
+		distinct   => scalar keys %seen,
+		missing    => scalar @missing,
+		duplicates => $dups,
+		unexpected => scalar @unexpected,
+		forbidden  => scalar @forbidden_seen,
+		disorder   => $disorder,
+		inversions => \@inv);
+	Test::More::note(
+		sprintf(
+			'%s: sent %d, received %d (distinct %d), missing %d, duplicates %d, '
+			  . 'unexpected %d, %sout of commit order %d',
+			$label, @r{qw(sent received distinct missing duplicates unexpected)},
+			(defined $forbidden ? "rolled back seen $r{forbidden}, " : ''),
+			$disorder));
+	Test::More::note("$label: missing ids: " . ranges(@missing)) if @missing;
+	Test::More::note("$label: unexpected ids: " . ranges(@unexpected))
+	  if @unexpected;
+	Test::More::note("$label: rolled-back ids seen: " . ranges(@forbidden_seen))
+	  if @forbidden_seen;
+	Test::More::note("$label: first inversions: " . join(', ', @inv)) if @inv;
+	return \%r;
 }
 
 # Remember a broker or subscriber for END. Weak references: an object that

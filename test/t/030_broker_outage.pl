@@ -26,8 +26,7 @@
 use strict;
 use warnings;
 
-use JSON::PP ();
-use MqttEmitTest;
+use MqttEmitTest qw(:DEFAULT stats);
 use PostgreSQL::Test::Utils;
 use Test::More;
 
@@ -35,96 +34,10 @@ my $T      = 120;     # seconds for one bounded wait
 my $N      = 3000;    # events committed during the outage
 my $PRE    = 10;      # events committed before it
 my $MODEL  = 'outage';
-my $JSON   = JSON::PP->new->utf8;
 
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
-# mqtt_emit.stats as a hash ref; undef when the node does not answer.
-sub stats
-{
-	my ($node) = @_;
-	my ($rc, $out) =
-	  $node->psql('postgres', 'SELECT row_to_json(s) FROM mqtt_emit.stats s');
-	return undef if $rc != 0 || !defined $out || $out eq '';
-	return $JSON->decode($out);
-}
-
-# result.id of every create event of $model the subscriber got, in arrival
-# order ('?' for a payload that is not the expected JSON).
-sub arrived_ids
-{
-	my ($sub, $model) = @_;
-	my $re = qr{^\Q${\ topic_prefix()}\E/\Q$model\E/create$};
-	my @ids;
-	for my $m ($sub->messages)
-	{
-		next unless $m->[0] =~ $re;
-		my $p = eval { $JSON->decode($m->[1]) };
-		push @ids, (ref $p eq 'HASH' && ref $p->{result} eq 'HASH')
-		  ? $p->{result}{id} // '?' : '?';
-	}
-	return @ids;
-}
-
-# "1-5, 9, 12-40" for a list of integers.
-sub ranges
-{
-	my @n = sort { $a <=> $b } grep { /^-?\d+$/ } @_;
-	my @out;
-	while (@n)
-	{
-		my $s = shift @n;
-		my $e = $s;
-		$e = shift @n while @n && $n[0] == $e + 1;
-		push @out, $s == $e ? $s : "$s-$e";
-	}
-	my $txt = join ', ', @out;
-	return length $txt > 400 ? substr($txt, 0, 400) . ' ...' : $txt;
-}
-
-# Compares what arrived with what was committed (in commit order) and what
-# must never appear; note()s the counts.
-sub tally
-{
-	my ($label, $arrived, $expected, $forbidden) = @_;
-	my %pos = map { $expected->[$_] => $_ } 0 .. $#$expected;
-	my %bad = map { $_ => 1 } @{ $forbidden // [] };
-	my (%seen, @first, @unexpected, @forbidden_seen);
-	my $dups = 0;
-	for my $id (@$arrived)
-	{
-		if ($seen{$id}++) { $dups++; next; }
-		if (exists $pos{$id}) { push @first, $id; }
-		else                  { push @unexpected, $id; }
-		push @forbidden_seen, $id if $bad{$id};
-	}
-	my @missing = grep { !$seen{$_} } @$expected;
-	my $disorder = 0;
-	for my $i (1 .. $#first)
-	{
-		$disorder++ if $pos{ $first[$i] } < $pos{ $first[ $i - 1 ] };
-	}
-	my %r = (
-		sent       => scalar @$expected,
-		received   => scalar @$arrived,
-		distinct   => scalar keys %seen,
-		missing    => scalar @missing,
-		duplicates => $dups,
-		unexpected => scalar @unexpected,
-		forbidden  => scalar @forbidden_seen,
-		disorder   => $disorder);
-	note sprintf(
-		'%s: sent %d, received %d (distinct %d), missing %d, duplicates %d, '
-		  . 'unexpected %d, rolled back seen %d, out of commit order %d',
-		$label, @r{qw(sent received distinct missing duplicates unexpected forbidden disorder)});
-	note "$label: missing ids: " . ranges(@missing) if @missing;
-	note "$label: unexpected ids: " . ranges(@unexpected) if @unexpected;
-	note "$label: rolled-back ids seen: " . ranges(@forbidden_seen)
-	  if @forbidden_seen;
-	return \%r;
-}
 
 # mosquitto_sub with a persistent session (-c): the harness's subscriber
 # with clean session off.  Same output format, so messages() etc. work.

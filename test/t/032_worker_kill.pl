@@ -28,8 +28,7 @@
 use strict;
 use warnings;
 
-use JSON::PP ();
-use MqttEmitTest;
+use MqttEmitTest qw(:DEFAULT stats);
 use POSIX ();
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -38,20 +37,10 @@ my $T       = 120;
 my $ROWS    = 20000;
 my $BATCH   = 20;
 my @KILL_AT = (3000, 9000, 15000);    # rows committed when a kill is due
-my $JSON    = JSON::PP->new->utf8;
 
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
-sub stats
-{
-	my ($node) = @_;
-	my ($rc, $out) =
-	  $node->psql('postgres', 'SELECT row_to_json(s) FROM mqtt_emit.stats s');
-	return undef if $rc != 0 || !defined $out || $out eq '';
-	return $JSON->decode($out);
-}
 
 # one value from the node, undef when it does not answer (crash restart)
 sub query
@@ -59,98 +48,6 @@ sub query
 	my ($node, $sql) = @_;
 	my ($rc, $out) = $node->psql('postgres', $sql);
 	return $rc == 0 ? $out : undef;
-}
-
-# result.id of every create event of $model the subscriber got, in arrival
-# order.  Reads the subscriber's output file incrementally (the harness's
-# messages() parses everything again each time, too slow for 20000+ events
-# polled often); same format: hex payload, QoS, retain, topic.
-my %readers;
-
-sub arrived_ids
-{
-	my ($sub, $model) = @_;
-	my $st = $readers{ $sub->file . "\0$model" } //= { off => 0, ids => [] };
-	my $re = qr{^\Q${\ topic_prefix()}\E/\Q$model\E/create$};
-	open my $fh, '<', $sub->file or return @{ $st->{ids} };
-	# read up to the size the file has now: the subscriber keeps appending
-	my $size = -s $fh;
-	seek $fh, $st->{off}, 0;
-	while ($st->{off} < $size && defined(my $line = <$fh>))
-	{
-		# a line still being written: read it next time
-		last unless $line =~ s/\n\z//;
-		$st->{off} += length($line) + 1;
-		my ($hex, $qos, $retain, $topic) = split /\t/, $line, 4;
-		next unless defined $topic && $topic =~ $re;
-		my $payload = pack('H*', $hex);
-		# the watched tables have id as their first column; decode the
-		# JSON only when that shortcut does not apply
-		if ($payload =~ /"result":\{"id":(-?\d+)[,}]/)
-		{
-			push @{ $st->{ids} }, $1;
-			next;
-		}
-		my $p = eval { $JSON->decode($payload) };
-		push @{ $st->{ids} }, (ref $p eq 'HASH' && ref $p->{result} eq 'HASH')
-		  ? $p->{result}{id} // '?' : '?';
-	}
-	close $fh;
-	return @{ $st->{ids} };
-}
-
-sub ranges
-{
-	my @n = sort { $a <=> $b } grep { /^-?\d+$/ } @_;
-	my @out;
-	while (@n)
-	{
-		my $s = shift @n;
-		my $e = $s;
-		$e = shift @n while @n && $n[0] == $e + 1;
-		push @out, $s == $e ? $s : "$s-$e";
-	}
-	my $txt = join ', ', @out;
-	return length $txt > 400 ? substr($txt, 0, 400) . ' ...' : $txt;
-}
-
-sub tally
-{
-	my ($label, $arrived, $expected, $forbidden) = @_;
-	my %pos = map { $expected->[$_] => $_ } 0 .. $#$expected;
-	my (%seen, @first, @unexpected, @forbidden_seen);
-	my $dups = 0;
-	for my $id (@$arrived)
-	{
-		if ($seen{$id}++) { $dups++; next; }
-		if (exists $pos{$id}) { push @first, $id; }
-		else                  { push @unexpected, $id; }
-		push @forbidden_seen, $id if $forbidden->($id);
-	}
-	my @missing = grep { !$seen{$_} } @$expected;
-	my $disorder = 0;
-	for my $i (1 .. $#first)
-	{
-		$disorder++ if $pos{ $first[$i] } < $pos{ $first[ $i - 1 ] };
-	}
-	my %r = (
-		sent       => scalar @$expected,
-		received   => scalar @$arrived,
-		distinct   => scalar keys %seen,
-		missing    => scalar @missing,
-		duplicates => $dups,
-		unexpected => scalar @unexpected,
-		forbidden  => scalar @forbidden_seen,
-		disorder   => $disorder);
-	note sprintf(
-		'%s: sent %d, received %d (distinct %d), missing %d, duplicates %d, '
-		  . 'unexpected %d, rolled back seen %d, out of commit order %d',
-		$label, @r{qw(sent received distinct missing duplicates unexpected forbidden disorder)});
-	note "$label: missing ids: " . ranges(@missing) if @missing;
-	note "$label: unexpected ids: " . ranges(@unexpected) if @unexpected;
-	note "$label: rolled-back ids seen: " . ranges(@forbidden_seen)
-	  if @forbidden_seen;
-	return \%r;
 }
 
 # ---------------------------------------------------------------------------

@@ -24,8 +24,7 @@
 use strict;
 use warnings;
 
-use JSON::PP ();
-use MqttEmitTest;
+use MqttEmitTest qw(:DEFAULT stats);
 use POSIX ();
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -34,110 +33,10 @@ my $T        = 60;
 my $SESSIONS = 4;
 my $PER      = 1250;    # events per session
 my $MODEL    = 'sq';
-my $JSON     = JSON::PP->new->utf8;
 
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
-sub stats
-{
-	my ($node) = @_;
-	my ($rc, $out) =
-	  $node->psql('postgres', 'SELECT row_to_json(s) FROM mqtt_emit.stats s');
-	return undef if $rc != 0 || !defined $out || $out eq '';
-	return $JSON->decode($out);
-}
-
-# result.id of every create event of $model the subscriber got, in arrival
-# order, read incrementally from the subscriber's output file (hex payload,
-# QoS, retain, topic per line; see MqttEmitTest::Subscriber).
-my %readers;
-
-sub arrived_ids
-{
-	my ($sub, $model) = @_;
-	my $st = $readers{ $sub->file . "\0$model" } //= { off => 0, ids => [] };
-	my $re = qr{^\Q${\ topic_prefix()}\E/\Q$model\E/create$};
-	open my $fh, '<', $sub->file or return @{ $st->{ids} };
-	# read up to the size the file has now: the subscriber keeps appending
-	my $size = -s $fh;
-	seek $fh, $st->{off}, 0;
-	while ($st->{off} < $size && defined(my $line = <$fh>))
-	{
-		# a line still being written: read it next time
-		last unless $line =~ s/\n\z//;
-		$st->{off} += length($line) + 1;
-		my ($hex, $qos, $retain, $topic) = split /\t/, $line, 4;
-		next unless defined $topic && $topic =~ $re;
-		my $payload = pack('H*', $hex);
-		# the watched tables have id as their first column; decode the
-		# JSON only when that shortcut does not apply
-		if ($payload =~ /"result":\{"id":(-?\d+)[,}]/)
-		{
-			push @{ $st->{ids} }, $1;
-			next;
-		}
-		my $p = eval { $JSON->decode($payload) };
-		push @{ $st->{ids} }, (ref $p eq 'HASH' && ref $p->{result} eq 'HASH')
-		  ? $p->{result}{id} // '?' : '?';
-	}
-	close $fh;
-	return @{ $st->{ids} };
-}
-
-sub ranges
-{
-	my @n = sort { $a <=> $b } grep { /^-?\d+$/ } @_;
-	my @out;
-	while (@n)
-	{
-		my $s = shift @n;
-		my $e = $s;
-		$e = shift @n while @n && $n[0] == $e + 1;
-		push @out, $s == $e ? $s : "$s-$e";
-	}
-	my $txt = join ', ', @out;
-	return length $txt > 400 ? substr($txt, 0, 400) . ' ...' : $txt;
-}
-
-sub tally
-{
-	my ($label, $arrived, $expected) = @_;
-	my %pos = map { $expected->[$_] => $_ } 0 .. $#$expected;
-	my (%seen, @first, @unexpected);
-	my $dups = 0;
-	for my $id (@$arrived)
-	{
-		if ($seen{$id}++) { $dups++; next; }
-		if (exists $pos{$id}) { push @first, $id; }
-		else                  { push @unexpected, $id; }
-	}
-	my @missing = grep { !$seen{$_} } @$expected;
-	my $disorder = 0;
-	my @inv;
-	for my $i (1 .. $#first)
-	{
-		next unless $pos{ $first[$i] } < $pos{ $first[ $i - 1 ] };
-		$disorder++;
-		push @inv, "$first[$i - 1] then $first[$i]" if @inv < 5;
-	}
-	my %r = (
-		sent       => scalar @$expected,
-		received   => scalar(grep { exists $pos{$_} } @$arrived),
-		distinct   => scalar @first,
-		missing    => scalar @missing,
-		duplicates => $dups,
-		unexpected => scalar @unexpected,
-		disorder   => $disorder);
-	note sprintf(
-		'%s: sent %d, received %d (distinct %d), missing %d, duplicates %d, '
-		  . 'unexpected %d, out of commit order %d',
-		$label, @r{qw(sent received distinct missing duplicates unexpected disorder)});
-	note "$label: missing ids: " . ranges(@missing) if @missing;
-	note "$label: first inversions: " . join(', ', @inv) if @inv;
-	return \%r;
-}
 
 # Runs $sql in psql with verbose errors; returns (exit code, stdout, stderr).
 sub psql_verbose

@@ -19,37 +19,13 @@ use strict;
 use warnings;
 
 use JSON::PP ();
-use MqttEmitTest;
+use MqttEmitTest qw(:DEFAULT stats);
 use PostgreSQL::Test::Utils;
 use Test::More;
 
 my $T     = 60;
 my $MODEL = 'dl';
 my $JSON  = JSON::PP->new->utf8;
-
-sub stats
-{
-	my ($node) = @_;
-	my ($rc, $out) =
-	  $node->psql('postgres', 'SELECT row_to_json(s) FROM mqtt_emit.stats s');
-	return undef if $rc != 0 || !defined $out || $out eq '';
-	return $JSON->decode($out);
-}
-
-sub arrived_ids
-{
-	my ($sub, $model) = @_;
-	my $re = qr{^\Q${\ topic_prefix()}\E/\Q$model\E/create$};
-	my @ids;
-	for my $m ($sub->messages)
-	{
-		next unless $m->[0] =~ $re;
-		my $p = eval { $JSON->decode($m->[1]) };
-		push @ids, (ref $p eq 'HASH' && ref $p->{result} eq 'HASH')
-		  ? $p->{result}{id} // '?' : '?';
-	}
-	return @ids;
-}
 
 sub oversize_disconnects
 {
