@@ -105,13 +105,15 @@ static Size pending_bytes = 0;
 static Size reserved_bytes = 0;
 static int	outboxed = 0;			/* written to the outbox at PRE_COMMIT */
 static bool marker_reserved = false;
+static bool queued = false;		/* durable events reserved their queue room */
 static MqttEmitMarker marker;
 
 #define ME_MARKER_ENTRY_SIZE (sizeof(MqttEmitEventHeader) + sizeof(MqttEmitMarker))
 static bool spilled = false;
 static bool listeners_changed = false;
 
-static SPIPlanPtr outbox_plan = NULL;
+static SPIPlanPtr outbox_plan = NULL;	/* n rows, from arrays */
+static SPIPlanPtr outbox_plan1 = NULL;	/* one row (most transactions) */
 
 static MemoryContext capture_cxt = NULL;
 
@@ -525,6 +527,7 @@ me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 	hdr.relid = relid;
 	hdr.model_len = model_len;
 	hdr.payload_len = payload_len;
+	hdr.outbox_id = 0;
 
 	entry = MemoryContextAlloc(TopTransactionContext, total);
 	memcpy(entry, &hdr, sizeof(hdr));
@@ -576,6 +579,7 @@ reset_pending(void)
 	reserved_bytes = 0;
 	outboxed = 0;
 	marker_reserved = false;
+	queued = false;
 	spilled = false;
 }
 
@@ -585,11 +589,12 @@ reset_pending(void)
  * runs as the bootstrap superuser: the outbox is not writable by ordinary
  * roles, whose events it nevertheless must hold.  Used by committing
  * backends (at PRE_COMMIT, where an error still aborts cleanly) and by the
- * worker when it moves the queue into the outbox.
+ * worker when it moves the queue into the outbox.  The new rows' ids go to
+ * ids[], in the entries' order.
  */
 void
 me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
-				 bool marked, int64 first_seq, int64 *min_id, int64 *max_id)
+				 bool marked, int64 first_seq, int64 *ids)
 {
 	Datum	   *kinds = palloc(sizeof(Datum) * n);
 	Datum	   *flags = palloc(sizeof(Datum) * n);
@@ -619,22 +624,64 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 															   hdr->payload_len));
 		relids[i] = ObjectIdGetDatum(hdr->relid);
 	}
-	values[0] = PointerGetDatum(construct_array(kinds, n, INT2OID, 2, true, TYPALIGN_SHORT));
-	values[1] = PointerGetDatum(construct_array(flags, n, INT2OID, 2, true, TYPALIGN_SHORT));
-	values[2] = PointerGetDatum(construct_array(ops, n, INT2OID, 2, true, TYPALIGN_SHORT));
-	values[3] = PointerGetDatum(construct_array(qoss, n, INT2OID, 2, true, TYPALIGN_SHORT));
-	values[4] = PointerGetDatum(construct_array(models, n, TEXTOID, -1, false, TYPALIGN_INT));
-	values[5] = PointerGetDatum(construct_array(payloads, n, TEXTOID, -1, false, TYPALIGN_INT));
 	values[6] = Int64GetDatum(batch);
 	values[7] = BoolGetDatum(marked);
 	values[8] = Int64GetDatum(first_seq);
-	values[9] = PointerGetDatum(construct_array(relids, n, OIDOID, sizeof(Oid), true, TYPALIGN_INT));
 
 	GetUserIdAndSecContext(&save_userid, &save_sec);
 	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID,
 						   save_sec | SECURITY_LOCAL_USERID_CHANGE);
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
+	if (n == 1)
+	{
+		/* a plain one-row INSERT costs far less than unnesting arrays */
+		Datum		row[10];
+
+		if (outbox_plan1 == NULL)
+		{
+			Oid			types[10] = {INT2OID, INT2OID, INT2OID, INT2OID, TEXTOID,
+				TEXTOID, INT8OID, BOOLOID, INT8OID, OIDOID};
+			SPIPlanPtr	plan;
+
+			plan = SPI_prepare("INSERT INTO mqtt_emit.outbox"
+							   " (kind, flags, op, qos, model, payload, batch, marked, seq, relid)"
+							   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8,"
+							   "  CASE WHEN $9 OPERATOR(pg_catalog.=) 0 THEN NULL ELSE $9 END, $10)"
+							   " RETURNING id",
+							   10, types);
+			if (plan == NULL)
+				elog(ERROR, "SPI_prepare failed for the outbox insert: %s",
+					 SPI_result_code_string(SPI_result));
+			SPI_keepplan(plan);
+			outbox_plan1 = plan;
+		}
+		row[0] = kinds[0];
+		row[1] = flags[0];
+		row[2] = ops[0];
+		row[3] = qoss[0];
+		row[4] = models[0];
+		row[5] = payloads[0];
+		row[6] = values[6];
+		row[7] = values[7];
+		row[8] = values[8];
+		row[9] = relids[0];
+		ret = SPI_execute_plan(outbox_plan1, row, NULL, false, 0);
+		if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
+			elog(ERROR, "cannot write to mqtt_emit.outbox: %s", SPI_result_code_string(ret));
+		ids[0] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		PopActiveSnapshot();
+		SPI_finish();
+		SetUserIdAndSecContext(save_userid, save_sec);
+		return;
+	}
+	values[0] = PointerGetDatum(construct_array(kinds, n, INT2OID, 2, true, TYPALIGN_SHORT));
+	values[1] = PointerGetDatum(construct_array(flags, n, INT2OID, 2, true, TYPALIGN_SHORT));
+	values[2] = PointerGetDatum(construct_array(ops, n, INT2OID, 2, true, TYPALIGN_SHORT));
+	values[3] = PointerGetDatum(construct_array(qoss, n, INT2OID, 2, true, TYPALIGN_SHORT));
+	values[4] = PointerGetDatum(construct_array(models, n, TEXTOID, -1, false, TYPALIGN_INT));
+	values[5] = PointerGetDatum(construct_array(payloads, n, TEXTOID, -1, false, TYPALIGN_INT));
+	values[9] = PointerGetDatum(construct_array(relids, n, OIDOID, sizeof(Oid), true, TYPALIGN_INT));
 	if (outbox_plan == NULL)
 	{
 		Oid			types[10] = {INT2ARRAYOID, INT2ARRAYOID, INT2ARRAYOID,
@@ -654,7 +701,7 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 						   "  WITH ORDINALITY AS r(k, f, o, q, m, p, r, n)"
 						   " ORDER BY r.n"
 						   " RETURNING id)"
-						   " SELECT pg_catalog.min(id), pg_catalog.max(id) FROM ins",
+						   " SELECT pg_catalog.array_agg(id ORDER BY id) FROM ins",
 						   10, types);
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed for the outbox insert: %s",
@@ -665,8 +712,20 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 	ret = SPI_execute_plan(outbox_plan, values, NULL, false, 0);
 	if (ret != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "cannot write to mqtt_emit.outbox: %s", SPI_result_code_string(ret));
-	*min_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	*max_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	{
+		/* ids are taken in row order, so ascending ids are the rows' */
+		ArrayType  *arr = DatumGetArrayTypeP(SPI_getbinval(SPI_tuptable->vals[0],
+														   SPI_tuptable->tupdesc, 1, &isnull));
+		Datum	   *elems;
+		int			nelems;
+
+		deconstruct_array(arr, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE,
+						  &elems, NULL, &nelems);
+		if (nelems != n)
+			elog(ERROR, "wrote %d rows to mqtt_emit.outbox, expected %d", nelems, n);
+		for (i = 0; i < n; i++)
+			ids[i] = DatumGetInt64(elems[i]);
+	}
 	PopActiveSnapshot();
 	SPI_finish();
 	SetUserIdAndSecContext(save_userid, save_sec);
@@ -679,6 +738,7 @@ static void
 write_outbox(void)
 {
 	uint64		rows = pg_atomic_read_u64(&me_shared->outbox_rows);
+	int64	   *ids;
 	int			i;
 
 	if (mqtt_emit_outbox_max > 0 && rows + npending > (uint64) mqtt_emit_outbox_max)
@@ -688,9 +748,32 @@ write_outbox(void)
 				 errdetail("The outbox holds about " UINT64_FORMAT " events; \"mqtt_emit.outbox_max\" is %d.",
 						   rows, mqtt_emit_outbox_max),
 				 errhint("Check that the broker is reachable (see mqtt_emit.stats), or raise \"mqtt_emit.outbox_max\".")));
+	ids = palloc(sizeof(int64) * npending);
+
 	/*
-	 * A marker in the queue will place these rows in the commit order.  The
-	 * last eighth of the queue is kept for markers; should even that be
+	 * Durable delivery with room in the queue: the events go into the queue
+	 * as well, marked with their rows' ids, and the worker publishes them
+	 * from there and deletes each row once the broker has it.  The rows are
+	 * what survives a crash.
+	 */
+	if (mqtt_emit_delivery == ME_DELIVERY_DURABLE &&
+		me_queue_reserve(pending_bytes, false))
+	{
+		reserved_bytes = pending_bytes;
+		queued = true;
+		for (i = 0; i < npending; i++)
+			((MqttEmitEventHeader *) pending[i])->flags |= ME_FLAG_QUEUED;
+		me_outbox_insert(pending, npending, 0xFF, (int64) me_next_event_seq(),
+						 true, 0, ids);
+		for (i = 0; i < npending; i++)
+			((MqttEmitEventHeader *) pending[i])->outbox_id = ids[i];
+		outboxed = npending;
+		return;
+	}
+
+	/*
+	 * A marker in the queue will place these rows in the commit order.
+	 * The last eighth of the queue is kept for markers; should even that be
 	 * full, wait a little for the worker to take some (up to 10 s), since
 	 * rows without a marker can only be placed approximately.
 	 */
@@ -707,8 +790,9 @@ write_outbox(void)
 	if (marker_reserved)
 		reserved_bytes = ME_MARKER_ENTRY_SIZE;
 	marker.batch = (int64) me_next_event_seq();
-	me_outbox_insert(pending, npending, 0xFF, marker.batch, marker_reserved, 0,
-					 &marker.min_id, &marker.max_id);
+	me_outbox_insert(pending, npending, 0xFF, marker.batch, marker_reserved, 0, ids);
+	marker.min_id = ids[0];
+	marker.max_id = ids[npending - 1];
 	outboxed = npending;
 }
 
@@ -764,8 +848,12 @@ capture_xact_callback(XactEvent event, void *arg)
 				memcpy(entry + sizeof(hdr), &marker, sizeof(marker));
 				me_queue_push_reserved(entries, 1, reserved_bytes, 0);
 			}
-			if (npending > 0 && reserved_bytes > 0 && outboxed == 0)
+			if (npending > 0 && reserved_bytes > 0 && (outboxed == 0 || queued))
+			{
 				me_queue_push_reserved(pending, npending, reserved_bytes, npending);
+				if (outboxed > 0)
+					pg_atomic_fetch_add_u64(&me_shared->outbox_rows, outboxed);
+			}
 			else if (outboxed > 0)
 			{
 				pg_atomic_fetch_add_u64(&me_shared->outbox_rows, outboxed);

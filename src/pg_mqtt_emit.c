@@ -288,9 +288,10 @@ _PG_init(void)
 
 	DefineCustomRealVariable("mqtt_emit.batch_delay",
 							 "Sets how long the worker waits for more events after publishing some.",
-							 "While events keep arriving, the worker naps this long between "
-							 "rounds instead of being woken by every commit, and publishes what "
-							 "gathered meanwhile together.  Zero wakes it at every commit.",
+							 "When commits come faster than the worker takes them one by one, it "
+							 "naps this long between rounds instead of being woken by every "
+							 "commit, and publishes what gathered meanwhile together.  Zero "
+							 "wakes it at every commit.",
 							 &mqtt_emit_batch_delay,
 							 0.5, 0.0, 100.0,
 							 PGC_SIGHUP, GUC_UNIT_MS,

@@ -87,6 +87,7 @@ typedef struct MqttEmitMarker
 
 #define ME_FLAG_PUBLISH		0x01	/* send it to the broker */
 #define ME_FLAG_LOCAL		0x02	/* run local listeners for it */
+#define ME_FLAG_QUEUED		0x04	/* outbox row whose event is in the queue too */
 
 typedef struct MqttEmitEventHeader
 {
@@ -98,6 +99,7 @@ typedef struct MqttEmitEventHeader
 	Oid			relid;			/* the changed table, or InvalidOid */
 	uint32		model_len;
 	uint32		payload_len;
+	int64		outbox_id;		/* durable: its outbox row (ME_FLAG_QUEUED), else 0 */
 } MqttEmitEventHeader;
 
 /* Counters kept in shared memory and shown by mqtt_emit.stats. */
@@ -268,7 +270,7 @@ extern void me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 extern void me_capture_listeners_changed(void);
 extern void me_outbox_insert(char **entries, int n, uint8 flag_mask,
 							 int64 batch, bool marked, int64 first_seq,
-							 int64 *min_id, int64 *max_id);
+							 int64 *ids);
 
 /* worker.c */
 extern void me_worker_register(void);

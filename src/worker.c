@@ -76,6 +76,7 @@ typedef struct InFlight
 	uint64		start_pos;		/* queue entry: where it starts */
 	uint64		end_pos;		/* queue entry: done up to here when acked */
 	int64		outbox_id;		/* outbox row, or 0 for a queue entry */
+	int64		row_id;			/* queue entry of a durable event: its row */
 	int64		key;			/* outbox row: its seq; queue entry: -(start+1) */
 	int			pending;		/* acknowledgements still missing */
 } InFlight;
@@ -111,7 +112,7 @@ static uint64 fifo_first_seq;
 static uint64 next_seq = 1;
 static bool need_reset = false;
 static bool napping = false;	/* worker_napping is set */
-static uint64 napped_tail = 0;	/* the tail when we last napped */
+static int	round_new_entries = 0;	/* queue entries new in the last round */
 static bool backpressure = false;
 static int	ring_inflight = 0;	/* queue entries in the fifo */
 static int	outbox_inflight = 0;	/* outbox rows in the fifo */
@@ -125,6 +126,7 @@ static int64 ob_next_seq = 1;	/* the next publishing order number */
 static int64 *ob_acked = NULL;	/* acknowledged rows to delete */
 static int	ob_nacked = 0;
 static int	ob_maxacked = 0;
+static TimestampTz ob_acked_since = 0;	/* when ob_acked became non-empty */
 static int64 strike_key = 0;	/* oldest unacknowledged event at resets */
 static int	strikes = 0;
 static int64 dead_letter_id = 0;
@@ -170,6 +172,9 @@ static void flush_dead_letters(void);
 static void move_queue_to_outbox_at_exit(void);
 static void wait_for_acks_at_exit(void);
 static void release_done(void);
+static void row_done(int64 id);
+static void delete_acked(void);
+static void delete_acked_rows(void);
 static void reset_inflight(void);
 static void sync_subscriptions(bool all);
 static void commit_async(void);
@@ -416,6 +421,14 @@ mqtt_emit_worker_main(Datum main_arg)
 			process_outbox();
 		release_done();
 
+		/* durable events published from the queue: delete their rows */
+		if (!outbox_mode && ob_nacked > 0 && extension_ready &&
+			(ob_nacked >= 256 ||
+			 GetCurrentTimestamp() - ob_acked_since >= 10 * 1000))
+			delete_acked_rows();
+		if (ob_nacked > 0)
+			timeout = Min(timeout, 10);
+
 		MemoryContextReset(loop_cxt);
 		if (got_sigterm)
 			break;
@@ -423,17 +436,18 @@ mqtt_emit_worker_main(Datum main_arg)
 			continue;
 
 		/*
-		 * New events came since the last round: nap for batch_delay rather
-		 * than sleep on the latch.  While worker_napping is set, committing
+		 * Commits are coming faster than we take them (this round found
+		 * more than one new queue entry): nap for batch_delay rather than
+		 * sleep on the latch.  While worker_napping is set, committing
 		 * backends do not signal us, and the next round takes together
-		 * whatever arrived meanwhile (and its acknowledgements).  A round
-		 * that finds no new events ends the naps: clear the flag, then
-		 * read the tail once more (a backend that saw the flag set has
-		 * advanced the tail before it looked), and sleep.
+		 * whatever arrived meanwhile (and its acknowledgements).  A quieter
+		 * round ends the naps: clear the flag, then read the tail once more
+		 * (a backend that saw the flag set has advanced the tail before it
+		 * looked), and sleep until signalled.  At a few commits per
+		 * millisecond or less, every commit still wakes us at once.
 		 */
-		if (tail != napped_tail && mqtt_emit_batch_delay > 0)
+		if (round_new_entries > 1 && mqtt_emit_batch_delay > 0)
 		{
-			napped_tail = tail;
 			if (!napping)
 			{
 				pg_atomic_write_u32(&me_shared->worker_napping, 1);
@@ -459,6 +473,8 @@ mqtt_emit_worker_main(Datum main_arg)
 
 	/* SIGTERM: let acknowledgements on their way arrive, keep the rest */
 	wait_for_acks_at_exit();
+	if (ob_nacked > 0 && extension_ready)
+		delete_acked_rows();
 	move_queue_to_outbox_at_exit();
 	if (publisher.broker)
 		me_broker_disconnect(publisher.broker, 1000);
@@ -677,6 +693,27 @@ flush_dead_letters(void)
  * Take the publisher's mailbox: connection changes, acknowledgements and
  * failures.
  */
+/*
+ * The outbox row id is done with (acknowledged, or not to be published):
+ * delete it with the next batch.
+ */
+static void
+row_done(int64 id)
+{
+	if (ob_nacked >= ob_maxacked)
+	{
+		ob_maxacked = Max(1024, ob_maxacked * 2);
+		if (ob_acked == NULL)
+			ob_acked = MemoryContextAlloc(TopMemoryContext,
+										  sizeof(int64) * ob_maxacked);
+		else
+			ob_acked = repalloc(ob_acked, sizeof(int64) * ob_maxacked);
+	}
+	if (ob_nacked == 0)
+		ob_acked_since = GetCurrentTimestamp();
+	ob_acked[ob_nacked++] = id;
+}
+
 static void
 handle_publisher_news(void)
 {
@@ -739,20 +776,13 @@ handle_publisher_news(void)
 
 		if (f->outbox_id != 0)
 		{
-			if (ob_nacked >= ob_maxacked)
-			{
-				ob_maxacked = Max(1024, ob_maxacked * 2);
-				if (ob_acked == NULL)
-					ob_acked = MemoryContextAlloc(TopMemoryContext,
-												  sizeof(int64) * ob_maxacked);
-				else
-					ob_acked = repalloc(ob_acked, sizeof(int64) * ob_maxacked);
-			}
-			ob_acked[ob_nacked++] = f->outbox_id;
+			row_done(f->outbox_id);
 			outbox_inflight--;
 		}
 		else
 		{
+			if (f->row_id != 0)
+				row_done(f->row_id);
 			pub_done = f->end_pos;
 			ring_inflight--;
 		}
@@ -1077,6 +1107,7 @@ publish_event(const MqttEmitEventHeader *hdr, const char *model,
 		f->start_pos = end_pos - hdr->total_len;
 		f->end_pos = end_pos;
 		f->outbox_id = outbox_id;
+		f->row_id = (outbox_id == 0) ? hdr->outbox_id : 0;
 		f->key = key;
 		f->pending = nmsgs;
 		fifo_count++;
@@ -1157,22 +1188,91 @@ sequence_strays(bool all)
 }
 
 /*
- * Move the collected queue entries into the outbox, in their order.
+ * Give the rows of durable events that the queue holds too their place in
+ * the publishing order, after ob_next_seq, in the order of ids[].  Their
+ * local listeners have run.  Rows already placed (by an earlier worker)
+ * stay where they are.
+ */
+static void
+place_queued_rows(int64 *ids, int n)
+{
+	Datum	   *elems = palloc(sizeof(Datum) * n);
+	Datum		args[2];
+	Oid			types[2] = {INT8ARRAYOID, INT8OID};
+	int			i;
+
+	for (i = 0; i < n; i++)
+		elems[i] = Int64GetDatum(ids[i]);
+	args[0] = PointerGetDatum(construct_array(elems, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	args[1] = Int64GetDatum(ob_next_seq);
+	SPI_connect();
+	if (SPI_execute_with_args("UPDATE mqtt_emit.outbox o"
+							  " SET seq = $2 + s.n - 1, flags = o.flags & ~6"
+							  " FROM unnest($1) WITH ORDINALITY AS s(id, n)"
+							  " WHERE o.id = s.id AND o.seq IS NULL",
+							  2, types, args, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "cannot order outbox rows");
+	SPI_finish();
+}
+
+/*
+ * Durable events whose local listeners ran in this transaction: their rows
+ * must not run them again.
+ */
+static void
+local_listeners_ran(int64 *ids, int n)
+{
+	Datum	   *elems = palloc(sizeof(Datum) * n);
+	Datum		arg;
+	Oid			type = INT8ARRAYOID;
+	int			i;
+
+	for (i = 0; i < n; i++)
+		elems[i] = Int64GetDatum(ids[i]);
+	arg = PointerGetDatum(construct_array(elems, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	SPI_connect();
+	if (SPI_execute_with_args("UPDATE mqtt_emit.outbox SET flags = flags & ~2"
+							  " WHERE id = ANY ($1) AND (flags & 2) <> 0",
+							  1, &type, &arg, NULL, false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "cannot update mqtt_emit.outbox");
+	SPI_finish();
+}
+
+/*
+ * Move the collected queue entries into the outbox, in their order: copy
+ * memory-mode events there, and place durable events' rows, which are
+ * there already.
  */
 static void
 flush_moved(char **moved, int *nmoved)
 {
-	int64		min_id,
-				max_id;
+	int64	   *ids;
+	int			i = 0;
 
 	if (*nmoved == 0)
 		return;
-	me_outbox_insert(moved, *nmoved, (uint8) ~ME_FLAG_LOCAL, 0, true, ob_next_seq,
-					 &min_id, &max_id);
+	ids = palloc(sizeof(int64) * *nmoved);
+	while (i < *nmoved)
+	{
+		bool		durable = ((MqttEmitEventHeader *) moved[i])->outbox_id != 0;
+		int			j;
+
+		for (j = i; j < *nmoved &&
+			 (((MqttEmitEventHeader *) moved[j])->outbox_id != 0) == durable; j++)
+			ids[j - i] = ((MqttEmitEventHeader *) moved[j])->outbox_id;
+		if (durable)
+			place_queued_rows(ids, j - i);
+		else
+		{
+			me_outbox_insert(moved + i, j - i, (uint8) ~ME_FLAG_LOCAL, 0, true,
+							 ob_next_seq, ids);
+			pg_atomic_fetch_add_u64(&me_shared->outbox_rows, j - i);
+			me_count(ME_STAT_OUTBOXED, j - i);
+		}
+		ob_next_seq += j - i;
+		i = j;
+	}
 	ForceSyncCommit();			/* the queue forgets them at our commit */
-	ob_next_seq += *nmoved;
-	pg_atomic_fetch_add_u64(&me_shared->outbox_rows, *nmoved);
-	me_count(ME_STAT_OUTBOXED, *nmoved);
 	*nmoved = 0;
 }
 
@@ -1196,6 +1296,8 @@ process_queue(uint64 tail)
 	char	  **moved = NULL;
 	int			nmoved = 0;
 	uint64		moved_end = 0;
+	int64	   *local_rows = palloc(sizeof(int64) * BATCH_EVENTS);
+	int			nlocal_rows = 0;
 
 	can_publish = !outbox_mode && outbox_inflight == 0 &&
 		publisher.broker && me_broker_connected(publisher.broker);
@@ -1204,6 +1306,7 @@ process_queue(uint64 tail)
 	if (moving)
 		moved = palloc(sizeof(char *) * BATCH_EVENTS);
 
+	round_new_entries = 0;
 	pos = Min(local_pos, pub_pos);
 	while (pos < tail && n < BATCH_EVENTS)
 	{
@@ -1225,9 +1328,15 @@ process_queue(uint64 tail)
 				break;
 		}
 		if (need_pub && !(hdr.flags & ME_FLAG_PUBLISH) &&
-			hdr.kind != ME_KIND_MARKER && !moving)
+			hdr.kind != ME_KIND_MARKER)
 		{
-			skip_entry(end);
+			/* not to be published; a durable one's row goes once done */
+			if (hdr.outbox_id != 0)
+				row_done(hdr.outbox_id);
+			if (moving)
+				moved_end = end;
+			else
+				skip_entry(end);
 			need_pub = false;
 		}
 		if (need_pub && !moving &&
@@ -1259,8 +1368,12 @@ process_queue(uint64 tail)
 										   topicbuf.data);
 					h = read_entry(pos);	/* listeners may not keep entrybuf */
 					model = entrybuf + sizeof(MqttEmitEventHeader);
+					/* a durable event's row says so, in the same transaction */
+					if (h->outbox_id != 0)
+						local_rows[nlocal_rows++] = h->outbox_id;
 				}
 				local_pos = end;
+				round_new_entries++;
 			}
 			if (need_pub && moving)
 			{
@@ -1283,7 +1396,7 @@ process_queue(uint64 tail)
 					}
 					sequence_batch(&mk);
 				}
-				else if (h->flags & ME_FLAG_PUBLISH)
+				else
 				{
 					/* keep it in the outbox; local listeners have run */
 					if (strike_key == -(int64) pos - 1)
@@ -1316,6 +1429,8 @@ process_queue(uint64 tail)
 		}
 		flush_moved(moved, &nmoved);
 	}
+	if (nlocal_rows > 0)
+		local_listeners_ran(local_rows, nlocal_rows);
 	if (spi)
 		SPI_finish();
 	if (in_tx)
@@ -1361,7 +1476,16 @@ count_outbox(void)
 	me_shared->fresh = false;
 	LWLockRelease(me_shared->lock);
 	if (fresh)
+	{
+		/*
+		 * Durable events that were also in the queue: their local listeners
+		 * did not run (else the flag would be off), so run them from here.
+		 */
+		if (SPI_execute("UPDATE mqtt_emit.outbox SET flags = flags & ~4 WHERE (flags & 4) <> 0",
+						false, 0) != SPI_OK_UPDATE)
+			elog(ERROR, "cannot update mqtt_emit.outbox");
 		sequence_strays(true);
+	}
 	SPI_finish();
 	outbox_mode = true;
 }
@@ -1396,6 +1520,7 @@ row_to_event(HeapTuple tup, TupleDesc td, MqttEmitEventHeader *hdr,
 	hdr->payload_len = VARSIZE_ANY_EXHDR(*payload);
 	hdr->total_len = sizeof(MqttEmitEventHeader) + hdr->model_len + hdr->payload_len;
 	hdr->relid = DatumGetObjectId(SPI_getbinval(tup, td, 9, &isnull));
+	hdr->outbox_id = 0;
 }
 
 /*
@@ -1450,6 +1575,55 @@ dead_letter(int64 id, const char *reason)
 }
 
 /*
+ * Delete the outbox rows that are done with (ob_acked).  Inside a
+ * transaction, with SPI connected.
+ */
+static void
+delete_acked(void)
+{
+	Datum		arg;
+	Oid			argtype = INT8ARRAYOID;
+	Datum	   *ids;
+	int			ret;
+	int			i;
+
+	if (ob_nacked == 0)
+		return;
+	ids = palloc(sizeof(Datum) * ob_nacked);
+	for (i = 0; i < ob_nacked; i++)
+		ids[i] = Int64GetDatum(ob_acked[i]);
+	arg = PointerGetDatum(construct_array(ids, ob_nacked, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	if (plan_delete == NULL)
+	{
+		plan_delete = SPI_prepare("DELETE FROM mqtt_emit.outbox WHERE id = ANY ($1)",
+								  1, &argtype);
+		if (plan_delete == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan_delete);
+	}
+	ret = SPI_execute_plan(plan_delete, &arg, NULL, false, 0);
+	if (ret != SPI_OK_DELETE)
+		elog(ERROR, "cannot delete from mqtt_emit.outbox: %s", SPI_result_code_string(ret));
+	outbox_rows_gone(SPI_processed);
+	ob_nacked = 0;
+}
+
+/*
+ * Direct mode: delete the rows of durable events that the broker has, in
+ * batches (every 256 rows or 10 ms), in a transaction of their own.
+ */
+static void
+delete_acked_rows(void)
+{
+	begin_tx("deleting published outbox rows");
+	commit_async();
+	SPI_connect();
+	delete_acked();
+	SPI_finish();
+	end_tx();
+}
+
+/*
  * Outbox mode: delete what the broker acknowledged, run local listeners of
  * rows that still need them, publish rows in id order, and leave outbox
  * mode when the outbox is empty.
@@ -1474,29 +1648,7 @@ process_outbox(void)
 		strikes = 0;
 	}
 
-	if (ob_nacked > 0)
-	{
-		Datum		arg;
-		Oid			argtype = INT8ARRAYOID;
-		Datum	   *ids = palloc(sizeof(Datum) * ob_nacked);
-
-		for (i = 0; i < ob_nacked; i++)
-			ids[i] = Int64GetDatum(ob_acked[i]);
-		arg = PointerGetDatum(construct_array(ids, ob_nacked, INT8OID, 8, true, TYPALIGN_DOUBLE));
-		if (plan_delete == NULL)
-		{
-			plan_delete = SPI_prepare("DELETE FROM mqtt_emit.outbox WHERE id = ANY ($1)",
-									  1, &argtype);
-			if (plan_delete == NULL)
-				elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-			SPI_keepplan(plan_delete);
-		}
-		ret = SPI_execute_plan(plan_delete, &arg, NULL, false, 0);
-		if (ret != SPI_OK_DELETE)
-			elog(ERROR, "cannot delete from mqtt_emit.outbox: %s", SPI_result_code_string(ret));
-		outbox_rows_gone(SPI_processed);
-		ob_nacked = 0;
-	}
+	delete_acked();
 
 	if (strays_pending && pub_pos >= strays_after)
 	{
@@ -1518,7 +1670,7 @@ process_outbox(void)
 
 	/* local listeners of rows written by committing backends */
 	ret = SPI_execute("SELECT id, kind, flags, op, qos, model, payload, created_at, relid "
-					  "FROM mqtt_emit.outbox WHERE (flags & 2) <> 0 ORDER BY id LIMIT 1000",
+					  "FROM mqtt_emit.outbox WHERE (flags & 6) = 2 ORDER BY id LIMIT 1000",
 					  false, 0);
 	if (ret == SPI_OK_SELECT && SPI_processed > 0)
 	{
@@ -1604,12 +1756,24 @@ process_outbox(void)
 	if (connected && empty_batch && outbox_inflight == 0 && ob_nacked == 0 &&
 		ring_inflight == 0)
 	{
-		ret = SPI_execute("SELECT 1 FROM mqtt_emit.outbox LIMIT 1", false, 1);
-		if (ret == SPI_OK_SELECT && SPI_processed == 0)
+		/*
+		 * Rows that are left wait for their queue entry (a durable event
+		 * in the queue, or a marker), which is ahead of the publish cursor.
+		 */
+		ret = SPI_execute("SELECT (SELECT count(*) FROM mqtt_emit.outbox)"
+						  " WHERE NOT EXISTS (SELECT FROM mqtt_emit.outbox WHERE seq IS NOT NULL)"
+						  "   AND NOT EXISTS (SELECT FROM mqtt_emit.outbox WHERE seq IS NULL AND NOT marked)",
+						  false, 1);
+		if (ret == SPI_OK_SELECT && SPI_processed == 1)
 		{
+			bool		isnull;
+
 			outbox_mode = false;
 			ob_pub_cursor = 0;
-			pg_atomic_write_u64(&me_shared->outbox_rows, 0);
+			pg_atomic_write_u64(&me_shared->outbox_rows,
+								(uint64) DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+																	 SPI_tuptable->tupdesc,
+																	 1, &isnull)));
 			pg_atomic_write_u64(&me_shared->outbox_oldest, 0);
 		}
 	}

@@ -852,6 +852,25 @@ check_event('durable update', $durable_update,
 	old    => { id => 305, name => 'd3', email => undef });
 is(q1('SELECT count(*) FROM mqtt_emit.outbox'), '0', 'durable: the outbox is empty once published');
 
+# mqtt_emit.batch_delay: with 0 every commit wakes the worker; with a long
+# nap the commits of a burst are published together after it.  Either way
+# everything arrives, in commit order.
+for my $delay ('0', '50ms')
+{
+	$node->append_conf('postgresql.conf', "mqtt_emit.batch_delay = '$delay'");
+	$node->reload;
+	ok( poll_until(
+			sub { q1('SHOW mqtt_emit.batch_delay') eq ($delay eq '0' ? '0' : $delay) }, $TIMEOUT),
+		"batch_delay $delay: reloaded");
+	my @names = map { "bd$delay-$_" } 1 .. 20;
+	@m = step("batch_delay $delay",
+		join("\n", map { "INSERT INTO \"user\" VALUES (" . (400 + $_ + ($delay eq '0' ? 0 : 20)) . ", 'bd$delay-$_', NULL);" } 1 .. 20));
+	is_deeply([ map { jdecode($_->{payload})->{result}{name} } @m ], \@names,
+		"batch_delay $delay: 20 single-row commits arrive, in commit order");
+}
+$node->append_conf('postgresql.conf', "mqtt_emit.batch_delay = '0.5ms'");
+$node->reload;
+
 # concurrent durable writers: every event is published (before a marker
 # committed after them all) and each session's events in its commit order
 q1(q{CREATE TABLE conc (id int PRIMARY KEY, w int); SELECT mqtt_emit.watch('conc')});
