@@ -384,7 +384,21 @@ call_listener(Listener *l, Datum event, const EventData *ev)
 		if (mqtt_emit_listener_timeout > 0)
 			enable_timeout_after(STATEMENT_TIMEOUT, mqtt_emit_listener_timeout);
 
-		(void) OidFunctionCall1(l->fn, event);
+		{
+			/*
+			 * Not OidFunctionCall1: it rejects a NULL result, which is what
+			 * a LANGUAGE sql function RETURNS void gives.  A listener's
+			 * result is ignored, NULL or not.
+			 */
+			FmgrInfo	flinfo;
+			LOCAL_FCINFO(fcinfo, 1);
+
+			fmgr_info(l->fn, &flinfo);
+			InitFunctionCallInfoData(*fcinfo, &flinfo, 1, InvalidOid, NULL, NULL);
+			fcinfo->args[0].value = event;
+			fcinfo->args[0].isnull = false;
+			(void) FunctionCallInvoke(fcinfo);
+		}
 
 		if (mqtt_emit_listener_timeout > 0)
 			disable_timeout(STATEMENT_TIMEOUT, false);

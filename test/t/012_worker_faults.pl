@@ -34,31 +34,6 @@ use Test::More;
 my $TIMEOUT = 60;
 my $JSON    = JSON::PP->new->utf8;
 
-# --- a mosquitto_sub with a persistent session (-c) -------------------------
-{
-
-	package PersistentSubscriber;
-	our @ISA = ('MqttEmitTest::Subscriber');
-
-	sub _start
-	{
-		my ($self) = @_;
-		my @cmd = (
-			'mosquitto_sub', '-h', '127.0.0.1', '-p', $self->{port},
-			'-i', $self->{client_id}, '-c', '-q', $self->{qos},
-			'-F', '%x\t%q\t%r\t%t',
-			(map { ('-t', $_) } @{ $self->{filters} }),
-			'-t', $self->{probe_topic});
-		open my $fh, '>', $self->{file} or die "cannot create $self->{file}: $!";
-		close $fh;
-		$self->{pid} = MqttEmitTest::_spawn(\@cmd, $self->{file}, $self->{errfile});
-		MqttEmitTest::_register($self);
-		die "persistent mosquitto_sub never received its probe\n"
-		  unless $self->wait_ready;
-		return $self;
-	}
-}
-
 my $prefix  = topic_prefix();
 my $persist = File::Temp::tempdir('mosquitto_db_XXXX',
 	DIR => $PostgreSQL::Test::Utils::tmp_check, CLEANUP => 1);
@@ -80,9 +55,9 @@ $node->safe_psql('postgres', q{
 	SELECT mqtt_emit.watch('ev');
 });
 
-my $sub = PersistentSubscriber->_new($broker, "$prefix/#",
-	client_id => "faults-sub-$$");
-$sub->_start;
+# a persistent session (-c): it gets what was published while it was away
+my $sub = start_subscriber($broker, "$prefix/#",
+	clean_session => 0, client_id => "faults-sub-$$");
 
 # --- helpers ----------------------------------------------------------------
 

@@ -36,37 +36,6 @@ my $PRE    = 10;      # events committed before it
 my $MODEL  = 'outage';
 
 # ---------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------
-
-# mosquitto_sub with a persistent session (-c): the harness's subscriber
-# with clean session off.  Same output format, so messages() etc. work.
-{
-
-	package PersistentSubscriber;
-	our @ISA = ('MqttEmitTest::Subscriber');
-
-	sub start
-	{
-		my ($class, $broker, $filter, %opts) = @_;
-		my $self = $class->_new($broker, $filter, %opts);
-		my @cmd  = (
-			'mosquitto_sub', '-h', '127.0.0.1', '-p', $self->{port},
-			'-i', $self->{client_id}, '-c', '-q', $self->{qos},
-			'-F', '%x\t%q\t%r\t%t',
-			(map { ('-t', $_) } @{ $self->{filters} }),
-			'-t', $self->{probe_topic});
-		open my $fh, '>', $self->{file} or die "cannot create $self->{file}: $!";
-		close $fh;
-		$self->{pid} = MqttEmitTest::_spawn(\@cmd, $self->{file}, $self->{errfile});
-		MqttEmitTest::_register($self);
-		die "persistent mosquitto_sub never received its probe"
-		  unless $self->wait_ready;
-		return $self;
-	}
-}
-
-# ---------------------------------------------------------------------------
 # setup
 # ---------------------------------------------------------------------------
 
@@ -90,8 +59,9 @@ $node->safe_psql(
 ok(poll_until(sub { my $s = stats($node); $s && $s->{connected} }, $T),
 	'worker connected to the broker');
 
-my $sub = PersistentSubscriber->start($broker, topic_prefix() . "/$MODEL/#",
-	client_id => "persist-$$");
+# a persistent session (-c): it gets what was published while it was away
+my $sub = start_subscriber($broker, topic_prefix() . "/$MODEL/#",
+	clean_session => 0, client_id => "persist-$$");
 ok($sub->pid, 'persistent subscriber started');
 
 # a few events while everything is up

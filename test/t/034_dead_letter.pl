@@ -91,7 +91,13 @@ note "oversize disconnects of the worker: $disconnects; stats: retried "
   . ($s->{retried} - $before->{retried}) . ', connects '
   . ($s->{connects} - $before->{connects}) . ', failed '
   . ($s->{failed} - $before->{failed}) . ', last_error ' . ($s->{last_error} // 'none');
-is($disconnects, 3, 'the broker closed the connection exactly 3 times before the message was given up');
+# 3 strikes with the big message as the oldest unacknowledged one.  One
+# more when the first strike went to event 2: it precedes the big one in
+# the same transaction, so both can reach mosquitto in one read, and
+# mosquitto then closes the connection before it has written event 2's
+# PUBACK (seen once in five runs here, on 2 busy cores).
+ok($disconnects == 3 || $disconnects == 4,
+	"the broker closed the connection 3 times (4 if event 2 lost its PUBACK with the first) before the message was given up: $disconnects");
 
 my @dl = split /\n/, $node->safe_psql('postgres',
 	'SELECT row_to_json(d) FROM mqtt_emit.dead_letters d ORDER BY id');
