@@ -59,7 +59,7 @@ int			mqtt_emit_max_payload = 1024 * 1024;	/* bytes */
 int			mqtt_emit_overflow = ME_OVERFLOW_SPILL;
 int			mqtt_emit_listener_timeout = 10000; /* ms */
 int			mqtt_emit_topic_style = ME_TOPIC_OPERATION;
-int			mqtt_emit_max_inflight = 8192;
+int			mqtt_emit_max_inflight = 1000;
 double		mqtt_emit_batch_delay = 0.5;	/* ms */
 int			mqtt_emit_outbox_max = 10000000;
 char	   *mqtt_emit_signing_key = NULL;
@@ -280,9 +280,9 @@ _PG_init(void)
 							 NULL, NULL, NULL);
 	DefineCustomIntVariable("mqtt_emit.max_inflight",
 							"Sets how many published messages may await acknowledgement.",
-							NULL,
+							"paho's cost per message grows with the number in flight.",
 							&mqtt_emit_max_inflight,
-							8192, 1, 65535,
+							1000, 1, 65535,
 							PGC_SIGHUP, 0,
 							NULL, NULL, NULL);
 
