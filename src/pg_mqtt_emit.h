@@ -141,6 +141,7 @@ typedef struct MqttEmitShared
 
 	pg_atomic_uint64 counters[ME_STAT_COUNT];
 	pg_atomic_uint64 event_seq;
+	uint64		epoch_seq;		/* event_seq when this memory was set up */
 	pg_atomic_uint32 listeners_version;
 	pg_atomic_uint32 publisher_connected;
 	pg_atomic_uint32 subscriber_connected;

@@ -100,6 +100,7 @@ me_shmem_startup(void)
 		 * those of its previous life.
 		 */
 		pg_atomic_init_u64(&me_shared->event_seq, (uint64) GetCurrentTimestamp());
+		me_shared->epoch_seq = pg_atomic_read_u64(&me_shared->event_seq);
 		pg_atomic_init_u32(&me_shared->listeners_version, 1);
 		pg_atomic_init_u32(&me_shared->publisher_connected, 0);
 		pg_atomic_init_u32(&me_shared->subscriber_connected, 0);

@@ -127,6 +127,7 @@ static int64 *ob_acked = NULL;	/* acknowledged rows to delete */
 static int	ob_nacked = 0;
 static int	ob_maxacked = 0;
 static TimestampTz ob_acked_since = 0;	/* when ob_acked became non-empty */
+static TimestampTz last_recount = 0;	/* of outbox_rows, when idle */
 static int64 strike_key = 0;	/* oldest unacknowledged event at resets */
 static int	strikes = 0;
 static int64 dead_letter_id = 0;
@@ -173,6 +174,7 @@ static void move_queue_to_outbox_at_exit(void);
 static void wait_for_acks_at_exit(void);
 static void release_done(void);
 static void row_done(int64 id);
+static void recount_outbox(void);
 static void delete_acked(void);
 static void delete_acked_rows(void);
 static void reset_inflight(void);
@@ -428,6 +430,19 @@ mqtt_emit_worker_main(Datum main_arg)
 			delete_acked_rows();
 		if (ob_nacked > 0)
 			timeout = Min(timeout, 10);
+
+		/*
+		 * outbox_rows is approximate: a row that a backend commits while we
+		 * count can be counted twice.  Recount when idle, once a second.
+		 */
+		if (!more && !outbox_mode && extension_ready && fifo_count == 0 &&
+			ob_nacked == 0 && head_pos == tail &&
+			pg_atomic_read_u64(&me_shared->outbox_rows) > 0 &&
+			GetCurrentTimestamp() - last_recount >= USECS_PER_SEC)
+		{
+			last_recount = GetCurrentTimestamp();
+			recount_outbox();
+		}
 
 		MemoryContextReset(loop_cxt);
 		if (got_sigterm)
@@ -1163,25 +1178,29 @@ sequence_batch(const MqttEmitMarker *mk)
 /*
  * Give rows that no marker will place (written when not even a marker fit
  * in the queue, or whose marker a crash lost) their place, in id order.
- * With all, every row without a place (after a crash: no marker can come).
+ * With all, every row without a place that was written before the shared
+ * memory was set up (after a crash: no marker or queue entry can come for
+ * those; rows committed since have theirs in the new queue).
  */
 static void
 sequence_strays(bool all)
 {
-	Datum		arg = Int64GetDatum(ob_next_seq);
-	Oid			type = INT8OID;
+	Datum		args[2];
+	Oid			types[2] = {INT8OID, INT8OID};
 	int			ret;
 
+	args[0] = Int64GetDatum(ob_next_seq);
+	args[1] = Int64GetDatum((int64) me_shared->epoch_seq);
 	ret = SPI_execute_with_args(all ?
 								"UPDATE mqtt_emit.outbox o SET seq = $1 + s.n - 1 "
 								"FROM (SELECT id, row_number() OVER (ORDER BY id) AS n "
-								"      FROM mqtt_emit.outbox WHERE seq IS NULL) s "
+								"      FROM mqtt_emit.outbox WHERE seq IS NULL AND batch < $2) s "
 								"WHERE o.id = s.id" :
 								"UPDATE mqtt_emit.outbox o SET seq = $1 + s.n - 1 "
 								"FROM (SELECT id, row_number() OVER (ORDER BY id) AS n "
 								"      FROM mqtt_emit.outbox WHERE seq IS NULL AND NOT marked) s "
 								"WHERE o.id = s.id",
-								1, &type, &arg, NULL, false, 0);
+								all ? 2 : 1, types, args, NULL, false, 0);
 	if (ret != SPI_OK_UPDATE)
 		elog(ERROR, "cannot order outbox rows: %s", SPI_result_code_string(ret));
 	ob_next_seq += SPI_processed;
@@ -1481,13 +1500,37 @@ count_outbox(void)
 		 * Durable events that were also in the queue: their local listeners
 		 * did not run (else the flag would be off), so run them from here.
 		 */
-		if (SPI_execute("UPDATE mqtt_emit.outbox SET flags = flags & ~4 WHERE (flags & 4) <> 0",
-						false, 0) != SPI_OK_UPDATE)
+		Datum		epoch = Int64GetDatum((int64) me_shared->epoch_seq);
+		Oid			type = INT8OID;
+
+		if (SPI_execute_with_args("UPDATE mqtt_emit.outbox SET flags = flags & ~4"
+								  " WHERE (flags & 4) <> 0 AND batch < $1",
+								  1, &type, &epoch, NULL, false, 0) != SPI_OK_UPDATE)
 			elog(ERROR, "cannot update mqtt_emit.outbox");
 		sequence_strays(true);
 	}
 	SPI_finish();
 	outbox_mode = true;
+}
+
+/*
+ * Set outbox_rows to the outbox's row count.
+ */
+static void
+recount_outbox(void)
+{
+	bool		isnull;
+
+	begin_tx("counting the outbox");
+	SPI_connect();
+	if (SPI_execute("SELECT count(*) FROM mqtt_emit.outbox", true, 1) == SPI_OK_SELECT &&
+		SPI_processed == 1)
+		pg_atomic_write_u64(&me_shared->outbox_rows,
+							(uint64) DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+																 SPI_tuptable->tupdesc,
+																 1, &isnull)));
+	SPI_finish();
+	end_tx();
 }
 
 static void

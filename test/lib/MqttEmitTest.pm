@@ -294,7 +294,9 @@ Starts a mosquitto broker and returns an MqttEmitTest::Broker once
 mosquitto_pub to it succeeds. Options: C<port> (default free_port()),
 C<name> (used in file names), C<extra_conf> (a string or an array ref of
 lines appended to mosquitto.conf), C<timeout> (seconds to wait for it,
-default default_timeout()).
+default default_timeout()), C<persistent> (1: C<persistence true> in a
+directory of its own, saved only at shutdown, so that persistent sessions
+and their queued messages survive a stop and start).
 
 The configuration is C<listener PORT 127.0.0.1>, C<allow_anonymous true>,
 C<persistence false>, C<max_inflight_messages 0>, a log file in the broker's
@@ -306,6 +308,15 @@ drop to user mosquitto and could not write its log).
 sub start_broker
 {
 	my (%opts) = @_;
+	if (delete $opts{persistent})
+	{
+		my $dir = PostgreSQL::Test::Utils::tempdir();
+		my $extra = $opts{extra_conf} // [];
+		$opts{extra_conf} = [
+			'persistence true', "persistence_location $dir/", 'autosave_interval 0',
+			ref $extra ? @$extra : ($extra)
+		];
+	}
 	my $broker = MqttEmitTest::Broker->_new(%opts);
 	$broker->start;
 	return $broker;

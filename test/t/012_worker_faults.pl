@@ -24,7 +24,6 @@
 use strict;
 use warnings;
 
-use File::Temp ();
 use IPC::Run ();
 use JSON::PP ();
 use MqttEmitTest;
@@ -35,14 +34,10 @@ my $TIMEOUT = 60;
 my $JSON    = JSON::PP->new->utf8;
 
 my $prefix  = topic_prefix();
-my $persist = File::Temp::tempdir('mosquitto_db_XXXX',
-	DIR => $PostgreSQL::Test::Utils::tmp_check, CLEANUP => 1);
 my $broker = start_broker(
 	name       => 'main',
-	extra_conf => [
-		'persistence true', "persistence_location $persist/",
-		'max_queued_messages 0',
-	]);
+	persistent => 1,
+	extra_conf => ['max_queued_messages 0']);
 my $node = new_node(
 	'faults',
 	broker                     => $broker,

@@ -39,12 +39,7 @@ my $MODEL  = 'outage';
 # setup
 # ---------------------------------------------------------------------------
 
-my $pdir   = PostgreSQL::Test::Utils::tempdir();
-my $broker = start_broker(
-	extra_conf => [
-		'persistence true', "persistence_location $pdir/",
-		'autosave_interval 0', 'max_queued_messages 0'
-	]);
+my $broker = start_broker(persistent => 1, extra_conf => ['max_queued_messages 0']);
 my $node = new_node(
 	'outage',
 	broker                     => $broker,

@@ -224,7 +224,9 @@ ok( poll_until(
 		$T, 0.5),
 	'durable: every committed event arrives');
 ok(poll_until(sub { my $s = stats($node); $s && $s->{in_outbox} == 0 && $s->{queued} == 0 }, $T),
-	'durable: outbox drained');
+	'durable: outbox drained')
+  or diag('stats: ' . join(', ', map { "$_ " . (stats($node)->{$_} // 'NULL') } qw(in_outbox queued outboxed published))
+	  . '; rows: ' . query($node, 'SELECT count(*) || \' (\' || count(seq) || \' placed, flags \' || coalesce(string_agg(DISTINCT flags::text, \'/\'), \'-\') || \')\' FROM mqtt_emit.outbox'));
 ok(marker('kd', 999999), 'durable: marker arrives');
 my @arrived = grep { $_ ne '999999' } arrived_ids($sub, 'kd');
 my $r = tally('durable, worker killed', \@arrived, \@committed, sub { $_[0] =~ /^-/ });

@@ -31,12 +31,7 @@ use Test::More;
 my $T     = 120;
 my $MODEL = 'dq';
 
-my $pdir   = PostgreSQL::Test::Utils::tempdir();
-my $broker = start_broker(
-	extra_conf => [
-		'persistence true', "persistence_location $pdir/",
-		'autosave_interval 0', 'max_queued_messages 0'
-	]);
+my $broker = start_broker(persistent => 1, extra_conf => ['max_queued_messages 0']);
 my $node = new_node(
 	'dq',
 	broker                    => $broker,
