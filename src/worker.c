@@ -1207,6 +1207,21 @@ sequence_strays(bool all)
 }
 
 /*
+ * An int8[] of n ids, for an SPI argument.
+ */
+static Datum
+int8_array(const int64 *ids, int n)
+{
+	Datum	   *elems = palloc(sizeof(Datum) * n);
+	int			i;
+
+	for (i = 0; i < n; i++)
+		elems[i] = Int64GetDatum(ids[i]);
+	return PointerGetDatum(construct_array(elems, n, INT8OID, 8, FLOAT8PASSBYVAL,
+										   TYPALIGN_DOUBLE));
+}
+
+/*
  * Give the rows of durable events that the queue holds too their place in
  * the publishing order, after ob_next_seq, in the order of ids[].  Their
  * local listeners have run.  Rows already placed (by an earlier worker)
@@ -1215,14 +1230,10 @@ sequence_strays(bool all)
 static void
 place_queued_rows(int64 *ids, int n)
 {
-	Datum	   *elems = palloc(sizeof(Datum) * n);
 	Datum		args[2];
 	Oid			types[2] = {INT8ARRAYOID, INT8OID};
-	int			i;
 
-	for (i = 0; i < n; i++)
-		elems[i] = Int64GetDatum(ids[i]);
-	args[0] = PointerGetDatum(construct_array(elems, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	args[0] = int8_array(ids, n);
 	args[1] = Int64GetDatum(ob_next_seq);
 	SPI_connect();
 	if (SPI_execute_with_args("UPDATE mqtt_emit.outbox o"
@@ -1241,14 +1252,9 @@ place_queued_rows(int64 *ids, int n)
 static void
 local_listeners_ran(int64 *ids, int n)
 {
-	Datum	   *elems = palloc(sizeof(Datum) * n);
-	Datum		arg;
+	Datum		arg = int8_array(ids, n);
 	Oid			type = INT8ARRAYOID;
-	int			i;
 
-	for (i = 0; i < n; i++)
-		elems[i] = Int64GetDatum(ids[i]);
-	arg = PointerGetDatum(construct_array(elems, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
 	SPI_connect();
 	if (SPI_execute_with_args("UPDATE mqtt_emit.outbox SET flags = flags & ~2"
 							  " WHERE id = ANY ($1) AND (flags & 2) <> 0",
@@ -1626,16 +1632,11 @@ delete_acked(void)
 {
 	Datum		arg;
 	Oid			argtype = INT8ARRAYOID;
-	Datum	   *ids;
 	int			ret;
-	int			i;
 
 	if (ob_nacked == 0)
 		return;
-	ids = palloc(sizeof(Datum) * ob_nacked);
-	for (i = 0; i < ob_nacked; i++)
-		ids[i] = Int64GetDatum(ob_acked[i]);
-	arg = PointerGetDatum(construct_array(ids, ob_nacked, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	arg = int8_array(ob_acked, ob_nacked);
 	if (plan_delete == NULL)
 	{
 		plan_delete = SPI_prepare("DELETE FROM mqtt_emit.outbox WHERE id = ANY ($1)",

@@ -50,24 +50,11 @@ bench_profile() {
 	# shellcheck source=trigger.sh
 	source "$BENCH_LIB/trigger.sh"
 	start_cluster p "fsync = on" "mqtt_emit.queue_size = '256MB'"
-	q p <<-'SQL' >/dev/null
-		CREATE TABLE bench_t (
-		    id         bigserial PRIMARY KEY,
-		    account    int NOT NULL,
-		    name       text NOT NULL,
-		    email      text NOT NULL,
-		    amount     numeric(12,2) NOT NULL,
-		    status     text NOT NULL,
-		    created_at timestamptz NOT NULL DEFAULT now()
-		);
-		CREATE FUNCTION bench_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-		BEGIN
-		    PERFORM pg_notify('ch', row_to_json(NEW)::text);
-		    RETURN NULL;
-		END $$;
-		CREATE TABLE tput_t (id bigint);
-		SELECT mqtt_emit.watch('tput_t', model => 'tput');
-	SQL
+	{
+		trigger_schema_sql
+		echo "CREATE TABLE tput_t (id bigint);"
+		echo "SELECT mqtt_emit.watch('tput_t', model => 'tput');"
+	} | q p -f - >/dev/null
 	cat >"$WORK/trigger_insert.sql" <<-'SQL'
 		\set a random(1, 1000000)
 		INSERT INTO bench_t (account, name, email, amount, status) VALUES (:a, 'user ' || :a, 'user' || :a || '@example.com', :a / 100.0, 'active');

@@ -20,6 +20,27 @@
 
 TRIGGER_VARIANTS=(unwatched watched notify durable notify_listened)
 
+# trigger_schema_sql: the table of the trigger variants and the function of
+# the pg_notify trigger (the profile section uses them too)
+trigger_schema_sql() {
+	cat <<-'SQL'
+		CREATE TABLE bench_t (
+		    id         bigserial PRIMARY KEY,
+		    account    int NOT NULL,
+		    name       text NOT NULL,
+		    email      text NOT NULL,
+		    amount     numeric(12,2) NOT NULL,
+		    status     text NOT NULL,
+		    created_at timestamptz NOT NULL DEFAULT now()
+		);
+		CREATE FUNCTION bench_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+		    PERFORM pg_notify('ch', row_to_json(NEW)::text);
+		    RETURN NULL;
+		END $$;
+	SQL
+}
+
 trigger_setup_sql() {
 	local variant="$1"
 	cat <<-'SQL'
@@ -127,22 +148,7 @@ bench_trigger() {
 		"max_wal_size = '8GB'" \
 		"checkpoint_timeout = '30min'"
 
-	q a <<-'SQL' >/dev/null
-		CREATE TABLE bench_t (
-		    id         bigserial PRIMARY KEY,
-		    account    int NOT NULL,
-		    name       text NOT NULL,
-		    email      text NOT NULL,
-		    amount     numeric(12,2) NOT NULL,
-		    status     text NOT NULL,
-		    created_at timestamptz NOT NULL DEFAULT now()
-		);
-		CREATE FUNCTION bench_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-		BEGIN
-		    PERFORM pg_notify('ch', row_to_json(NEW)::text);
-		    RETURN NULL;
-		END $$;
-	SQL
+	trigger_schema_sql | q a -f - >/dev/null
 	cat >"$WORK/trigger_insert.sql" <<-'SQL'
 		\set a random(1, 1000000)
 		INSERT INTO bench_t (account, name, email, amount, status) VALUES (:a, 'user ' || :a, 'user' || :a || '@example.com', :a / 100.0, 'active');

@@ -21,18 +21,12 @@
  */
 #include <errno.h>
 #include <getopt.h>
-#include <pthread.h>
 #include <string.h>
 #include <unistd.h>
 
-#include <MQTTAsync.h>
-
+#define PROGNAME "bare_publisher"
 #include "common.h"
 
-static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
-static int	connected = 0;
-static int	failed = 0;
 static long acked = 0;
 static long failures = 0;
 static int64_t last_ack_ns = 0;
@@ -41,34 +35,6 @@ typedef struct Ctx
 {
 	long		seq;
 } Ctx;
-
-static void
-on_connect(void *context, MQTTAsync_successData *r)
-{
-	pthread_mutex_lock(&mu);
-	connected = 1;
-	pthread_cond_broadcast(&cv);
-	pthread_mutex_unlock(&mu);
-}
-
-static void
-on_connect_failure(void *context, MQTTAsync_failureData *r)
-{
-	pthread_mutex_lock(&mu);
-	failed = 1;
-	pthread_cond_broadcast(&cv);
-	pthread_mutex_unlock(&mu);
-}
-
-static void
-on_lost(void *context, char *cause)
-{
-	fprintf(stderr, "bare_publisher: connection lost: %s\n", cause ? cause : "?");
-	pthread_mutex_lock(&mu);
-	failed = 1;
-	pthread_cond_broadcast(&cv);
-	pthread_mutex_unlock(&mu);
-}
 
 static void
 on_publish(void *context, MQTTAsync_successData *r)
@@ -174,7 +140,7 @@ main(int argc, char **argv)
 	conn.cleansession = 1;
 	conn.maxInflight = 65535;
 	conn.onSuccess = on_connect;
-	conn.onFailure = on_connect_failure;
+	conn.onFailure = on_failure;
 	conn.MQTTVersion = MQTTVERSION_3_1_1;
 	rc = MQTTAsync_connect(client, &conn);
 	if (rc != MQTTASYNC_SUCCESS)

@@ -13,19 +13,13 @@
  */
 #include <errno.h>
 #include <getopt.h>
-#include <pthread.h>
 #include <string.h>
 #include <unistd.h>
 
-#include <MQTTAsync.h>
-
+#define PROGNAME "sub_count"
 #include "common.h"
 
-static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
-static int	connected = 0;
 static int	subscribed = 0;
-static int	failed = 0;
 static long expected = 0;
 static long count = 0;
 static long long bytes = 0;
@@ -33,37 +27,9 @@ static int64_t first_ns = 0;
 static int64_t last_ns = 0;
 
 static void
-on_connect(void *context, MQTTAsync_successData *r)
-{
-	pthread_mutex_lock(&mu);
-	connected = 1;
-	pthread_cond_broadcast(&cv);
-	pthread_mutex_unlock(&mu);
-}
-
-static void
-on_failure(void *context, MQTTAsync_failureData *r)
-{
-	pthread_mutex_lock(&mu);
-	failed = 1;
-	pthread_cond_broadcast(&cv);
-	pthread_mutex_unlock(&mu);
-}
-
-static void
 on_subscribe(void *context, MQTTAsync_successData *r)
 {
-	pthread_mutex_lock(&mu);
-	subscribed = 1;
-	pthread_cond_broadcast(&cv);
-	pthread_mutex_unlock(&mu);
-}
-
-static void
-on_lost(void *context, char *cause)
-{
-	fprintf(stderr, "sub_count: connection lost: %s\n", cause ? cause : "?");
-	on_failure(context, NULL);
+	set_flag(&subscribed);
 }
 
 static int
