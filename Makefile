@@ -7,8 +7,15 @@ OBJS = \
 	src/capture.o \
 	src/payload.o \
 	src/worker.o \
+	src/client.o \
+	src/inflight.o \
+	src/relay.o \
+	src/outbox.o \
+	src/inbound.o \
+	src/topic.o \
 	src/broker.o \
 	src/listeners.o \
+	src/remote.o \
 	src/sql_api.o
 
 EXTENSION = pg_mqtt_emit
@@ -28,5 +35,7 @@ PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
 $(OBJS): src/pg_mqtt_emit.h
-src/worker.o src/broker.o src/listeners.o: src/broker.h
-src/worker.o src/listeners.o: src/listeners.h
+src/worker.o src/client.o src/inflight.o src/relay.o src/inbound.o src/broker.o: src/broker.h src/worker.h
+src/worker.o src/relay.o src/inbound.o src/listeners.o src/remote.o: src/listeners.h
+src/capture.o src/outbox.o src/relay.o src/inflight.o src/worker.o: src/outbox.h
+src/topic.o src/outbox.o src/relay.o src/inflight.o src/inbound.o src/listeners.o src/remote.o: src/topic.h

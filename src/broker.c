@@ -13,7 +13,8 @@
  *
  * Reconnection is driven by the worker, not by paho's automatic reconnect:
  * the worker knows when it wants to back off, resubscribe, or switch
- * brokers after a reload.  This file touches no catalog.
+ * brokers after a reload.  This file touches no catalog and reads no
+ * setting: the worker hands it a MeBrokerConfig (client.c).
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
@@ -56,6 +57,7 @@ struct MeBroker
 {
 	MQTTAsync	client;
 	bool		subscriber;
+	const MeBrokerConfig *cfg;
 	int			version;		/* MQTTVERSION_3_1_1 or MQTTVERSION_5 */
 	Latch	   *latch;
 
@@ -270,14 +272,14 @@ restore_signals(sigset_t *old)
  * when paho refuses (for instance a malformed URL).
  */
 MeBroker *
-me_broker_create(const char *client_id, bool subscriber, Latch *latch,
-				 char *errbuf, int errlen)
+me_broker_create(const MeBrokerConfig *cfg, const char *client_id,
+				 bool subscriber, Latch *latch, char *errbuf, int errlen)
 {
 	MeBroker   *b = calloc(1, sizeof(MeBroker));
 	MQTTAsync_createOptions copts = MQTTAsync_createOptions_initializer;
 	sigset_t	old;
 	int			rc;
-	const char *url = mqtt_emit_broker_url;
+	const char *url = cfg->url;
 	char		urlbuf[1024];
 
 	if (b == NULL)
@@ -298,8 +300,9 @@ me_broker_create(const char *client_id, bool subscriber, Latch *latch,
 	}
 
 	b->subscriber = subscriber;
+	b->cfg = cfg;
 	b->latch = latch;
-	b->version = (mqtt_emit_mqtt_version == 5) ? MQTTVERSION_5 : MQTTVERSION_3_1_1;
+	b->version = (cfg->mqtt_version == 5) ? MQTTVERSION_5 : MQTTVERSION_3_1_1;
 	pthread_mutex_init(&b->mutex, NULL);
 	b->state = BS_DISCONNECTED;
 
@@ -320,7 +323,7 @@ me_broker_create(const char *client_id, bool subscriber, Latch *latch,
 	if (rc != MQTTASYNC_SUCCESS)
 	{
 		snprintf(errbuf, errlen, "cannot create MQTT client for \"%s\": %s",
-				 mqtt_emit_broker_url, MQTTAsync_strerror(rc));
+				 cfg->url, MQTTAsync_strerror(rc));
 		if (b->client)
 			MQTTAsync_destroy(&b->client);
 		pthread_mutex_destroy(&b->mutex);
@@ -342,46 +345,47 @@ me_broker_connect(MeBroker *b, char *errbuf, int errlen)
 	MQTTAsync_connectOptions opts5 = MQTTAsync_connectOptions_initializer5;
 	MQTTAsync_SSLOptions ssl = MQTTAsync_SSLOptions_initializer;
 	MQTTAsync_connectOptions *o;
+	const MeBrokerConfig *cfg = b->cfg;
 	sigset_t	old;
 	int			rc;
 
 	if (b->version == MQTTVERSION_5)
 	{
 		o = &opts5;
-		o->cleanstart = mqtt_emit_clean_session ? 1 : 0;
+		o->cleanstart = cfg->clean_session ? 1 : 0;
 		o->onSuccess5 = on_connect_success5;
 		o->onFailure5 = on_connect_failure5;
 	}
 	else
 	{
 		o = &opts;
-		o->cleansession = mqtt_emit_clean_session ? 1 : 0;
+		o->cleansession = cfg->clean_session ? 1 : 0;
 		o->onSuccess = on_connect_success;
 		o->onFailure = on_connect_failure;
 		o->MQTTVersion = MQTTVERSION_3_1_1;
 	}
 	o->context = b;
-	o->keepAliveInterval = mqtt_emit_keepalive;
+	o->keepAliveInterval = cfg->keepalive;
 	o->connectTimeout = 10;
 	o->automaticReconnect = 0;
 	o->maxInflight = 65535;
-	if (mqtt_emit_username && mqtt_emit_username[0])
-		o->username = mqtt_emit_username;
-	if (mqtt_emit_password && mqtt_emit_password[0])
-		o->password = mqtt_emit_password;
+	if (cfg->username && cfg->username[0])
+		o->username = cfg->username;
+	if (cfg->password && cfg->password[0])
+		o->password = cfg->password;
 
-	if (strncmp(mqtt_emit_broker_url, "ssl://", 6) == 0 ||
-		strncmp(mqtt_emit_broker_url, "mqtts://", 8) == 0 ||
-		strncmp(mqtt_emit_broker_url, "wss://", 6) == 0)
+	if (strncmp(cfg->url, "ssl://", 6) == 0 ||
+		strncmp(cfg->url, "mqtts://", 8) == 0 ||
+		strncmp(cfg->url, "wss://", 6) == 0)
 	{
-		if (mqtt_emit_tls_ca_file && mqtt_emit_tls_ca_file[0])
-			ssl.trustStore = mqtt_emit_tls_ca_file;
-		if (mqtt_emit_tls_cert_file && mqtt_emit_tls_cert_file[0])
-			ssl.keyStore = mqtt_emit_tls_cert_file;
-		if (mqtt_emit_tls_key_file && mqtt_emit_tls_key_file[0])
-			ssl.privateKey = mqtt_emit_tls_key_file;
-		ssl.enableServerCertAuth = mqtt_emit_tls_verify ? 1 : 0;
-		ssl.verify = mqtt_emit_tls_verify ? 1 : 0;
+		if (cfg->tls_ca_file && cfg->tls_ca_file[0])
+			ssl.trustStore = cfg->tls_ca_file;
+		if (cfg->tls_cert_file && cfg->tls_cert_file[0])
+			ssl.keyStore = cfg->tls_cert_file;
+		if (cfg->tls_key_file && cfg->tls_key_file[0])
+			ssl.privateKey = cfg->tls_key_file;
+		ssl.enableServerCertAuth = cfg->tls_verify ? 1 : 0;
+		ssl.verify = cfg->tls_verify ? 1 : 0;
 		o->ssl = &ssl;
 	}
 
@@ -399,7 +403,7 @@ me_broker_connect(MeBroker *b, char *errbuf, int errlen)
 		b->state = BS_DISCONNECTED;
 		pthread_mutex_unlock(&b->mutex);
 		snprintf(errbuf, errlen, "cannot start connecting to \"%s\": %s (code %d)",
-				 mqtt_emit_broker_url, MQTTAsync_strerror(rc), rc);
+				 b->cfg->url, MQTTAsync_strerror(rc), rc);
 		return false;
 	}
 	return true;
@@ -504,13 +508,13 @@ me_broker_poll(MeBroker *b, MeBrokerNews *news)
 }
 
 /*
- * Publish one message; seq comes back through me_broker_poll() as an ack or
+ * Publish one message; msgno comes back through me_broker_poll() as an ack or
  * a failure.  Returns 0, ME_BROKER_BACKPRESSURE when paho's buffer is full
  * (retry later), or another paho error code.
  */
 int
 me_broker_publish(MeBroker *b, const char *topic, const char *payload,
-				  int len, int qos, bool is_json, uint64 seq)
+				  int len, int qos, bool is_json, uint64 msgno)
 {
 	MQTTAsync_responseOptions ropts = MQTTAsync_responseOptions_initializer;
 	MQTTAsync_message msg = MQTTAsync_message_initializer;
@@ -527,7 +531,7 @@ me_broker_publish(MeBroker *b, const char *topic, const char *payload,
 		ropts.onSuccess = on_publish_success;
 		ropts.onFailure = on_publish_failure;
 	}
-	ropts.context = (void *) (uintptr_t) seq;
+	ropts.context = (void *) (uintptr_t) msgno;
 
 	msg.payload = (void *) payload;
 	msg.payloadlen = len;

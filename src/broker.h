@@ -15,6 +15,25 @@
 
 typedef struct MeBroker MeBroker;
 
+/*
+ * The settings a client connects with (client.c takes them from the GUCs).
+ * The strings must outlive every client made with them.
+ */
+typedef struct MeBrokerConfig
+{
+	char	   *url;
+	char	   *client_id;		/* the publisher's; the subscriber adds a suffix */
+	char	   *username;
+	char	   *password;
+	char	   *tls_ca_file;
+	char	   *tls_cert_file;
+	char	   *tls_key_file;
+	bool		tls_verify;
+	int			mqtt_version;	/* 3 (3.1.1) or 5 */
+	int			keepalive;		/* seconds */
+	bool		clean_session;
+} MeBrokerConfig;
+
 /* A message received by a subscriber, malloc'd; free with me_broker_free_message */
 typedef struct MeIncoming
 {
@@ -31,9 +50,9 @@ typedef struct MeBrokerNews
 	bool		connected;		/* a connection was established */
 	bool		lost;			/* the connection was lost, or a connect failed */
 	char		error[256];		/* why, when lost */
-	uint64	   *acks;			/* sequence numbers acknowledged (palloc'd) */
-	int			nacks;
-	uint64	   *failures;		/* sequence numbers that failed (palloc'd) */
+	uint64	   *acks;			/* message numbers acknowledged (palloc'd) */
+	int			nacks;			/* how many acknowledgements */
+	uint64	   *failures;		/* message numbers that failed (palloc'd) */
 	int			nfailures;
 	uint64	   *rejects;		/* refused by the broker for good (palloc'd) */
 	int			nrejects;
@@ -41,15 +60,16 @@ typedef struct MeBrokerNews
 	uint64		incoming_dropped;	/* dropped for lack of buffer space */
 } MeBrokerNews;
 
-extern MeBroker *me_broker_create(const char *client_id, bool subscriber,
-								  Latch *latch, char *errbuf, int errlen);
+extern MeBroker *me_broker_create(const MeBrokerConfig *cfg, const char *client_id,
+								  bool subscriber, Latch *latch,
+								  char *errbuf, int errlen);
 extern void me_broker_destroy(MeBroker *b);
 extern bool me_broker_connect(MeBroker *b, char *errbuf, int errlen);
 extern bool me_broker_connected(MeBroker *b);
 extern bool me_broker_connecting(MeBroker *b);
 extern void me_broker_poll(MeBroker *b, MeBrokerNews *news);
 extern int	me_broker_publish(MeBroker *b, const char *topic, const char *payload,
-							  int len, int qos, bool is_json, uint64 seq);
+							  int len, int qos, bool is_json, uint64 msgno);
 extern int	me_broker_subscribe(MeBroker *b, const char *filter, int qos);
 extern int	me_broker_unsubscribe(MeBroker *b, const char *filter);
 extern void me_broker_disconnect(MeBroker *b, int timeout_ms);

@@ -61,6 +61,7 @@
 #include "utils/timestamp.h"
 
 #include "pg_mqtt_emit.h"
+#include "outbox.h"
 
 PG_FUNCTION_INFO_V1(mqtt_emit_capture);
 
@@ -112,8 +113,6 @@ static MqttEmitMarker marker;
 static bool spilled = false;
 static bool listeners_changed = false;
 
-static SPIPlanPtr outbox_plan = NULL;	/* n rows, from arrays */
-static SPIPlanPtr outbox_plan1 = NULL;	/* one row (most transactions) */
 
 static MemoryContext capture_cxt = NULL;
 
@@ -527,7 +526,7 @@ me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 	hdr.relid = relid;
 	hdr.model_len = model_len;
 	hdr.payload_len = payload_len;
-	hdr.outbox_id = 0;
+	hdr.row_id = 0;
 
 	entry = MemoryContextAlloc(TopTransactionContext, total);
 	memcpy(entry, &hdr, sizeof(hdr));
@@ -584,160 +583,12 @@ reset_pending(void)
 }
 
 /*
- * Insert n queue entries into mqtt_emit.outbox in one statement, in the
- * current transaction, with their flags ANDed with flag_mask.  The insert
- * runs as the bootstrap superuser: the outbox is not writable by ordinary
- * roles, whose events it nevertheless must hold.  Used by committing
- * backends (at PRE_COMMIT, where an error still aborts cleanly) and by the
- * worker when it moves the queue into the outbox.  The new rows' ids go to
- * ids[], in the entries' order.
- */
-void
-me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
-				 bool marked, int64 first_seq, int64 *ids)
-{
-	Datum	   *kinds = palloc(sizeof(Datum) * n);
-	Datum	   *flags = palloc(sizeof(Datum) * n);
-	Datum	   *ops = palloc(sizeof(Datum) * n);
-	Datum	   *qoss = palloc(sizeof(Datum) * n);
-	Datum	   *models = palloc(sizeof(Datum) * n);
-	Datum	   *payloads = palloc(sizeof(Datum) * n);
-	Datum	   *relids = palloc(sizeof(Datum) * n);
-	Datum		values[10];
-	Oid			save_userid;
-	int			save_sec;
-	int			i;
-	int			ret;
-	bool		isnull;
-
-	for (i = 0; i < n; i++)
-	{
-		MqttEmitEventHeader *hdr = (MqttEmitEventHeader *) entries[i];
-		char	   *model = entries[i] + sizeof(MqttEmitEventHeader);
-
-		kinds[i] = Int16GetDatum(hdr->kind);
-		flags[i] = Int16GetDatum(hdr->flags & flag_mask);
-		ops[i] = Int16GetDatum(hdr->op);
-		qoss[i] = Int16GetDatum(hdr->qos);
-		models[i] = PointerGetDatum(cstring_to_text_with_len(model, hdr->model_len));
-		payloads[i] = PointerGetDatum(cstring_to_text_with_len(model + hdr->model_len,
-															   hdr->payload_len));
-		relids[i] = ObjectIdGetDatum(hdr->relid);
-	}
-	values[6] = Int64GetDatum(batch);
-	values[7] = BoolGetDatum(marked);
-	values[8] = Int64GetDatum(first_seq);
-
-	GetUserIdAndSecContext(&save_userid, &save_sec);
-	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID,
-						   save_sec | SECURITY_LOCAL_USERID_CHANGE);
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	if (n == 1)
-	{
-		/* a plain one-row INSERT costs far less than unnesting arrays */
-		Datum		row[10];
-
-		if (outbox_plan1 == NULL)
-		{
-			Oid			types[10] = {INT2OID, INT2OID, INT2OID, INT2OID, TEXTOID,
-				TEXTOID, INT8OID, BOOLOID, INT8OID, OIDOID};
-			SPIPlanPtr	plan;
-
-			plan = SPI_prepare("INSERT INTO mqtt_emit.outbox"
-							   " (kind, flags, op, qos, model, payload, batch, marked, seq, relid)"
-							   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8,"
-							   "  CASE WHEN $9 OPERATOR(pg_catalog.=) 0 THEN NULL ELSE $9 END, $10)"
-							   " RETURNING id",
-							   10, types);
-			if (plan == NULL)
-				elog(ERROR, "SPI_prepare failed for the outbox insert: %s",
-					 SPI_result_code_string(SPI_result));
-			SPI_keepplan(plan);
-			outbox_plan1 = plan;
-		}
-		row[0] = kinds[0];
-		row[1] = flags[0];
-		row[2] = ops[0];
-		row[3] = qoss[0];
-		row[4] = models[0];
-		row[5] = payloads[0];
-		row[6] = values[6];
-		row[7] = values[7];
-		row[8] = values[8];
-		row[9] = relids[0];
-		ret = SPI_execute_plan(outbox_plan1, row, NULL, false, 0);
-		if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
-			elog(ERROR, "cannot write to mqtt_emit.outbox: %s", SPI_result_code_string(ret));
-		ids[0] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-		PopActiveSnapshot();
-		SPI_finish();
-		SetUserIdAndSecContext(save_userid, save_sec);
-		return;
-	}
-	values[0] = PointerGetDatum(construct_array(kinds, n, INT2OID, 2, true, TYPALIGN_SHORT));
-	values[1] = PointerGetDatum(construct_array(flags, n, INT2OID, 2, true, TYPALIGN_SHORT));
-	values[2] = PointerGetDatum(construct_array(ops, n, INT2OID, 2, true, TYPALIGN_SHORT));
-	values[3] = PointerGetDatum(construct_array(qoss, n, INT2OID, 2, true, TYPALIGN_SHORT));
-	values[4] = PointerGetDatum(construct_array(models, n, TEXTOID, -1, false, TYPALIGN_INT));
-	values[5] = PointerGetDatum(construct_array(payloads, n, TEXTOID, -1, false, TYPALIGN_INT));
-	values[9] = PointerGetDatum(construct_array(relids, n, OIDOID, sizeof(Oid), true, TYPALIGN_INT));
-	if (outbox_plan == NULL)
-	{
-		Oid			types[10] = {INT2ARRAYOID, INT2ARRAYOID, INT2ARRAYOID,
-			INT2ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8OID, BOOLOID, INT8OID,
-		OIDARRAYOID};
-		SPIPlanPtr	plan;
-
-		plan = SPI_prepare("WITH ins AS ("
-						   " INSERT INTO mqtt_emit.outbox"
-						   "  (kind, flags, op, qos, model, payload, batch, marked, seq, relid)"
-						   " SELECT r.k, r.f, r.o, r.q, r.m, r.p, $7, $8,"
-						   "  CASE WHEN $9 OPERATOR(pg_catalog.=) 0 THEN NULL"
-						   "   ELSE $9 OPERATOR(pg_catalog.+) r.n OPERATOR(pg_catalog.-) 1 END, r.r"
-						   " FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2),"
-						   "  pg_catalog.unnest($3), pg_catalog.unnest($4),"
-						   "  pg_catalog.unnest($5), pg_catalog.unnest($6), pg_catalog.unnest($10))"
-						   "  WITH ORDINALITY AS r(k, f, o, q, m, p, r, n)"
-						   " ORDER BY r.n"
-						   " RETURNING id)"
-						   " SELECT pg_catalog.array_agg(id ORDER BY id) FROM ins",
-						   10, types);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed for the outbox insert: %s",
-				 SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		outbox_plan = plan;
-	}
-	ret = SPI_execute_plan(outbox_plan, values, NULL, false, 0);
-	if (ret != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "cannot write to mqtt_emit.outbox: %s", SPI_result_code_string(ret));
-	{
-		/* ids are taken in row order, so ascending ids are the rows' */
-		ArrayType  *arr = DatumGetArrayTypeP(SPI_getbinval(SPI_tuptable->vals[0],
-														   SPI_tuptable->tupdesc, 1, &isnull));
-		Datum	   *elems;
-		int			nelems;
-
-		deconstruct_array(arr, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE,
-						  &elems, NULL, &nelems);
-		if (nelems != n)
-			elog(ERROR, "wrote %d rows to mqtt_emit.outbox, expected %d", nelems, n);
-		for (i = 0; i < n; i++)
-			ids[i] = DatumGetInt64(elems[i]);
-	}
-	PopActiveSnapshot();
-	SPI_finish();
-	SetUserIdAndSecContext(save_userid, save_sec);
-}
-
-/*
  * Write all pending events of this transaction into the outbox.
  */
 static void
 write_outbox(void)
 {
-	uint64		rows = pg_atomic_read_u64(&me_shared->outbox_rows);
+	uint64		rows = me_outbox_rows();
 	int64	   *ids;
 	int			i;
 
@@ -766,7 +617,7 @@ write_outbox(void)
 		me_outbox_insert(pending, npending, 0xFF, (int64) me_next_event_seq(),
 						 true, 0, ids);
 		for (i = 0; i < npending; i++)
-			((MqttEmitEventHeader *) pending[i])->outbox_id = ids[i];
+			((MqttEmitEventHeader *) pending[i])->row_id = ids[i];
 		outboxed = npending;
 		return;
 	}
@@ -852,12 +703,12 @@ capture_xact_callback(XactEvent event, void *arg)
 			{
 				me_queue_push_reserved(pending, npending, reserved_bytes, npending);
 				if (outboxed > 0)
-					pg_atomic_fetch_add_u64(&me_shared->outbox_rows, outboxed);
+					me_outbox_rows_add(outboxed);
 			}
 			else if (outboxed > 0)
 			{
-				pg_atomic_fetch_add_u64(&me_shared->outbox_rows, outboxed);
-				pg_atomic_fetch_add_u32(&me_shared->outbox_version, 1);
+				me_outbox_rows_add(outboxed);
+				me_outbox_version_bump();
 				if (spilled)
 					me_count(ME_STAT_SPILLED, outboxed);
 				me_wake_worker();
@@ -866,9 +717,9 @@ capture_xact_callback(XactEvent event, void *arg)
 			if (listeners_changed)
 			{
 				listeners_changed = false;
-				if (me_shared)
+				if (me_shmem_ready())
 				{
-					pg_atomic_fetch_add_u32(&me_shared->listeners_version, 1);
+					me_listeners_version_bump();
 					me_wake_worker();
 				}
 			}

@@ -1,8 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * listeners.c
- *		Listener registry cache, listener calls, and the handling of
- *		messages received from the bus.  Runs in the background worker only.
+ *		Listener registry cache and listener calls.  Runs in the background
+ *		worker only.
  *
  * The registry is the table mqtt_emit.listeners.  The worker keeps a copy,
  * reloaded whenever mqtt_emit.listen() or unlisten() commits (they bump a
@@ -23,15 +23,8 @@
  * an error is logged with the listener and the event id, counted, and the
  * other listeners still run.
  *
- * Received messages are checked before anything runs: size, encoding, NUL
- * bytes, JSON syntax, field types, model name, and that the topic has the
- * form <prefix>/<model>/<something>.  A message that fails is dropped with a
- * log line (rate-limited) and counted as rejected.  Messages whose origin is
- * this node are our own echo and are skipped.  Others are deduplicated for
- * mqtt_emit.dedup_ttl by a key: the event id when the message comes from a
- * pg_mqtt_emit node (it has an origin and a UUID event id), otherwise a
- * 128-bit hash of the message bytes, because other publishers (the seed)
- * reuse event ids for different events.
+ * Received messages are checked and deduplicated in remote.c, which hands
+ * them to me_listeners_dispatch().
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
@@ -69,6 +62,7 @@
 
 #include "pg_mqtt_emit.h"
 #include "listeners.h"
+#include "topic.h"
 
 /* fields of mqtt_emit.event, in order */
 enum
@@ -109,59 +103,12 @@ static TupleDesc event_desc = NULL;
 static bool registry_ok = false;
 
 /* dedup memory */
-typedef struct DedupKey
-{
-	uint64		a;
-	uint64		b;
-} DedupKey;
-
-typedef struct DedupEntry
-{
-	DedupKey	key;
-	TimestampTz seen;
-} DedupEntry;
-
-static HTAB *dedup_hash = NULL;
-static DedupEntry *dedup_ring = NULL;	/* insertion order */
-static int	dedup_ring_size = 0;
-static int	dedup_start = 0;
-static int	dedup_count = 0;
-
-/* what a remote message may be at most */
-#define MAX_JSON_DEPTH		64
-#define MAX_JSON_KEYS		10000
-
-/* rate limit for rejection log lines */
-static TimestampTz reject_log_second = 0;
-static int	reject_log_count = 0;
-
-/* A parsed event, local or remote. */
-typedef struct EventData
-{
-	const char *event_id;
-	const char *model;
-	const char *operation;
-	bool		remote;
-	Jsonb	   *result;
-	Jsonb	   *old;
-	Jsonb	   *args;
-	const char *origin;
-	bool		has_emitted_at;
-	TimestampTz emitted_at;
-	const char *topic;
-	Jsonb	   *payload;
-	Oid			relid;			/* local events: the changed table */
-} EventData;
-
 static char *
 lower_dup(const char *s, int len)
 {
-	char	   *r = palloc(len + 1);
-	int			i;
+	char	   *r = pnstrdup(s, len);
 
-	for (i = 0; i < len; i++)
-		r[i] = (s[i] >= 'A' && s[i] <= 'Z') ? s[i] + ('a' - 'A') : s[i];
-	r[len] = '\0';
+	me_ascii_lower(r, len);
 	return r;
 }
 
@@ -293,14 +240,8 @@ model_matches(const Listener *l, const char *model, int len)
 	int			i;
 
 	for (i = 0; i < len; i++)
-	{
-		char		c = model[i];
-
-		if (c >= 'A' && c <= 'Z')
-			c += 'a' - 'A';
-		if (l->model[i] != c)
+		if (l->model[i] != (char) pg_ascii_tolower((unsigned char) model[i]))
 			return false;
-	}
 	return l->model[len] == '\0';
 }
 
@@ -352,7 +293,7 @@ text_or_null(const char *s, bool *isnull)
  * Call one listener in a subtransaction of its own, as its owner.
  */
 static void
-call_listener(Listener *l, Datum event, const EventData *ev)
+call_listener(Listener *l, Datum event, const MeEvent *ev)
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
@@ -444,8 +385,8 @@ call_listener(Listener *l, Datum event, const EventData *ev)
 /*
  * Run every listener that wants this event.
  */
-static void
-dispatch(const EventData *ev)
+void
+me_listeners_dispatch(const MeEvent *ev)
 {
 	Datum		values[EV_NATTS];
 	bool		nulls[EV_NATTS];
@@ -528,8 +469,8 @@ dispatch(const EventData *ev)
 }
 
 /* Find key in a jsonb object; NULL when absent. */
-static JsonbValue *
-get_field(Jsonb *jb, const char *key)
+JsonbValue *
+me_json_field(Jsonb *jb, const char *key)
 {
 	JsonbValue	k;
 
@@ -539,14 +480,14 @@ get_field(Jsonb *jb, const char *key)
 	return findJsonbValueFromContainer(&jb->root, JB_FOBJECT, &k);
 }
 
-static char *
-jbv_string(JsonbValue *v)
+char *
+me_jbv_string(JsonbValue *v)
 {
 	return pnstrdup(v->val.string.val, v->val.string.len);
 }
 
-static Jsonb *
-jbv_jsonb(JsonbValue *v)
+Jsonb *
+me_jbv_jsonb(JsonbValue *v)
 {
 	if (v == NULL || v->type == jbvNull)
 		return NULL;
@@ -561,7 +502,7 @@ void
 me_listeners_run_local(const MqttEmitEventHeader *hdr, const char *model,
 					   const char *payload, const char *topic)
 {
-	EventData	ev;
+	MeEvent	ev;
 	char	   *text = pnstrdup(payload, hdr->payload_len);
 	Jsonb	   *jb;
 	JsonbValue *v;
@@ -577,16 +518,16 @@ me_listeners_run_local(const MqttEmitEventHeader *hdr, const char *model,
 	ev.relid = hdr->relid;
 	ev.topic = topic;
 	ev.payload = jb;
-	if ((v = get_field(jb, "eventId")) != NULL && v->type == jbvString)
-		ev.event_id = jbv_string(v);
-	ev.result = jbv_jsonb(get_field(jb, "result"));
-	ev.old = jbv_jsonb(get_field(jb, "old"));
-	ev.args = jbv_jsonb(get_field(jb, "args"));
-	if ((v = get_field(jb, "origin")) != NULL && v->type == jbvString)
-		ev.origin = jbv_string(v);
-	if ((v = get_field(jb, "timestamp")) != NULL && v->type == jbvString)
+	if ((v = me_json_field(jb, "eventId")) != NULL && v->type == jbvString)
+		ev.event_id = me_jbv_string(v);
+	ev.result = me_jbv_jsonb(me_json_field(jb, "result"));
+	ev.old = me_jbv_jsonb(me_json_field(jb, "old"));
+	ev.args = me_jbv_jsonb(me_json_field(jb, "args"));
+	if ((v = me_json_field(jb, "origin")) != NULL && v->type == jbvString)
+		ev.origin = me_jbv_string(v);
+	if ((v = me_json_field(jb, "timestamp")) != NULL && v->type == jbvString)
 	{
-		char	   *ts = jbv_string(v);
+		char	   *ts = me_jbv_string(v);
 
 		ev.emitted_at = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in,
 																CStringGetDatum(ts),
@@ -594,469 +535,22 @@ me_listeners_run_local(const MqttEmitEventHeader *hdr, const char *model,
 																Int32GetDatum(-1)));
 		ev.has_emitted_at = true;
 	}
-	dispatch(&ev);
-}
-
-/* ----- remote messages ----- */
-
-static void
-reject(const MeIncoming *m, const char *why)
-{
-	TimestampTz now = GetCurrentTimestamp();
-	TimestampTz second = now - (now % USECS_PER_SEC);
-	int			elevel = LOG;
-
-	me_count(ME_STAT_REJECTED, 1);
-	if (second != reject_log_second)
-	{
-		reject_log_second = second;
-		reject_log_count = 0;
-	}
-	if (++reject_log_count > 20)
-		elevel = DEBUG1;
-	me_set_last_error("rejected message on \"%.100s\": %s", m->topic, why);
-	ereport(elevel,
-			(errmsg("pg_mqtt_emit rejected a message on topic \"%.200s\": %s",
-					m->topic, why),
-			 errdetail("The message had %d bytes.", m->payload_len)));
-}
-
-static void
-dedup_init(void)
-{
-	HASHCTL		ctl;
-
-	if (dedup_hash != NULL && dedup_ring_size == mqtt_emit_dedup_max)
-		return;
-	if (dedup_hash)
-		hash_destroy(dedup_hash);
-	if (dedup_ring)
-		pfree(dedup_ring);
-	ctl.keysize = sizeof(DedupKey);
-	ctl.entrysize = sizeof(DedupEntry);
-	dedup_hash = hash_create("pg_mqtt_emit dedup", 1024, &ctl,
-							 HASH_ELEM | HASH_BLOBS);
-	dedup_ring_size = mqtt_emit_dedup_max;
-	dedup_ring = MemoryContextAllocHuge(TopMemoryContext,
-										sizeof(DedupEntry) * dedup_ring_size);
-	dedup_start = dedup_count = 0;
-}
-
-static void
-dedup_pop_oldest(void)
-{
-	DedupEntry *e = &dedup_ring[dedup_start];
-
-	hash_search(dedup_hash, &e->key, HASH_REMOVE, NULL);
-	dedup_start = (dedup_start + 1) % dedup_ring_size;
-	dedup_count--;
+	me_listeners_dispatch(&ev);
 }
 
 /*
- * True when key was seen within the TTL; otherwise remember it.
+ * Does some listener accept remote events of this model?
  */
-static bool
-dedup_seen(const DedupKey *key, TimestampTz now)
+bool
+me_listeners_accept_remote(const char *model)
 {
-	DedupEntry *e;
-	bool		found;
-	TimestampTz cutoff = now - (TimestampTz) mqtt_emit_dedup_ttl * 1000;
+	int			i;
 
-	dedup_init();
-	while (dedup_count > 0 && dedup_ring[dedup_start].seen < cutoff)
-		dedup_pop_oldest();
-	if (mqtt_emit_dedup_ttl == 0)
+	if (!registry_ok)
 		return false;
-
-	e = hash_search(dedup_hash, key, HASH_FIND, NULL);
-	if (e != NULL)
-		return true;
-
-	if (dedup_count == dedup_ring_size)
-		dedup_pop_oldest();
-	e = hash_search(dedup_hash, key, HASH_ENTER, &found);
-	e->seen = now;
-	dedup_ring[(dedup_start + dedup_count) % dedup_ring_size] = *e;
-	dedup_count++;
+	for (i = 0; i < nlisteners; i++)
+		if (listeners[i].allow_remote &&
+			model_matches(&listeners[i], model, strlen(model)))
+			return true;
 	return false;
-}
-
-static bool
-looks_like_uuid(const char *s, int len)
-{
-	int			i;
-
-	if (len != 36)
-		return false;
-	for (i = 0; i < 36; i++)
-	{
-		if (i == 8 || i == 13 || i == 18 || i == 23)
-		{
-			if (s[i] != '-')
-				return false;
-		}
-		else if (!isxdigit((unsigned char) s[i]))
-			return false;
-	}
-	return true;
-}
-
-static bool
-valid_model_name(const char *s, int len)
-{
-	int			i;
-
-	if (len == 0 || len > MQTT_EMIT_MAX_MODEL_LEN)
-		return false;
-	for (i = 0; i < len; i++)
-	{
-		unsigned char c = (unsigned char) s[i];
-
-		if (c < 0x20 || c == '/' || c == '+' || c == '#' || c == 0x7f)
-			return false;
-	}
-	return true;
-}
-
-/*
- * Check that the topic is <prefix>/<model>/<leaf>, prefix compared without
- * regard to case (the seed lower-cases whole topics), and return the model
- * level's start and length.
- */
-static bool
-split_topic(const MeIncoming *m, const char **model, int *model_len)
-{
-	int			plen = strlen(mqtt_emit_topic_prefix);
-	const char *rest;
-	const char *slash;
-
-	if (m->topic_len <= plen + 1 ||
-		pg_strncasecmp(m->topic, mqtt_emit_topic_prefix, plen) != 0 ||
-		m->topic[plen] != '/')
-		return false;
-	rest = m->topic + plen + 1;
-	slash = strchr(rest, '/');
-	if (slash == NULL || slash == rest || slash[1] == '\0' ||
-		strchr(slash + 1, '/') != NULL)
-		return false;
-	*model = rest;
-	*model_len = slash - rest;
-	return true;
-}
-
-/*
- * Optional string member of a received message: false (rejected) when it
- * is there with another type.
- */
-static bool
-optional_string(const MeIncoming *m, Jsonb *jb, const char *key, const char **out)
-{
-	JsonbValue *v = get_field(jb, key);
-	char		why[64];
-
-	if (v == NULL)
-		return true;
-	if (v->type != jbvString)
-	{
-		snprintf(why, sizeof(why), "\"%s\" is not a string", key);
-		reject(m, why);
-		return false;
-	}
-	*out = jbv_string(v);
-	return true;
-}
-
-/*
- * Optional object member (or null) of a received message.
- */
-static bool
-optional_object(const MeIncoming *m, Jsonb *jb, const char *key, Jsonb **out)
-{
-	JsonbValue *v = get_field(jb, key);
-	char		why[64];
-
-	if (v != NULL && v->type != jbvNull &&
-		!(v->type == jbvBinary && JsonContainerIsObject(v->val.binary.data)))
-	{
-		snprintf(why, sizeof(why), "\"%s\" is not an object", key);
-		reject(m, why);
-		return false;
-	}
-	*out = jbv_jsonb(v);
-	return true;
-}
-
-/*
- * Scan a received JSON text for nesting depth and member count before it is
- * parsed, so that a hostile message costs no more than one pass over its
- * bytes.  Returns NULL when it is within the limits, else the problem.
- */
-static const char *
-json_shape_problem(const char *s, int len)
-{
-	int			depth = 0;
-	long		keys = 0;
-	bool		in_string = false;
-	bool		escaped = false;
-	int			i;
-
-	for (i = 0; i < len; i++)
-	{
-		char		c = s[i];
-
-		if (in_string)
-		{
-			if (escaped)
-				escaped = false;
-			else if (c == '\\')
-				escaped = true;
-			else if (c == '"')
-				in_string = false;
-			continue;
-		}
-		switch (c)
-		{
-			case '"':
-				in_string = true;
-				break;
-			case '{':
-			case '[':
-				if (++depth > MAX_JSON_DEPTH)
-					return "JSON nested deeper than 64 levels";
-				break;
-			case '}':
-			case ']':
-				depth--;
-				break;
-			case ':':
-				if (++keys > MAX_JSON_KEYS)
-					return "JSON with more than 10000 keys";
-				break;
-			default:
-				break;
-		}
-	}
-	return NULL;
-}
-
-/*
- * Handle one received message.  Called inside the worker's transaction.
- */
-void
-me_listeners_handle_remote(MeIncoming *m)
-{
-	MemoryContext oldcxt = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-	Jsonb	   *jb = NULL;
-	EventData	ev;
-	JsonbValue *v;
-	const char *tmodel;
-	int			tmodel_len;
-	DedupKey	key;
-	TimestampTz now = GetCurrentTimestamp();
-	char	   *model;
-	int			i;
-	bool		wanted = false;
-	const char *self = me_client_id();
-
-	me_count(ME_STAT_RECEIVED, 1);
-
-	if (m->payload_len > mqtt_emit_max_payload)
-	{
-		reject(m, "payload larger than \"mqtt_emit.max_payload\"");
-		return;
-	}
-	if (!split_topic(m, &tmodel, &tmodel_len))
-	{
-		reject(m, "topic does not have the form <prefix>/<model>/<operation>");
-		return;
-	}
-	if ((int) strlen(m->payload) != m->payload_len)
-	{
-		reject(m, "payload contains a NUL byte");
-		return;
-	}
-	if (!pg_verifymbstr(m->payload, m->payload_len, true))
-	{
-		reject(m, "payload is not valid in the database encoding");
-		return;
-	}
-	switch (me_check_signature(m->payload, m->payload_len))
-	{
-		case ME_SIG_BAD:
-			reject(m, "signature does not match (check \"mqtt_emit.signing_key\")");
-			return;
-		case ME_SIG_NONE:
-			if (mqtt_emit_require_signature)
-			{
-				reject(m, "message is not signed and \"mqtt_emit.require_signature\" is on");
-				return;
-			}
-			break;
-		case ME_SIG_OK:
-			break;
-	}
-	{
-		const char *problem = json_shape_problem(m->payload, m->payload_len);
-
-		if (problem)
-		{
-			reject(m, problem);
-			return;
-		}
-	}
-
-	/* parse; a syntax error or a too deep document is a rejection */
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcxt);
-	PG_TRY();
-	{
-		jb = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(m->payload)));
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-		char		why[300];
-
-		MemoryContextSwitchTo(oldcxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-		snprintf(why, sizeof(why), "invalid JSON: %.250s", edata->message);
-		FreeErrorData(edata);
-		reject(m, why);
-		return;
-	}
-	PG_END_TRY();
-
-	if (!JB_ROOT_IS_OBJECT(jb) || JB_ROOT_IS_SCALAR(jb))
-	{
-		reject(m, "payload is not a JSON object");
-		return;
-	}
-
-	memset(&ev, 0, sizeof(ev));
-	ev.remote = true;
-	ev.topic = m->topic;
-	ev.payload = jb;
-
-	v = get_field(jb, "model");
-	if (v == NULL || v->type != jbvString ||
-		!valid_model_name(v->val.string.val, v->val.string.len))
-	{
-		reject(m, "\"model\" is missing, not a string, or not a valid model name");
-		return;
-	}
-	model = jbv_string(v);
-	ev.model = model;
-	{
-		/* the topic level is the model with "/", "+", "#", "%" encoded */
-		StringInfoData enc;
-
-		initStringInfo(&enc);
-		me_append_topic_model(&enc, model, strlen(model), false);
-		if (tmodel_len != enc.len || pg_strncasecmp(tmodel, enc.data, tmodel_len) != 0)
-		{
-			reject(m, "\"model\" does not match the topic");
-			return;
-		}
-	}
-
-	v = get_field(jb, "operation");
-	if (v == NULL || v->type != jbvString || v->val.string.len == 0 ||
-		v->val.string.len > 64)
-	{
-		reject(m, "\"operation\" is missing or not a string");
-		return;
-	}
-	ev.operation = jbv_string(v);
-
-	if (!optional_string(m, jb, "eventId", &ev.event_id) ||
-		!optional_string(m, jb, "origin", &ev.origin) ||
-		!optional_object(m, jb, "args", &ev.args) ||
-		!optional_object(m, jb, "result", &ev.result) ||
-		!optional_object(m, jb, "old", &ev.old))
-		return;
-
-	v = get_field(jb, "timestamp");
-	if (v != NULL && v->type != jbvString)
-	{
-		reject(m, "\"timestamp\" is not a string");
-		return;
-	}
-	if (v != NULL)
-	{
-		char	   *ts = jbv_string(v);
-		bool		ok = true;
-
-		BeginInternalSubTransaction(NULL);
-		MemoryContextSwitchTo(oldcxt);
-		PG_TRY();
-		{
-			ev.emitted_at = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in,
-																	CStringGetDatum(ts),
-																	ObjectIdGetDatum(InvalidOid),
-																	Int32GetDatum(-1)));
-			ReleaseCurrentSubTransaction();
-		}
-		PG_CATCH();
-		{
-			MemoryContextSwitchTo(oldcxt);
-			FlushErrorState();
-			RollbackAndReleaseCurrentSubTransaction();
-			ok = false;
-		}
-		PG_END_TRY();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-		if (!ok)
-		{
-			reject(m, "\"timestamp\" is not a valid timestamp");
-			return;
-		}
-		ev.has_emitted_at = true;
-	}
-
-	/* our own message coming back */
-	if (ev.origin != NULL && strcmp(ev.origin, self) == 0)
-	{
-		me_count(ME_STAT_SELF_ECHO, 1);
-		return;
-	}
-
-	if (registry_ok)
-		for (i = 0; i < nlisteners; i++)
-			if (listeners[i].allow_remote &&
-				model_matches(&listeners[i], model, strlen(model)))
-				wanted = true;
-	if (!wanted)
-	{
-		reject(m, "no listener accepts remote events for this model");
-		return;
-	}
-
-	/* dedup key: a pg_mqtt_emit event id, else the message bytes */
-	if (ev.origin != NULL && ev.event_id != NULL &&
-		looks_like_uuid(ev.event_id, strlen(ev.event_id)))
-	{
-		key.a = hash_bytes_extended((const unsigned char *) ev.event_id, 36, 1);
-		key.b = hash_bytes_extended((const unsigned char *) ev.event_id, 36, 2);
-	}
-	else
-	{
-		key.a = hash_bytes_extended((const unsigned char *) m->payload, m->payload_len, 3);
-		key.b = hash_bytes_extended((const unsigned char *) m->payload, m->payload_len, 4);
-	}
-	if (dedup_seen(&key, now))
-	{
-		me_count(ME_STAT_DEDUPLICATED, 1);
-		return;
-	}
-
-	dispatch(&ev);
 }

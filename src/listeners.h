@@ -1,8 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * listeners.h
- *		Listener registry cache, dispatch and remote message handling,
- *		used by the background worker only.
+ *		Listener registry cache and dispatch (listeners.c) and the checks
+ *		of received messages (remote.c), used by the background worker only.
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
@@ -15,15 +15,51 @@
 #define MQTT_EMIT_LISTENERS_H
 
 #include "nodes/pg_list.h"
+#include "utils/jsonb.h"
 
-#include "broker.h"
+#include "pg_mqtt_emit.h"
 
+/* A message received from the broker, as the subscriber hands it over. */
+typedef struct MeRemoteMessage
+{
+	const char *topic;			/* NUL-terminated */
+	const char *payload;		/* NUL-terminated after payload_len bytes */
+	int			topic_len;
+	int			payload_len;
+} MeRemoteMessage;
+
+/* An event for the listeners, local or remote. */
+typedef struct MeEvent
+{
+	const char *event_id;
+	const char *model;
+	const char *operation;
+	bool		remote;
+	Jsonb	   *result;
+	Jsonb	   *old;
+	Jsonb	   *args;
+	const char *origin;
+	bool		has_emitted_at;
+	TimestampTz emitted_at;
+	const char *topic;
+	Jsonb	   *payload;
+	Oid			relid;			/* local events: the changed table */
+} MeEvent;
+
+/* listeners.c */
 extern bool me_listeners_refresh(void);
 extern bool me_listeners_want_local(const char *model, int model_len);
 extern List *me_listeners_remote_models(void);
 extern void me_listeners_run_local(const MqttEmitEventHeader *hdr,
 								   const char *model, const char *payload,
 								   const char *topic);
-extern void me_listeners_handle_remote(MeIncoming *m);
+extern bool me_listeners_accept_remote(const char *model);
+extern void me_listeners_dispatch(const MeEvent *ev);
+extern JsonbValue *me_json_field(Jsonb *jb, const char *key);
+extern char *me_jbv_string(JsonbValue *v);
+extern Jsonb *me_jbv_jsonb(JsonbValue *v);
+
+/* remote.c */
+extern void me_listeners_handle_remote(const MeRemoteMessage *m);
 
 #endif							/* MQTT_EMIT_LISTENERS_H */

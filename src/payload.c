@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  *
  * payload.c
- *		JSON encoding of column values, event ids, timestamps and topics.
+ *		JSON encoding of column values, event ids, timestamps and signatures (topics: topic.c).
  *
  * Column values are rendered with PostgreSQL's own JSON rules, so a row
  * reads the same as to_jsonb(NEW) would: numbers stay numbers (NaN and
@@ -284,72 +284,6 @@ me_op_name(MqttEmitOp op)
 			return "delete";
 		default:
 			return "other";
-	}
-}
-
-/*
- * Append a model name as one topic level.  Characters that carry meaning in
- * MQTT topics ("/", "+", "#"), and "%" itself, are percent-encoded so that a
- * model name can never add levels or wildcards to a topic.
- */
-void
-me_append_topic_model(StringInfo buf, const char *model, int len, bool lower)
-{
-	int			i;
-
-	for (i = 0; i < len; i++)
-	{
-		char		c = model[i];
-
-		switch (c)
-		{
-			case '/':
-				appendBinaryStringInfo(buf, "%2F", 3);
-				break;
-			case '+':
-				appendBinaryStringInfo(buf, "%2B", 3);
-				break;
-			case '#':
-				appendBinaryStringInfo(buf, "%23", 3);
-				break;
-			case '%':
-				appendBinaryStringInfo(buf, "%25", 3);
-				break;
-			default:
-				if (lower && c >= 'A' && c <= 'Z')
-					c += 'a' - 'A';
-				appendStringInfoChar(buf, c);
-				break;
-		}
-	}
-}
-
-/*
- * Build the topic of a queued row event: <prefix>/<model>/<operation>, or
- * with all_style the Node library's <prefix>/<model>/all, all lower case.
- */
-void
-me_build_topic(StringInfo buf, const MqttEmitEventHeader *hdr,
-			   const char *model, bool all_style)
-{
-	const char *p;
-
-	resetStringInfo(buf);
-	if (all_style)
-	{
-		for (p = mqtt_emit_topic_prefix; *p; p++)
-			appendStringInfoChar(buf, (*p >= 'A' && *p <= 'Z') ? *p + ('a' - 'A') : *p);
-		appendStringInfoChar(buf, '/');
-		me_append_topic_model(buf, model, hdr->model_len, true);
-		appendBinaryStringInfo(buf, "/all", 4);
-	}
-	else
-	{
-		appendStringInfoString(buf, mqtt_emit_topic_prefix);
-		appendStringInfoChar(buf, '/');
-		me_append_topic_model(buf, model, hdr->model_len, false);
-		appendStringInfoChar(buf, '/');
-		appendStringInfoString(buf, me_op_name(hdr->op));
 	}
 }
 

@@ -385,7 +385,7 @@ mqtt_emit_shmem_startup(void)
 void
 me_check_preloaded(void)
 {
-	if (!mqtt_emit_preloaded || me_shared == NULL)
+	if (!mqtt_emit_preloaded || !me_shmem_ready())
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("pg_mqtt_emit must be loaded via \"shared_preload_libraries\""),

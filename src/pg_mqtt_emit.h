@@ -85,9 +85,9 @@ typedef struct MqttEmitMarker
 	int64		max_id;
 } MqttEmitMarker;
 
-#define ME_FLAG_PUBLISH		0x01	/* send it to the broker */
-#define ME_FLAG_LOCAL		0x02	/* run local listeners for it */
-#define ME_FLAG_QUEUED		0x04	/* outbox row whose event is in the queue too */
+#define ME_FLAG_PUBLISH		1	/* send it to the broker */
+#define ME_FLAG_LOCAL		2	/* run local listeners for it */
+#define ME_FLAG_QUEUED		4	/* outbox row whose event is in the queue too */
 
 typedef struct MqttEmitEventHeader
 {
@@ -99,7 +99,7 @@ typedef struct MqttEmitEventHeader
 	Oid			relid;			/* the changed table, or InvalidOid */
 	uint32		model_len;
 	uint32		payload_len;
-	int64		outbox_id;		/* durable: its outbox row (ME_FLAG_QUEUED), else 0 */
+	int64		row_id;			/* durable: its outbox row (ME_FLAG_QUEUED), else 0 */
 } MqttEmitEventHeader;
 
 /* Counters kept in shared memory and shown by mqtt_emit.stats. */
@@ -125,39 +125,23 @@ typedef enum MqttEmitCounter
 } MqttEmitCounter;
 
 /*
- * The shared state.  See shmem.c for the locking rules.
+ * A consistent enough copy of the shared state for mqtt_emit.stats
+ * (me_shared_snapshot); counters are read one by one.
  */
-typedef struct MqttEmitShared
+typedef struct MqttEmitSnapshot
 {
-	LWLock	   *lock;
-	pid_t		worker_pid;		/* 0 when no worker runs */
-	Latch	   *worker_latch;
-
-	/* the ring; positions are logical and only grow */
+	uint64		head;
+	uint64		tail;
 	Size		capacity;
-	uint64		head;			/* oldest byte not yet done (acknowledged) */
-	uint64		tail;			/* next byte to be written */
-	uint64		reserved;		/* bytes promised to committing backends */
-
-	pg_atomic_uint64 counters[ME_STAT_COUNT];
-	pg_atomic_uint64 event_seq;
-	uint64		epoch_seq;		/* event_seq when this memory was set up */
-	pg_atomic_uint32 listeners_version;
-	pg_atomic_uint32 publisher_connected;
-	pg_atomic_uint32 subscriber_connected;
-	pg_atomic_uint32 subscriptions;
-	pg_atomic_uint32 outbox_version;	/* bumped when backends add rows */
-	pg_atomic_uint64 outbox_rows;	/* rows in the outbox (approximate) */
-	pg_atomic_uint64 outbox_oldest; /* created_at of the oldest row, or 0 */
-	pg_atomic_uint32 worker_napping;	/* the worker will look again soon */
-	bool		fresh;			/* no worker has run since memory was set up */
-
-	slock_t		errlock;		/* protects the last_error fields */
+	pid_t		worker_pid;
+	bool		publisher_connected;
+	bool		subscriber_connected;
+	uint32		subscriptions;
+	uint64		outbox_rows;
+	TimestampTz outbox_oldest;	/* 0 when the outbox is empty */
 	TimestampTz last_error_time;
 	char		last_error[MQTT_EMIT_MAX_ERROR_LEN];
-
-	char		data[FLEXIBLE_ARRAY_MEMBER];
-} MqttEmitShared;
+} MqttEmitSnapshot;
 
 /* GUC variables (pg_mqtt_emit.c) */
 extern char *mqtt_emit_broker_url;
@@ -199,11 +183,11 @@ extern bool mqtt_emit_preloaded;
 extern void me_check_preloaded(void);
 extern const char *me_client_id(void);
 
-/* shmem.c */
-extern MqttEmitShared *me_shared;
+/* shmem.c: all shared state is read and written through these */
 extern Size me_shmem_size(void);
 extern void me_shmem_request(void);
 extern void me_shmem_startup(void);
+extern bool me_shmem_ready(void);
 extern bool me_queue_reserve(Size len, bool marker);
 extern void me_queue_unreserve(Size len);
 extern void me_queue_push_reserved(char **entries, int nentries, Size len, int nevents);
@@ -215,6 +199,23 @@ extern uint64 me_counter(MqttEmitCounter c);
 extern void me_set_last_error(const char *fmt,...) pg_attribute_printf(1, 2);
 extern void me_wake_worker(void);
 extern uint64 me_next_event_seq(void);
+extern bool me_worker_claim(Latch *latch, uint64 *head, pid_t *other);
+extern void me_worker_release(void);
+extern bool me_worker_take_fresh(void);
+extern uint64 me_shmem_epoch_seq(void);
+extern void me_worker_set_napping(bool napping);
+extern void me_set_connected(bool subscriber, bool connected);
+extern void me_set_subscriptions(uint32 n);
+extern uint32 me_listeners_version(void);
+extern void me_listeners_version_bump(void);
+extern uint32 me_outbox_version(void);
+extern void me_outbox_version_bump(void);
+extern uint64 me_outbox_rows(void);
+extern void me_outbox_rows_add(uint64 n);
+extern void me_outbox_rows_sub(uint64 n);
+extern void me_outbox_rows_set(uint64 n);
+extern void me_outbox_set_oldest(TimestampTz oldest);
+extern void me_shared_snapshot(MqttEmitSnapshot *snap);
 
 /* How payload.c renders one column type as JSON (see me_classify_type). */
 typedef enum MqttEmitJsonCat
@@ -246,9 +247,6 @@ extern void me_json_event_tail(StringInfo buf, TimestampTz now);
 extern void me_make_event_id(char *out, TimestampTz now);
 extern void me_format_timestamp(char *out, TimestampTz ts);
 extern const char *me_op_name(MqttEmitOp op);
-extern void me_append_topic_model(StringInfo buf, const char *model, int len, bool lower);
-extern void me_build_topic(StringInfo buf, const MqttEmitEventHeader *hdr,
-						   const char *model, bool all_style);
 
 /* result of me_check_signature() */
 typedef enum
@@ -269,9 +267,6 @@ extern void me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 								 Oid relid, const char *model, int model_len,
 								 const char *payload, int payload_len, int qos);
 extern void me_capture_listeners_changed(void);
-extern void me_outbox_insert(char **entries, int n, uint8 flag_mask,
-							 int64 batch, bool marked, int64 first_seq,
-							 int64 *ids);
 
 /* worker.c */
 extern void me_worker_register(void);

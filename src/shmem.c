@@ -22,7 +22,9 @@
  * the local listeners.  Space is therefore freed only after delivery, and a
  * worker that exits with an error starts again at head.
  *
- * Locking:
+ * Every field of MqttEmitShared is private to this file; the other files
+ * use the functions below.  The lock rule of each field is written beside
+ * it in the struct:
  *	- lock (LWLock) in exclusive mode protects head, tail and reserved, and
  *	  the bytes between tail and tail + reserved being written at commit.
  *	  Producers hold it while they copy their events into the ring, which
@@ -30,9 +32,12 @@
  *	  and to move head.
  *	- worker_pid, worker_latch and fresh are written by the worker under the
  *	  lock in exclusive mode and read under it in shared mode.
+ *	- capacity and epoch_seq are set when the memory is created and never
+ *	  change: read without a lock.
  *	- errlock (spinlock) protects last_error and last_error_time.
- *	- counters, event_seq, listeners_version, worker_napping and the
- *	  connection flags are atomics and need no lock.
+ *	- counters, event_seq, listeners_version, outbox_version, outbox_rows,
+ *	  outbox_oldest, worker_napping and the connection flags are atomics and
+ *	  need no lock.  outbox_rows is approximate (see relay.c).
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
@@ -51,7 +56,42 @@
 
 #include "pg_mqtt_emit.h"
 
-MqttEmitShared *me_shared = NULL;
+/*
+ * The shared state.  Lock rules: see the file header.
+ */
+typedef struct MqttEmitShared
+{
+	LWLock	   *lock;
+	pid_t		worker_pid;		/* lock: 0 when no worker runs */
+	Latch	   *worker_latch;	/* lock */
+	bool		fresh;			/* lock: no worker has run since set up */
+
+	/* the ring; positions are logical and only grow */
+	Size		capacity;		/* constant */
+	uint64		head;			/* lock: oldest byte not yet done */
+	uint64		tail;			/* lock: next byte to be written */
+	uint64		reserved;		/* lock: bytes promised to committing backends */
+
+	pg_atomic_uint64 counters[ME_STAT_COUNT];
+	pg_atomic_uint64 event_seq; /* event id counter */
+	uint64		epoch_seq;		/* constant: event_seq when this memory was set up */
+	pg_atomic_uint32 listeners_version; /* bumped when the registry changes */
+	pg_atomic_uint32 publisher_connected;
+	pg_atomic_uint32 subscriber_connected;
+	pg_atomic_uint32 subscriptions; /* topic filters wanted */
+	pg_atomic_uint32 outbox_version;	/* bumped when backends add rows */
+	pg_atomic_uint64 outbox_rows;	/* rows in the outbox (approximate) */
+	pg_atomic_uint64 outbox_oldest; /* created_at of the oldest row, or 0 */
+	pg_atomic_uint32 worker_napping;	/* the worker will look again soon */
+
+	slock_t		errlock;
+	TimestampTz last_error_time;	/* errlock */
+	char		last_error[MQTT_EMIT_MAX_ERROR_LEN];	/* errlock */
+
+	char		data[FLEXIBLE_ARRAY_MEMBER];
+} MqttEmitShared;
+
+static MqttEmitShared *me_shared = NULL;
 
 /*
  * Size of the shared state, used both to request and to create it.
@@ -79,7 +119,7 @@ me_shmem_startup(void)
 
 	me_shared = NULL;
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
-	me_shared = ShmemInitStruct("pg_mqtt_emit", me_shmem_size(), &found);
+	me_shared = (MqttEmitShared *) ShmemInitStruct("pg_mqtt_emit", me_shmem_size(), &found);
 	if (!found)
 	{
 		int			i;
@@ -215,7 +255,7 @@ me_queue_push_reserved(char **entries, int nentries, Size len, int nevents)
 	 * A napping worker looks at the tail again by itself; signalling it
 	 * costs a system call per commit.  The barrier orders our tail update
 	 * before the read of worker_napping; the worker clears the flag before
-	 * it reads the tail one last time and sleeps (see worker.c).
+	 * it reads the tail one last time and sleeps (see worker.c, wait_for_work).
 	 */
 	pg_memory_barrier();
 	if (latch && pg_atomic_read_u32(&me_shared->worker_napping) == 0)
@@ -303,4 +343,180 @@ me_wake_worker(void)
 	LWLockRelease(me_shared->lock);
 	if (latch)
 		SetLatch(latch);
+}
+
+bool
+me_shmem_ready(void)
+{
+	return me_shared != NULL;
+}
+
+/*
+ * The worker registers itself: false, with the other's PID, when another
+ * worker runs already.  *head is where the queue's unfinished part starts.
+ */
+bool
+me_worker_claim(Latch *latch, uint64 *head, pid_t *other)
+{
+	bool		ok;
+
+	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
+	*other = me_shared->worker_pid;
+	ok = (*other == 0);
+	if (ok)
+	{
+		me_shared->worker_pid = MyProcPid;
+		me_shared->worker_latch = latch;
+		*head = me_shared->head;
+	}
+	LWLockRelease(me_shared->lock);
+	return ok;
+}
+
+/*
+ * The worker is leaving: no one to wake, nothing connected.
+ */
+void
+me_worker_release(void)
+{
+	pg_atomic_write_u32(&me_shared->worker_napping, 0);
+	pg_atomic_write_u32(&me_shared->publisher_connected, 0);
+	pg_atomic_write_u32(&me_shared->subscriber_connected, 0);
+	pg_atomic_write_u32(&me_shared->subscriptions, 0);
+	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
+	if (me_shared->worker_pid == MyProcPid)
+	{
+		me_shared->worker_pid = 0;
+		me_shared->worker_latch = NULL;
+	}
+	LWLockRelease(me_shared->lock);
+}
+
+/*
+ * True once, for the first worker since the shared memory was set up
+ * (after a start or a crash): the queue is new.
+ */
+bool
+me_worker_take_fresh(void)
+{
+	bool		fresh;
+
+	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
+	fresh = me_shared->fresh;
+	me_shared->fresh = false;
+	LWLockRelease(me_shared->lock);
+	return fresh;
+}
+
+/* event_seq when this memory was set up: outbox batches below it are older */
+uint64
+me_shmem_epoch_seq(void)
+{
+	return me_shared->epoch_seq;
+}
+
+/*
+ * While the worker naps, committing backends need not set its latch (see
+ * me_queue_push_reserved).
+ */
+void
+me_worker_set_napping(bool napping)
+{
+	pg_atomic_write_u32(&me_shared->worker_napping, napping ? 1 : 0);
+	if (!napping)
+		pg_memory_barrier();
+}
+
+void
+me_set_connected(bool subscriber, bool connected)
+{
+	pg_atomic_write_u32(subscriber ? &me_shared->subscriber_connected :
+						&me_shared->publisher_connected, connected ? 1 : 0);
+}
+
+void
+me_set_subscriptions(uint32 n)
+{
+	pg_atomic_write_u32(&me_shared->subscriptions, n);
+}
+
+uint32
+me_listeners_version(void)
+{
+	return pg_atomic_read_u32(&me_shared->listeners_version);
+}
+
+void
+me_listeners_version_bump(void)
+{
+	if (me_shared)
+		pg_atomic_fetch_add_u32(&me_shared->listeners_version, 1);
+}
+
+uint32
+me_outbox_version(void)
+{
+	return pg_atomic_read_u32(&me_shared->outbox_version);
+}
+
+void
+me_outbox_version_bump(void)
+{
+	pg_atomic_fetch_add_u32(&me_shared->outbox_version, 1);
+}
+
+uint64
+me_outbox_rows(void)
+{
+	return pg_atomic_read_u64(&me_shared->outbox_rows);
+}
+
+void
+me_outbox_rows_add(uint64 n)
+{
+	pg_atomic_fetch_add_u64(&me_shared->outbox_rows, n);
+}
+
+/* approximate: never below zero */
+void
+me_outbox_rows_sub(uint64 n)
+{
+	uint64		cur = pg_atomic_read_u64(&me_shared->outbox_rows);
+
+	pg_atomic_write_u64(&me_shared->outbox_rows, cur > n ? cur - n : 0);
+}
+
+void
+me_outbox_rows_set(uint64 n)
+{
+	pg_atomic_write_u64(&me_shared->outbox_rows, n);
+}
+
+void
+me_outbox_set_oldest(TimestampTz oldest)
+{
+	pg_atomic_write_u64(&me_shared->outbox_oldest, (uint64) oldest);
+}
+
+/*
+ * Copy the state that mqtt_emit.stats shows.
+ */
+void
+me_shared_snapshot(MqttEmitSnapshot *snap)
+{
+	LWLockAcquire(me_shared->lock, LW_SHARED);
+	snap->head = me_shared->head;
+	snap->tail = me_shared->tail;
+	snap->worker_pid = me_shared->worker_pid;
+	LWLockRelease(me_shared->lock);
+	snap->capacity = me_shared->capacity;
+	snap->publisher_connected = pg_atomic_read_u32(&me_shared->publisher_connected) != 0;
+	snap->subscriber_connected = pg_atomic_read_u32(&me_shared->subscriber_connected) != 0;
+	snap->subscriptions = pg_atomic_read_u32(&me_shared->subscriptions);
+	snap->outbox_rows = pg_atomic_read_u64(&me_shared->outbox_rows);
+	snap->outbox_oldest = (TimestampTz) pg_atomic_read_u64(&me_shared->outbox_oldest);
+	SpinLockAcquire(&me_shared->errlock);
+	strlcpy(snap->last_error, me_shared->last_error, sizeof(snap->last_error));
+	snap->last_error_time = me_shared->last_error_time;
+	SpinLockRelease(&me_shared->errlock);
 }

@@ -125,7 +125,7 @@ Datum
 mqtt_emit_listeners_changed(PG_FUNCTION_ARGS)
 {
 	/* without the worker there is nobody to tell */
-	if (mqtt_emit_preloaded && me_shared != NULL)
+	if (mqtt_emit_preloaded && me_shmem_ready())
 		me_capture_listeners_changed();
 	PG_RETURN_VOID();
 }
@@ -140,39 +140,26 @@ mqtt_emit_stats(PG_FUNCTION_ARGS)
 	Datum		values[32];
 	bool		nulls[32];
 	int			i = 0;
-	uint64		head,
-				tail,
-				enq,
+	uint64		enq,
 				deq;
-	pid_t		pid;
-	char		last_error[MQTT_EMIT_MAX_ERROR_LEN];
-	TimestampTz last_error_time;
+	MqttEmitSnapshot snap;
 
 	me_check_preloaded();
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
-	LWLockAcquire(me_shared->lock, LW_SHARED);
-	head = me_shared->head;
-	tail = me_shared->tail;
-	pid = me_shared->worker_pid;
-	LWLockRelease(me_shared->lock);
-	SpinLockAcquire(&me_shared->errlock);
-	strlcpy(last_error, me_shared->last_error, sizeof(last_error));
-	last_error_time = me_shared->last_error_time;
-	SpinLockRelease(&me_shared->errlock);
-
+	me_shared_snapshot(&snap);
 	enq = me_counter(ME_STAT_ENQUEUED);
 	deq = me_counter(ME_STAT_DEQUEUED);
 
 	memset(nulls, 0, sizeof(nulls));
-	values[i++] = BoolGetDatum(pg_atomic_read_u32(&me_shared->publisher_connected) != 0);
-	values[i++] = BoolGetDatum(pg_atomic_read_u32(&me_shared->subscriber_connected) != 0);
+	values[i++] = BoolGetDatum(snap.publisher_connected);
+	values[i++] = BoolGetDatum(snap.subscriber_connected);
 	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_PUBLISHED));
 	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_PUBLISH_FAILED));
 	values[i++] = Int64GetDatum((int64) (enq >= deq ? enq - deq : 0));
-	values[i++] = Int64GetDatum((int64) (tail - head));
-	values[i++] = Int64GetDatum((int64) me_shared->capacity);
+	values[i++] = Int64GetDatum((int64) (snap.tail - snap.head));
+	values[i++] = Int64GetDatum((int64) snap.capacity);
 	values[i++] = Int64GetDatum((int64) enq);
 	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_RETRIED));
 	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_DROPPED));
@@ -182,32 +169,28 @@ mqtt_emit_stats(PG_FUNCTION_ARGS)
 	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_REJECTED));
 	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_LISTENER_CALLS));
 	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_LISTENER_ERRORS));
-	values[i++] = Int32GetDatum((int32) pg_atomic_read_u32(&me_shared->subscriptions));
+	values[i++] = Int32GetDatum((int32) snap.subscriptions);
 	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_CONNECTS));
-	values[i++] = Int64GetDatum((int64) pg_atomic_read_u64(&me_shared->outbox_rows));
-	{
-		TimestampTz oldest = (TimestampTz) pg_atomic_read_u64(&me_shared->outbox_oldest);
-
-		if (oldest != 0)
-			values[i++] = DirectFunctionCall2(timestamp_mi,
-											  TimestampTzGetDatum(GetCurrentTimestamp()),
-											  TimestampTzGetDatum(oldest));
-		else
-			nulls[i++] = true;
-	}
+	values[i++] = Int64GetDatum((int64) snap.outbox_rows);
+	if (snap.outbox_oldest != 0)
+		values[i++] = DirectFunctionCall2(timestamp_mi,
+										  TimestampTzGetDatum(GetCurrentTimestamp()),
+										  TimestampTzGetDatum(snap.outbox_oldest));
+	else
+		nulls[i++] = true;
 	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_SPILLED));
 	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_OUTBOXED));
 	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_DEAD_LETTERS));
-	if (last_error[0])
-		values[i++] = CStringGetTextDatum(last_error);
+	if (snap.last_error[0])
+		values[i++] = CStringGetTextDatum(snap.last_error);
 	else
 		nulls[i++] = true;
-	if (last_error_time != 0)
-		values[i++] = TimestampTzGetDatum(last_error_time);
+	if (snap.last_error_time != 0)
+		values[i++] = TimestampTzGetDatum(snap.last_error_time);
 	else
 		nulls[i++] = true;
-	if (pid != 0)
-		values[i++] = Int32GetDatum((int32) pid);
+	if (snap.worker_pid != 0)
+		values[i++] = Int32GetDatum((int32) snap.worker_pid);
 	else
 		nulls[i++] = true;
 	values[i++] = CStringGetTextDatum(me_client_id());

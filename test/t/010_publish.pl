@@ -2,7 +2,7 @@
 #
 # 010_publish.pl: the publish path end to end.  A real mosquitto broker, one
 # PostgreSQL cluster with pg_mqtt_emit, and a mosquitto_sub on the test's topic
-# prefix that must see exactly the expected topics and payloads (DESIGN.md
+# prefix that must see exactly the expected topics and payloads (doc/DESIGN.md
 # sections 3, 5 and 6): INSERT/UPDATE/DELETE, multi-row statements, reserved
 # and mixed-case names, schema-qualified tables and custom models, topic-level
 # escaping, column lists, emit switches, many column types compared with the

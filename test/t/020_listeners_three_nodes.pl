@@ -1,7 +1,7 @@
 #!/usr/bin/perl
 #
 # 020_listeners_three_nodes.pl: the seed's listener table on three real
-# clusters sharing one real mosquitto broker (DESIGN 2, 4, 5.3).
+# clusters sharing one real mosquitto broker (doc/DESIGN.md 2, 4, 5.3).
 #
 # Node 1 watches table "user"; nodes 1, 2 and 3 each register, for model
 # 'user', a default listener, an allow_remote listener and an

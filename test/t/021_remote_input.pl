@@ -1,7 +1,7 @@
 #!/usr/bin/perl
 #
 # 021_remote_input.pl: what a node does with the messages it receives
-# (DESIGN 4, 5.3, 5.4, 6): redelivered and re-published messages run
+# (doc/DESIGN.md 4, 5.3, 5.4, 6): redelivered and re-published messages run
 # listeners once; a node never runs remote listeners for its own events;
 # messages of prisma-extension-emitter (colliding event ids) are accepted;
 # malformed, oversized and hostile messages are dropped with a log line and

@@ -1,7 +1,7 @@
 #!/usr/bin/perl
 #
 # 031_durable_crash.pl: mqtt_emit.delivery = durable across a crash
-# (DESIGN.md section 6: "PostgreSQL crash / immediate shutdown: in durable
+# (doc/doc/DESIGN.md section 6: "PostgreSQL crash / immediate shutdown: in durable
 # mode ... nothing committed is lost"; "transaction rolls back: nothing
 # published").
 #
@@ -228,7 +228,11 @@ is(scalar(grep { $rb{$_} } @in_outbox), 0,
 	'no rolled-back event is in the outbox');
 my $s = stats($node);
 is($s->{in_outbox}, $ncommitted, "stats.in_outbox = $ncommitted");
-is($s->{queued},    0,           'nothing waits in the shared-memory queue in durable mode');
+# durable events with room in the queue are there too until the worker,
+# which cannot publish, has placed their rows: that takes a moment
+ok( poll_until(sub { stats($node)->{queued} == 0 }, $T),
+	'nothing waits in the shared-memory queue in durable mode')
+  or diag('queued: ' . stats($node)->{queued});
 is(scalar(my @a = arrived_ids($sub, $MODEL)), 1,
 	'nothing arrived during the outage (sanity: the broker is really down)');
 

@@ -1,6 +1,6 @@
 #!/usr/bin/perl
 #
-# 040_tls.pl: the worker talks TLS to the broker (DESIGN 7: ssl:// and
+# 040_tls.pl: the worker talks TLS to the broker (doc/DESIGN.md 7: ssl:// and
 # mqtts:// URLs, mqtt_emit.tls_ca_file / tls_cert_file / tls_key_file,
 # mqtt_emit.tls_verify; README "Configuration").
 #

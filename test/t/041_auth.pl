@@ -1,7 +1,7 @@
 #!/usr/bin/perl
 #
-# 041_auth.pl: broker authentication and authorisation (DESIGN 7:
-# mqtt_emit.username / mqtt_emit.password, "password hidden"; DESIGN 6: a
+# 041_auth.pl: broker authentication and authorisation (doc/DESIGN.md 7:
+# mqtt_emit.username / mqtt_emit.password, "password hidden"; doc/DESIGN.md 6: a
 # message the broker refuses must not block the others).
 #
 # A real mosquitto with allow_anonymous false, a password_file made with

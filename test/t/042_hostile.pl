@@ -1,6 +1,6 @@
 #!/usr/bin/perl
 #
-# 042_hostile.pl: a corpus of hostile remote messages (DESIGN 6: "malformed,
+# 042_hostile.pl: a corpus of hostile remote messages (doc/DESIGN.md 6: "malformed,
 # oversized or hostile remote message: dropped with a log line and a
 # counter; the worker keeps running"; README "Wire format": what received
 # messages must look like).

@@ -1,7 +1,7 @@
 #!/usr/bin/perl
 #
 # 044_privileges.pl: what an unprivileged role can and cannot do with
-# pg_mqtt_emit (DESIGN 2: only the owner may watch a table; DESIGN 4:
+# pg_mqtt_emit (doc/DESIGN.md 2: only the owner may watch a table; doc/DESIGN.md 4:
 # listeners run as the role that registered them, never as the worker's
 # superuser; README: listeners table under row-level security, outbox not
 # readable by PUBLIC, publish() not granted to PUBLIC, stats for pg_monitor,
@@ -292,7 +292,7 @@ my ($rc_ctl) = as_role('alice', q{SET ROLE admin_r; SELECT x FROM public.secret;
 is($rc_ctl, 0, 'control: outside a listener alice may SET ROLE admin_r and read secret');
 
 # the rows of a watched table alice may not read do not reach her through a
-# listener on its model (listeners run with her rights: DESIGN 4)
+# listener on its model (listeners run with her rights: doc/DESIGN.md 4)
 sq(q{
 CREATE TABLE payroll(id int PRIMARY KEY, salary int);
 SELECT mqtt_emit.watch('payroll');

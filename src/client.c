@@ -1,0 +1,313 @@
+/*-------------------------------------------------------------------------
+ *
+ * client.c
+ *		The worker's two MQTT client slots: the publisher (client id
+ *		mqtt_emit.client_id) and the subscriber (<client_id>-subscriber).
+ *
+ * A slot creates its client when a connection is due, starts connecting,
+ * and schedules the next attempt with exponential backoff between
+ * mqtt_emit.reconnect_min and reconnect_max; paho's automatic reconnect is
+ * not used.  The broker settings are read once into a snapshot, which is
+ * what broker.c connects with (it reads no setting itself); after a reload
+ * the worker compares the snapshot with the settings and, when they
+ * differ, destroys both clients and takes a new snapshot.  Problems are
+ * logged once at LOG while they repeat, then at DEBUG1.
+ *
+ * A publisher whose connection is lost is destroyed at once: paho would
+ * otherwise send what it still buffers ahead of the unacknowledged events
+ * that are sent again from the oldest one, out of order.
+ *
+ * Copyright (c) 2026, pg_mqtt_emit developers
+ *
+ * IDENTIFICATION
+ *		src/client.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "miscadmin.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "pg_mqtt_emit.h"
+#include "worker.h"
+
+/* The state of one MQTT client and its reconnection schedule. */
+typedef struct ClientSlot
+{
+	MeBroker   *broker;
+	bool		subscriber;
+	TimestampTz next_attempt;
+	int			backoff_ms;
+	bool		was_connected;
+	char		last_logged[256];
+} ClientSlot;
+
+static ClientSlot slots[2] = {{NULL, false}, {NULL, true}};
+
+/* the settings the clients were made with; outlives them */
+static MeBrokerConfig config;
+
+static char *
+dup_setting(char *old, const char *val)
+{
+	if (old)
+		pfree(old);
+	return MemoryContextStrdup(TopMemoryContext, val ? val : "");
+}
+
+static void
+take_settings(void)
+{
+	config.url = dup_setting(config.url, mqtt_emit_broker_url);
+	config.client_id = dup_setting(config.client_id, me_client_id());
+	config.username = dup_setting(config.username, mqtt_emit_username);
+	config.password = dup_setting(config.password, mqtt_emit_password);
+	config.tls_ca_file = dup_setting(config.tls_ca_file, mqtt_emit_tls_ca_file);
+	config.tls_cert_file = dup_setting(config.tls_cert_file, mqtt_emit_tls_cert_file);
+	config.tls_key_file = dup_setting(config.tls_key_file, mqtt_emit_tls_key_file);
+	config.tls_verify = mqtt_emit_tls_verify;
+	config.mqtt_version = mqtt_emit_mqtt_version;
+	config.keepalive = mqtt_emit_keepalive;
+	config.clean_session = mqtt_emit_clean_session;
+}
+
+static bool
+differs(const char *snap, const char *val)
+{
+	return strcmp(snap, val ? val : "") != 0;
+}
+
+/*
+ * Do the settings differ from the snapshot the clients were made with?
+ */
+bool
+me_client_settings_changed(void)
+{
+	return differs(config.url, mqtt_emit_broker_url) ||
+		differs(config.client_id, me_client_id()) ||
+		differs(config.username, mqtt_emit_username) ||
+		differs(config.password, mqtt_emit_password) ||
+		differs(config.tls_ca_file, mqtt_emit_tls_ca_file) ||
+		differs(config.tls_cert_file, mqtt_emit_tls_cert_file) ||
+		differs(config.tls_key_file, mqtt_emit_tls_key_file) ||
+		config.tls_verify != mqtt_emit_tls_verify ||
+		config.mqtt_version != mqtt_emit_mqtt_version ||
+		config.keepalive != mqtt_emit_keepalive ||
+		config.clean_session != mqtt_emit_clean_session;
+}
+
+static void
+reset_schedule(ClientSlot *slot)
+{
+	slot->last_logged[0] = '\0';
+	slot->next_attempt = 0;
+	slot->backoff_ms = mqtt_emit_reconnect_min;
+}
+
+void
+me_client_init(void)
+{
+	take_settings();
+	reset_schedule(&slots[ME_CLIENT_PUBLISHER]);
+	reset_schedule(&slots[ME_CLIENT_SUBSCRIBER]);
+}
+
+/*
+ * The broker settings changed: start over with new clients (the caller
+ * forgets what was in flight).
+ */
+void
+me_client_restart(void)
+{
+	ereport(LOG,
+			(errmsg("pg_mqtt_emit broker settings changed, reconnecting to \"%s\"",
+					mqtt_emit_broker_url)));
+	me_client_destroy_all();
+	take_settings();
+	reset_schedule(&slots[ME_CLIENT_PUBLISHER]);
+	reset_schedule(&slots[ME_CLIENT_SUBSCRIBER]);
+}
+
+/*
+ * Log a broker problem: at LOG the first time it is seen, then at DEBUG1
+ * while the same message repeats, so that an absent broker does not flood
+ * the server log.
+ */
+static void
+report_problem(ClientSlot *slot, const char *msg)
+{
+	const char *who = slot->subscriber ? "subscriber" : "publisher";
+
+	me_set_last_error("%s: %s", who, msg);
+	if (strcmp(slot->last_logged, msg) != 0)
+	{
+		ereport(LOG,
+				(errmsg("pg_mqtt_emit %s cannot reach broker \"%s\": %s",
+						who, config.url, msg),
+				 errhint("Events wait in the queue and are published when the broker is back.")));
+		strlcpy(slot->last_logged, msg, sizeof(slot->last_logged));
+	}
+	else
+		ereport(DEBUG1,
+				(errmsg("pg_mqtt_emit %s still cannot reach broker: %s", who, msg)));
+}
+
+/*
+ * Create and connect the client when it is due; lower *timeout so that
+ * the loop wakes up for the next attempt.
+ */
+void
+me_client_service(MeClientRole role, TimestampTz now, long *timeout)
+{
+	ClientSlot *slot = &slots[role];
+	char		err[256];
+
+	if (slot->broker && (me_broker_connected(slot->broker) ||
+						 me_broker_connecting(slot->broker)))
+		return;
+
+	if (now < slot->next_attempt)
+	{
+		long		wait = (long) ((slot->next_attempt - now) / 1000) + 1;
+
+		*timeout = Min(*timeout, wait);
+		return;
+	}
+
+	if (slot->broker == NULL)
+	{
+		char		cid[512];
+
+		if (slot->subscriber)
+			snprintf(cid, sizeof(cid), "%s-subscriber", config.client_id);
+		else
+			strlcpy(cid, config.client_id, sizeof(cid));
+		slot->broker = me_broker_create(&config, cid, slot->subscriber, MyLatch,
+										err, sizeof(err));
+		if (slot->broker == NULL)
+		{
+			report_problem(slot, err);
+			slot->next_attempt = now + (TimestampTz) mqtt_emit_reconnect_max * 1000;
+			*timeout = Min(*timeout, mqtt_emit_reconnect_max);
+			return;
+		}
+	}
+
+	if (!me_broker_connect(slot->broker, err, sizeof(err)))
+		report_problem(slot, err);
+
+	/* schedule the next attempt in case this one fails */
+	slot->next_attempt = now + (TimestampTz) slot->backoff_ms * 1000;
+	*timeout = Min(*timeout, slot->backoff_ms);
+	slot->backoff_ms = Min(slot->backoff_ms * 2, mqtt_emit_reconnect_max);
+}
+
+MeBroker *
+me_client_broker(MeClientRole role)
+{
+	return slots[role].broker;
+}
+
+bool
+me_client_connected(MeClientRole role)
+{
+	return slots[role].broker != NULL && me_broker_connected(slots[role].broker);
+}
+
+/*
+ * Take the client's news; false when there is no client.  A new
+ * connection is logged and shown in mqtt_emit.stats here; the caller acts
+ * on the rest and reports a lost connection with me_client_lost().
+ */
+bool
+me_client_poll(MeClientRole role, MeBrokerNews *news)
+{
+	ClientSlot *slot = &slots[role];
+
+	if (slot->broker == NULL)
+		return false;
+	me_broker_poll(slot->broker, news);
+	if (news->connected && me_broker_connected(slot->broker))
+	{
+		ereport(LOG,
+				(errmsg("pg_mqtt_emit %s connected to broker \"%s\"",
+						slot->subscriber ? "subscriber" : "publisher",
+						config.url)));
+		slot->backoff_ms = mqtt_emit_reconnect_min;
+		slot->was_connected = true;
+		slot->last_logged[0] = '\0';
+		me_count(ME_STAT_CONNECTS, 1);
+		me_set_connected(slot->subscriber, true);
+	}
+	return true;
+}
+
+/*
+ * The connection was lost (or a connect failed): report it, try again
+ * soon after losing a working connection, and start the publisher over
+ * with a new client.
+ */
+void
+me_client_lost(MeClientRole role, const char *why)
+{
+	ClientSlot *slot = &slots[role];
+
+	me_set_connected(slot->subscriber, false);
+	report_problem(slot, why);
+	if (slot->was_connected)
+	{
+		slot->was_connected = false;
+		slot->next_attempt = GetCurrentTimestamp() +
+			(TimestampTz) mqtt_emit_reconnect_min * 1000;
+	}
+	if (role == ME_CLIENT_PUBLISHER)
+	{
+		me_broker_destroy(slot->broker);
+		slot->broker = NULL;
+	}
+}
+
+/*
+ * No more use for this client: disconnect (waiting at most disconnect_ms
+ * for the broker) and destroy it.
+ */
+void
+me_client_drop(MeClientRole role, int disconnect_ms)
+{
+	ClientSlot *slot = &slots[role];
+
+	if (slot->broker == NULL)
+		return;
+	me_broker_disconnect(slot->broker, disconnect_ms);
+	me_broker_destroy(slot->broker);
+	slot->broker = NULL;
+	me_set_connected(slot->subscriber, false);
+}
+
+/* at shutdown: say goodbye to the broker */
+void
+me_client_disconnect_all(void)
+{
+	if (slots[ME_CLIENT_PUBLISHER].broker)
+		me_broker_disconnect(slots[ME_CLIENT_PUBLISHER].broker, 1000);
+	if (slots[ME_CLIENT_SUBSCRIBER].broker)
+		me_broker_disconnect(slots[ME_CLIENT_SUBSCRIBER].broker, 100);
+}
+
+void
+me_client_destroy_all(void)
+{
+	int			i;
+
+	for (i = 0; i < 2; i++)
+	{
+		if (slots[i].broker)
+		{
+			me_broker_destroy(slots[i].broker);
+			slots[i].broker = NULL;
+		}
+		me_set_connected(slots[i].subscriber, false);
+	}
+}

@@ -1,0 +1,751 @@
+/*-------------------------------------------------------------------------
+ *
+ * outbox.c
+ *		Every statement on mqtt_emit.outbox and mqtt_emit.dead_letters.
+ *
+ * The outbox holds events that cannot simply flow through the shared-memory
+ * queue: those of durable transactions (written at PRE_COMMIT, in the
+ * committing transaction), those of transactions that found the queue full
+ * (spilled), and those the worker moved out of the queue while the broker
+ * was away.  Each row has:
+ *
+ *	flags	ME_FLAG_PUBLISH (send it), ME_FLAG_LOCAL (its local listeners
+ *			have not run yet), ME_FLAG_QUEUED (a durable event whose queue
+ *			entry exists too: the queue's copy runs its listeners and is
+ *			published; the row is the crash net)
+ *	batch	the writing transaction's batch number (an event_seq value), so
+ *			that its marker in the queue can find its rows
+ *	marked	whether a marker for it was queued
+ *	seq		its place in the publishing order, given by the worker (NULL
+ *			until then); rows are published in seq order
+ *
+ * Committing backends call me_outbox_insert(); everything else here runs in
+ * the worker, inside its transactions (see relay.c for when).  Rows are
+ * deleted once the broker acknowledged them (me_outbox_row_done collects
+ * them, me_outbox_delete_done deletes them in one statement).  Messages the
+ * broker refuses for good move to mqtt_emit.dead_letters.
+ *
+ * Copyright (c) 2026, pg_mqtt_emit developers
+ *
+ * IDENTIFICATION
+ *		src/outbox.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/pg_authid.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "pg_mqtt_emit.h"
+#include "outbox.h"
+#include "topic.h"
+
+/* the flags as SQL integer literals */
+#define SQL_LOCAL		CppAsString2(ME_FLAG_LOCAL)
+#define SQL_QUEUED		CppAsString2(ME_FLAG_QUEUED)
+
+/* the columns row_from_tuple() reads, in its order */
+#define ROW_COLUMNS		"id, kind, flags, op, qos, model, payload, created_at, relid, seq"
+
+static SPIPlanPtr insert_plan = NULL;	/* n rows, from arrays */
+static SPIPlanPtr insert_plan1 = NULL;	/* one row (most transactions) */
+static SPIPlanPtr delete_plan = NULL;
+
+/* worker: the next place in the publishing order */
+static int64 next_order = 1;
+
+/* worker: rows done with (acknowledged, or not to be published) */
+static int64 *done_rows = NULL;
+static int	ndone_rows = 0;
+static int	maxdone_rows = 0;
+static TimestampTz done_since = 0;	/* when done_rows became non-empty */
+
+static StringInfoData topicbuf;
+
+/*
+ * Insert n queue entries into mqtt_emit.outbox in one statement, in the
+ * current transaction, with their flags ANDed with flag_mask.  The insert
+ * runs as the bootstrap superuser: the outbox is not writable by ordinary
+ * roles, whose events it nevertheless must hold.  Used by committing
+ * backends (at PRE_COMMIT, where an error still aborts cleanly) and by the
+ * worker when it moves the queue into the outbox.  The new rows' ids go to
+ * ids[], in the entries' order.
+ */
+void
+me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
+				 bool marked, int64 first_order, int64 *ids)
+{
+	Datum	   *kinds = palloc(sizeof(Datum) * n);
+	Datum	   *flags = palloc(sizeof(Datum) * n);
+	Datum	   *ops = palloc(sizeof(Datum) * n);
+	Datum	   *qoss = palloc(sizeof(Datum) * n);
+	Datum	   *models = palloc(sizeof(Datum) * n);
+	Datum	   *payloads = palloc(sizeof(Datum) * n);
+	Datum	   *relids = palloc(sizeof(Datum) * n);
+	Datum		values[10];
+	Oid			save_userid;
+	int			save_sec;
+	int			i;
+	int			ret;
+	bool		isnull;
+
+	for (i = 0; i < n; i++)
+	{
+		MqttEmitEventHeader *hdr = (MqttEmitEventHeader *) entries[i];
+		char	   *model = entries[i] + sizeof(MqttEmitEventHeader);
+
+		kinds[i] = Int16GetDatum(hdr->kind);
+		flags[i] = Int16GetDatum(hdr->flags & flag_mask);
+		ops[i] = Int16GetDatum(hdr->op);
+		qoss[i] = Int16GetDatum(hdr->qos);
+		models[i] = PointerGetDatum(cstring_to_text_with_len(model, hdr->model_len));
+		payloads[i] = PointerGetDatum(cstring_to_text_with_len(model + hdr->model_len,
+															   hdr->payload_len));
+		relids[i] = ObjectIdGetDatum(hdr->relid);
+	}
+	values[6] = Int64GetDatum(batch);
+	values[7] = BoolGetDatum(marked);
+	values[8] = Int64GetDatum(first_order);
+
+	GetUserIdAndSecContext(&save_userid, &save_sec);
+	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID,
+						   save_sec | SECURITY_LOCAL_USERID_CHANGE);
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	if (n == 1)
+	{
+		/* a plain one-row INSERT costs far less than unnesting arrays */
+		Datum		row[10];
+
+		if (insert_plan1 == NULL)
+		{
+			Oid			types[10] = {INT2OID, INT2OID, INT2OID, INT2OID, TEXTOID,
+				TEXTOID, INT8OID, BOOLOID, INT8OID, OIDOID};
+			SPIPlanPtr	plan;
+
+			plan = SPI_prepare("INSERT INTO mqtt_emit.outbox"
+							   " (kind, flags, op, qos, model, payload, batch, marked, seq, relid)"
+							   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8,"
+							   "  CASE WHEN $9 OPERATOR(pg_catalog.=) 0 THEN NULL ELSE $9 END, $10)"
+							   " RETURNING id",
+							   10, types);
+			if (plan == NULL)
+				elog(ERROR, "SPI_prepare failed for the outbox insert: %s",
+					 SPI_result_code_string(SPI_result));
+			SPI_keepplan(plan);
+			insert_plan1 = plan;
+		}
+		row[0] = kinds[0];
+		row[1] = flags[0];
+		row[2] = ops[0];
+		row[3] = qoss[0];
+		row[4] = models[0];
+		row[5] = payloads[0];
+		row[6] = values[6];
+		row[7] = values[7];
+		row[8] = values[8];
+		row[9] = relids[0];
+		ret = SPI_execute_plan(insert_plan1, row, NULL, false, 0);
+		if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
+			elog(ERROR, "cannot write to mqtt_emit.outbox: %s", SPI_result_code_string(ret));
+		ids[0] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		PopActiveSnapshot();
+		SPI_finish();
+		SetUserIdAndSecContext(save_userid, save_sec);
+		return;
+	}
+	values[0] = PointerGetDatum(construct_array(kinds, n, INT2OID, 2, true, TYPALIGN_SHORT));
+	values[1] = PointerGetDatum(construct_array(flags, n, INT2OID, 2, true, TYPALIGN_SHORT));
+	values[2] = PointerGetDatum(construct_array(ops, n, INT2OID, 2, true, TYPALIGN_SHORT));
+	values[3] = PointerGetDatum(construct_array(qoss, n, INT2OID, 2, true, TYPALIGN_SHORT));
+	values[4] = PointerGetDatum(construct_array(models, n, TEXTOID, -1, false, TYPALIGN_INT));
+	values[5] = PointerGetDatum(construct_array(payloads, n, TEXTOID, -1, false, TYPALIGN_INT));
+	values[9] = PointerGetDatum(construct_array(relids, n, OIDOID, sizeof(Oid), true, TYPALIGN_INT));
+	if (insert_plan == NULL)
+	{
+		Oid			types[10] = {INT2ARRAYOID, INT2ARRAYOID, INT2ARRAYOID,
+			INT2ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8OID, BOOLOID, INT8OID,
+		OIDARRAYOID};
+		SPIPlanPtr	plan;
+
+		plan = SPI_prepare("WITH ins AS ("
+						   " INSERT INTO mqtt_emit.outbox"
+						   "  (kind, flags, op, qos, model, payload, batch, marked, seq, relid)"
+						   " SELECT r.k, r.f, r.o, r.q, r.m, r.p, $7, $8,"
+						   "  CASE WHEN $9 OPERATOR(pg_catalog.=) 0 THEN NULL"
+						   "   ELSE $9 OPERATOR(pg_catalog.+) r.n OPERATOR(pg_catalog.-) 1 END, r.r"
+						   " FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2),"
+						   "  pg_catalog.unnest($3), pg_catalog.unnest($4),"
+						   "  pg_catalog.unnest($5), pg_catalog.unnest($6), pg_catalog.unnest($10))"
+						   "  WITH ORDINALITY AS r(k, f, o, q, m, p, r, n)"
+						   " ORDER BY r.n"
+						   " RETURNING id)"
+						   " SELECT pg_catalog.array_agg(id ORDER BY id) FROM ins",
+						   10, types);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed for the outbox insert: %s",
+				 SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		insert_plan = plan;
+	}
+	ret = SPI_execute_plan(insert_plan, values, NULL, false, 0);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "cannot write to mqtt_emit.outbox: %s", SPI_result_code_string(ret));
+	{
+		/* ids are taken in row order, so ascending ids are the rows' */
+		ArrayType  *arr = DatumGetArrayTypeP(SPI_getbinval(SPI_tuptable->vals[0],
+														   SPI_tuptable->tupdesc, 1, &isnull));
+		Datum	   *elems;
+		int			nelems;
+
+		deconstruct_array(arr, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE,
+						  &elems, NULL, &nelems);
+		if (nelems != n)
+			elog(ERROR, "wrote %d rows to mqtt_emit.outbox, expected %d", nelems, n);
+		for (i = 0; i < n; i++)
+			ids[i] = DatumGetInt64(elems[i]);
+	}
+	PopActiveSnapshot();
+	SPI_finish();
+	SetUserIdAndSecContext(save_userid, save_sec);
+}
+
+/*
+ * An int8[] of n ids, for an SPI argument.
+ */
+static Datum
+int8_array(const int64 *ids, int n)
+{
+	Datum	   *elems = palloc(sizeof(Datum) * n);
+	int			i;
+
+	for (i = 0; i < n; i++)
+		elems[i] = Int64GetDatum(ids[i]);
+	return PointerGetDatum(construct_array(elems, n, INT8OID, 8, FLOAT8PASSBYVAL,
+										   TYPALIGN_DOUBLE));
+}
+
+static int64
+first_int8(int col)
+{
+	bool		isnull;
+	Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
+								  col, &isnull);
+
+	return isnull ? 0 : DatumGetInt64(d);
+}
+
+/*
+ * An outbox row of the current SPI result (ROW_COLUMNS) as an event.
+ */
+static void
+row_from_tuple(HeapTuple tup, TupleDesc td, MeOutboxRow *row)
+{
+	bool		isnull;
+	text	   *model;
+	text	   *payload;
+	Datum		seq;
+
+	memset(row, 0, sizeof(*row));
+	row->id = DatumGetInt64(SPI_getbinval(tup, td, 1, &isnull));
+	row->hdr.kind = (uint8) DatumGetInt16(SPI_getbinval(tup, td, 2, &isnull));
+	row->hdr.flags = (uint8) DatumGetInt16(SPI_getbinval(tup, td, 3, &isnull));
+	row->hdr.op = (uint8) DatumGetInt16(SPI_getbinval(tup, td, 4, &isnull));
+	row->hdr.qos = (uint8) DatumGetInt16(SPI_getbinval(tup, td, 5, &isnull));
+	model = DatumGetTextPP(SPI_getbinval(tup, td, 6, &isnull));
+	payload = DatumGetTextPP(SPI_getbinval(tup, td, 7, &isnull));
+	row->created_at = DatumGetTimestampTz(SPI_getbinval(tup, td, 8, &isnull));
+	row->hdr.relid = DatumGetObjectId(SPI_getbinval(tup, td, 9, &isnull));
+	seq = SPI_getbinval(tup, td, 10, &isnull);
+	row->order = isnull ? 0 : DatumGetInt64(seq);
+	row->hdr.model_len = VARSIZE_ANY_EXHDR(model);
+	row->hdr.payload_len = VARSIZE_ANY_EXHDR(payload);
+	row->hdr.total_len = sizeof(MqttEmitEventHeader) + row->hdr.model_len +
+		row->hdr.payload_len;
+	row->hdr.row_id = 0;
+	row->model = text_to_cstring(model);
+	row->payload = text_to_cstring(payload);
+}
+
+static void
+check(int ret, int expected, const char *what)
+{
+	if (ret != expected)
+		elog(ERROR, "cannot %s: %s", what, SPI_result_code_string(ret));
+}
+
+/*
+ * The worker starts (or sees the extension appear): count the rows, find
+ * the next place in the publishing order.  With fresh (the first worker
+ * since the shared memory was set up: after a start or a crash), the queue
+ * is new: durable events that were in the old queue too run their local
+ * listeners from their rows (their flag is still on, else they ran), and
+ * rows still waiting for a marker of the old queue are placed now, in id
+ * order.
+ */
+void
+me_outbox_start(bool fresh)
+{
+	SPI_connect();
+	check(SPI_execute("SELECT count(*), coalesce(max(seq), 0) FROM mqtt_emit.outbox",
+					  true, 1), SPI_OK_SELECT, "count mqtt_emit.outbox");
+	me_outbox_rows_set((uint64) first_int8(1));
+	next_order = first_int8(2) + 1;
+	if (fresh)
+	{
+		Datum		epoch = Int64GetDatum((int64) me_shmem_epoch_seq());
+		Oid			type = INT8OID;
+
+		check(SPI_execute_with_args("UPDATE mqtt_emit.outbox SET flags = flags & ~" SQL_QUEUED
+									" WHERE (flags & " SQL_QUEUED ") <> 0 AND batch < $1",
+									1, &type, &epoch, NULL, false, 0),
+			  SPI_OK_UPDATE, "update mqtt_emit.outbox");
+		me_outbox_place_strays(true);
+	}
+	SPI_finish();
+}
+
+/*
+ * Set the shared row count to the outbox's (the count is approximate: a
+ * row that a backend commits while the worker counts can be counted twice).
+ */
+void
+me_outbox_recount(void)
+{
+	SPI_connect();
+	check(SPI_execute("SELECT count(*) FROM mqtt_emit.outbox", true, 1),
+		  SPI_OK_SELECT, "count mqtt_emit.outbox");
+	me_outbox_rows_set((uint64) first_int8(1));
+	SPI_finish();
+}
+
+/*
+ * Give the rows of a committed transaction's outbox batch (its marker came
+ * out of the queue) their place in the publishing order.
+ */
+void
+me_outbox_place_batch(const MqttEmitMarker *mk)
+{
+	Datum		args[4];
+	Oid			types[4] = {INT8OID, INT8OID, INT8OID, INT8OID};
+
+	args[0] = Int64GetDatum(mk->batch);
+	args[1] = Int64GetDatum(mk->min_id);
+	args[2] = Int64GetDatum(mk->max_id);
+	args[3] = Int64GetDatum(next_order);
+	SPI_connect();
+	check(SPI_execute_with_args("UPDATE mqtt_emit.outbox o SET seq = $4 + s.n - 1 "
+								"FROM (SELECT id, row_number() OVER (ORDER BY id) AS n "
+								"      FROM mqtt_emit.outbox "
+								"      WHERE id BETWEEN $2 AND $3 AND batch = $1 AND seq IS NULL) s "
+								"WHERE o.id = s.id",
+								4, types, args, NULL, false, 0),
+		  SPI_OK_UPDATE, "order outbox rows");
+	next_order += SPI_processed;
+	SPI_finish();
+}
+
+/*
+ * Give rows that no marker will place (written when not even a marker fit
+ * in the queue, or whose marker a crash lost) their place, in id order.
+ * With all, every row without a place that was written before the shared
+ * memory was set up (after a crash: no marker or queue entry can come for
+ * those; rows committed since have theirs in the new queue).
+ */
+void
+me_outbox_place_strays(bool all)
+{
+	Datum		args[2];
+	Oid			types[2] = {INT8OID, INT8OID};
+
+	args[0] = Int64GetDatum(next_order);
+	args[1] = Int64GetDatum((int64) me_shmem_epoch_seq());
+	SPI_connect();
+	check(SPI_execute_with_args(all ?
+								"UPDATE mqtt_emit.outbox o SET seq = $1 + s.n - 1 "
+								"FROM (SELECT id, row_number() OVER (ORDER BY id) AS n "
+								"      FROM mqtt_emit.outbox WHERE seq IS NULL AND batch < $2) s "
+								"WHERE o.id = s.id" :
+								"UPDATE mqtt_emit.outbox o SET seq = $1 + s.n - 1 "
+								"FROM (SELECT id, row_number() OVER (ORDER BY id) AS n "
+								"      FROM mqtt_emit.outbox WHERE seq IS NULL AND NOT marked) s "
+								"WHERE o.id = s.id",
+								all ? 2 : 1, types, args, NULL, false, 0),
+		  SPI_OK_UPDATE, "order outbox rows");
+	next_order += SPI_processed;
+	SPI_finish();
+}
+
+/*
+ * Give the rows of durable events that the queue holds too their place in
+ * the publishing order, in the order of ids[].  Their local listeners have
+ * run.  Rows already placed (by an earlier worker) stay where they are.
+ */
+static void
+place_queued_rows(const int64 *ids, int n)
+{
+	Datum		args[2];
+	Oid			types[2] = {INT8ARRAYOID, INT8OID};
+
+	args[0] = int8_array(ids, n);
+	args[1] = Int64GetDatum(next_order);
+	SPI_connect();
+	check(SPI_execute_with_args("UPDATE mqtt_emit.outbox o"
+								" SET seq = $2 + s.n - 1,"
+								"     flags = o.flags & ~(" SQL_LOCAL " | " SQL_QUEUED ")"
+								" FROM unnest($1) WITH ORDINALITY AS s(id, n)"
+								" WHERE o.id = s.id AND o.seq IS NULL",
+								2, types, args, NULL, false, 0),
+		  SPI_OK_UPDATE, "order outbox rows");
+	SPI_finish();
+}
+
+/*
+ * Move queue entries into the outbox, in their order, behind everything
+ * placed so far: copy memory-mode events there, and place durable events'
+ * rows, which are there already.  The queue forgets them when the
+ * transaction commits, so it waits for its WAL flush.
+ */
+void
+me_outbox_move(char **entries, int n)
+{
+	int64	   *ids;
+	int			i = 0;
+
+	if (n == 0)
+		return;
+	ids = palloc(sizeof(int64) * n);
+	while (i < n)
+	{
+		bool		durable = ((MqttEmitEventHeader *) entries[i])->row_id != 0;
+		int			j;
+
+		for (j = i; j < n &&
+			 (((MqttEmitEventHeader *) entries[j])->row_id != 0) == durable; j++)
+			ids[j - i] = ((MqttEmitEventHeader *) entries[j])->row_id;
+		if (durable)
+			place_queued_rows(ids, j - i);
+		else
+		{
+			me_outbox_insert(entries + i, j - i, (uint8) ~ME_FLAG_LOCAL, 0, true,
+							 next_order, ids);
+			me_outbox_rows_add(j - i);
+			me_count(ME_STAT_OUTBOXED, j - i);
+		}
+		next_order += j - i;
+		i = j;
+	}
+	ForceSyncCommit();
+	pfree(ids);
+}
+
+/*
+ * The place the next moved event will get in the publishing order.
+ */
+int64
+me_outbox_next_order(void)
+{
+	return next_order;
+}
+
+/*
+ * Durable events whose local listeners ran in this transaction: their rows
+ * must not run them again.
+ */
+void
+me_outbox_local_ran(const int64 *ids, int n)
+{
+	Datum		arg;
+	Oid			type = INT8ARRAYOID;
+
+	if (n == 0)
+		return;
+	arg = int8_array(ids, n);
+	SPI_connect();
+	check(SPI_execute_with_args("UPDATE mqtt_emit.outbox SET flags = flags & ~" SQL_LOCAL
+								" WHERE id = ANY ($1) AND (flags & " SQL_LOCAL ") <> 0",
+								1, &type, &arg, NULL, false, 0),
+		  SPI_OK_UPDATE, "update mqtt_emit.outbox");
+	SPI_finish();
+}
+
+/*
+ * The row is done with (acknowledged, or not to be published): delete it
+ * with the next batch.  No transaction needed.
+ */
+void
+me_outbox_row_done(int64 id)
+{
+	if (ndone_rows >= maxdone_rows)
+	{
+		maxdone_rows = Max(1024, maxdone_rows * 2);
+		if (done_rows == NULL)
+			done_rows = MemoryContextAlloc(TopMemoryContext,
+										   sizeof(int64) * maxdone_rows);
+		else
+			done_rows = repalloc(done_rows, sizeof(int64) * maxdone_rows);
+	}
+	if (ndone_rows == 0)
+		done_since = GetCurrentTimestamp();
+	done_rows[ndone_rows++] = id;
+}
+
+/*
+ * How many rows wait to be deleted, and since when.
+ */
+int
+me_outbox_rows_done(TimestampTz *since)
+{
+	if (since)
+		*since = done_since;
+	return ndone_rows;
+}
+
+/*
+ * Delete the rows that are done with.
+ */
+void
+me_outbox_delete_done(void)
+{
+	Datum		arg;
+	Oid			argtype = INT8ARRAYOID;
+
+	if (ndone_rows == 0)
+		return;
+	arg = int8_array(done_rows, ndone_rows);
+	SPI_connect();
+	if (delete_plan == NULL)
+	{
+		delete_plan = SPI_prepare("DELETE FROM mqtt_emit.outbox WHERE id = ANY ($1)",
+								  1, &argtype);
+		if (delete_plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(delete_plan);
+	}
+	check(SPI_execute_plan(delete_plan, &arg, NULL, false, 0),
+		  SPI_OK_DELETE, "delete from mqtt_emit.outbox");
+	me_outbox_rows_sub(SPI_processed);
+	SPI_finish();
+	ndone_rows = 0;
+}
+
+static void
+insert_dead_letter(const char *topic, text *payload, const char *reason,
+				   TimestampTz created_at)
+{
+	Datum		args[4];
+	Oid			types[4] = {TEXTOID, TEXTOID, TEXTOID, TIMESTAMPTZOID};
+
+	args[0] = CStringGetTextDatum(topic);
+	args[1] = PointerGetDatum(payload);
+	args[2] = CStringGetTextDatum(reason);
+	args[3] = TimestampTzGetDatum(created_at);
+	check(SPI_execute_with_args("INSERT INTO mqtt_emit.dead_letters (topic, payload, reason, created_at) "
+								"VALUES ($1, $2, $3, $4)", 4, types, args, NULL, false, 0),
+		  SPI_OK_INSERT, "write to mqtt_emit.dead_letters");
+	me_count(ME_STAT_DEAD_LETTERS, 1);
+	ereport(LOG,
+			(errmsg("pg_mqtt_emit moved a message on topic \"%s\" to mqtt_emit.dead_letters",
+					topic),
+			 errdetail("%s.", reason)));
+}
+
+static void
+init_topicbuf(void)
+{
+	if (topicbuf.data == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		initStringInfo(&topicbuf);
+		MemoryContextSwitchTo(old);
+	}
+}
+
+/*
+ * Move an outbox row that the broker keeps refusing to the dead letters.
+ */
+void
+me_outbox_dead_letter_row(int64 id, const char *reason)
+{
+	Datum		arg = Int64GetDatum(id);
+	Oid			argtype = INT8OID;
+	MeOutboxRow row;
+
+	init_topicbuf();
+	SPI_connect();
+	check(SPI_execute_with_args("SELECT " ROW_COLUMNS " FROM mqtt_emit.outbox WHERE id = $1",
+								1, &argtype, &arg, NULL, false, 1),
+		  SPI_OK_SELECT, "read mqtt_emit.outbox");
+	if (SPI_processed == 1)
+	{
+		row_from_tuple(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, &row);
+		me_build_dead_letter_topic(&topicbuf, &row.hdr, row.model);
+		insert_dead_letter(topicbuf.data,
+						   cstring_to_text_with_len(row.payload, row.hdr.payload_len),
+						   reason, row.created_at);
+		check(SPI_execute_with_args("DELETE FROM mqtt_emit.outbox WHERE id = $1",
+									1, &argtype, &arg, NULL, false, 0),
+			  SPI_OK_DELETE, "delete from mqtt_emit.outbox");
+		me_outbox_rows_sub(1);
+		me_set_last_error("publisher: outbox row " INT64_FORMAT " moved to mqtt_emit.dead_letters", id);
+	}
+	SPI_finish();
+}
+
+/*
+ * Keep a queue entry (header, model, payload) that the broker refused in
+ * the dead letters.  Its queue entry is gone: wait for the WAL flush.
+ */
+void
+me_outbox_dead_letter_entry(const MqttEmitEventHeader *hdr, const char *reason)
+{
+	const char *model = (const char *) hdr + sizeof(MqttEmitEventHeader);
+
+	init_topicbuf();
+	me_build_dead_letter_topic(&topicbuf, hdr, model);
+	SPI_connect();
+	insert_dead_letter(topicbuf.data,
+					   cstring_to_text_with_len(model + hdr->model_len, hdr->payload_len),
+					   reason, GetCurrentTransactionStartTimestamp());
+	SPI_finish();
+	ForceSyncCommit();
+}
+
+/*
+ * Note the oldest waiting row's age for mqtt_emit.stats.
+ */
+void
+me_outbox_note_oldest(void)
+{
+	bool		isnull = true;
+	Datum		d = (Datum) 0;
+
+	SPI_connect();
+	check(SPI_execute("SELECT created_at FROM mqtt_emit.outbox ORDER BY id LIMIT 1", false, 1),
+		  SPI_OK_SELECT, "read mqtt_emit.outbox");
+	if (SPI_processed == 1)
+		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	me_outbox_set_oldest(isnull ? 0 : DatumGetTimestampTz(d));
+	SPI_finish();
+}
+
+/*
+ * Run fn (the local listeners) for up to 1000 rows, in id order, that
+ * committing backends wrote and whose listeners have not run; then clear
+ * their flag, and delete those that are not to be published.  Returns the
+ * number of rows.
+ */
+int
+me_outbox_run_local(MeOutboxRowFn fn, void *arg)
+{
+	SPITupleTable *tt;
+	uint64		nrows;
+	uint64		i;
+	int64	   *ids;
+	Datum		idarr;
+	Oid			argtype = INT8ARRAYOID;
+
+	SPI_connect();
+	check(SPI_execute("SELECT " ROW_COLUMNS " FROM mqtt_emit.outbox"
+					  " WHERE (flags & (" SQL_LOCAL " | " SQL_QUEUED ")) = " SQL_LOCAL
+					  " ORDER BY id LIMIT 1000", false, 0),
+		  SPI_OK_SELECT, "read mqtt_emit.outbox");
+	tt = SPI_tuptable;
+	nrows = SPI_processed;
+	if (nrows == 0)
+	{
+		SPI_finish();
+		return 0;
+	}
+	ids = palloc(sizeof(int64) * nrows);
+	for (i = 0; i < nrows; i++)
+	{
+		MeOutboxRow row;
+
+		row_from_tuple(tt->vals[i], tt->tupdesc, &row);
+		ids[i] = row.id;
+		(void) fn(&row, arg);
+	}
+	idarr = int8_array(ids, (int) nrows);
+	check(SPI_execute_with_args("UPDATE mqtt_emit.outbox SET flags = flags & ~" SQL_LOCAL
+								" WHERE id = ANY ($1)",
+								1, &argtype, &idarr, NULL, false, 0),
+		  SPI_OK_UPDATE, "update mqtt_emit.outbox");
+	check(SPI_execute_with_args("DELETE FROM mqtt_emit.outbox WHERE id = ANY ($1) AND flags = 0",
+								1, &argtype, &idarr, NULL, false, 0),
+		  SPI_OK_DELETE, "delete from mqtt_emit.outbox");
+	me_outbox_rows_sub(SPI_processed);
+	SPI_finish();
+	return (int) nrows;
+}
+
+/*
+ * Call fn for up to limit rows placed after the given place in the
+ * publishing order, in that order, until it returns false.  Returns the
+ * number of rows read.
+ */
+int
+me_outbox_scan_publishable(int64 after, int limit, MeOutboxRowFn fn, void *arg)
+{
+	Datum		args[2];
+	Oid			types[2] = {INT8OID, INT4OID};
+	SPITupleTable *tt;
+	uint64		nrows;
+	uint64		i;
+
+	args[0] = Int64GetDatum(after);
+	args[1] = Int32GetDatum(limit);
+	SPI_connect();
+	check(SPI_execute_with_args("SELECT " ROW_COLUMNS " FROM mqtt_emit.outbox"
+								" WHERE seq > $1 ORDER BY seq LIMIT $2",
+								2, types, args, NULL, false, 0),
+		  SPI_OK_SELECT, "read mqtt_emit.outbox");
+	tt = SPI_tuptable;
+	nrows = SPI_processed;
+	for (i = 0; i < nrows; i++)
+	{
+		MeOutboxRow row;
+
+		row_from_tuple(tt->vals[i], tt->tupdesc, &row);
+		if (!fn(&row, arg))
+			break;
+	}
+	SPI_finish();
+	return (int) nrows;
+}
+
+/*
+ * Is nothing left to publish from the outbox?  Rows that are left wait
+ * for their queue entry (a durable event in the queue, or a marker), which
+ * is ahead of the publish cursor.  If so, set the shared row count to the
+ * rows left and forget the oldest row's age.
+ */
+bool
+me_outbox_drained(void)
+{
+	bool		drained;
+
+	SPI_connect();
+	check(SPI_execute("SELECT (SELECT count(*) FROM mqtt_emit.outbox)"
+					  " WHERE NOT EXISTS (SELECT FROM mqtt_emit.outbox WHERE seq IS NOT NULL)"
+					  "   AND NOT EXISTS (SELECT FROM mqtt_emit.outbox WHERE seq IS NULL AND NOT marked)",
+					  false, 1),
+		  SPI_OK_SELECT, "read mqtt_emit.outbox");
+	drained = (SPI_processed == 1);
+	if (drained)
+	{
+		me_outbox_rows_set((uint64) first_int8(1));
+		me_outbox_set_oldest(0);
+	}
+	SPI_finish();
+	return drained;
+}

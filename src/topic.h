@@ -1,0 +1,35 @@
+/*-------------------------------------------------------------------------
+ *
+ * topic.h
+ *		Every rule about MQTT topics in one place: how a model name becomes
+ *		a topic level, the topics events are published to, the filters the
+ *		subscriber asks for, and how a received topic is taken apart.
+ *
+ * Copyright (c) 2026, pg_mqtt_emit developers
+ *
+ * IDENTIFICATION
+ *		src/topic.h
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef MQTT_EMIT_TOPIC_H
+#define MQTT_EMIT_TOPIC_H
+
+#include "lib/stringinfo.h"
+
+#include "pg_mqtt_emit.h"
+
+extern void me_ascii_lower(char *s, int len);
+extern void me_append_topic_model(StringInfo buf, const char *model, int len,
+								  bool lower);
+extern void me_build_topic(StringInfo buf, const MqttEmitEventHeader *hdr,
+						   const char *model, bool all_style);
+extern void me_build_dead_letter_topic(StringInfo buf, const MqttEmitEventHeader *hdr,
+									   const char *model);
+extern void me_topic_filter(StringInfo buf, const char *model, bool lower);
+extern bool me_topic_split(const char *topic, int topic_len,
+						   const char **model, int *model_len);
+extern bool me_topic_model_matches(const char *level, int level_len,
+								   const char *model);
+
+#endif							/* MQTT_EMIT_TOPIC_H */
