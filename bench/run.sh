@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench/run.sh: pg_mqtt_emit's benchmarks (doc/doc/DESIGN.md section 9).
+# bench/run.sh: pg_mqtt_emit's benchmarks (doc/DESIGN.md section 9).
 #
 #   bash bench/run.sh                    # everything, ~13 minutes on 2 cores
 #   BENCH_QUICK=1 bash bench/run.sh      # short runs, ~4 minutes, rough figures

@@ -1,5 +1,5 @@
 # bench/lib/latency.sh: commit on node A -> listener running on node B
-# (doc/doc/DESIGN.md 9, fifth row).
+# (doc/DESIGN.md 9, fifth row).
 #
 # Node "la" (A) has track_commit_timestamp = on and a watched table
 # lat_t(id, v). Node "lb" (B) has a PL/pgSQL listener for model "lat"

@@ -1,5 +1,5 @@
 # bench/lib/memory.sh: worker resident memory after 100k and after 1M events
-# (doc/doc/DESIGN.md 9, last row).
+# (doc/DESIGN.md 9, last row).
 #
 # A fresh cluster "m" with the default mqtt_emit.queue_size (so the shared
 # ring is touched completely within the first 100k events and the shared part

@@ -1,4 +1,4 @@
-# bench/lib/throughput.sh: publish throughput (doc/doc/DESIGN.md 9, fourth row).
+# bench/lib/throughput.sh: publish throughput (doc/DESIGN.md 9, fourth row).
 #
 # The extension: N rows committed into a watched table tput_t(id bigint)
 # (about 200-byte events), in one transaction; the clock starts when the

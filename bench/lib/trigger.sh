@@ -1,4 +1,4 @@
-# bench/lib/trigger.sh: trigger overhead (doc/doc/DESIGN.md 9, first three rows).
+# bench/lib/trigger.sh: trigger overhead (doc/DESIGN.md 9, first three rows).
 #
 # pgbench, 2 clients (-j 2), prepared statements, a custom script of one
 # single-row INSERT (autocommit), into one table "bench_t" in four variants:

@@ -1,6 +1,6 @@
 #!/usr/bin/perl
 #
-# 011_event_ids.pl: event ids (doc/doc/DESIGN.md 5.3).  Thousands of events from two
+# 011_event_ids.pl: event ids (doc/DESIGN.md 5.3).  Thousands of events from two
 # clusters on one broker, written by concurrent sessions, then more after a
 # clean restart and after a crash restart of the first cluster: every event
 # arrives, every eventId is UUID-formatted and unique, the ids of the two

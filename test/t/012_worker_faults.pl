@@ -1,6 +1,6 @@
 #!/usr/bin/perl
 #
-# 012_worker_faults.pl: the worker under faults (doc/doc/DESIGN.md sections 4 and 6).
+# 012_worker_faults.pl: the worker under faults (doc/DESIGN.md sections 4 and 6).
 #   - kill -9 of the worker: the postmaster restarts it and it keeps publishing
 #   - broker stop/start on the same port: commits succeed while it is down,
 #     stats.connected goes false then true, and every event committed during

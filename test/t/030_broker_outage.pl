@@ -1,7 +1,7 @@
 #!/usr/bin/perl
 #
 # 030_broker_outage.pl: the broker goes away while the application keeps
-# committing (doc/doc/DESIGN.md section 6: "broker down or unreachable: writes still
+# committing (doc/DESIGN.md section 6: "broker down or unreachable: writes still
 # succeed; events wait (outbox table) and are published, in order, when it
 # returns").
 #

@@ -1,7 +1,7 @@
 #!/usr/bin/perl
 #
 # 031_durable_crash.pl: mqtt_emit.delivery = durable across a crash
-# (doc/doc/DESIGN.md section 6: "PostgreSQL crash / immediate shutdown: in durable
+# (doc/DESIGN.md section 6: "PostgreSQL crash / immediate shutdown: in durable
 # mode ... nothing committed is lost"; "transaction rolls back: nothing
 # published").
 #

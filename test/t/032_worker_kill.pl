@@ -1,7 +1,7 @@
 #!/usr/bin/perl
 #
 # 032_worker_kill.pl: kill -9 of the worker in the middle of a large burst
-# (doc/doc/DESIGN.md section 6: "worker killed: restarted; events not yet
+# (doc/DESIGN.md section 6: "worker killed: restarted; events not yet
 # acknowledged by the broker are published again"; "PostgreSQL crash: in
 # durable mode nothing committed is lost; in memory mode what may be lost is
 # documented").

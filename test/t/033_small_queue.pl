@@ -2,7 +2,7 @@
 #
 # 033_small_queue.pl: the smallest shared-memory queue (mqtt_emit.queue_size
 # = 64 kB) under a burst of big events, and the three overflow policies
-# (doc/doc/DESIGN.md section 6: "shared-memory queue full: no committed event silently
+# (doc/DESIGN.md section 6: "shared-memory queue full: no committed event silently
 # lost: overflow goes to the outbox, and the policy is a GUC"; README:
 # "spill (default): the transaction writes its events to the outbox; error:
 # the commit fails (54000); drop: WARNING and counted").
