@@ -46,6 +46,13 @@
 # to go on.  They fail until issue 11 is fixed; they are deliberately not
 # TODO tests.
 #
+# Dropped table: seeds = 1 mod 3 may also, once, write to a table and DROP it
+# in the same transaction, so that the worker always handles events of a
+# table that no longer exists.  On current main that wedges the worker (its
+# privilege check for local listeners fails with "relation with OID ... does
+# not exist", it exits, restarts and fails again, publishing nothing more);
+# the assertions that need progress are then named "[dropped table]".
+#
 # Seeds: a fixed list plus one fresh seed; each is printed (diag) before it
 # runs.  MQTT_EMIT_TEST_SEED=N runs only seed N (prove directly; test/run.sh
 # does not pass the environment through).  MQTT_EMIT_TEST_ROUNDS overrides
@@ -59,7 +66,7 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes ();
 
-my $T      = 60;    # seconds for one expected asynchronous effect
+my $T      = 30;    # seconds for one expected asynchronous effect
 my $ROUNDS = $ENV{MQTT_EMIT_TEST_ROUNDS} // 40;
 my $NSESS  = 3;
 
@@ -326,9 +333,13 @@ sub run_seed
 {
 	my ($sidx, $seed) = @_;
 	my $poison = ($seed % 3 == 0);
+	# seeds = 1 mod 3 drop (at most) one table in the transaction that last
+	# wrote it; the others drop tables between transactions only
+	my $drop_in_tx_seed = ($seed % 3 == 1);
 	my $L = "seed $seed";
 	rng_seed($seed);
-	diag("$L: starting (poison json: " . ($poison ? 'yes' : 'no') . ')');
+	diag("$L: starting (poison json: " . ($poison ? 'yes' : 'no')
+		  . ', writes and DROP TABLE in one transaction: ' . ($drop_in_tx_seed ? 'allowed' : 'no') . ')');
 	my $t0 = Time::HiRes::time();
 
 	my $node = new_node("rand$sidx", broker => $broker,
@@ -417,11 +428,31 @@ SQL
 	my $st0 = stats($node);
 	my $pid0 = $st0->{worker_pid};
 
-	# bounded waits; after one timed out (a wedge), the next ones are short
+	# Bounded waits.  After one timed out (a wedge), the next ones are
+	# short; a crash loop of the worker (more than 10 starts in the node
+	# log: it restarts after 1 s) ends a wait at once, as a failure.
 	my $Tw = $T;
+	my $worker_starts = sub {
+		my $text = slurp_file($node->logfile);
+		return scalar(() = $text =~ /pg_mqtt_emit worker started/g);
+	};
+	my $crash_loop = 0;
 	my $waitfor = sub {
 		my ($code, $interval) = @_;
-		my $r = poll_until($code, $Tw, $interval);
+		my $last_check = 0;
+		my $r = poll_until(
+			sub {
+				my $v = $code->();
+				return $v if $v || $crash_loop;
+				if (Time::HiRes::time() - $last_check > 1)
+				{
+					$last_check = Time::HiRes::time();
+					$crash_loop = 1 if $worker_starts->() > 10;
+				}
+				return $crash_loop;
+			},
+			$Tw, $interval);
+		$r = 0 if $crash_loop;
 		$Tw = 10 unless $r;
 		return $r;
 	};
@@ -509,6 +540,7 @@ SQL
 	};
 
 	my $did_poison = 0;
+	my $did_drop_in_tx = 0;
 	for my $round (1 .. $ROUNDS)
 	{
 		# interleaved transactions of all sessions
@@ -612,7 +644,7 @@ SQL
 			$tb->{cols} = [ grep { $_ != $c } @{ $tb->{cols} } ];
 			note("$L: round $round: ALTER TABLE $t DROP COLUMN $c->[0]");
 		}
-		elsif (coin(0.5))
+		elsif (!$drop_in_tx_seed || $did_drop_in_tx)
 		{
 			$q->("DROP TABLE $t");
 			$tb->{alive} = 0;
@@ -628,11 +660,17 @@ SQL
 			$sess[0]->query_safe('COMMIT');
 			$counts{commit}++;
 			$tb->{alive} = 0;
+			$did_drop_in_tx = 1;
 			note("$L: round $round: writes to $t and DROP TABLE $t in one transaction");
 		}
 		$counts{ddl}++;
 	}
 	$_->quit for @sess;
+	# Labels of the assertions that need the worker to make progress: a
+	# poison event (issue 11) and events of a table dropped in their own
+	# transaction (the worker's privilege check on the dropped table fails:
+	# "relation with OID ... does not exist") wedge it on current main.
+	my $I = ($poison ? '[issue 11] ' : '') . ($did_drop_in_tx ? '[dropped table] ' : '');
 	note("$L: " . join(', ', map { "$_ $counts{$_}" } sort keys %counts));
 
 	# -------------------------------------------------------------------
@@ -676,17 +714,16 @@ SQL
 		}
 		return scalar @mine;
 	};
-	my $I = $poison ? '[issue 11] ' : '';
 	ok($waitfor->(sub { $collect->() >= $want }, 0.2),
 		"$I$L: at least as many messages as committed clean changes arrived ($want)")
 	  or diag("$L: arrived " . scalar(@mine) . " of $want");
 	my ($p2, $r2) = $marker->(2);
 	ok($p2, "$I$L: final marker published (everything committed before it was published)");
-	ok($r2, ($poison ? '[issue 11] ' : '') . "$L: final marker's local listener ran (no wedged listeners)");
+	ok($r2, "$I$L: final marker's local listener ran (no wedged listeners)");
 	$collect->();
 	my $st;
 	ok($waitfor->(sub { $st = stats($node); $st && $st->{queued} == 0 && $st->{in_outbox} == 0 }),
-		($poison ? '[issue 11] ' : '') . "$L: stats.queued and in_outbox return to 0")
+		"$I$L: stats.queued and in_outbox return to 0")
 	  or diag("$L: stats " . join(', ', map { "$_=" . ($st->{$_} // 'NULL') }
 		qw(queued in_outbox published listener_calls listener_errors dead_letters last_error)));
 
@@ -827,7 +864,7 @@ SQL
 	}
 	my @stray = grep { !$pub_eid{$_} } keys %log;
 	is(scalar @wrong_count, 0,
-		($poison ? '[issue 11] ' : '') . "$L: every local listener ran exactly once per event (the raising one never for the rows it refuses)")
+		"$I$L: every local listener ran exactly once per event (the raising one never for the rows it refuses)")
 	  or diag("$L: " . scalar(@wrong_count) . " wrong: " . join("\n  ", $lim->(@wrong_count)));
 	is(scalar @wrong_fields, 0, "$L: listeners got the event's model, operation, source 'local' and result")
 	  or diag("$L: " . join("\n  ", $lim->(@wrong_fields)));
@@ -835,16 +872,16 @@ SQL
 	  or diag("$L: stray event ids: @stray[0 .. 4]");
 	$st = stats($node) // {};
 	is(($st->{listener_errors} // 0) - ($st0->{listener_errors} // 0), $expect_errors,
-		($poison ? '[issue 11] ' : '') . "$L: stats.listener_errors grew by the raising listener's refusals ($expect_errors)");
+		"$I$L: stats.listener_errors grew by the raising listener's refusals ($expect_errors)");
 
 	# -------------------------------------------------------------------
 	# nothing wedged, no crash loop; the poison is dead-lettered
 	# -------------------------------------------------------------------
 	is($st->{worker_pid}, $pid0,
-		($poison ? '[issue 11] ' : '') . "$L: worker PID unchanged ($pid0)");
+		"$I$L: worker PID unchanged ($pid0)");
 	my $log_text = slurp_file($node->logfile);
 	my $starts = () = $log_text =~ /pg_mqtt_emit worker started/g;
-	is($starts, 1, ($poison ? '[issue 11] ' : '') . "$L: exactly one \"pg_mqtt_emit worker started\" in the node log")
+	is($starts, 1, "$I$L: exactly one \"pg_mqtt_emit worker started\" in the node log")
 	  or do {
 		my @err = grep { /ERROR|FATAL|PANIC|terminated/ } split /\n/, $log_text;
 		diag("$L: $starts worker starts; first errors in the log:\n  " . join("\n  ", $lim->(@err)));
@@ -875,6 +912,7 @@ SQL
 		is(scalar(@dl), 0, "$L: no dead letters");
 	}
 
+	note("$L: a crash loop of the worker cut the waits short") if $crash_loop;
 	$sub_cursor = scalar(my @all = $sub->records);
 	$node->stop('fast');
 	note(sprintf('%s: done in %.1f s: %d committed changes, %d events published, %d listener rows',
