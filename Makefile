@@ -16,6 +16,7 @@ OBJS = \
 	src/broker.o \
 	src/listeners.o \
 	src/remote.o \
+	src/listener_worker.o \
 	src/sql_api.o
 
 EXTENSION = pg_mqtt_emit
@@ -36,6 +37,6 @@ include $(PGXS)
 
 $(OBJS): src/pg_mqtt_emit.h
 src/worker.o src/client.o src/inflight.o src/relay.o src/inbound.o src/broker.o: src/broker.h src/worker.h
-src/worker.o src/relay.o src/inbound.o src/listeners.o src/remote.o: src/listeners.h
-src/capture.o src/outbox.o src/relay.o src/inflight.o src/worker.o: src/outbox.h
+src/worker.o src/relay.o src/inbound.o src/listeners.o src/remote.o src/listener_worker.o: src/listeners.h
+src/capture.o src/outbox.o src/relay.o src/inflight.o src/worker.o src/inbound.o src/listener_worker.o: src/outbox.h
 src/topic.o src/outbox.o src/relay.o src/inflight.o src/inbound.o src/listeners.o src/remote.o: src/topic.h

@@ -111,6 +111,7 @@ static MqttEmitMarker marker;
 
 #define ME_MARKER_ENTRY_SIZE (sizeof(MqttEmitEventHeader) + sizeof(MqttEmitMarker))
 static bool spilled = false;
+static bool local_rows = false;		/* outbox rows for local listeners */
 static bool listeners_changed = false;
 
 
@@ -580,6 +581,7 @@ reset_pending(void)
 	marker_reserved = false;
 	queued = false;
 	spilled = false;
+	local_rows = false;
 }
 
 /*
@@ -600,6 +602,9 @@ write_outbox(void)
 						   rows, mqtt_emit_outbox_max),
 				 errhint("Check that the broker is reachable (see mqtt_emit.stats), or raise \"mqtt_emit.outbox_max\".")));
 	ids = palloc(sizeof(int64) * npending);
+	for (i = 0; i < npending; i++)
+		if (((MqttEmitEventHeader *) pending[i])->flags & ME_FLAG_LOCAL)
+			local_rows = true;
 
 	/*
 	 * Durable delivery with room in the queue: the events go into the queue
@@ -615,7 +620,7 @@ write_outbox(void)
 		for (i = 0; i < npending; i++)
 			((MqttEmitEventHeader *) pending[i])->flags |= ME_FLAG_QUEUED;
 		me_outbox_insert(pending, npending, 0xFF, (int64) me_next_event_seq(),
-						 true, 0, ids);
+						 true, 0, 0, ids);
 		for (i = 0; i < npending; i++)
 			((MqttEmitEventHeader *) pending[i])->row_id = ids[i];
 		outboxed = npending;
@@ -625,11 +630,12 @@ write_outbox(void)
 	/*
 	 * A marker in the queue will place these rows in the commit order.
 	 * The last eighth of the queue is kept for markers; should even that be
-	 * full, wait a little for the worker to take some (up to 10 s), since
-	 * rows without a marker can only be placed approximately.
+	 * full, wait a little for the worker to take some (at most
+	 * mqtt_emit.marker_wait), since rows without a marker can only be
+	 * placed approximately.
 	 */
 	marker_reserved = me_queue_reserve(ME_MARKER_ENTRY_SIZE, true);
-	for (i = 0; !marker_reserved && i < 10000; i++)
+	for (i = 0; !marker_reserved && i < mqtt_emit_marker_wait; i++)
 	{
 		me_wake_worker();
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
@@ -641,7 +647,13 @@ write_outbox(void)
 	if (marker_reserved)
 		reserved_bytes = ME_MARKER_ENTRY_SIZE;
 	marker.batch = (int64) me_next_event_seq();
-	me_outbox_insert(pending, npending, 0xFF, marker.batch, marker_reserved, 0, ids);
+	/*
+	 * Without a marker the rows are placed once everything queued before
+	 * now is: what commits into the queue after this point cannot have
+	 * been seen by this transaction, so it may as well come after it.
+	 */
+	me_outbox_insert(pending, npending, 0xFF, marker.batch, marker_reserved, 0,
+					 marker_reserved ? 0 : me_queue_tail(), ids);
 	marker.min_id = ids[0];
 	marker.max_id = ids[npending - 1];
 	outboxed = npending;
@@ -713,6 +725,9 @@ capture_xact_callback(XactEvent event, void *arg)
 					me_count(ME_STAT_SPILLED, outboxed);
 				me_wake_worker();
 			}
+			/* rows in the outbox: their local listeners are due */
+			if (outboxed > 0 && local_rows)
+				me_wake_listener();
 			reset_pending();
 			if (listeners_changed)
 			{
@@ -721,6 +736,7 @@ capture_xact_callback(XactEvent event, void *arg)
 				{
 					me_listeners_version_bump();
 					me_wake_worker();
+					me_wake_listener();
 				}
 			}
 			break;

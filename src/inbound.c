@@ -11,8 +11,10 @@
  * subscriber connection at all.  After every (re)connection all filters
  * are subscribed again (a clean session forgets them).
  *
- * Received messages are handed to listeners.c, up to 1000 in one
- * transaction.
+ * Received messages are kept in mqtt_emit.inbox, up to 1000 in one
+ * transaction, for the listener worker, which checks them and runs their
+ * listeners (remote.c, listener_worker.c): this process runs no listener
+ * code.
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
@@ -29,8 +31,11 @@
 
 #include "pg_mqtt_emit.h"
 #include "listeners.h"
+#include "outbox.h"
 #include "topic.h"
 #include "worker.h"
+
+#define INBOX_BATCH		1000	/* received messages kept in one transaction */
 
 static List *subscribed = NIL;	/* topic filters (String), in TopMemoryContext */
 
@@ -118,8 +123,7 @@ me_inbound_take_news(void)
 {
 	MeBrokerNews news;
 	MeIncoming *m;
-	bool		in_tx = false;
-	int			n = 0;
+	bool		stored = false;
 
 	if (!me_client_poll(ME_CLIENT_SUBSCRIBER, &news))
 		return;
@@ -137,31 +141,55 @@ me_inbound_take_news(void)
 						news.incoming_dropped)));
 	}
 
+	/*
+	 * Keep what arrived in mqtt_emit.inbox for the listener worker, up to
+	 * INBOX_BATCH messages a transaction.  Messages larger than
+	 * max_payload are not kept.
+	 */
 	m = news.incoming;
 	while (m)
 	{
-		MeIncoming *next = m->next;
-		MeRemoteMessage msg;
+		const char *topics[INBOX_BATCH];
+		const char *payloads[INBOX_BATCH];
+		int			topic_lens[INBOX_BATCH];
+		int			payload_lens[INBOX_BATCH];
+		MeIncoming *batch = m;
+		int			n = 0;
 
-		if (!in_tx)
+		while (m && n < INBOX_BATCH)
 		{
-			me_worker_begin_tx("running remote listeners");
-			in_tx = true;
+			if (m->payload_len > mqtt_emit_max_payload)
+			{
+				me_count(ME_STAT_RECEIVED, 1);
+				me_remote_reject(m->topic, m->payload_len,
+								 "payload larger than \"mqtt_emit.max_payload\"");
+			}
+			else
+			{
+				topics[n] = m->topic;
+				topic_lens[n] = m->topic_len;
+				payloads[n] = m->payload;
+				payload_lens[n] = m->payload_len;
+				n++;
+			}
+			m = m->next;
 		}
-		msg.topic = m->topic;
-		msg.topic_len = m->topic_len;
-		msg.payload = m->payload;
-		msg.payload_len = m->payload_len;
-		me_listeners_handle_remote(&msg);
-		me_broker_free_message(m);
-		m = next;
-		/* commit now and then so that one long burst is not one transaction */
-		if (++n % 1000 == 0)
+		if (n > 0)
 		{
+			me_worker_begin_tx("keeping received messages");
+			me_worker_commit_async();
+			me_inbox_insert(topics, topic_lens, payloads, payload_lens, n);
 			me_worker_end_tx();
-			in_tx = false;
+			stored = true;
+		}
+		while (batch != m)
+		{
+			MeIncoming *next = batch->next;
+
+			me_broker_free_message(batch);
+			batch = next;
 		}
 	}
-	if (in_tx)
-		me_worker_end_tx();
+	if (stored)
+		me_wake_listener();
 }

@@ -101,8 +101,9 @@ static Listener *listeners = NULL;
 static int	nlisteners = 0;
 static TupleDesc event_desc = NULL;
 static bool registry_ok = false;
+static uint64 calls_made = 0;	/* listener calls by this process */
+static int	hard_timeout = -1;	/* TimeoutId ending a listener that will not stop */
 
-/* dedup memory */
 static char *
 lower_dup(const char *s, int len)
 {
@@ -301,6 +302,7 @@ call_listener(Listener *l, Datum event, const MeEvent *ev)
 	int			save_sec;
 
 	me_count(ME_STAT_LISTENER_CALLS, 1);
+	calls_made++;
 	GetUserIdAndSecContext(&save_userid, &save_sec);
 
 	BeginInternalSubTransaction(NULL);
@@ -323,7 +325,13 @@ call_listener(Listener *l, Datum event, const MeEvent *ev)
 					 errmsg("permission denied for function %s", l->fn_name),
 					 errdetail("The listener runs as the role that registered it, which may no longer execute it.")));
 		if (mqtt_emit_listener_timeout > 0)
+		{
 			enable_timeout_after(STATEMENT_TIMEOUT, mqtt_emit_listener_timeout);
+			/* a listener that catches the cancel is ended a second later */
+			if (hard_timeout >= 0)
+				enable_timeout_after((TimeoutId) hard_timeout,
+									 mqtt_emit_listener_timeout + 1000);
+		}
 
 		{
 			/*
@@ -342,7 +350,11 @@ call_listener(Listener *l, Datum event, const MeEvent *ev)
 		}
 
 		if (mqtt_emit_listener_timeout > 0)
+		{
 			disable_timeout(STATEMENT_TIMEOUT, false);
+			if (hard_timeout >= 0)
+				disable_timeout((TimeoutId) hard_timeout, false);
+		}
 		/* nothing the listener set outlives its call */
 		AtEOXact_GUC(false, nestlevel);
 		SetUserIdAndSecContext(save_userid, save_sec);
@@ -356,7 +368,11 @@ call_listener(Listener *l, Datum event, const MeEvent *ev)
 		ErrorData  *edata;
 
 		if (mqtt_emit_listener_timeout > 0)
+		{
 			disable_timeout(STATEMENT_TIMEOUT, false);
+			if (hard_timeout >= 0)
+				disable_timeout((TimeoutId) hard_timeout, false);
+		}
 		MemoryContextSwitchTo(oldcxt);
 		edata = CopyErrorData();
 		FlushErrorState();
@@ -410,7 +426,22 @@ me_listeners_dispatch(const MeEvent *ev)
 		 * read what its owner may not SELECT.
 		 */
 		if (!ev->remote && OidIsValid(ev->relid) &&
-			pg_class_aclcheck(ev->relid, l->owner, ACL_SELECT) != ACLCHECK_OK &&
+			!SearchSysCacheExists1(RELOID, ObjectIdGetDatum(ev->relid)))
+		{
+			/*
+			 * Dropped since: who may read its rows can no longer be checked,
+			 * so only superusers' listeners get them.
+			 */
+			if (!superuser_arg(l->owner))
+			{
+				ereport(DEBUG1,
+						(errmsg("pg_mqtt_emit listener %s skipped: table %u was dropped",
+								l->fn_name, ev->relid)));
+				continue;
+			}
+		}
+		else if (!ev->remote && OidIsValid(ev->relid) &&
+				 pg_class_aclcheck(ev->relid, l->owner, ACL_SELECT) != ACLCHECK_OK &&
 			pg_attribute_aclcheck_all(ev->relid, l->owner, ACL_SELECT,
 									  ACLMASK_ALL) != ACLCHECK_OK)
 		{
@@ -553,4 +584,21 @@ me_listeners_accept_remote(const char *model)
 			model_matches(&listeners[i], model, strlen(model)))
 			return true;
 	return false;
+}
+
+/* How many listener calls this process has made. */
+uint64
+me_listeners_calls_made(void)
+{
+	return calls_made;
+}
+
+/*
+ * The timeout (registered by the listener worker) that ends a listener
+ * still running a second after mqtt_emit.listener_timeout cancelled it.
+ */
+void
+me_listeners_set_hard_timeout(int timeout_id)
+{
+	hard_timeout = timeout_id;
 }

@@ -54,6 +54,8 @@ extern void me_listeners_run_local(const MqttEmitEventHeader *hdr,
 								   const char *model, const char *payload,
 								   const char *topic);
 extern bool me_listeners_accept_remote(const char *model);
+extern uint64 me_listeners_calls_made(void);
+extern void me_listeners_set_hard_timeout(int timeout_id);
 extern void me_listeners_dispatch(const MeEvent *ev);
 extern JsonbValue *me_json_field(Jsonb *jb, const char *key);
 extern char *me_jbv_string(JsonbValue *v);
@@ -61,5 +63,6 @@ extern Jsonb *me_jbv_jsonb(JsonbValue *v);
 
 /* remote.c */
 extern void me_listeners_handle_remote(const MeRemoteMessage *m);
+extern void me_remote_reject(const char *topic, int payload_len, const char *why);
 
 #endif							/* MQTT_EMIT_LISTENERS_H */

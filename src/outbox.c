@@ -49,15 +49,29 @@
 #include "topic.h"
 
 /* the flags as SQL integer literals */
+#define SQL_PUBLISH		CppAsString2(ME_FLAG_PUBLISH)
 #define SQL_LOCAL		CppAsString2(ME_FLAG_LOCAL)
 #define SQL_QUEUED		CppAsString2(ME_FLAG_QUEUED)
+
+/*
+ * A row is finished when it need neither be published nor handed to the
+ * local listeners.  The worker (publishing) and the listener worker (local
+ * listeners) each clear their flag and then delete the row if it is
+ * finished, in two statements: whichever of them commits second sees the
+ * other's change (READ COMMITTED re-checks a row updated concurrently) and
+ * deletes it.
+ */
+#define SQL_UNFINISHED	"(flags & (" SQL_PUBLISH " | " SQL_LOCAL "))"
 
 /* the columns row_from_tuple() reads, in its order */
 #define ROW_COLUMNS		"id, kind, flags, op, qos, model, payload, created_at, relid, seq"
 
 static SPIPlanPtr insert_plan = NULL;	/* n rows, from arrays */
 static SPIPlanPtr insert_plan1 = NULL;	/* one row (most transactions) */
+static SPIPlanPtr clear_plan = NULL;
 static SPIPlanPtr delete_plan = NULL;
+static SPIPlanPtr local_clear_plan = NULL;
+static SPIPlanPtr local_delete_plan = NULL;
 
 /* worker: the next place in the publishing order */
 static int64 next_order = 1;
@@ -81,7 +95,7 @@ static StringInfoData topicbuf;
  */
 void
 me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
-				 bool marked, int64 first_order, int64 *ids)
+				 bool marked, int64 first_order, uint64 queue_pos, int64 *ids)
 {
 	Datum	   *kinds = palloc(sizeof(Datum) * n);
 	Datum	   *flags = palloc(sizeof(Datum) * n);
@@ -90,7 +104,7 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 	Datum	   *models = palloc(sizeof(Datum) * n);
 	Datum	   *payloads = palloc(sizeof(Datum) * n);
 	Datum	   *relids = palloc(sizeof(Datum) * n);
-	Datum		values[10];
+	Datum		values[11];
 	Oid			save_userid;
 	int			save_sec;
 	int			i;
@@ -114,6 +128,7 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 	values[6] = Int64GetDatum(batch);
 	values[7] = BoolGetDatum(marked);
 	values[8] = Int64GetDatum(first_order);
+	values[10] = Int64GetDatum((int64) queue_pos);
 
 	GetUserIdAndSecContext(&save_userid, &save_sec);
 	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID,
@@ -123,20 +138,20 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 	if (n == 1)
 	{
 		/* a plain one-row INSERT costs far less than unnesting arrays */
-		Datum		row[10];
+		Datum		row[11];
 
 		if (insert_plan1 == NULL)
 		{
-			Oid			types[10] = {INT2OID, INT2OID, INT2OID, INT2OID, TEXTOID,
-				TEXTOID, INT8OID, BOOLOID, INT8OID, OIDOID};
+			Oid			types[11] = {INT2OID, INT2OID, INT2OID, INT2OID, TEXTOID,
+				TEXTOID, INT8OID, BOOLOID, INT8OID, OIDOID, INT8OID};
 			SPIPlanPtr	plan;
 
 			plan = SPI_prepare("INSERT INTO mqtt_emit.outbox"
-							   " (kind, flags, op, qos, model, payload, batch, marked, seq, relid)"
+							   " (kind, flags, op, qos, model, payload, batch, marked, seq, relid, queue_pos)"
 							   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8,"
-							   "  CASE WHEN $9 OPERATOR(pg_catalog.=) 0 THEN NULL ELSE $9 END, $10)"
+							   "  CASE WHEN $9 OPERATOR(pg_catalog.=) 0 THEN NULL ELSE $9 END, $10, $11)"
 							   " RETURNING id",
-							   10, types);
+							   11, types);
 			if (plan == NULL)
 				elog(ERROR, "SPI_prepare failed for the outbox insert: %s",
 					 SPI_result_code_string(SPI_result));
@@ -153,6 +168,7 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 		row[7] = values[7];
 		row[8] = values[8];
 		row[9] = relids[0];
+		row[10] = values[10];
 		ret = SPI_execute_plan(insert_plan1, row, NULL, false, 0);
 		if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
 			elog(ERROR, "cannot write to mqtt_emit.outbox: %s", SPI_result_code_string(ret));
@@ -171,17 +187,17 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 	values[9] = PointerGetDatum(construct_array(relids, n, OIDOID, sizeof(Oid), true, TYPALIGN_INT));
 	if (insert_plan == NULL)
 	{
-		Oid			types[10] = {INT2ARRAYOID, INT2ARRAYOID, INT2ARRAYOID,
+		Oid			types[11] = {INT2ARRAYOID, INT2ARRAYOID, INT2ARRAYOID,
 			INT2ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8OID, BOOLOID, INT8OID,
-		OIDARRAYOID};
+		OIDARRAYOID, INT8OID};
 		SPIPlanPtr	plan;
 
 		plan = SPI_prepare("WITH ins AS ("
 						   " INSERT INTO mqtt_emit.outbox"
-						   "  (kind, flags, op, qos, model, payload, batch, marked, seq, relid)"
+						   "  (kind, flags, op, qos, model, payload, batch, marked, seq, relid, queue_pos)"
 						   " SELECT r.k, r.f, r.o, r.q, r.m, r.p, $7, $8,"
 						   "  CASE WHEN $9 OPERATOR(pg_catalog.=) 0 THEN NULL"
-						   "   ELSE $9 OPERATOR(pg_catalog.+) r.n OPERATOR(pg_catalog.-) 1 END, r.r"
+						   "   ELSE $9 OPERATOR(pg_catalog.+) r.n OPERATOR(pg_catalog.-) 1 END, r.r, $11"
 						   " FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2),"
 						   "  pg_catalog.unnest($3), pg_catalog.unnest($4),"
 						   "  pg_catalog.unnest($5), pg_catalog.unnest($6), pg_catalog.unnest($10))"
@@ -189,7 +205,7 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 						   " ORDER BY r.n"
 						   " RETURNING id)"
 						   " SELECT pg_catalog.array_agg(id ORDER BY id) FROM ins",
-						   10, types);
+						   11, types);
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed for the outbox insert: %s",
 				 SPI_result_code_string(SPI_result));
@@ -308,7 +324,7 @@ me_outbox_start(bool fresh)
 									" WHERE (flags & " SQL_QUEUED ") <> 0 AND batch < $1",
 									1, &type, &epoch, NULL, false, 0),
 			  SPI_OK_UPDATE, "update mqtt_emit.outbox");
-		me_outbox_place_strays(true);
+		me_outbox_place_strays(true, 0);
 	}
 	SPI_finish();
 }
@@ -355,39 +371,64 @@ me_outbox_place_batch(const MqttEmitMarker *mk)
 
 /*
  * Give rows that no marker will place (written when not even a marker fit
- * in the queue, or whose marker a crash lost) their place, in id order.
- * With all, every row without a place that was written before the shared
- * memory was set up (after a crash: no marker or queue entry can come for
- * those; rows committed since have theirs in the new queue).
+ * in the queue) their place, in id order: those written when the queue's
+ * tail was at or before upto (everything queued before them has been
+ * placed or published).  With all, instead every row without a place that
+ * was written before the shared memory was set up (after a crash: no
+ * marker or queue entry can come for those; rows committed since have
+ * theirs in the new queue).
  */
 void
-me_outbox_place_strays(bool all)
+me_outbox_place_strays(bool all, uint64 upto)
 {
 	Datum		args[2];
 	Oid			types[2] = {INT8OID, INT8OID};
 
 	args[0] = Int64GetDatum(next_order);
-	args[1] = Int64GetDatum((int64) me_shmem_epoch_seq());
+	args[1] = Int64GetDatum(all ? (int64) me_shmem_epoch_seq() : (int64) upto);
 	SPI_connect();
 	check(SPI_execute_with_args(all ?
 								"UPDATE mqtt_emit.outbox o SET seq = $1 + s.n - 1 "
 								"FROM (SELECT id, row_number() OVER (ORDER BY id) AS n "
-								"      FROM mqtt_emit.outbox WHERE seq IS NULL AND batch < $2) s "
+								"      FROM mqtt_emit.outbox WHERE seq IS NULL AND batch < $2"
+								"       AND (flags & " SQL_PUBLISH ") <> 0) s "
 								"WHERE o.id = s.id" :
 								"UPDATE mqtt_emit.outbox o SET seq = $1 + s.n - 1 "
 								"FROM (SELECT id, row_number() OVER (ORDER BY id) AS n "
-								"      FROM mqtt_emit.outbox WHERE seq IS NULL AND NOT marked) s "
+								"      FROM mqtt_emit.outbox WHERE seq IS NULL AND NOT marked"
+								"       AND (flags & " SQL_PUBLISH ") <> 0 AND queue_pos <= $2) s "
 								"WHERE o.id = s.id",
-								all ? 2 : 1, types, args, NULL, false, 0),
+								2, types, args, NULL, false, 0),
 		  SPI_OK_UPDATE, "order outbox rows");
 	next_order += SPI_processed;
 	SPI_finish();
 }
 
 /*
+ * The lowest queue position at which a row still waiting for its place
+ * without a marker was written, or -1 when there is none.
+ */
+int64
+me_outbox_next_stray(void)
+{
+	int64		pos;
+	bool		isnull;
+
+	SPI_connect();
+	check(SPI_execute("SELECT min(queue_pos) FROM mqtt_emit.outbox"
+					  " WHERE seq IS NULL AND NOT marked AND (flags & " SQL_PUBLISH ") <> 0",
+					  true, 1), SPI_OK_SELECT, "read mqtt_emit.outbox");
+	(void) SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	pos = isnull ? -1 : first_int8(1);
+	SPI_finish();
+	return pos;
+}
+
+/*
  * Give the rows of durable events that the queue holds too their place in
- * the publishing order, in the order of ids[].  Their local listeners have
- * run.  Rows already placed (by an earlier worker) stay where they are.
+ * the publishing order, in the order of ids[]; they are published from the
+ * outbox now.  Rows already placed (by an earlier worker) stay where they
+ * are.
  */
 static void
 place_queued_rows(const int64 *ids, int n)
@@ -400,7 +441,7 @@ place_queued_rows(const int64 *ids, int n)
 	SPI_connect();
 	check(SPI_execute_with_args("UPDATE mqtt_emit.outbox o"
 								" SET seq = $2 + s.n - 1,"
-								"     flags = o.flags & ~(" SQL_LOCAL " | " SQL_QUEUED ")"
+								"     flags = o.flags & ~" SQL_QUEUED
 								" FROM unnest($1) WITH ORDINALITY AS s(id, n)"
 								" WHERE o.id = s.id AND o.seq IS NULL",
 								2, types, args, NULL, false, 0),
@@ -436,7 +477,7 @@ me_outbox_move(char **entries, int n)
 		else
 		{
 			me_outbox_insert(entries + i, j - i, (uint8) ~ME_FLAG_LOCAL, 0, true,
-							 next_order, ids);
+							 next_order, 0, ids);
 			me_outbox_rows_add(j - i);
 			me_count(ME_STAT_OUTBOXED, j - i);
 		}
@@ -454,27 +495,6 @@ int64
 me_outbox_next_order(void)
 {
 	return next_order;
-}
-
-/*
- * Durable events whose local listeners ran in this transaction: their rows
- * must not run them again.
- */
-void
-me_outbox_local_ran(const int64 *ids, int n)
-{
-	Datum		arg;
-	Oid			type = INT8ARRAYOID;
-
-	if (n == 0)
-		return;
-	arg = int8_array(ids, n);
-	SPI_connect();
-	check(SPI_execute_with_args("UPDATE mqtt_emit.outbox SET flags = flags & ~" SQL_LOCAL
-								" WHERE id = ANY ($1) AND (flags & " SQL_LOCAL ") <> 0",
-								1, &type, &arg, NULL, false, 0),
-		  SPI_OK_UPDATE, "update mqtt_emit.outbox");
-	SPI_finish();
 }
 
 /*
@@ -510,26 +530,35 @@ me_outbox_rows_done(TimestampTz *since)
 }
 
 /*
- * Delete the rows that are done with.
+ * Clear the publish flag of the rows that are done with, and delete those
+ * that are finished.
  */
 void
 me_outbox_delete_done(void)
 {
 	Datum		arg;
-	Oid			argtype = INT8ARRAYOID;
 
 	if (ndone_rows == 0)
 		return;
 	arg = int8_array(done_rows, ndone_rows);
 	SPI_connect();
-	if (delete_plan == NULL)
+	if (clear_plan == NULL)
 	{
-		delete_plan = SPI_prepare("DELETE FROM mqtt_emit.outbox WHERE id = ANY ($1)",
+		Oid			argtype = INT8ARRAYOID;
+
+		clear_plan = SPI_prepare("UPDATE mqtt_emit.outbox SET flags = flags & ~" SQL_PUBLISH
+								 " WHERE id = ANY ($1) AND (flags & " SQL_LOCAL ") <> 0",
+								 1, &argtype);
+		delete_plan = SPI_prepare("DELETE FROM mqtt_emit.outbox"
+								  " WHERE id = ANY ($1) AND " SQL_UNFINISHED " IN (0, " SQL_PUBLISH ")",
 								  1, &argtype);
-		if (delete_plan == NULL)
+		if (clear_plan == NULL || delete_plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(clear_plan);
 		SPI_keepplan(delete_plan);
 	}
+	check(SPI_execute_plan(clear_plan, &arg, NULL, false, 0),
+		  SPI_OK_UPDATE, "update mqtt_emit.outbox");
 	check(SPI_execute_plan(delete_plan, &arg, NULL, false, 0),
 		  SPI_OK_DELETE, "delete from mqtt_emit.outbox");
 	me_outbox_rows_sub(SPI_processed);
@@ -592,10 +621,15 @@ me_outbox_dead_letter_row(int64 id, const char *reason)
 		insert_dead_letter(topicbuf.data,
 						   cstring_to_text_with_len(row.payload, row.hdr.payload_len),
 						   reason, row.created_at);
-		check(SPI_execute_with_args("DELETE FROM mqtt_emit.outbox WHERE id = $1",
+		check(SPI_execute_with_args("UPDATE mqtt_emit.outbox SET flags = flags & ~" SQL_PUBLISH
+									" WHERE id = $1",
+									1, &argtype, &arg, NULL, false, 0),
+			  SPI_OK_UPDATE, "update mqtt_emit.outbox");
+		check(SPI_execute_with_args("DELETE FROM mqtt_emit.outbox WHERE id = $1"
+									" AND " SQL_UNFINISHED " = 0",
 									1, &argtype, &arg, NULL, false, 0),
 			  SPI_OK_DELETE, "delete from mqtt_emit.outbox");
-		me_outbox_rows_sub(1);
+		me_outbox_rows_sub(SPI_processed);
 		me_set_last_error("publisher: outbox row " INT64_FORMAT " moved to mqtt_emit.dead_letters", id);
 	}
 	SPI_finish();
@@ -639,53 +673,197 @@ me_outbox_note_oldest(void)
 }
 
 /*
- * Run fn (the local listeners) for up to 1000 rows, in id order, that
- * committing backends wrote and whose listeners have not run; then clear
- * their flag, and delete those that are not to be published.  Returns the
- * number of rows.
+ * The listener worker: up to limit rows whose local listeners have not
+ * run, oldest first, copied into the caller's memory context.  Returns
+ * how many.
  */
 int
-me_outbox_run_local(MeOutboxRowFn fn, void *arg)
+me_outbox_local_rows(int limit, MeOutboxRow **rows)
 {
-	SPITupleTable *tt;
-	uint64		nrows;
+	MemoryContext outer = CurrentMemoryContext;
+	Datum		arg = Int32GetDatum(limit);
+	Oid			argtype = INT4OID;
 	uint64		i;
-	int64	   *ids;
-	Datum		idarr;
-	Oid			argtype = INT8ARRAYOID;
+	int			n;
 
 	SPI_connect();
-	check(SPI_execute("SELECT " ROW_COLUMNS " FROM mqtt_emit.outbox"
-					  " WHERE (flags & (" SQL_LOCAL " | " SQL_QUEUED ")) = " SQL_LOCAL
-					  " ORDER BY id LIMIT 1000", false, 0),
+	check(SPI_execute_with_args("SELECT " ROW_COLUMNS " FROM mqtt_emit.outbox"
+								" WHERE (flags & " SQL_LOCAL ") <> 0 ORDER BY id LIMIT $1",
+								1, &argtype, &arg, NULL, true, 0),
 		  SPI_OK_SELECT, "read mqtt_emit.outbox");
-	tt = SPI_tuptable;
-	nrows = SPI_processed;
-	if (nrows == 0)
-	{
-		SPI_finish();
-		return 0;
-	}
-	ids = palloc(sizeof(int64) * nrows);
-	for (i = 0; i < nrows; i++)
-	{
-		MeOutboxRow row;
+	n = (int) SPI_processed;
+	MemoryContextSwitchTo(outer);
+	*rows = palloc(sizeof(MeOutboxRow) * Max(n, 1));
+	for (i = 0; i < (uint64) n; i++)
+		row_from_tuple(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, &(*rows)[i]);
+	SPI_finish();
+	return n;
+}
 
-		row_from_tuple(tt->vals[i], tt->tupdesc, &row);
-		ids[i] = row.id;
-		(void) fn(&row, arg);
+/*
+ * The listener worker is done with these rows: clear their local flag and
+ * delete those that are finished.
+ */
+void
+me_outbox_local_done(const int64 *ids, int n)
+{
+	Datum		arg;
+
+	if (n == 0)
+		return;
+	arg = int8_array(ids, n);
+	SPI_connect();
+	if (local_clear_plan == NULL)
+	{
+		Oid			argtype = INT8ARRAYOID;
+
+		local_clear_plan = SPI_prepare("UPDATE mqtt_emit.outbox SET flags = flags & ~" SQL_LOCAL
+									   " WHERE id = ANY ($1)",
+									   1, &argtype);
+		local_delete_plan = SPI_prepare("DELETE FROM mqtt_emit.outbox"
+										" WHERE id = ANY ($1) AND " SQL_UNFINISHED " = 0",
+										1, &argtype);
+		if (local_clear_plan == NULL || local_delete_plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(local_clear_plan);
+		SPI_keepplan(local_delete_plan);
 	}
-	idarr = int8_array(ids, (int) nrows);
-	check(SPI_execute_with_args("UPDATE mqtt_emit.outbox SET flags = flags & ~" SQL_LOCAL
-								" WHERE id = ANY ($1)",
-								1, &argtype, &idarr, NULL, false, 0),
+	check(SPI_execute_plan(local_clear_plan, &arg, NULL, false, 0),
 		  SPI_OK_UPDATE, "update mqtt_emit.outbox");
-	check(SPI_execute_with_args("DELETE FROM mqtt_emit.outbox WHERE id = ANY ($1) AND flags = 0",
-								1, &argtype, &idarr, NULL, false, 0),
+	check(SPI_execute_plan(local_delete_plan, &arg, NULL, false, 0),
 		  SPI_OK_DELETE, "delete from mqtt_emit.outbox");
 	me_outbox_rows_sub(SPI_processed);
 	SPI_finish();
-	return (int) nrows;
+}
+
+/*
+ * The listener worker gave up on a row: keep it in the dead letters with
+ * the error, and be done with its local listeners.
+ */
+void
+me_outbox_local_failed(const MeOutboxRow *row, const char *reason)
+{
+	init_topicbuf();
+	me_build_dead_letter_topic(&topicbuf, &row->hdr, row->model);
+	SPI_connect();
+	insert_dead_letter(topicbuf.data,
+					   cstring_to_text_with_len(row->payload, row->hdr.payload_len),
+					   reason, row->created_at);
+	SPI_finish();
+	me_outbox_local_done(&row->id, 1);
+}
+
+/*
+ * The worker keeps received messages in mqtt_emit.inbox for the listener
+ * worker, in arrival order.
+ */
+void
+me_inbox_insert(const char **topics, const int *topic_lens,
+				const char **payloads, const int *payload_lens, int n)
+{
+	Datum	   *t = palloc(sizeof(Datum) * n);
+	Datum	   *p = palloc(sizeof(Datum) * n);
+	Datum		args[2];
+	Oid			types[2] = {TEXTARRAYOID, BYTEAARRAYOID};
+	int			i;
+
+	for (i = 0; i < n; i++)
+	{
+		bytea	   *b = palloc(VARHDRSZ + payload_lens[i]);
+
+		SET_VARSIZE(b, VARHDRSZ + payload_lens[i]);
+		memcpy(VARDATA(b), payloads[i], payload_lens[i]);
+		t[i] = PointerGetDatum(cstring_to_text_with_len(topics[i], topic_lens[i]));
+		p[i] = PointerGetDatum(b);
+	}
+	args[0] = PointerGetDatum(construct_array(t, n, TEXTOID, -1, false, TYPALIGN_INT));
+	args[1] = PointerGetDatum(construct_array(p, n, BYTEAOID, -1, false, TYPALIGN_INT));
+	SPI_connect();
+	check(SPI_execute_with_args("INSERT INTO mqtt_emit.inbox (topic, payload)"
+								" SELECT r.t, r.p FROM ROWS FROM (unnest($1), unnest($2))"
+								" WITH ORDINALITY AS r(t, p, n) ORDER BY r.n",
+								2, types, args, NULL, false, 0),
+		  SPI_OK_INSERT, "write to mqtt_emit.inbox");
+	SPI_finish();
+}
+
+/*
+ * The listener worker: up to limit received messages, oldest first, copied
+ * into the caller's memory context (topic and payload NUL-terminated).
+ */
+int
+me_inbox_rows(int limit, MeInboxRow **rows)
+{
+	MemoryContext outer = CurrentMemoryContext;
+	Datum		arg = Int32GetDatum(limit);
+	Oid			argtype = INT4OID;
+	uint64		i;
+	int			n;
+
+	SPI_connect();
+	check(SPI_execute_with_args("SELECT id, topic, payload FROM mqtt_emit.inbox ORDER BY id LIMIT $1",
+								1, &argtype, &arg, NULL, true, 0),
+		  SPI_OK_SELECT, "read mqtt_emit.inbox");
+	n = (int) SPI_processed;
+	MemoryContextSwitchTo(outer);
+	*rows = palloc(sizeof(MeInboxRow) * Max(n, 1));
+	for (i = 0; i < (uint64) n; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	td = SPI_tuptable->tupdesc;
+		bool		isnull;
+		text	   *t = DatumGetTextPP(SPI_getbinval(tup, td, 2, &isnull));
+		bytea	   *p = DatumGetByteaPP(SPI_getbinval(tup, td, 3, &isnull));
+		MeInboxRow *r = &(*rows)[i];
+		char	   *pl;
+
+		r->id = DatumGetInt64(SPI_getbinval(tup, td, 1, &isnull));
+		r->topic = text_to_cstring(t);
+		r->topic_len = VARSIZE_ANY_EXHDR(t);
+		r->payload_len = VARSIZE_ANY_EXHDR(p);
+		pl = palloc(r->payload_len + 1);
+		memcpy(pl, VARDATA_ANY(p), r->payload_len);
+		pl[r->payload_len] = '\0';
+		r->payload = pl;
+	}
+	SPI_finish();
+	return n;
+}
+
+/*
+ * The listener worker is done with these received messages (their
+ * listeners' work commits in the same transaction).
+ */
+void
+me_inbox_done(const int64 *ids, int n)
+{
+	Datum		arg;
+	Oid			argtype = INT8ARRAYOID;
+
+	if (n == 0)
+		return;
+	arg = int8_array(ids, n);
+	SPI_connect();
+	check(SPI_execute_with_args("DELETE FROM mqtt_emit.inbox WHERE id = ANY ($1)",
+								1, &argtype, &arg, NULL, false, 0),
+		  SPI_OK_DELETE, "delete from mqtt_emit.inbox");
+	SPI_finish();
+}
+
+/*
+ * The listener worker gave up on a received message: keep it in the dead
+ * letters with the error (it passed the checks, so it is valid text), and
+ * be done with it.
+ */
+void
+me_inbox_failed(const MeInboxRow *row, const char *reason)
+{
+	SPI_connect();
+	insert_dead_letter(row->topic,
+					   cstring_to_text_with_len(row->payload, row->payload_len),
+					   reason, GetCurrentTimestamp());
+	SPI_finish();
+	me_inbox_done(&row->id, 1);
 }
 
 /*
@@ -706,7 +884,8 @@ me_outbox_scan_publishable(int64 after, int limit, MeOutboxRowFn fn, void *arg)
 	args[1] = Int32GetDatum(limit);
 	SPI_connect();
 	check(SPI_execute_with_args("SELECT " ROW_COLUMNS " FROM mqtt_emit.outbox"
-								" WHERE seq > $1 ORDER BY seq LIMIT $2",
+								" WHERE seq > $1 AND (flags & " SQL_PUBLISH ") <> 0"
+								" ORDER BY seq LIMIT $2",
 								2, types, args, NULL, false, 0),
 		  SPI_OK_SELECT, "read mqtt_emit.outbox");
 	tt = SPI_tuptable;
@@ -736,8 +915,10 @@ me_outbox_drained(void)
 
 	SPI_connect();
 	check(SPI_execute("SELECT (SELECT count(*) FROM mqtt_emit.outbox)"
-					  " WHERE NOT EXISTS (SELECT FROM mqtt_emit.outbox WHERE seq IS NOT NULL)"
-					  "   AND NOT EXISTS (SELECT FROM mqtt_emit.outbox WHERE seq IS NULL AND NOT marked)",
+					  " WHERE NOT EXISTS (SELECT FROM mqtt_emit.outbox WHERE seq IS NOT NULL"
+					  "                   AND (flags & " SQL_PUBLISH ") <> 0)"
+					  "   AND NOT EXISTS (SELECT FROM mqtt_emit.outbox WHERE seq IS NULL AND NOT marked"
+					  "                   AND (flags & " SQL_PUBLISH ") <> 0)",
 					  false, 1),
 		  SPI_OK_SELECT, "read mqtt_emit.outbox");
 	drained = (SPI_processed == 1);

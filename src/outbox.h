@@ -29,21 +29,31 @@ typedef struct MeOutboxRow
 	TimestampTz created_at;
 } MeOutboxRow;
 
+/* A received message waiting in mqtt_emit.inbox. */
+typedef struct MeInboxRow
+{
+	int64		id;
+	const char *topic;			/* NUL-terminated */
+	const char *payload;		/* NUL-terminated after payload_len bytes */
+	int			topic_len;
+	int			payload_len;
+} MeInboxRow;
+
 /* return false to stop the scan */
 typedef bool (*MeOutboxRowFn) (const MeOutboxRow *row, void *arg);
 
 /* committing backends and the worker */
 extern void me_outbox_insert(char **entries, int n, uint8 flag_mask,
 							 int64 batch, bool marked, int64 first_order,
-							 int64 *ids);
+							 uint64 queue_pos, int64 *ids);
 
 /* the worker, inside a transaction */
 extern void me_outbox_start(bool fresh);
 extern void me_outbox_recount(void);
 extern void me_outbox_place_batch(const MqttEmitMarker *mk);
-extern void me_outbox_place_strays(bool all);
+extern void me_outbox_place_strays(bool all, uint64 upto);
+extern int64 me_outbox_next_stray(void);
 extern void me_outbox_move(char **entries, int n);
-extern void me_outbox_local_ran(const int64 *ids, int n);
 extern void me_outbox_row_done(int64 id);
 extern int	me_outbox_rows_done(TimestampTz *since);
 extern void me_outbox_delete_done(void);
@@ -51,7 +61,18 @@ extern void me_outbox_dead_letter_row(int64 id, const char *reason);
 extern void me_outbox_dead_letter_entry(const MqttEmitEventHeader *hdr,
 										const char *reason);
 extern void me_outbox_note_oldest(void);
-extern int	me_outbox_run_local(MeOutboxRowFn fn, void *arg);
+
+/* the worker: received messages */
+extern void me_inbox_insert(const char **topics, const int *topic_lens,
+							const char **payloads, const int *payload_lens, int n);
+
+/* the listener worker, inside a transaction */
+extern int	me_outbox_local_rows(int limit, MeOutboxRow **rows);
+extern void me_outbox_local_done(const int64 *ids, int n);
+extern void me_outbox_local_failed(const MeOutboxRow *row, const char *reason);
+extern int	me_inbox_rows(int limit, MeInboxRow **rows);
+extern void me_inbox_done(const int64 *ids, int n);
+extern void me_inbox_failed(const MeInboxRow *row, const char *reason);
 extern int	me_outbox_scan_publishable(int64 after, int limit,
 									   MeOutboxRowFn fn, void *arg);
 extern bool me_outbox_drained(void);

@@ -58,6 +58,8 @@ int			mqtt_emit_mqtt_version = 4; /* 3.1.1 */
 int			mqtt_emit_max_payload = 1024 * 1024;	/* bytes */
 int			mqtt_emit_overflow = ME_OVERFLOW_SPILL;
 int			mqtt_emit_listener_timeout = 10000; /* ms */
+int			mqtt_emit_listener_batch_time = 1000;	/* ms */
+int			mqtt_emit_marker_wait = 10;	/* ms */
 int			mqtt_emit_topic_style = ME_TOPIC_OPERATION;
 int			mqtt_emit_max_inflight = 1000;
 double		mqtt_emit_batch_delay = 0.5;	/* ms */
@@ -271,6 +273,20 @@ _PG_init(void)
 							10000, 0, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_MS,
 							NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtt_emit.listener_batch_time",
+							"Sets how long one transaction of the listener worker may take before it commits.",
+							"The listener worker commits after each event once this much time has passed in the transaction; one listener call can add up to mqtt_emit.listener_timeout.",
+							&mqtt_emit_listener_batch_time,
+							1000, 1, 60000,
+							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtt_emit.marker_wait",
+							"Sets how long a committing transaction that spills to the outbox waits for queue room for its marker.",
+							"Without a marker its events are placed in the publishing order when the worker finds them, which may be after events that committed later.",
+							&mqtt_emit_marker_wait,
+							10, 0, 10000,
+							PGC_SUSET, GUC_UNIT_MS,
+							NULL, NULL, NULL);
 	DefineCustomEnumVariable("mqtt_emit.topic_style",
 							 "Selects the topic form used for publishing.",
 							 "\"operation\" is <prefix>/<model>/<operation>; \"all\" is <prefix>/<model>/all in lower case, as prisma-extension-emitter 2.x uses; \"both\" publishes both.",
@@ -360,6 +376,7 @@ _PG_init(void)
 	shmem_startup_hook = mqtt_emit_shmem_startup;
 
 	me_worker_register();
+	me_listener_worker_register();
 }
 
 static void

@@ -170,6 +170,8 @@ extern int	mqtt_emit_mqtt_version;
 extern int	mqtt_emit_max_payload;
 extern int	mqtt_emit_overflow;
 extern int	mqtt_emit_listener_timeout;
+extern int	mqtt_emit_listener_batch_time;
+extern int	mqtt_emit_marker_wait;
 extern int	mqtt_emit_topic_style;
 extern int	mqtt_emit_max_inflight;
 extern double mqtt_emit_batch_delay;
@@ -216,6 +218,11 @@ extern void me_outbox_rows_sub(uint64 n);
 extern void me_outbox_rows_set(uint64 n);
 extern void me_outbox_set_oldest(TimestampTz oldest);
 extern void me_shared_snapshot(MqttEmitSnapshot *snap);
+extern bool me_listener_claim(Latch *latch, pid_t *other);
+extern void me_listener_release(void);
+extern void me_wake_listener(void);
+extern int	me_attempt_begin(int kind, int64 id);
+extern void me_attempt_end(void);
 
 /* How payload.c renders one column type as JSON (see me_classify_type). */
 typedef enum MqttEmitJsonCat
@@ -271,5 +278,9 @@ extern void me_capture_listeners_changed(void);
 /* worker.c */
 extern void me_worker_register(void);
 PGDLLEXPORT void mqtt_emit_worker_main(Datum main_arg);
+
+/* listener_worker.c */
+extern void me_listener_worker_register(void);
+PGDLLEXPORT void mqtt_emit_listener_main(Datum main_arg);
 
 #endif							/* PG_MQTT_EMIT_H */

@@ -5,8 +5,10 @@
  *		directly or through the outbox.
  *
  * The worker reads the queue with two cursors: the local cursor (here)
- * runs the local listeners of each event, even while the broker is away;
- * the publish cursor (inflight.c) sends events to the broker while
+ * hands each event that a local listener wants to the listener worker, as
+ * a row of the outbox with only ME_FLAG_LOCAL (listener_worker.c runs
+ * them; this process runs no listener code), even while the broker is
+ * away; the publish cursor (inflight.c) sends events to the broker while
  * connected.  The queue's head moves past an event only when both are done
  * with it and the broker has acknowledged it, so a broker outage keeps
  * events in the queue, and a failed connection sends everything
@@ -52,7 +54,6 @@ static bool extension_ready = false;	/* the outbox and registry exist */
 static bool outbox_mode = true;
 static uint32 outbox_seen_version = 0;
 static bool strays_pending = false; /* backends wrote rows without a marker */
-static uint64 strays_after = 0;	/* ... to be placed after this queue position */
 static TimestampTz last_recount = 0;	/* of the outbox's rows, when idle */
 
 static StringInfoData topicbuf;
@@ -123,29 +124,34 @@ read_entry(uint64 pos)
 }
 
 /*
- * Run the local listeners of a row event, if any want it.  Inside a
- * transaction; starts one when *in_tx is false.  True when some ran.
+ * Does a queued entry need its local listeners run, from a row of its own
+ * in the outbox?  Durable events have their row already.
  */
 static bool
-run_local(const MqttEmitEventHeader *hdr, const char *model,
-		  const char *payload, bool *in_tx)
+wants_local_row(const MqttEmitEventHeader *hdr, const char *model)
 {
-	if (hdr->kind != ME_KIND_ROW || !me_listeners_want_local(model, hdr->model_len))
-		return false;
-	if (in_tx && !*in_tx)
-	{
-		me_worker_begin_tx("running local listeners");
-		*in_tx = true;
-	}
-	me_build_topic(&topicbuf, hdr, model, false);
-	me_listeners_run_local(hdr, model, payload, topicbuf.data);
-	return true;
+	return (hdr->flags & ME_FLAG_LOCAL) && hdr->kind == ME_KIND_ROW &&
+		hdr->row_id == 0 && me_listeners_want_local(model, hdr->model_len);
 }
 
 /*
- * Run local listeners of queued events, and publish them (or, in outbox
- * mode, move them into the outbox) as far as the broker and the in-flight
- * window allow.  Returns true when there is more to do right away.
+ * Place the rows written without a marker at or before queue position
+ * pos; returns the next such position, or -1.
+ */
+static int64
+place_strays(uint64 pos)
+{
+	me_worker_commit_async();
+	me_outbox_place_strays(false, pos);
+	return me_outbox_next_stray();
+}
+
+/*
+ * Hand queued events to the local listeners (the listener worker runs
+ * them from rows of the outbox that carry only ME_FLAG_LOCAL), and publish
+ * them (or, in outbox mode, move them into the outbox) as far as the
+ * broker and the in-flight window allow.  Returns true when there is more
+ * to do right away.
  */
 static bool
 process_queue(uint64 tail, int *new_entries)
@@ -158,8 +164,9 @@ process_queue(uint64 tail, int *new_entries)
 	char	  **moved = NULL;
 	int			nmoved = 0;
 	uint64		moved_end = 0;
-	int64	   *local_rows = palloc(sizeof(int64) * BATCH_EVENTS);
-	int			nlocal_rows = 0;
+	char	  **local = palloc(sizeof(char *) * BATCH_EVENTS);
+	int			nlocal = 0;
+	int64		next_stray = -1;
 
 	can_publish = !outbox_mode && me_inflight_from_outbox() == 0 &&
 		me_client_connected(ME_CLIENT_PUBLISHER);
@@ -167,6 +174,17 @@ process_queue(uint64 tail, int *new_entries)
 	moving = outbox_mode && me_inflight_queued() == 0;
 	if (moving)
 		moved = palloc(sizeof(char *) * BATCH_EVENTS);
+
+	/*
+	 * Rows written without a marker go in when the queue position at which
+	 * they were written comes up.
+	 */
+	if (moving && strays_pending)
+	{
+		me_worker_begin_tx("moving events to the outbox");
+		in_tx = true;
+		next_stray = me_outbox_next_stray();
+	}
 
 	*new_entries = 0;
 	pos = Min(local_pos, me_inflight_pub_pos());
@@ -215,14 +233,11 @@ process_queue(uint64 tail, int *new_entries)
 
 			if (need_local)
 			{
-				if ((h->flags & ME_FLAG_LOCAL) &&
-					run_local(h, model, model + h->model_len, &in_tx))
+				if (wants_local_row(h, model))
 				{
-					h = read_entry(pos);	/* listeners may not keep entrybuf */
-					model = entrybuf + sizeof(MqttEmitEventHeader);
-					/* a durable event's row says so, in the same transaction */
-					if (h->row_id != 0)
-						local_rows[nlocal_rows++] = h->row_id;
+					local[nlocal] = palloc(h->total_len);
+					memcpy(local[nlocal], h, h->total_len);
+					nlocal++;
 				}
 				local_pos = end;
 				(*new_entries)++;
@@ -233,6 +248,12 @@ process_queue(uint64 tail, int *new_entries)
 				{
 					me_worker_begin_tx("moving events to the outbox");
 					in_tx = true;
+				}
+				if (next_stray >= 0 && (uint64) next_stray <= pos)
+				{
+					me_outbox_move(moved, nmoved);
+					nmoved = 0;
+					next_stray = place_strays(pos);
 				}
 				if (h->kind == ME_KIND_MARKER)
 				{
@@ -246,7 +267,7 @@ process_queue(uint64 tail, int *new_entries)
 				}
 				else
 				{
-					/* keep it in the outbox; local listeners have run */
+					/* keep it in the outbox; its local row is made apart */
 					me_inflight_key_moved(-(int64) pos - 1,
 										  me_outbox_next_order() + nmoved);
 					moved[nmoved] = palloc(h->total_len);
@@ -268,19 +289,37 @@ process_queue(uint64 tail, int *new_entries)
 		n++;
 	}
 
-	if (nmoved > 0)
+	if (next_stray >= 0 && (uint64) next_stray <= pos)
+	{
+		me_outbox_move(moved, nmoved);
+		nmoved = 0;
+		next_stray = place_strays(pos);
+	}
+	if (moving && strays_pending && next_stray < 0)
+		strays_pending = false;
+	if (nmoved > 0 || nlocal > 0)
 	{
 		if (!in_tx)
 		{
-			me_worker_begin_tx("moving events to the outbox");
+			me_worker_begin_tx(nmoved > 0 ? "moving events to the outbox" :
+							   "handing events to the local listeners");
 			in_tx = true;
+			if (nmoved == 0)
+				me_worker_commit_async();
 		}
 		me_outbox_move(moved, nmoved);
+		if (nlocal > 0)
+		{
+			int64	   *ids = palloc(sizeof(int64) * nlocal);
+
+			me_outbox_insert(local, nlocal, ME_FLAG_LOCAL, 0, true, 0, 0, ids);
+			me_outbox_rows_add(nlocal);
+		}
 	}
-	if (nlocal_rows > 0)
-		me_outbox_local_ran(local_rows, nlocal_rows);
 	if (in_tx)
 		me_worker_end_tx();
+	if (nlocal > 0)
+		me_wake_listener();
 	if (moved_end > 0)
 	{
 		/* committed: the moved events are the outbox's now */
@@ -290,20 +329,10 @@ process_queue(uint64 tail, int *new_entries)
 	return n >= BATCH_EVENTS;
 }
 
-/* me_outbox_run_local's callback: the local listeners of one row */
-static bool
-row_run_local(const MeOutboxRow *row, void *arg)
-{
-	(void) run_local(&row->hdr, row->model, row->payload, NULL);
-	return true;
-}
-
 /* me_outbox_scan_publishable's callback: publish one row, in order */
 static bool
 row_publish(const MeOutboxRow *row, void *arg)
 {
-	if (row->hdr.flags & ME_FLAG_LOCAL)
-		return false;			/* its local listeners first */
 	if ((row->hdr.flags & ME_FLAG_PUBLISH) &&
 		!me_inflight_send(&row->hdr, row->model, row->payload, 0, row->id, row->order))
 		return false;
@@ -312,9 +341,8 @@ row_publish(const MeOutboxRow *row, void *arg)
 }
 
 /*
- * Outbox mode: delete what the broker acknowledged, run local listeners of
- * rows that still need them, publish rows in order, and leave outbox mode
- * when the outbox has nothing left to publish.
+ * Outbox mode: delete what the broker acknowledged, publish rows in order,
+ * and leave outbox mode when the outbox has nothing left to publish.
  */
 static void
 process_outbox(void)
@@ -333,17 +361,7 @@ process_outbox(void)
 
 	me_outbox_delete_done();
 
-	if (strays_pending && me_inflight_pub_pos() >= strays_after)
-	{
-		me_outbox_place_strays(false);
-		strays_pending = false;
-	}
-
 	me_outbox_note_oldest();
-
-	/* local listeners of rows written by committing backends */
-	if (me_outbox_run_local(row_run_local, NULL) > 0)
-		empty_batch = false;
 
 	/* publish in order, after anything from the queue still in flight */
 	if (connected && me_inflight_queued() == 0 && me_inflight_window_open() &&
@@ -392,19 +410,20 @@ me_relay_step(uint64 *tail, int *new_entries, long *timeout)
 	int			ndone;
 
 	/*
-	 * Read the outbox version before the queue's tail.  Rows that a backend
-	 * wrote without a marker are placed in the publishing order only once
-	 * everything queued before their commit has been moved or published: a
-	 * session's earlier transactions are in the queue before its bump.
+	 * Read the queue's tail before the outbox version.  A backend bumps the
+	 * version when it committed rows without a marker, before its session
+	 * can commit anything else: whatever this round takes from the queue,
+	 * the rows its sessions wrote earlier are seen, and placed at the
+	 * queue position they were written at (process_queue).
 	 */
-	version = me_outbox_version();
 	*tail = me_queue_tail();
+	pg_memory_barrier();
+	version = me_outbox_version();
 	if (version != outbox_seen_version)
 	{
 		outbox_seen_version = version;
 		set_outbox_mode(true);
 		strays_pending = true;
-		strays_after = *tail;
 	}
 	if (extension_ready && !me_client_connected(ME_CLIENT_PUBLISHER))
 		set_outbox_mode(true);

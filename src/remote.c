@@ -78,8 +78,12 @@ static int	dedup_count = 0;
 static TimestampTz reject_log_second = 0;
 static int	reject_log_count = 0;
 
-static void
-reject(const MeRemoteMessage *m, const char *why)
+/*
+ * Drop a received message: count it, and log it (at most 20 lines a
+ * second at LOG, then DEBUG1).
+ */
+void
+me_remote_reject(const char *topic, int payload_len, const char *why)
 {
 	TimestampTz now = GetCurrentTimestamp();
 	TimestampTz second = now - (now % USECS_PER_SEC);
@@ -93,11 +97,17 @@ reject(const MeRemoteMessage *m, const char *why)
 	}
 	if (++reject_log_count > 20)
 		elevel = DEBUG1;
-	me_set_last_error("rejected message on \"%.100s\": %s", m->topic, why);
+	me_set_last_error("rejected message on \"%.100s\": %s", topic, why);
 	ereport(elevel,
 			(errmsg("pg_mqtt_emit rejected a message on topic \"%.200s\": %s",
-					m->topic, why),
-			 errdetail("The message had %d bytes.", m->payload_len)));
+					topic, why),
+			 errdetail("The message had %d bytes.", payload_len)));
+}
+
+static void
+reject(const MeRemoteMessage *m, const char *why)
+{
+	me_remote_reject(m->topic, m->payload_len, why);
 }
 
 static void

@@ -31,7 +31,10 @@
  *	  keeps the queue in commit order; the worker holds it only to read tail
  *	  and to move head.
  *	- worker_pid, worker_latch and fresh are written by the worker under the
- *	  lock in exclusive mode and read under it in shared mode.
+ *	  lock in exclusive mode and read under it in shared mode;
+ *	  listener_pid and listener_latch likewise by the listener worker.
+ *	- attempt_lock (spinlock) protects attempt_id, attempt_kind and
+ *	  attempt_count, written by the listener worker only.
  *	- capacity and epoch_seq are set when the memory is created and never
  *	  change: read without a lock.
  *	- errlock (spinlock) protects last_error and last_error_time.
@@ -65,6 +68,14 @@ typedef struct MqttEmitShared
 	pid_t		worker_pid;		/* lock: 0 when no worker runs */
 	Latch	   *worker_latch;	/* lock */
 	bool		fresh;			/* lock: no worker has run since set up */
+	pid_t		listener_pid;	/* lock: the listener worker, 0 when none */
+	Latch	   *listener_latch; /* lock */
+
+	/* the listener worker's current attempt (survives its restarts) */
+	slock_t		attempt_lock;
+	int64		attempt_id;		/* attempt_lock: the row being handled */
+	int			attempt_kind;	/* attempt_lock: local row (1) or inbox row (2) */
+	int			attempt_count;	/* attempt_lock: attempts started */
 
 	/* the ring; positions are logical and only grow */
 	Size		capacity;		/* constant */
@@ -127,6 +138,12 @@ me_shmem_startup(void)
 		me_shared->lock = &(GetNamedLWLockTranche("pg_mqtt_emit"))->lock;
 		me_shared->worker_pid = 0;
 		me_shared->worker_latch = NULL;
+		me_shared->listener_pid = 0;
+		me_shared->listener_latch = NULL;
+		SpinLockInit(&me_shared->attempt_lock);
+		me_shared->attempt_id = 0;
+		me_shared->attempt_kind = 0;
+		me_shared->attempt_count = 0;
 		me_shared->capacity = (Size) mqtt_emit_queue_size * 1024;
 		me_shared->head = 0;
 		me_shared->tail = 0;
@@ -169,12 +186,12 @@ me_queue_reserve(Size len, bool marker)
 	Size		limit = me_shared->capacity;
 
 	/*
-	 * Events leave the last eighth of the queue (at most 64 kB) to markers,
-	 * so that a transaction that spilled to the outbox because the queue
-	 * was full can still mark its place in the commit order.
+	 * Events leave the last eighth of the queue to markers, so that a
+	 * transaction that spilled to the outbox because the queue was full
+	 * can still mark its place in the commit order.
 	 */
 	if (!marker)
-		limit -= Min(me_shared->capacity / 8, 64 * 1024);
+		limit -= me_shared->capacity / 8;
 
 	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
 	ok = (me_shared->tail - me_shared->head) + me_shared->reserved + len <= limit;
@@ -519,4 +536,86 @@ me_shared_snapshot(MqttEmitSnapshot *snap)
 	strlcpy(snap->last_error, me_shared->last_error, sizeof(snap->last_error));
 	snap->last_error_time = me_shared->last_error_time;
 	SpinLockRelease(&me_shared->errlock);
+}
+
+/*
+ * The listener worker registers itself, as me_worker_claim.
+ */
+bool
+me_listener_claim(Latch *latch, pid_t *other)
+{
+	bool		ok;
+
+	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
+	*other = me_shared->listener_pid;
+	ok = (*other == 0);
+	if (ok)
+	{
+		me_shared->listener_pid = MyProcPid;
+		me_shared->listener_latch = latch;
+	}
+	LWLockRelease(me_shared->lock);
+	return ok;
+}
+
+void
+me_listener_release(void)
+{
+	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
+	if (me_shared->listener_pid == MyProcPid)
+	{
+		me_shared->listener_pid = 0;
+		me_shared->listener_latch = NULL;
+	}
+	LWLockRelease(me_shared->lock);
+}
+
+/*
+ * Wake the listener worker, if it runs: there are rows for it.
+ */
+void
+me_wake_listener(void)
+{
+	Latch	   *latch;
+
+	if (me_shared == NULL)
+		return;
+	LWLockAcquire(me_shared->lock, LW_SHARED);
+	latch = me_shared->listener_latch;
+	LWLockRelease(me_shared->lock);
+	if (latch)
+		SetLatch(latch);
+}
+
+/*
+ * The listener worker starts an attempt at handling a row: returns how
+ * many attempts at this row were started before (by this process or one
+ * that died meanwhile).
+ */
+int
+me_attempt_begin(int kind, int64 id)
+{
+	int			before;
+
+	SpinLockAcquire(&me_shared->attempt_lock);
+	if (me_shared->attempt_kind != kind || me_shared->attempt_id != id)
+	{
+		me_shared->attempt_kind = kind;
+		me_shared->attempt_id = id;
+		me_shared->attempt_count = 0;
+	}
+	before = me_shared->attempt_count++;
+	SpinLockRelease(&me_shared->attempt_lock);
+	return before;
+}
+
+/* The row is handled (or dead-lettered): forget its attempts. */
+void
+me_attempt_end(void)
+{
+	SpinLockAcquire(&me_shared->attempt_lock);
+	me_shared->attempt_kind = 0;
+	me_shared->attempt_id = 0;
+	me_shared->attempt_count = 0;
+	SpinLockRelease(&me_shared->attempt_lock);
 }

@@ -188,16 +188,12 @@ is($after_spill->{spilled} + $after_spill->{enqueued}, scalar(@expected) + 1,
 	'spill: every event went through the queue or the outbox, exactly once (spilled + enqueued = events + marker)');
 
 # ---------------------------------------------------------------------------
-# spill keeps commit order: a queued event committed before a spilled
-# transaction is published before it
+# a listener that hangs holds no event back from the broker
 # ---------------------------------------------------------------------------
 #
-# The burst above mixes queued and spilled transactions at random; this
-# makes the case deterministic.  The worker is held inside a local listener
-# (of a model that is not published) that waits for an advisory lock the
-# test holds; meanwhile T1 (one small event) commits into the queue, then T2
-# (20 big events, more than the whole queue) spills into the outbox.  Once
-# the lock is released, T1's event must reach the subscriber before T2's.
+# Listeners run in the listener worker, not in the process that publishes.
+# A local listener (of a model that is not published) waits for an
+# advisory lock the test holds; meanwhile events keep being published.
 
 $node->safe_psql(
 	'postgres', q{
@@ -213,19 +209,43 @@ $node->safe_psql('postgres', 'INSERT INTO gate VALUES (1)');
 ok( poll_until(
 		sub {
 			$node->safe_psql('postgres',
-				"SELECT wait_event_type || ':' || wait_event FROM pg_stat_activity WHERE backend_type = 'pg_mqtt_emit'"
+				"SELECT wait_event_type || ':' || wait_event FROM pg_stat_activity WHERE backend_type = 'pg_mqtt_emit listeners'"
 			) eq 'Lock:advisory';
 		},
 		$T),
-	'order: the worker is held in a local listener');
+	'hang: the listener worker is held in a local listener');
+ok(marker($node, $sub), 'hang: events are published while a listener hangs');
+$holder->query_safe('SELECT pg_advisory_unlock(4242)');
+$holder->quit;
+ok( poll_until(
+		sub {
+			$node->safe_psql('postgres',
+				"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'pg_mqtt_emit listeners' AND wait_event = 'advisory'"
+			) eq '0';
+		},
+		$T),
+	'hang: the listener goes on once the lock is free');
+
+# ---------------------------------------------------------------------------
+# spill keeps commit order: a queued event committed before a spilled
+# transaction is published before it
+# ---------------------------------------------------------------------------
+#
+# The burst above mixes queued and spilled transactions at random; this
+# makes the case deterministic.  The worker is stopped (SIGSTOP); meanwhile
+# T1 (one small event) commits into the queue, then T2 (20 big events, more
+# than the whole queue) spills into the outbox.  Once the worker goes on
+# (SIGCONT), T1's event must reach the subscriber before T2's.
+
+my $wpid = stats($node)->{worker_pid};
+ok($wpid && kill('STOP', $wpid), 'order: the worker is stopped');
 my $spilled0 = stats($node)->{spilled};
 $node->safe_psql('postgres',
 	"INSERT INTO sq VALUES (810001, repeat(md5('t1'), 63))");
 $node->safe_psql('postgres',
 	"INSERT INTO sq SELECT g, repeat(md5(g::text), 63) FROM generate_series(820001, 820020) g");
 is(stats($node)->{spilled} - $spilled0, 20, 'order: T2 spilled its 20 events, T1 was queued');
-$holder->query_safe('SELECT pg_advisory_unlock(4242)');
-$holder->quit;
+kill('CONT', $wpid);
 my @order = (810001, 820001 .. 820020);
 ok( poll_until(
 		sub {

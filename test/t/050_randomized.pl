@@ -685,6 +685,17 @@ SQL
 	} grep { length } split /\n/,
 	  $q->(q{SELECT lid || E'\t' || model || E'\t' || op || E'\t' || pk || E'\t'
 		|| encode(convert_to(j, 'UTF8'), 'hex') FROM ledger ORDER BY lid});
+	# an update whose old row was poisoned carries the poison in "old"
+	{
+		my %was;
+		for my $x (@ledger)
+		{
+			my $k = "$x->{model}\0$x->{pk}";
+			my $own = $x->{poison};
+			$x->{poison} = 1 if $x->{op} eq 'update' && $was{$k};
+			$was{$k} = $own;
+		}
+	}
 	my @poisoned = grep { $_->{poison} } @ledger;
 	my @clean    = grep { !$_->{poison} } @ledger;
 	note(sprintf('%s: ledger: %d committed row changes (%d poisoned)', $L, scalar @ledger, scalar @poisoned));

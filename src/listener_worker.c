@@ -1,0 +1,397 @@
+/*-------------------------------------------------------------------------
+ *
+ * listener_worker.c
+ *		The listener worker: the process that runs listener code.
+ *
+ * The worker that owns the MQTT clients (worker.c) runs no user code.  It
+ * hands this process two kinds of rows:
+ *
+ *	- local events, as rows of mqtt_emit.outbox with ME_FLAG_LOCAL: rows
+ *	  the worker writes for queued events that some local listener wants,
+ *	  and rows that committing backends wrote themselves (durable mode, a
+ *	  full queue)
+ *	- received messages, as rows of mqtt_emit.inbox
+ *
+ * and this process runs their listeners, oldest first, and marks each row
+ * done in the same transaction as the listeners' effects: a row's
+ * listeners take effect once, also across a crash of either process.
+ * Several rows share a transaction, which commits after
+ * mqtt_emit.listener_batch_time or before the subtransactions of its
+ * listener calls could overflow the subtransaction cache.
+ *
+ * Each row is handled in a subtransaction of its own (each listener call
+ * in one more, see listeners.c): a listener that raises is logged and
+ * counted and the others run, as before; an error outside the listener
+ * calls (a payload that is valid json but not jsonb, a table dropped
+ * meanwhile, anything else about this one event) rolls back that row's
+ * work only.  The row is tried again, up to ME_ATTEMPTS times with a pause
+ * between, then moved to mqtt_emit.dead_letters with the error, and the
+ * rows behind it go on.  The attempts are counted in shared memory before
+ * each one starts, so an event that makes this process exit (a listener
+ * that ignores the cancel of mqtt_emit.listener_timeout is ended a second
+ * later; pg_terminate_backend ends it at once) is not retried forever
+ * either.
+ *
+ * Copyright (c) 2026, pg_mqtt_emit developers
+ *
+ * IDENTIFICATION
+ *		src/listener_worker.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timeout.h"
+#include "utils/timestamp.h"
+
+#include "pg_mqtt_emit.h"
+#include "listeners.h"
+#include "outbox.h"
+#include "topic.h"
+
+#define ME_ATTEMPTS			3	/* tries of one event before it is a dead letter */
+#define ROWS_PER_ROUND		100
+#define MAX_SUBXACTS		48	/* stay clear of PGPROC_MAX_CACHED_SUBXIDS */
+
+#define ATTEMPT_LOCAL		1
+#define ATTEMPT_INBOX		2
+
+typedef enum
+{
+	ROW_DONE,					/* handled, or given up on */
+	ROW_RETRY					/* failed; try again later */
+} RowOutcome;
+
+static bool extension_ready = false;
+static uint32 listeners_version = 0;
+static TimestampTz last_extension_check = 0;
+static TimestampTz retry_at = 0;	/* a failed row waits until then */
+static StringInfoData topicbuf;
+
+static void listener_detach(int code, Datum arg);
+static void hard_timeout_handler(void);
+static bool run_round(void);
+
+void
+me_listener_worker_register(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS |
+		BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 1;
+	strcpy(worker.bgw_library_name, "pg_mqtt_emit");
+	strcpy(worker.bgw_function_name, "mqtt_emit_listener_main");
+	strcpy(worker.bgw_name, "pg_mqtt_emit listener worker");
+	strcpy(worker.bgw_type, "pg_mqtt_emit listeners");
+	RegisterBackgroundWorker(&worker);
+}
+
+static void
+listener_detach(int code, Datum arg)
+{
+	me_listener_release();
+}
+
+/*
+ * A listener still runs a second after its statement timeout cancelled it
+ * (it caught the cancel): end the process, which no exception handler can
+ * catch.  The postmaster starts it again.
+ */
+static void
+hard_timeout_handler(void)
+{
+	ProcDiePending = true;
+	InterruptPending = true;
+	SetLatch(MyLatch);
+}
+
+void
+mqtt_emit_listener_main(Datum main_arg)
+{
+	pid_t		other;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);		/* ends listener code wherever it is */
+	BackgroundWorkerUnblockSignals();
+
+	BackgroundWorkerInitializeConnection(mqtt_emit_database, NULL, 0);
+	pgstat_report_appname("pg_mqtt_emit listeners");
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
+
+	if (!me_listener_claim(MyLatch, &other))
+	{
+		ereport(LOG,
+				(errmsg("pg_mqtt_emit listener worker already running with PID %d",
+						(int) other)));
+		proc_exit(0);
+	}
+	before_shmem_exit(listener_detach, (Datum) 0);
+	me_listeners_set_hard_timeout((int) RegisterTimeout(USER_TIMEOUT,
+														hard_timeout_handler));
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		initStringInfo(&topicbuf);
+		MemoryContextSwitchTo(old);
+	}
+
+	for (;;)
+	{
+		long		timeout = 1000;
+		uint32		version;
+		TimestampTz now;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+
+		version = me_listeners_version();
+		now = GetCurrentTimestamp();
+		if (!extension_ready && now - last_extension_check > 5 * USECS_PER_SEC)
+			listeners_version = 0;
+		if (version != listeners_version)
+		{
+			SetCurrentStatementStartTimestamp();
+			StartTransactionCommand();
+			PushActiveSnapshot(GetTransactionSnapshot());
+			extension_ready = me_listeners_refresh();
+			PopActiveSnapshot();
+			CommitTransactionCommand();
+			last_extension_check = now;
+			listeners_version = version;
+		}
+
+		if (extension_ready && now >= retry_at && run_round())
+			continue;
+		if (retry_at > now)
+			timeout = Min(timeout, (long) ((retry_at - now) / 1000) + 1);
+
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 timeout, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+}
+
+/* the local listeners of one outbox row */
+static void
+handle_local(void *arg)
+{
+	const MeOutboxRow *row = (const MeOutboxRow *) arg;
+
+	if (row->hdr.kind != ME_KIND_ROW ||
+		!me_listeners_want_local(row->model, row->hdr.model_len))
+		return;
+	me_build_topic(&topicbuf, &row->hdr, row->model, false);
+	me_listeners_run_local(&row->hdr, row->model, row->payload, topicbuf.data);
+}
+
+/* the remote listeners of one received message */
+static void
+handle_inbox(void *arg)
+{
+	const MeInboxRow *row = (const MeInboxRow *) arg;
+	MeRemoteMessage msg;
+
+	msg.topic = row->topic;
+	msg.topic_len = row->topic_len;
+	msg.payload = row->payload;
+	msg.payload_len = row->payload_len;
+	me_listeners_handle_remote(&msg);
+}
+
+/*
+ * Handle one row in a subtransaction.  On an error the row's work is
+ * rolled back; after ME_ATTEMPTS the row goes to the dead letters
+ * (give_up), else it is to be tried again.
+ */
+static RowOutcome
+handle_row(int kind, int64 id, void (*handle) (void *), void *arg,
+		   void (*give_up) (const void *arg, const char *reason))
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	int			before = me_attempt_begin(kind, id);
+	RowOutcome	outcome = ROW_DONE;
+
+	if (before >= ME_ATTEMPTS)
+	{
+		/* the earlier attempts ended this process */
+		give_up(arg, "the listener worker exited while handling this event, each time it tried");
+		me_attempt_end();
+		return ROW_DONE;
+	}
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcxt);
+	PG_TRY();
+	{
+		handle(arg);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+
+		if (before + 1 >= ME_ATTEMPTS)
+		{
+			char		reason[1024];
+
+			snprintf(reason, sizeof(reason), "%s (SQLSTATE %s, after %d attempts)",
+					 edata->message, unpack_sql_state(edata->sqlerrcode), ME_ATTEMPTS);
+			give_up(arg, reason);
+		}
+		else
+		{
+			ereport(LOG,
+					(errmsg("pg_mqtt_emit could not hand %s " INT64_FORMAT " to its listeners: %s",
+							kind == ATTEMPT_LOCAL ? "outbox row" : "received message",
+							id, edata->message),
+					 errdetail("Attempt %d of %d; it is tried again in %d s.",
+							   before + 1, ME_ATTEMPTS, before + 1)));
+			me_set_last_error("listener worker: %s", edata->message);
+			outcome = ROW_RETRY;
+			retry_at = GetCurrentTimestamp() + (TimestampTz) (before + 1) * USECS_PER_SEC;
+		}
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+	if (outcome == ROW_DONE)
+		me_attempt_end();
+	return outcome;
+}
+
+static void
+give_up_local(const void *arg, const char *reason)
+{
+	me_outbox_local_failed((const MeOutboxRow *) arg, reason);
+}
+
+static void
+give_up_inbox(const void *arg, const char *reason)
+{
+	me_inbox_failed((const MeInboxRow *) arg, reason);
+}
+
+/*
+ * Is it time to commit?  After listener_batch_time, or before the
+ * subtransactions (one per row, one per listener call) could overflow
+ * the cache of subtransaction ids that every snapshot reads.
+ */
+static bool
+batch_full(TimestampTz start, int rows, uint64 calls_before)
+{
+	return rows + (int) (me_listeners_calls_made() - calls_before) >= MAX_SUBXACTS ||
+		GetCurrentTimestamp() - start >= (TimestampTz) mqtt_emit_listener_batch_time * 1000;
+}
+
+/*
+ * One round: local rows, then received messages, each in transactions of
+ * their own.  Returns true when there may be more to do right away.
+ */
+static bool
+run_round(void)
+{
+	bool		more = false;
+	int			pass;
+
+	for (pass = 0; pass < 2; pass++)
+	{
+		TimestampTz start = GetCurrentTimestamp();
+		uint64		calls_before = me_listeners_calls_made();
+		int64	   *done;
+		int			ndone = 0;
+		int			n;
+		int			i;
+		bool		stopped = false;
+
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		if (pass == 0)
+		{
+			MeOutboxRow *rows;
+
+			pgstat_report_activity(STATE_RUNNING, "running local listeners");
+			n = me_outbox_local_rows(ROWS_PER_ROUND, &rows);
+			done = palloc(sizeof(int64) * Max(n, 1));
+			for (i = 0; i < n && !stopped; i++)
+			{
+				/* each row sees what the rows before it did */
+				if (i > 0)
+				{
+					PopActiveSnapshot();
+					PushActiveSnapshot(GetTransactionSnapshot());
+				}
+				if (handle_row(ATTEMPT_LOCAL, rows[i].id, handle_local, &rows[i],
+							   give_up_local) == ROW_RETRY)
+					stopped = true;
+				else
+					done[ndone++] = rows[i].id;
+				if (batch_full(start, i + 1, calls_before))
+					stopped = true;
+			}
+			me_outbox_local_done(done, ndone);
+		}
+		else
+		{
+			MeInboxRow *rows;
+
+			pgstat_report_activity(STATE_RUNNING, "running remote listeners");
+			n = me_inbox_rows(ROWS_PER_ROUND, &rows);
+			done = palloc(sizeof(int64) * Max(n, 1));
+			for (i = 0; i < n && !stopped; i++)
+			{
+				if (i > 0)
+				{
+					PopActiveSnapshot();
+					PushActiveSnapshot(GetTransactionSnapshot());
+				}
+				if (handle_row(ATTEMPT_INBOX, rows[i].id, handle_inbox, &rows[i],
+							   give_up_inbox) == ROW_RETRY)
+					stopped = true;
+				else
+					done[ndone++] = rows[i].id;
+				if (batch_full(start, i + 1, calls_before))
+					stopped = true;
+			}
+			me_inbox_done(done, ndone);
+		}
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+		pgstat_report_stat(false);
+		pgstat_report_activity(STATE_IDLE, NULL);
+
+		if (retry_at > GetCurrentTimestamp())
+			return false;
+		if (n == ROWS_PER_ROUND || ndone < n)
+			more = true;
+	}
+	return more;
+}
