@@ -27,6 +27,6 @@ PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
-$(OBJS): src/pg_mqtt_emit.h
+$(OBJS): src/pg_mqtt_emit.h src/compat.h
 src/worker.o src/broker.o src/listeners.o: src/broker.h
 src/worker.o src/listeners.o: src/listeners.h

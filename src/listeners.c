@@ -376,7 +376,7 @@ call_listener(Listener *l, Datum event, const EventData *ev)
 								 PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_SAVE, true, 0, false);
 		/* the role may have lost the right since it registered */
-		if (pg_proc_aclcheck(l->fn, l->owner, ACL_EXECUTE) != ACLCHECK_OK)
+		if (me_proc_aclcheck(l->fn, l->owner, ACL_EXECUTE) != ACLCHECK_OK)
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 					 errmsg("permission denied for function %s", l->fn_name),
@@ -854,7 +854,7 @@ me_listeners_handle_remote(MeIncoming *m)
 	int			tmodel_len;
 	DedupKey	key;
 	TimestampTz now = GetCurrentTimestamp();
-	char	   *model;
+	char	   *volatile model;	/* volatile: set before a PG_TRY (gcc 14 -Wclobbered) */
 	int			i;
 	bool		wanted = false;
 	const char *self = me_client_id();
@@ -992,7 +992,7 @@ me_listeners_handle_remote(MeIncoming *m)
 	if (v != NULL)
 	{
 		char	   *ts = jbv_string(v);
-		bool		ok = true;
+		volatile bool ok = true;
 
 		BeginInternalSubTransaction(NULL);
 		MemoryContextSwitchTo(oldcxt);
