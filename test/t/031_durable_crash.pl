@@ -228,7 +228,11 @@ is(scalar(grep { $rb{$_} } @in_outbox), 0,
 	'no rolled-back event is in the outbox');
 my $s = stats($node);
 is($s->{in_outbox}, $ncommitted, "stats.in_outbox = $ncommitted");
-is($s->{queued},    0,           'nothing waits in the shared-memory queue in durable mode');
+# durable events go through the queue as well (since the queue publishes them,
+# their rows are the crash net); with the broker away the worker gives the
+# rows their place in the outbox and the queue empties, not at once
+ok(poll_until(sub { my $q = stats($node); $q && $q->{queued} == 0 }, $T),
+	'with the broker down the shared-memory queue empties in durable mode');
 is(scalar(my @a = arrived_ids($sub, $MODEL)), 1,
 	'nothing arrived during the outage (sanity: the broker is really down)');
 
