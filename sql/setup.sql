@@ -105,6 +105,8 @@ SELECT count(*) AS workers FROM pg_stat_activity WHERE backend_type = 'pg_mqtt_e
 CREATE DATABASE regress_mqtt_other;
 \c regress_mqtt_other
 \set VERBOSITY default
+-- no CONTEXT: PostgreSQL 18 adds the extension script's line to it
+\set SHOW_CONTEXT never
 CREATE EXTENSION pg_mqtt_emit;
 \c contrib_regression
 DROP DATABASE regress_mqtt_other;
