@@ -35,7 +35,7 @@ PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
-$(OBJS): src/pg_mqtt_emit.h
+$(OBJS): src/pg_mqtt_emit.h src/compat.h
 src/worker.o src/client.o src/inflight.o src/relay.o src/inbound.o src/broker.o: src/broker.h src/worker.h
 src/worker.o src/relay.o src/inbound.o src/listeners.o src/remote.o src/listener_worker.o: src/listeners.h
 src/capture.o src/outbox.o src/relay.o src/inflight.o src/worker.o src/inbound.o src/listener_worker.o: src/outbox.h

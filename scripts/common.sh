@@ -5,8 +5,45 @@
 # is recorded by PID (pm_track_pid) or data directory (pm_track_pgdata) and
 # stopped by pm_cleanup, which callers install in an EXIT trap.
 
-PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
-PG_BINDIR="$("$PG_CONFIG" --bindir 2>/dev/null || echo /usr/lib/postgresql/15/bin)"
+# pm_debian_pg_major: the PostgreSQL major version this Debian release ships
+# (12 bookworm: 15, 13 trixie: 17, forky: 18; otherwise what the "postgresql"
+# package depends on); nothing if unknown.
+pm_debian_pg_major() {
+	local codename=""
+	codename="$(. /etc/os-release 2>/dev/null && echo "${VERSION_CODENAME:-}")" || true
+	case "$codename" in
+		bookworm) echo 15 ;;
+		trixie) echo 17 ;;
+		forky) echo 18 ;;
+		*) apt-cache depends postgresql 2>/dev/null |
+			sed -n 's/^ *Depends: postgresql-\([0-9][0-9]*\)$/\1/p' | head -n 1 ;;
+	esac
+}
+
+# pm_pg_major: the major version to build and test against: $PG_MAJOR; else
+# that of $PG_CONFIG (asking it, or from its path /usr/lib/postgresql/NN/...);
+# else the one the Debian release ships.
+pm_pg_major() {
+	if [[ -n "${PG_MAJOR:-}" ]]; then
+		echo "$PG_MAJOR"
+		return
+	fi
+	if [[ -n "${PG_CONFIG:-}" ]]; then
+		local v
+		v="$("$PG_CONFIG" --version 2>/dev/null | sed -n 's/^PostgreSQL \([0-9][0-9]*\).*/\1/p')" || true
+		if [[ -z "$v" && "$PG_CONFIG" =~ /postgresql/([0-9]+)/ ]]; then v="${BASH_REMATCH[1]}"; fi
+		if [[ -n "$v" ]]; then
+			echo "$v"
+			return
+		fi
+	fi
+	pm_debian_pg_major
+}
+
+PG_MAJOR="$(pm_pg_major)" || PG_MAJOR=""
+PG_MAJOR="${PG_MAJOR:-15}"
+PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/$PG_MAJOR/bin/pg_config}"
+PG_BINDIR="$("$PG_CONFIG" --bindir 2>/dev/null || echo "/usr/lib/postgresql/$PG_MAJOR/bin")"
 PG_USER="${PG_USER:-postgres}"
 
 PM_PIDS=()

@@ -3,21 +3,24 @@
 #
 #   bash scripts/demo.sh
 #
-# As root on a fresh Debian 12: installs the packages, builds and installs the
+# As root on a fresh Debian 12 or 13: installs the packages, builds and installs the
 # extension (from a copy of the tree), starts mosquitto and PostgreSQL on free
 # ports in a temp dir (as user postgres), watches a table "user", registers a
 # PL/pgSQL listener, runs INSERT/UPDATE/DELETE and a rolled-back transaction,
 # and shows what arrived on the bus (mosquitto_sub), what the listener logged,
 # and mqtt_emit.stats. Stops everything and removes the temp dir at the end.
 #
-# Environment: PG_CONFIG, SKIP_DEPS=1, SKIP_BUILD=1, KEEP_TMP=1 (keep the temp
+# Environment: PG_CONFIG, PG_MAJOR (as in test/run.sh), SKIP_DEPS=1, SKIP_BUILD=1, KEEP_TMP=1 (keep the temp
 # dir), DEMO_TIMEOUT (seconds to wait for messages, default 30).
 # Exit status 0 when every step worked.
 set -euo pipefail
 
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
-export PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
+# PG_MAJOR, PG_CONFIG: as given, else the version the Debian release ships
+# shellcheck source=common.sh
+source "$SCRIPT_DIR/common.sh"
+export PG_MAJOR PG_CONFIG
 DEMO_TIMEOUT="${DEMO_TIMEOUT:-30}"
 TOPIC_PREFIX="prisma/events"    # the seed's default prefix: a private broker, no clash
 

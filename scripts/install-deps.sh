@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# install-deps.sh: install what pg_mqtt_emit needs to build, test and demo on Debian 12.
+# install-deps.sh: install what pg_mqtt_emit needs to build, test and demo on
+# Debian 12 or 13.
 #
+# The PostgreSQL major version: $PG_MAJOR, else that of $PG_CONFIG, else the
+# one the Debian release ships (12: 15, 13: 17; see pm_pg_major in common.sh).
 # Idempotent: when every package is already installed it does nothing (no apt-get update).
 # Must run as root unless everything is already installed.
 set -euo pipefail
 
+# shellcheck source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
 PACKAGES=(
 	make gcc
-	postgresql-15 postgresql-server-dev-15 postgresql-15-pgtap
+	"postgresql-$PG_MAJOR" "postgresql-server-dev-$PG_MAJOR" "postgresql-$PG_MAJOR-pgtap"
 	libtap-parser-sourcehandler-pgtap-perl libipc-run-perl
 	mosquitto mosquitto-clients libpaho-mqtt-dev
 )
@@ -21,11 +27,11 @@ for pkg in "${PACKAGES[@]}"; do
 done
 
 if [[ ${#missing[@]} -eq 0 ]]; then
-	echo "install-deps: all ${#PACKAGES[@]} packages already installed"
+	echo "install-deps: all ${#PACKAGES[@]} packages already installed (PostgreSQL $PG_MAJOR)"
 	exit 0
 fi
 
-echo "install-deps: missing: ${missing[*]}"
+echo "install-deps: PostgreSQL $PG_MAJOR; missing: ${missing[*]}"
 if [[ "$(id -u)" -ne 0 ]]; then
 	echo "install-deps: must run as root to install them" >&2
 	exit 1

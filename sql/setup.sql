@@ -2,13 +2,31 @@
 \set VERBOSITY terse
 CREATE EXTENSION pg_mqtt_emit;
 
--- objects of the extension
-SELECT pg_describe_object(classid, objid, 0) AS object
-  FROM pg_depend
+-- objects of the extension (the types that come with them are below)
+CREATE VIEW members AS
+SELECT classid, objid FROM pg_depend
  WHERE refclassid = 'pg_extension'::regclass
    AND refobjid = (SELECT oid FROM pg_extension WHERE extname = 'pg_mqtt_emit')
-   AND deptype = 'e'
+   AND deptype = 'e';
+-- the types that come with an object: a table's or view's row type, arrays
+CREATE VIEW dependent_types AS
+SELECT c.reltype AS objid FROM members m JOIN pg_class c ON c.oid = m.objid
+ WHERE m.classid = 'pg_class'::regclass AND c.reltype <> 0
+UNION
+SELECT t.typarray FROM pg_type t
+ WHERE t.typarray <> 0
+   AND (t.oid IN (SELECT objid FROM members WHERE classid = 'pg_type'::regclass)
+        OR t.typrelid IN (SELECT objid FROM members WHERE classid = 'pg_class'::regclass));
+SELECT pg_describe_object(classid, objid, 0) AS object
+  FROM members
+ WHERE NOT (classid = 'pg_type'::regclass AND objid IN (SELECT objid FROM dependent_types))
  ORDER BY 1;
+-- PostgreSQL 17 lists those types as members too, 15 and 16 do not
+SELECT count(*) AS dependent_types,
+       bool_and((objid IN (SELECT objid FROM members WHERE classid = 'pg_type'::regclass))
+                = (current_setting('server_version_num')::int >= 170000)) AS members_as_expected
+  FROM dependent_types;
+DROP VIEW dependent_types, members;
 
 -- every function and view has a comment (internal _helpers excepted)
 SELECT p.oid::regprocedure AS uncommented
@@ -53,9 +71,12 @@ SET mqtt_emit.no_such_setting = 1;
 -- credentials are hidden from roles that are not superusers
 CREATE ROLE regress_mqtt_plain LOGIN;
 SET ROLE regress_mqtt_plain;
+-- SQLSTATE only: PostgreSQL 16 reworded the message (42501 insufficient_privilege)
+\set VERBOSITY sqlstate
 SHOW mqtt_emit.password;
 SHOW mqtt_emit.tls_key_file;
 SHOW mqtt_emit.signing_key;
+\set VERBOSITY terse
 SELECT count(*) AS visible FROM pg_settings
  WHERE name IN ('mqtt_emit.password', 'mqtt_emit.username', 'mqtt_emit.tls_key_file',
                 'mqtt_emit.tls_cert_file', 'mqtt_emit.tls_ca_file', 'mqtt_emit.signing_key');
@@ -84,6 +105,8 @@ SELECT count(*) AS workers FROM pg_stat_activity WHERE backend_type = 'pg_mqtt_e
 CREATE DATABASE regress_mqtt_other;
 \c regress_mqtt_other
 \set VERBOSITY default
+-- no CONTEXT: PostgreSQL 18 adds the extension script's line to it
+\set SHOW_CONTEXT never
 CREATE EXTENSION pg_mqtt_emit;
 \c contrib_regression
 DROP DATABASE regress_mqtt_other;

@@ -177,8 +177,8 @@ map_to_partition(Relation rel, Trigger *trigger, AttrNumber *listed, int nlisted
 				owner = true;
 		if (owner)
 		{
-			AttrMap    *map = build_attrmap_by_name(RelationGetDescr(rel),
-													RelationGetDescr(anc));
+			AttrMap    *map = me_build_attrmap_by_name(RelationGetDescr(rel),
+													   RelationGetDescr(anc));
 
 			for (i = 0; i < nlisted; i++)
 				listed[i] = (listed[i] > 0 && listed[i] <= map->maplen) ?

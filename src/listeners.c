@@ -319,7 +319,7 @@ call_listener(Listener *l, Datum event, const MeEvent *ev)
 								 PGC_USERSET, PGC_S_SESSION,
 								 GUC_ACTION_SAVE, true, 0, false);
 		/* the role may have lost the right since it registered */
-		if (pg_proc_aclcheck(l->fn, l->owner, ACL_EXECUTE) != ACLCHECK_OK)
+		if (me_proc_aclcheck(l->fn, l->owner, ACL_EXECUTE) != ACLCHECK_OK)
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 					 errmsg("permission denied for function %s", l->fn_name),

@@ -22,6 +22,8 @@
 #include "storage/lwlock.h"
 #include "storage/s_lock.h"
 
+#include "compat.h"
+
 #define MQTT_EMIT_SCHEMA			"mqtt_emit"
 #define MQTT_EMIT_EXTENSION			"pg_mqtt_emit"
 #define MQTT_EMIT_MAX_ERROR_LEN		256

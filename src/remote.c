@@ -317,7 +317,7 @@ me_listeners_handle_remote(const MeRemoteMessage *m)
 	int			tmodel_len;
 	DedupKey	key;
 	TimestampTz now = GetCurrentTimestamp();
-	char	   *model;
+	char	   *volatile model;	/* volatile: set before a PG_TRY (gcc 14 -Wclobbered) */
 	const char *self = me_client_id();
 
 	me_count(ME_STAT_RECEIVED, 1);

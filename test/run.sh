@@ -7,7 +7,7 @@
 #   bash test/run.sh tap [FILE.pl...]         # Perl TAP only (default test/t/*.pl)
 #   bash test/run.sh regress tap test/t/010_publish.pl   # suites combine
 #
-# As root (CI, a fresh Debian 12): installs the packages (scripts/install-deps.sh),
+# As root (CI, a fresh Debian 12 or 13): installs the packages (scripts/install-deps.sh),
 # copies the tree to a temp dir, builds and installs the extension there, then
 # runs the suites as user postgres. As another user: the packages must already
 # be installed and `make install` must be allowed.
@@ -24,7 +24,9 @@
 # last line is exactly "N passed, N failed"; the exit status is non-zero if
 # anything failed.
 #
-# Environment: PG_CONFIG (default /usr/lib/postgresql/15/bin/pg_config),
+# Environment: PG_CONFIG (default /usr/lib/postgresql/$PG_MAJOR/bin/pg_config),
+# PG_MAJOR (default: that of PG_CONFIG if set, else the version the Debian
+# release ships: 15 on Debian 12, 17 on Debian 13),
 # PG_CFLAGS (default: strict warnings with -Werror, as CI builds),
 # SKIP_DEPS=1, SKIP_BUILD=1, KEEP_TMP=1 (keep the temp dir even on success; it
 # is always kept on failure), PROVE_FLAGS (extra prove options, e.g. -v),
@@ -36,7 +38,11 @@ set -euo pipefail
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
 
-export PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
+# PG_MAJOR and PG_CONFIG: what the caller set, else the version this Debian
+# release ships (scripts/common.sh; 15 on Debian 12, 17 on Debian 13)
+# shellcheck source=../scripts/common.sh
+source "$ROOT/scripts/common.sh"
+export PG_MAJOR PG_CONFIG
 export PG_CFLAGS="${PG_CFLAGS--Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare -Werror}"
 
 usage() {
@@ -348,16 +354,19 @@ suite_tap() {
 	local dir="$WORK/tap" perl_dir
 	mkdir -p "$dir"
 	perl_dir="$(dirname "$(dirname "$("$PG_CONFIG" --pgxs)")")/test/perl"
-	# TESTDIR: where PostgreSQL::Test::Utils puts tmp_check (data dirs, logs).
+	# TESTDIR (PostgreSQL 15), TESTDATADIR and TESTLOGDIR (16 and later):
+	# where PostgreSQL::Test::Utils puts tmp_check (data dirs, brokers' files)
+	# and the logs; the same absolute paths on every version.
 	# MQTT_EMIT_TEST_PIDFILE: every process MqttEmitTest starts, so that we
 	# can stop them if a test is killed before its END blocks ran.
 	local -a prove_flags=()
 	read -ra prove_flags <<<"${PROVE_FLAGS:-}"
-	export TESTDIR="$dir" MQTT_EMIT_TEST_PIDFILE="$dir/pids"
+	export TESTDIR="$dir" TESTDATADIR="$dir/tmp_check" TESTLOGDIR="$dir/tmp_check/log" \
+		MQTT_EMIT_TEST_PIDFILE="$dir/pids"
 	run_job "$dir/output.txt" prove -I test/lib -I "$perl_dir" \
 		"${prove_flags[@]+"${prove_flags[@]}"}" "${files[@]}"
 	local rc=$RC
-	unset TESTDIR MQTT_EMIT_TEST_PIDFILE
+	unset TESTDIR TESTDATADIR TESTLOGDIR MQTT_EMIT_TEST_PIDFILE
 	local tally
 	tally="$(perl "$ROOT/test/lib/tally.pl" tap <"$dir/output.txt")"
 	add_counts "Perl TAP" "$tally"

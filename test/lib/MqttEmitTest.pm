@@ -43,7 +43,7 @@ nodes in its END block.
 
 Runs as any user but root (initdb refuses root); test/run.sh runs it as
 C<postgres>. PostgreSQL's bin directory (from C<$PG_CONFIG>, default
-F</usr/lib/postgresql/15/bin/pg_config>) is put first in PATH, and its Perl
+the newest F</usr/lib/postgresql/NN/bin/pg_config>) is put first in PATH, and its Perl
 test modules are added to @INC, so C<prove -I test/lib> is enough.
 
 =cut
@@ -59,9 +59,13 @@ our ($PG_CONFIG, $PG_BINDIR, $PG_PERL_DIR);
 
 BEGIN
 {
-	$PG_CONFIG = $ENV{PG_CONFIG} // '/usr/lib/postgresql/15/bin/pg_config';
-	$PG_BINDIR = '/usr/lib/postgresql/15/bin';
-	my $pgxs_src = '/usr/lib/postgresql/15/lib/pgxs/src';
+	# default: the newest Debian-installed version (15 if none is)
+	my ($newest) = sort { $b <=> $a } map { m{/postgresql/(\d+)/} ? $1 : () }
+	  glob('/usr/lib/postgresql/*/bin/pg_config');
+	$newest //= 15;
+	$PG_CONFIG = $ENV{PG_CONFIG} // "/usr/lib/postgresql/$newest/bin/pg_config";
+	$PG_BINDIR = "/usr/lib/postgresql/$newest/bin";
+	my $pgxs_src = "/usr/lib/postgresql/$newest/lib/pgxs/src";
 	if (-x $PG_CONFIG)
 	{
 		chomp(my $bindir = `"$PG_CONFIG" --bindir`);

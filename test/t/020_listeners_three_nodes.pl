@@ -360,7 +360,7 @@ ok( poll_until(
 		$T),
 	'node 3: no remote listener left, no subscription, subscriber gone');
 ok( poll_until(
-		sub { broker_log_since($broker, $blog1) =~ /Client \Q$cid3\E (?:disconnected|closed its connection)/ },
+		sub { broker_log_since($broker, $blog1) =~ /Client \Q$cid3\E (?:\[[^\]]*\] )?(?:disconnected|closed its connection)/ },
 		$T),
 	'node 3: the broker saw its subscriber leave');
 is(sq($nodes{3}, 'SELECT count(*) FROM mqtt_emit.subscriptions'), 0,

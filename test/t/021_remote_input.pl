@@ -531,7 +531,7 @@ is(sq($node2, "SELECT count(*) FROM role_seen WHERE id = 'revoked-1' AND usr = '
 		'node 2: stats.subscriptions = 0 and no subscriber connection');
 	is(sq($node2, 'SELECT count(*) FROM mqtt_emit.subscriptions'), 0, 'node 2: mqtt_emit.subscriptions is empty');
 	ok( poll_until(
-			sub { text_since($broker->log_file, $off) =~ /Client \Q$sid\E (?:disconnected|closed its connection)/ },
+			sub { text_since($broker->log_file, $off) =~ /Client \Q$sid\E (?:\[[^\]]*\] )?(?:disconnected|closed its connection)/ },
 			$T),
 		'node 2: the broker saw its subscriber leave');
 	is(stats($node2)->{worker_pid}, $pid2, 'node 2: same worker throughout');

@@ -114,7 +114,9 @@ sub msg
 # setup
 # ---------------------------------------------------------------------------
 
-my $broker = start_broker();
+# the 10 MB case must reach the receiver: mosquitto 2.1 limits packets to
+# 2,000,000 bytes by default (2.0: no limit); 268435455 is MQTT's maximum
+my $broker = start_broker(extra_conf => ['max_packet_size 268435455']);
 my %init   = (init => { extra => [ '--encoding=UTF8', '--locale=C' ] });
 my $node1  = new_node('sender', broker => $broker, %init);
 my $node2  = new_node(
