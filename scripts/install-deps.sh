@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # install-deps.sh: install what pg_mqtt_emit needs to build, test and demo on Debian 12.
+# (rabbitmq-server: test/t/062_rabbitmq.pl starts a node of its own; nothing starts on install.)
 #
 # Idempotent: when every package is already installed it does nothing (no apt-get update).
 # Must run as root unless everything is already installed.
@@ -10,6 +11,7 @@ PACKAGES=(
 	postgresql-15 postgresql-server-dev-15 postgresql-15-pgtap
 	libtap-parser-sourcehandler-pgtap-perl libipc-run-perl
 	mosquitto mosquitto-clients libpaho-mqtt-dev
+	rabbitmq-server
 )
 
 missing=()
