@@ -6,17 +6,21 @@
 # (doc/DESIGN.md 6), idle and under a write load; after SIGCONT everything
 # committed in between arrives.
 #
-# paho alone notices only when it has sent nothing for a whole keepalive
-# interval (then a PINGREQ, and 1.5 intervals for the PINGRESP): under a
-# write load never, as long as the socket buffer takes the writes.  The
-# worker's watchdog (src/broker.c) probes a quiet broker and gives the
-# connection up after 1.5 intervals without an answer.
+# paho 1.3.12 alone sends a PINGREQ once it has sent or received nothing
+# for a keepalive interval, and gives up 1.5 intervals later without a
+# PINGRESP: 1.5 to 2.5 intervals after the freeze when idle, about 2.5
+# under a write load (measured here with keepalive 4 s: 10 s; issue 11 had
+# 30 s and a 75 s freeze go unnoticed).  The worker's watchdog
+# (src/broker.c) probes a quiet broker and gives the connection up 1.5
+# intervals after the broker's last answer.  The bound asserted is 1.5 x
+# keepalive + 2 s of slack: under load paho alone misses it; idle it may
+# meet it by luck.
 #
-# Checked, with mqtt_emit.keepalive = 2s:
-#   - a healthy idle connection stays up for 4 keepalive intervals (the
+# Checked, with mqtt_emit.keepalive = 4s:
+#   - a healthy idle connection stays up for 3 keepalive intervals (the
 #     watchdog's probes are answered; no reconnection)
 #   - idle, broker frozen: stats.connected and subscriber_connected turn
-#     false within 2 x keepalive + 2 s (measured, printed); the log says why
+#     false within the bound (measured, printed); the log says why
 #   - SIGCONT: both reconnect; a remote message runs the listener again (the
 #     subscriber subscribed again on its new connection)
 #   - a writer committing one row every 10 ms, broker frozen: connected
@@ -32,8 +36,8 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 
 my $T         = 60;
-my $KEEPALIVE = 2;
-my $BOUND     = 2 * $KEEPALIVE + 2;    # the requirement is ~1.5 x keepalive
+my $KEEPALIVE = 4;
+my $BOUND     = 1.5 * $KEEPALIVE + 2;    # the requirement: ~1.5 x keepalive
 my $prefix    = topic_prefix();
 
 my $broker = start_broker(name => 'frozen');
@@ -134,8 +138,8 @@ my $stayed = !poll_until(
 		(stat_of('connected') // '') ne 't' || (stat_of('subscriber_connected') // '') ne 't'
 		  || stat_of('connects') ne $connects0;
 	},
-	4 * $KEEPALIVE, 0.1);
-ok($stayed, "healthy idle broker: both connections stay up for 4 x keepalive (${\ (4 * $KEEPALIVE)} s)");
+	3 * $KEEPALIVE, 0.1);
+ok($stayed, "healthy idle broker: both connections stay up for 3 x keepalive (${\ (3 * $KEEPALIVE)} s)");
 unlike(slurp_file($node->logfile, $log_off), qr/no answer from the broker/,
 	'healthy idle broker: the watchdog gave nothing up');
 
@@ -146,7 +150,7 @@ freeze();
 my $t0 = Time::HiRes::time();
 my $dt_pub = time_until('connected', 'f', $t0, 30);
 my $dt_sub = time_until('subscriber_connected', 'f', $t0, 30);
-diag(sprintf('idle, broker frozen: publisher lost after %s s, subscriber after %s s (keepalive %d s, bound %d s)',
+diag(sprintf('idle, broker frozen: publisher lost after %s s, subscriber after %s s (keepalive %d s, bound %.1f s)',
 	map({ defined $_ ? sprintf('%.2f', $_) : 'never' } $dt_pub, $dt_sub), $KEEPALIVE, $BOUND));
 ok(defined $dt_pub && $dt_pub <= $BOUND, "idle: stats.connected false within $BOUND s");
 ok(defined $dt_sub && $dt_sub <= $BOUND, "idle: stats.subscriber_connected false within $BOUND s");
@@ -177,7 +181,7 @@ $t0 = Time::HiRes::time();
 my $at_freeze = sq(q{SELECT count(*) FROM ev WHERE phase = 'load'});
 my $dt_load = time_until('connected', 'f', $t0, 30);
 my $during = sq(q{SELECT count(*) FROM ev WHERE phase = 'load'}) - $at_freeze;
-diag(sprintf('load, broker frozen: publisher lost after %s s (keepalive %d s, bound %d s); %d rows committed meanwhile',
+diag(sprintf('load, broker frozen: publisher lost after %s s (keepalive %d s, bound %.1f s); %d rows committed meanwhile',
 	defined $dt_load ? sprintf('%.2f', $dt_load) : 'never', $KEEPALIVE, $BOUND, $during));
 ok(defined $dt_load && $dt_load <= $BOUND, "load: stats.connected false within $BOUND s");
 ok($during > 0, 'load: the writer kept committing while the broker was frozen');
