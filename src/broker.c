@@ -863,6 +863,12 @@ me_broker_publish(MeBroker *b, const char *topic, const char *payload,
 
 	msg.payload = (void *) payload;
 	msg.payloadlen = len;
+	/*
+	 * At most what the broker supports.  connack_max_qos is written before
+	 * the state becomes connected, which the caller saw under the mutex.
+	 */
+	if (b->connack_max_qos >= 0)
+		qos = Min(qos, b->connack_max_qos);
 	msg.qos = Min(qos, b->max_qos);
 	msg.retained = 0;
 
