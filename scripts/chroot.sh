@@ -39,7 +39,7 @@ chroot_packages() {
 	echo make gcc libc6-dev \
 		"postgresql-$major" "postgresql-server-dev-$major" "postgresql-$major-pgtap" \
 		libtap-parser-sourcehandler-pgtap-perl libipc-run-perl perl \
-		mosquitto mosquitto-clients libpaho-mqtt-dev \
+		mosquitto mosquitto-clients libpaho-mqtt-dev rabbitmq-server \
 		openssl util-linux procps ca-certificates
 }
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # install-deps.sh: install what pg_mqtt_emit needs to build, test and demo on
 # Debian 12 or 13.
+# (rabbitmq-server: test/t/062_rabbitmq.pl starts a node of its own; nothing starts on install.)
 #
 # The PostgreSQL major version: $PG_MAJOR, else that of $PG_CONFIG, else the
 # one the Debian release ships (12: 15, 13: 17; see pm_pg_major in common.sh).
@@ -16,6 +17,7 @@ PACKAGES=(
 	"postgresql-$PG_MAJOR" "postgresql-server-dev-$PG_MAJOR" "postgresql-$PG_MAJOR-pgtap"
 	libtap-parser-sourcehandler-pgtap-perl libipc-run-perl
 	mosquitto mosquitto-clients libpaho-mqtt-dev
+	rabbitmq-server
 )
 
 missing=()

@@ -11,6 +11,21 @@
  * paho creates its threads, so that SIGTERM, SIGHUP and SIGURG (latches)
  * are always delivered to the main thread.
  *
+ * paho notices a dead connection only through its keepalive, and only
+ * when it has sent nothing for a whole keepalive interval: while the
+ * worker publishes to a broker that stopped answering (a half-open
+ * connection, a frozen broker), the writes keep succeeding into the socket
+ * buffer and paho never pings.  Even when idle it needs up to 2.5 x
+ * keepalive (a PINGREQ after one interval, then 1.5 intervals for the
+ * PINGRESP).  So the worker watches the broker itself (me_broker_watch):
+ * every answer from the broker (CONNACK, PUBACK/PUBCOMP, a received
+ * message, UNSUBACK) counts as a sign of life; after half a keepalive
+ * interval without one it sends a probe, an UNSUBSCRIBE of a filter it
+ * never subscribed to (nothing is published, every broker answers with
+ * UNSUBACK), and with no answer of any kind for a keepalive interval
+ * after that, the connection counts as lost: at most 1.5 x keepalive
+ * after the broker's last answer.
+ *
  * Reconnection is driven by the worker, not by paho's automatic reconnect:
  * the worker knows when it wants to back off, resubscribe, or switch
  * brokers after a reload.  This file touches no catalog and reads no
@@ -27,6 +42,7 @@
 
 #include <pthread.h>
 #include <signal.h>
+#include <time.h>
 
 #include <MQTTAsync.h>
 
@@ -48,10 +64,28 @@ typedef enum
 
 /*
  * The publisher.  Publish completions carry only the message's sequence
- * number as their context (no allocation per message); there is one
- * publisher at a time, and callbacks of a destroyed client never run.
+ * number as their context (no allocation per message), and find the
+ * publisher here.  There is one publisher at a time; paho runs no callback
+ * of a client after MQTTAsync_destroy() returned, and me_broker_destroy()
+ * clears this before destroying, under publisher_mutex, which a callback
+ * holds while it uses the publisher.
  */
+static pthread_mutex_t publisher_mutex = PTHREAD_MUTEX_INITIALIZER;
 static MeBroker *current_publisher = NULL;
+
+/*
+ * The worker's latch (MyLatch, which does not change in the worker), set
+ * by the first me_broker_create().  Callbacks set it after they released
+ * the client's mutex: by then the worker may already have destroyed the
+ * client, so they must not read the latch from it.
+ */
+static Latch *worker_latch = NULL;
+
+/* What the watchdog's probes unsubscribe from: nothing ever subscribes to it. */
+#define ME_PROBE_FILTER		"$mqtt_emit/probe"
+
+/* seconds paho waits for a CONNACK */
+#define ME_CONNECT_TIMEOUT	10
 
 struct MeBroker
 {
@@ -59,11 +93,18 @@ struct MeBroker
 	bool		subscriber;
 	const MeBrokerConfig *cfg;
 	int			version;		/* MQTTVERSION_3_1_1 or MQTTVERSION_5 */
-	Latch	   *latch;
+	int			max_qos;		/* highest QoS to publish with on this client */
 
 	/* everything below is shared with paho's threads, under mutex */
 	pthread_mutex_t mutex;
 	BrokerState state;
+	int64		last_heard;		/* ms (monotonic): the broker's last answer */
+	bool		probe_out;		/* a probe awaits its UNSUBACK */
+	int64		probe_since;	/* ms (monotonic): when it was sent */
+	bool		stale;			/* given up by the watchdog, paho still connected */
+	int			connack_max_qos;	/* Maximum QoS in the CONNACK (MQTT 5), or -1 */
+	bool		qos2_checked;	/* one QoS 2 acknowledgement was checked */
+	int			qos2_token;		/* a QoS 2 acknowledgement to check, or 0 */
 	bool		news_connected;
 	bool		news_lost;
 	char		news_error[256];
@@ -83,6 +124,23 @@ struct MeBroker
 };
 
 /* ----- callbacks: paho threads; malloc, mutex and SetLatch only ----- */
+
+/* milliseconds on the monotonic clock; safe on any thread */
+static int64
+mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void
+wake_worker(void)
+{
+	if (worker_latch)
+		SetLatch(worker_latch);
+}
 
 static void
 push_seq(uint64 **arr, int *n, int *max, uint64 seq)
@@ -108,7 +166,7 @@ record_lost(MeBroker *b, const char *why)
 	b->news_lost = true;
 	strlcpy(b->news_error, why ? why : "connection lost", sizeof(b->news_error));
 	pthread_mutex_unlock(&b->mutex);
-	SetLatch(b->latch);
+	wake_worker();
 }
 
 static void
@@ -125,89 +183,214 @@ on_connect_success(void *context, MQTTAsync_successData *response)
 	pthread_mutex_lock(&b->mutex);
 	b->state = BS_CONNECTED;
 	b->news_connected = true;
+	b->last_heard = mono_ms();
+	b->probe_out = false;
 	pthread_mutex_unlock(&b->mutex);
-	SetLatch(b->latch);
+	wake_worker();
 }
 
 static void
 on_connect_success5(void *context, MQTTAsync_successData5 *response)
 {
+	MeBroker   *b = (MeBroker *) context;
+
+	if (response &&
+		MQTTProperties_hasProperty(&response->properties, MQTTPROPERTY_CODE_MAXIMUM_QOS))
+	{
+		int			maxqos = MQTTProperties_getNumericValue(&response->properties,
+															MQTTPROPERTY_CODE_MAXIMUM_QOS);
+
+		pthread_mutex_lock(&b->mutex);
+		b->connack_max_qos = maxqos;
+		pthread_mutex_unlock(&b->mutex);
+	}
 	on_connect_success(context, NULL);
+}
+
+/* what a CONNACK return code of MQTT 3.1.1 means */
+static const char *
+connack_return_code_text(int rc)
+{
+	switch (rc)
+	{
+		case 1:
+			return "unacceptable protocol version";
+		case 2:
+			return "identifier rejected";
+		case 3:
+			return "server unavailable";
+		case 4:
+			return "bad user name or password";
+		case 5:
+			return "not authorized";
+	}
+	return "unknown return code";
+}
+
+/*
+ * Say why a connection attempt failed.  paho reports a refusing CONNACK as
+ * message "CONNACK return code" with the broker's return code (3.1.1) or
+ * reason code (5) in code, and a broker that closes the connection before
+ * it answers the CONNECT as "TCP connect completion failure", code -1.
+ */
+static void
+describe_connect_failure(MeBroker *b, const char *message, int code,
+						 char *buf, size_t len)
+{
+	bool		v5 = (b->version == MQTTVERSION_5);
+
+	if (message && strcmp(message, "CONNACK return code") == 0 && code > 0)
+	{
+		if (v5)
+			snprintf(buf, len, "the broker refused the connection: %s (CONNACK reason code %d)",
+					 MQTTReasonCode_toString(code), code);
+		else
+			snprintf(buf, len, "the broker refused the connection: %s (CONNACK return code %d)",
+					 connack_return_code_text(code), code);
+	}
+	else if (message && strcmp(message, "TCP connect completion failure") == 0)
+	{
+		if (v5)
+			snprintf(buf, len, "the broker closed the connection during CONNECT; "
+					 "if it does not support MQTT 5, set mqtt_emit.mqtt_version = '3.1.1'");
+		else
+			snprintf(buf, len, "the broker closed the connection during CONNECT "
+					 "(see the broker's log: it may refuse the client id or the credentials)");
+	}
+	else if (message && strcmp(message, "TCP connect timeout") == 0)
+		snprintf(buf, len, "no answer to CONNECT within %d s", ME_CONNECT_TIMEOUT);
+	else
+		snprintf(buf, len, "connect failed: %s (code %d)",
+				 message ? message : MQTTAsync_strerror(code), code);
 }
 
 static void
 on_connect_failure(void *context, MQTTAsync_failureData *response)
 {
+	MeBroker   *b = (MeBroker *) context;
 	char		buf[256];
 
-	snprintf(buf, sizeof(buf), "connect failed: %s (code %d)",
-			 (response && response->message) ? response->message :
-			 MQTTAsync_strerror(response ? response->code : 0),
-			 response ? response->code : 0);
-	record_lost((MeBroker *) context, buf);
+	describe_connect_failure(b, response ? response->message : NULL,
+							 response ? response->code : 0, buf, sizeof(buf));
+	record_lost(b, buf);
 }
 
 static void
 on_connect_failure5(void *context, MQTTAsync_failureData5 *response)
 {
+	MeBroker   *b = (MeBroker *) context;
 	char		buf[256];
 
 	/* paho reports a refusing CONNACK's reason in code, not reasonCode */
-	snprintf(buf, sizeof(buf), "connect failed: %s (code %d, reason %s)",
-			 (response && response->message) ? response->message :
-			 MQTTAsync_strerror(response ? response->code : 0),
-			 response ? response->code : 0,
-			 !response ? "" :
-			 response->reasonCode != 0 ? MQTTReasonCode_toString(response->reasonCode) :
-			 response->code > 0 ? MQTTReasonCode_toString(response->code) : "none");
-	record_lost((MeBroker *) context, buf);
+	describe_connect_failure(b, response ? response->message : NULL,
+							 !response ? 0 :
+							 (response->code == 0 && response->reasonCode != 0) ?
+							 (int) response->reasonCode : response->code,
+							 buf, sizeof(buf));
+	record_lost(b, buf);
 }
 
-/* outcome: 1 acknowledged, 0 failed (send again), -1 refused for good */
+/*
+ * outcome: 1 acknowledged, 0 failed (send again), -1 refused for good.
+ * qos is the message's; token its paho token (its MQTT message id).
+ */
 static void
-record_publish_outcome(void *context, int outcome)
+record_publish_outcome(void *context, int outcome, int qos, int token)
 {
-	MeBroker   *b = current_publisher;
+	MeBroker   *b;
 	uint64		seq = (uint64) (uintptr_t) context;
 
-	if (b == NULL)
-		return;
-	pthread_mutex_lock(&b->mutex);
-	if (outcome > 0)
-		push_seq(&b->acks, &b->nacks, &b->maxacks, seq);
-	else if (outcome < 0)
-		push_seq(&b->rejects, &b->nrejects, &b->maxrejects, seq);
-	else
-		push_seq(&b->failures, &b->nfailures, &b->maxfailures, seq);
-	pthread_mutex_unlock(&b->mutex);
-	SetLatch(b->latch);
+	pthread_mutex_lock(&publisher_mutex);
+	b = current_publisher;
+	if (b != NULL)
+	{
+		pthread_mutex_lock(&b->mutex);
+		if (outcome > 0)
+			push_seq(&b->acks, &b->nacks, &b->maxacks, seq);
+		else if (outcome < 0)
+			push_seq(&b->rejects, &b->nrejects, &b->maxrejects, seq);
+		else
+			push_seq(&b->failures, &b->nfailures, &b->maxfailures, seq);
+		/* paho "completes" a QoS 0 message when it wrote it: no answer */
+		if (outcome != 0 && qos > 0)
+			b->last_heard = mono_ms();
+		/* see me_broker_poll(): did the broker really complete QoS 2? */
+		if (outcome > 0 && qos == 2 && !b->qos2_checked && b->qos2_token == 0)
+			b->qos2_token = token;
+		pthread_mutex_unlock(&b->mutex);
+	}
+	pthread_mutex_unlock(&publisher_mutex);
+	if (b != NULL)
+		wake_worker();
 }
 
 static void
 on_publish_success(void *context, MQTTAsync_successData *response)
 {
-	record_publish_outcome(context, 1);
+	record_publish_outcome(context, 1,
+						   response ? response->alt.pub.message.qos : 1,
+						   response ? response->token : 0);
 }
 
 static void
 on_publish_success5(void *context, MQTTAsync_successData5 *response)
 {
 	/* a PUBACK with a failure reason code: the broker refuses this message */
-	record_publish_outcome(context, (response && response->reasonCode >= 0x80) ? -1 : 1);
+	record_publish_outcome(context, (response && response->reasonCode >= 0x80) ? -1 : 1,
+						   response ? response->alt.pub.message.qos : 1,
+						   response ? response->token : 0);
 }
 
 static void
 on_publish_failure(void *context, MQTTAsync_failureData *response)
 {
-	record_publish_outcome(context, 0);
+	record_publish_outcome(context, 0, 0, 0);
 }
 
 static void
 on_publish_failure5(void *context, MQTTAsync_failureData5 *response)
 {
 	/* paho reports a PUBACK with a failure reason code here */
-	record_publish_outcome(context,
-						   (response && response->reasonCode >= 0x80) ? -1 : 0);
+	if (response && response->reasonCode >= 0x80)
+		record_publish_outcome(context, -1, 1, 0);
+	else
+		record_publish_outcome(context, 0, 0, 0);
+}
+
+/* the watchdog's probe: paho calls onSuccess for every UNSUBACK */
+static void
+probe_answered(MeBroker *b, bool answered)
+{
+	pthread_mutex_lock(&b->mutex);
+	b->probe_out = false;
+	if (answered)
+		b->last_heard = mono_ms();
+	pthread_mutex_unlock(&b->mutex);
+}
+
+static void
+on_probe_success(void *context, MQTTAsync_successData *response)
+{
+	probe_answered((MeBroker *) context, true);
+}
+
+static void
+on_probe_success5(void *context, MQTTAsync_successData5 *response)
+{
+	probe_answered((MeBroker *) context, true);
+}
+
+/* not sent, or the connection went: no answer from the broker */
+static void
+on_probe_failure(void *context, MQTTAsync_failureData *response)
+{
+	probe_answered((MeBroker *) context, false);
+}
+
+static void
+on_probe_failure5(void *context, MQTTAsync_failureData5 *response)
+{
+	probe_answered((MeBroker *) context, false);
 }
 
 static int
@@ -242,11 +425,12 @@ on_message_arrived(void *context, char *topicName, int topicLen,
 		b->in_tail = m;
 		b->in_bytes += need;
 	}
+	b->last_heard = mono_ms();
 	pthread_mutex_unlock(&b->mutex);
 
 	MQTTAsync_freeMessage(&message);
 	MQTTAsync_free(topicName);
-	SetLatch(b->latch);
+	wake_worker();
 	return 1;
 }
 
@@ -269,11 +453,14 @@ restore_signals(sigset_t *old)
 
 /*
  * Create a client for the current settings.  Returns NULL and fills errbuf
- * when paho refuses (for instance a malformed URL).
+ * when paho refuses (for instance a malformed URL).  A publisher publishes
+ * with QoS max_qos at most (lowered by a broker that does not support
+ * more).  latch is the worker's, the same for every client.
  */
 MeBroker *
 me_broker_create(const MeBrokerConfig *cfg, const char *client_id,
-				 bool subscriber, Latch *latch, char *errbuf, int errlen)
+				 bool subscriber, Latch *latch, int max_qos,
+				 char *errbuf, int errlen)
 {
 	MeBroker   *b = calloc(1, sizeof(MeBroker));
 	MQTTAsync_createOptions copts = MQTTAsync_createOptions_initializer;
@@ -299,9 +486,14 @@ me_broker_create(const MeBrokerConfig *cfg, const char *client_id,
 		url = urlbuf;
 	}
 
+	if (worker_latch == NULL)
+		worker_latch = latch;
+	Assert(worker_latch == latch);
+
 	b->subscriber = subscriber;
 	b->cfg = cfg;
-	b->latch = latch;
+	b->max_qos = max_qos;
+	b->connack_max_qos = -1;
 	b->version = (cfg->mqtt_version == 5) ? MQTTVERSION_5 : MQTTVERSION_3_1_1;
 	pthread_mutex_init(&b->mutex, NULL);
 	b->state = BS_DISCONNECTED;
@@ -331,7 +523,11 @@ me_broker_create(const MeBrokerConfig *cfg, const char *client_id,
 		return NULL;
 	}
 	if (!subscriber)
+	{
+		pthread_mutex_lock(&publisher_mutex);
 		current_publisher = b;
+		pthread_mutex_unlock(&publisher_mutex);
+	}
 	return b;
 }
 
@@ -366,7 +562,7 @@ me_broker_connect(MeBroker *b, char *errbuf, int errlen)
 	}
 	o->context = b;
 	o->keepAliveInterval = cfg->keepalive;
-	o->connectTimeout = 10;
+	o->connectTimeout = ME_CONNECT_TIMEOUT;
 	o->automaticReconnect = 0;
 	o->maxInflight = 65535;
 	if (cfg->username && cfg->username[0])
@@ -432,6 +628,110 @@ me_broker_connecting(MeBroker *b)
 }
 
 /*
+ * The watchdog (see the top of this file), called by the worker in every
+ * round: sends a probe when the broker was quiet for half a keepalive
+ * interval, and declares the connection lost (news lost, as if paho had
+ * reported it) when nothing at all came for a keepalive interval after
+ * that.  Lowers *timeout_ms to when it wants to look again.
+ *
+ * Returns true when the worker should leave the client alone: connected,
+ * connecting, or its loss not yet taken with me_broker_poll().
+ */
+bool
+me_broker_watch(MeBroker *b, long *timeout_ms)
+{
+	int64		k = (int64) b->cfg->keepalive * 1000;
+	int64		now = mono_ms();
+	int64		next;
+	bool		send_probe = false;
+
+	pthread_mutex_lock(&b->mutex);
+	if (b->news_lost || b->state == BS_CONNECTING)
+	{
+		pthread_mutex_unlock(&b->mutex);
+		return true;
+	}
+	if (b->state != BS_CONNECTED)
+	{
+		pthread_mutex_unlock(&b->mutex);
+		return false;
+	}
+	if (b->probe_out)
+	{
+		/*
+		 * Waiting since the probe was sent, or, when something else was
+		 * heard after it (the probe still queued behind messages), since the
+		 * broker went quiet again for half an interval.
+		 */
+		next = Max(b->probe_since, b->last_heard + k / 2) + k;
+		if (now >= next)
+		{
+			b->state = BS_DISCONNECTED;
+			b->news_lost = true;
+			b->stale = true;
+			snprintf(b->news_error, sizeof(b->news_error),
+					 "no answer from the broker for %.1f s (mqtt_emit.keepalive is %d s): "
+					 "connection considered lost",
+					 (double) (now - b->last_heard) / 1000.0, b->cfg->keepalive);
+			pthread_mutex_unlock(&b->mutex);
+			return true;
+		}
+	}
+	else if (now - b->last_heard >= k / 2)
+	{
+		/* mark it before sending: the answer may come at once */
+		send_probe = true;
+		b->probe_out = true;
+		b->probe_since = now;
+		next = now + k;
+	}
+	else
+		next = b->last_heard + k / 2;
+	pthread_mutex_unlock(&b->mutex);
+
+	if (send_probe)
+	{
+		MQTTAsync_responseOptions ropts = MQTTAsync_responseOptions_initializer;
+
+		ropts.context = b;
+		if (b->version == MQTTVERSION_5)
+		{
+			ropts.onSuccess5 = on_probe_success5;
+			ropts.onFailure5 = on_probe_failure5;
+		}
+		else
+		{
+			ropts.onSuccess = on_probe_success;
+			ropts.onFailure = on_probe_failure;
+		}
+
+		/*
+		 * Not sent (paho refuses while it is disconnecting): the deadline
+		 * stands, paho reports the loss first if it knows of it.
+		 */
+		(void) MQTTAsync_unsubscribe(b->client, ME_PROBE_FILTER, &ropts);
+	}
+
+	*timeout_ms = Min(*timeout_ms, (long) Max(next - now, 0) + 1);
+	return true;
+}
+
+/*
+ * Was the connection given up by the watchdog?  paho still takes it for
+ * connected: the client must be destroyed, not reconnected.
+ */
+bool
+me_broker_stale(MeBroker *b)
+{
+	bool		r;
+
+	pthread_mutex_lock(&b->mutex);
+	r = b->stale;
+	pthread_mutex_unlock(&b->mutex);
+	return r;
+}
+
+/*
  * Take what the paho threads recorded.  The arrays are copied into palloc'd
  * memory of the current context; incoming messages stay malloc'd and the
  * caller frees each with me_broker_free_message().
@@ -445,8 +745,10 @@ me_broker_poll(MeBroker *b, MeBrokerNews *news)
 	int			nacks,
 				nfails,
 				nrejs;
+	int			qos2_token;
 
 	memset(news, 0, sizeof(*news));
+	news->broker_max_qos = -1;
 
 	/* allocate outside the mutex, then copy inside */
 	pthread_mutex_lock(&b->mutex);
@@ -463,6 +765,8 @@ me_broker_poll(MeBroker *b, MeBrokerNews *news)
 
 	pthread_mutex_lock(&b->mutex);
 	news->connected = b->news_connected;
+	if (news->connected)
+		news->broker_max_qos = b->connack_max_qos;
 	news->lost = b->news_lost;
 	strlcpy(news->error, b->news_error, sizeof(news->error));
 	b->news_connected = false;
@@ -500,11 +804,35 @@ me_broker_poll(MeBroker *b, MeBrokerNews *news)
 	b->in_bytes = 0;
 	news->incoming_dropped = b->in_dropped;
 	b->in_dropped = 0;
+	qos2_token = b->qos2_token;
+	b->qos2_token = 0;
+	if (qos2_token != 0)
+		b->qos2_checked = true;
 	pthread_mutex_unlock(&b->mutex);
+
+	/* a broker that supports less than QoS 2 says so in its CONNACK (MQTT 5) */
+	if (news->broker_max_qos >= 0 && news->broker_max_qos < b->max_qos)
+		b->max_qos = news->broker_max_qos;
+
+	/*
+	 * paho calls a QoS 2 message's onSuccess on its PUBCOMP, after it
+	 * forgot the message.  A broker that does not support QoS 2 (RabbitMQ)
+	 * answers with a PUBACK: paho calls onSuccess too, but keeps the
+	 * message in flight for good, and publishing stops once paho's window
+	 * is full of them.  So look once per connection whether paho still
+	 * holds the first QoS 2 message acknowledged (this cannot be asked on
+	 * paho's thread, which holds paho's lock in the callback).
+	 */
+	if (qos2_token != 0 &&
+		MQTTAsync_isComplete(b->client, qos2_token) != MQTTASYNC_TRUE)
+	{
+		news->qos_downgraded = true;
+		b->max_qos = Min(b->max_qos, 1);
+	}
 
 	/* someone may have been left with more; make sure we come back */
 	if (news->nacks == nacks + 1024 || news->nfailures == nfails + 1024)
-		SetLatch(b->latch);
+		wake_worker();
 }
 
 /*
@@ -535,7 +863,13 @@ me_broker_publish(MeBroker *b, const char *topic, const char *payload,
 
 	msg.payload = (void *) payload;
 	msg.payloadlen = len;
-	msg.qos = qos;
+	/*
+	 * At most what the broker supports.  connack_max_qos is written before
+	 * the state becomes connected, which the caller saw under the mutex.
+	 */
+	if (b->connack_max_qos >= 0)
+		qos = Min(qos, b->connack_max_qos);
+	msg.qos = Min(qos, b->max_qos);
 	msg.retained = 0;
 
 	/* MQTT 5: say what the payload is */
@@ -595,9 +929,12 @@ me_broker_destroy(MeBroker *b)
 
 	if (b == NULL)
 		return;
-	MQTTAsync_destroy(&b->client);
+	/* publish completions that still come find no publisher */
+	pthread_mutex_lock(&publisher_mutex);
 	if (current_publisher == b)
 		current_publisher = NULL;
+	pthread_mutex_unlock(&publisher_mutex);
+	MQTTAsync_destroy(&b->client);
 	pthread_mutex_lock(&b->mutex);
 	m = b->in_head;
 	b->in_head = b->in_tail = NULL;

@@ -58,15 +58,19 @@ typedef struct MeBrokerNews
 	int			nrejects;
 	MeIncoming *incoming;		/* received messages, oldest first */
 	uint64		incoming_dropped;	/* dropped for lack of buffer space */
+	bool		qos_downgraded; /* a QoS 2 message was acknowledged with PUBACK */
+	int			broker_max_qos; /* CONNACK Maximum QoS (MQTT 5), or -1 */
 } MeBrokerNews;
 
 extern MeBroker *me_broker_create(const MeBrokerConfig *cfg, const char *client_id,
-								  bool subscriber, Latch *latch,
+								  bool subscriber, Latch *latch, int max_qos,
 								  char *errbuf, int errlen);
 extern void me_broker_destroy(MeBroker *b);
 extern bool me_broker_connect(MeBroker *b, char *errbuf, int errlen);
 extern bool me_broker_connected(MeBroker *b);
 extern bool me_broker_connecting(MeBroker *b);
+extern bool me_broker_watch(MeBroker *b, long *timeout_ms);
+extern bool me_broker_stale(MeBroker *b);
 extern void me_broker_poll(MeBroker *b, MeBrokerNews *news);
 extern int	me_broker_publish(MeBroker *b, const char *topic, const char *payload,
 							  int len, int qos, bool is_json, uint64 msgno);

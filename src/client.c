@@ -15,7 +15,17 @@
  *
  * A publisher whose connection is lost is destroyed at once: paho would
  * otherwise send what it still buffers ahead of the unacknowledged events
- * that are sent again from the oldest one, out of order.
+ * that are sent again from the oldest one, out of order.  So is a client
+ * whose connection the watchdog gave up (broker.c): paho still takes it for
+ * connected.
+ *
+ * Settings that cannot work are refused here, once, with a WARNING that
+ * names the setting, and no connection is tried until they change (a
+ * password without a user name: MQTT 3.1.1 forbids it, and the broker
+ * would only close every connection).  A broker that does not support the
+ * configured QoS (Maximum QoS in an MQTT 5 CONNACK, or a PUBACK for a QoS 2
+ * message) is published to with the QoS it supports, with a WARNING, until
+ * the broker settings change.
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
@@ -41,6 +51,7 @@ typedef struct ClientSlot
 	TimestampTz next_attempt;
 	int			backoff_ms;
 	bool		was_connected;
+	int			max_qos;		/* highest QoS the broker supports, as far as known */
 	char		last_logged[256];
 } ClientSlot;
 
@@ -48,6 +59,9 @@ static ClientSlot slots[2] = {{NULL, false}, {NULL, true}};
 
 /* the settings the clients were made with; outlives them */
 static MeBrokerConfig config;
+
+/* the settings cannot work: connect to no broker until they change */
+static bool config_refused = false;
 
 static char *
 dup_setting(char *old, const char *val)
@@ -71,6 +85,23 @@ take_settings(void)
 	config.mqtt_version = mqtt_emit_mqtt_version;
 	config.keepalive = mqtt_emit_keepalive;
 	config.clean_session = mqtt_emit_clean_session;
+
+	/*
+	 * MQTT 3.1.1 (3.1 [MQTT-3.1.2-22]) allows a password only together with
+	 * a user name; MQTT 5 allows it alone.
+	 */
+	config_refused = false;
+	if (config.password[0] != '\0' && config.username[0] == '\0' &&
+		config.mqtt_version != 5)
+	{
+		config_refused = true;
+		me_set_last_error("publisher: mqtt_emit.password is set but mqtt_emit.username is empty");
+		ereport(WARNING,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("pg_mqtt_emit does not connect to the broker: \"mqtt_emit.password\" is set but \"mqtt_emit.username\" is empty"),
+				 errdetail("MQTT 3.1.1 allows a password only together with a user name; the broker would close every connection."),
+				 errhint("Set \"mqtt_emit.username\" and reload the configuration, or remove \"mqtt_emit.password\" and restart the server.")));
+	}
 }
 
 static bool
@@ -104,6 +135,7 @@ reset_schedule(ClientSlot *slot)
 	slot->last_logged[0] = '\0';
 	slot->next_attempt = 0;
 	slot->backoff_ms = mqtt_emit_reconnect_min;
+	slot->max_qos = 2;			/* a new broker: nothing known yet */
 }
 
 void
@@ -164,8 +196,10 @@ me_client_service(MeClientRole role, TimestampTz now, long *timeout)
 	ClientSlot *slot = &slots[role];
 	char		err[256];
 
-	if (slot->broker && (me_broker_connected(slot->broker) ||
-						 me_broker_connecting(slot->broker)))
+	/* connected (and watched), connecting, or its loss not taken yet */
+	if (slot->broker && me_broker_watch(slot->broker, timeout))
+		return;
+	if (config_refused)
 		return;
 
 	if (now < slot->next_attempt)
@@ -185,7 +219,7 @@ me_client_service(MeClientRole role, TimestampTz now, long *timeout)
 		else
 			strlcpy(cid, config.client_id, sizeof(cid));
 		slot->broker = me_broker_create(&config, cid, slot->subscriber, MyLatch,
-										err, sizeof(err));
+										slot->max_qos, err, sizeof(err));
 		if (slot->broker == NULL)
 		{
 			report_problem(slot, err);
@@ -241,6 +275,43 @@ me_client_poll(MeClientRole role, MeBrokerNews *news)
 		me_count(ME_STAT_CONNECTS, 1);
 		me_set_connected(slot->subscriber, true);
 	}
+	if (slot->subscriber)
+		return true;
+
+	/* MQTT 5: the broker says in its CONNACK that it supports less */
+	if (news->broker_max_qos >= 0 && news->broker_max_qos < slot->max_qos)
+	{
+		slot->max_qos = news->broker_max_qos;
+		if (mqtt_emit_qos > slot->max_qos)
+			ereport(WARNING,
+					(errmsg("pg_mqtt_emit publishes with QoS %d: broker \"%s\" supports QoS %d at most",
+							slot->max_qos, config.url, slot->max_qos),
+					 errdetail("The broker's CONNACK says Maximum QoS %d; \"mqtt_emit.qos\" is %d.",
+							   slot->max_qos, mqtt_emit_qos),
+					 errhint("Set \"mqtt_emit.qos\" to %d, or use a broker that supports QoS %d.",
+							 slot->max_qos, mqtt_emit_qos)));
+	}
+
+	/*
+	 * A PUBACK for a QoS 2 message: paho keeps such messages in flight for
+	 * good.  Start over with a new connection (which drops them; what was
+	 * not acknowledged is sent again) and QoS 1.
+	 */
+	if (news->qos_downgraded && slot->max_qos > 1)
+	{
+		slot->max_qos = 1;
+		ereport(WARNING,
+				(errmsg("pg_mqtt_emit publishes with QoS 1: broker \"%s\" does not support QoS 2",
+						config.url),
+				 errdetail("The broker acknowledged a QoS 2 message with PUBACK, as for QoS 1. The publisher reconnects and publishes with QoS 1 until the broker settings change."),
+				 errhint("Set \"mqtt_emit.qos\" to 1, or use a broker that supports QoS 2.")));
+		if (!news->lost)
+		{
+			news->lost = true;
+			strlcpy(news->error, "reconnecting to publish with QoS 1 (the broker does not support QoS 2)",
+					sizeof(news->error));
+		}
+	}
 	return true;
 }
 
@@ -262,7 +333,8 @@ me_client_lost(MeClientRole role, const char *why)
 		slot->next_attempt = GetCurrentTimestamp() +
 			(TimestampTz) mqtt_emit_reconnect_min * 1000;
 	}
-	if (role == ME_CLIENT_PUBLISHER)
+	if (slot->broker &&
+		(role == ME_CLIENT_PUBLISHER || me_broker_stale(slot->broker)))
 	{
 		me_broker_destroy(slot->broker);
 		slot->broker = NULL;

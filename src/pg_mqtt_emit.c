@@ -114,7 +114,7 @@ _PG_init(void)
 
 	DefineCustomStringVariable("mqtt_emit.broker_url",
 							   "Sets the URL of the MQTT broker.",
-							   "tcp://host:port, ssl://host:port or mqtts://host:port.",
+							   "One URL: tcp://host:port or mqtt://host:port, ssl://host:port or mqtts://host:port (TLS), ws:// or wss://host:port/path (WebSocket).",
 							   &mqtt_emit_broker_url,
 							   "tcp://localhost:1883",
 							   PGC_SIGHUP, 0,
@@ -427,18 +427,133 @@ me_client_id(void)
 	return derived;
 }
 
+/*
+ * Is url one broker URL that paho can connect to: scheme://host[:port],
+ * and a path for WebSocket?  If not, fill detail and hint.  This checks one
+ * URL: a list of brokers would be split first and each element checked.
+ */
+static bool
+broker_url_valid(const char *url, char *detail, char *hint, size_t len)
+{
+	static const char *const schemes[] = {"tcp", "mqtt", "ssl", "mqtts", "ws", "wss"};
+	static const char *const scheme_hint =
+		"Use tcp:// or mqtt:// (plain MQTT), ssl:// or mqtts:// (TLS), ws:// or wss:// (WebSocket), "
+		"for example tcp://broker.example.com:1883.";
+	const char *sep = strstr(url, "://");
+	const char *p;
+	const char *host;
+	const char *host_end;
+	bool		websocket = false;
+	bool		known = false;
+	bool		lower = false;
+	int			i;
+
+	if (strpbrk(url, ", \t\r\n;") != NULL)
+	{
+		snprintf(detail, len, "\"mqtt_emit.broker_url\" takes one URL, not a list and no spaces.");
+		snprintf(hint, len, "Give one broker, for example tcp://broker.example.com:1883.");
+		return false;
+	}
+	if (sep == NULL)
+	{
+		snprintf(detail, len, "The broker URL has no scheme.");
+		snprintf(hint, len, "%s", scheme_hint);
+		return false;
+	}
+	for (i = 0; i < lengthof(schemes); i++)
+	{
+		if (strlen(schemes[i]) == (size_t) (sep - url) &&
+			pg_strncasecmp(url, schemes[i], sep - url) == 0)
+		{
+			known = true;
+			lower = (strncmp(url, schemes[i], sep - url) == 0);
+			websocket = (i >= 4);
+		}
+	}
+	if (!known)
+	{
+		snprintf(detail, len, "Unknown scheme \"%.*s://\".", (int) Min(sep - url, 32), url);
+		snprintf(hint, len, "%s", scheme_hint);
+		return false;
+	}
+	if (!lower)
+	{
+		/* paho compares schemes case-sensitively */
+		snprintf(detail, len, "The scheme must be written in lower case.");
+		snprintf(hint, len, "%s", scheme_hint);
+		return false;
+	}
+
+	host = sep + 3;
+	if (strchr(host, '@') != NULL)
+	{
+		snprintf(detail, len, "The broker URL must not contain a user name or password.");
+		snprintf(hint, len, "Set \"mqtt_emit.username\" and \"mqtt_emit.password\" instead.");
+		return false;
+	}
+	if (*host == '[')
+	{
+		/* an IPv6 address */
+		host_end = strchr(host, ']');
+		if (host_end == NULL || host_end == host + 1 ||
+			strspn(host + 1, "0123456789abcdefABCDEF:.") != (size_t) (host_end - host - 1))
+		{
+			snprintf(detail, len, "The IPv6 address in the broker URL is malformed.");
+			snprintf(hint, len, "Write it in brackets, for example tcp://[::1]:1883.");
+			return false;
+		}
+		p = host_end + 1;
+	}
+	else
+	{
+		p = host + strspn(host, "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_");
+		host_end = p;
+		if (host_end == host)
+		{
+			snprintf(detail, len, "The broker URL has no host name.");
+			snprintf(hint, len, "%s", scheme_hint);
+			return false;
+		}
+	}
+	if (*p == ':')
+	{
+		const char *digits = ++p;
+		long		port = 0;
+
+		while (*p >= '0' && *p <= '9' && port <= 65535)
+			port = port * 10 + (*p++ - '0');
+		if (p == digits || port < 1 || port > 65535 || (*p >= '0' && *p <= '9'))
+		{
+			snprintf(detail, len, "The port in the broker URL must be a number from 1 to 65535.");
+			snprintf(hint, len, "For example tcp://broker.example.com:1883.");
+			return false;
+		}
+	}
+	if (*p == '/' && websocket)
+		p += strlen(p);			/* a WebSocket path */
+	if (*p != '\0')
+	{
+		snprintf(detail, len, "Unexpected \"%.32s\" after the host%s in the broker URL.",
+				 p, websocket ? "" : " and port");
+		snprintf(hint, len, "Write scheme://host:port%s, for example tcp://broker.example.com:1883.",
+				 websocket ? "/path" : "");
+		return false;
+	}
+	return true;
+}
+
 static bool
 check_broker_url(char **newval, void **extra, GucSource source)
 {
-	const char *v = *newval;
+	char		detail[256];
+	char		hint[256];
 
-	if (v == NULL)
+	if (*newval == NULL)
 		return true;
-	if (strncmp(v, "tcp://", 6) != 0 && strncmp(v, "mqtt://", 7) != 0 &&
-		strncmp(v, "ssl://", 6) != 0 && strncmp(v, "mqtts://", 8) != 0 &&
-		strncmp(v, "ws://", 5) != 0 && strncmp(v, "wss://", 6) != 0)
+	if (!broker_url_valid(*newval, detail, hint, sizeof(detail)))
 	{
-		GUC_check_errdetail("The broker URL must start with tcp://, mqtt://, ssl:// or mqtts://.");
+		GUC_check_errdetail("%s", detail);
+		GUC_check_errhint("%s", hint);
 		return false;
 	}
 	return true;

@@ -34,6 +34,8 @@
  */
 #include "postgres.h"
 
+#include <math.h>
+
 #include "access/xact.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -234,7 +236,8 @@ refresh_registry(void)
  * acknowledgements).  A quieter round ends the naps: clear the flag, then
  * read the tail once more (a backend that saw the flag set has advanced
  * the tail before it looked), and sleep until signalled.  At a few commits
- * per millisecond or less, every commit still wakes us at once.
+ * per millisecond or less, every commit still wakes us at once.  A nap
+ * ends early when the latch is set (an acknowledgement, a signal).
  */
 static void
 wait_for_work(bool more, int new_entries, uint64 tail, long timeout)
@@ -248,7 +251,16 @@ wait_for_work(bool more, int new_entries, uint64 tail, long timeout)
 			me_worker_set_napping(true);
 			napping = true;
 		}
-		pg_usleep((long) (mqtt_emit_batch_delay * 1000.0));
+
+		/*
+		 * The nap waits on the latch, so that signals and acknowledgements
+		 * (which set it; committing backends do not while we nap) end it
+		 * early; WaitLatch counts whole milliseconds.
+		 */
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 Min((long) ceil(mqtt_emit_batch_delay), timeout),
+						 PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
 		return;
 	}
 	if (napping)

@@ -1,0 +1,196 @@
+#!/usr/bin/perl
+#
+# 062_rabbitmq.pl: a broker that supports less than asked for (doc/DESIGN.md
+# 6, 7), RabbitMQ 3.10 with its MQTT plugin: MQTT 3.1.1 only, and it
+# answers a QoS 2 PUBLISH with a PUBACK, as for QoS 1.
+#
+#   - mqtt_version = 5: RabbitMQ closes the connection during CONNECT; the
+#     log and last_error say so and name mqtt_version = '3.1.1'; with that
+#     reloaded, the worker connects
+#   - the watchdog's probes (keepalive 2 s) are answered by RabbitMQ too:
+#     an idle connection stays up
+#   - mqtt_emit.qos = 2: paho would keep every PUBACKed QoS 2 message in
+#     flight, and publishing stopped for good at 65,000 messages; the worker
+#     notices, warns once, reconnects with QoS 1, and all of 70,000 events
+#     arrive (none missing)
+#
+# The test starts its own RabbitMQ node: node name, AMQP, distribution, epmd
+# and MQTT ports of its own (free_port), its own directories, HOME for the
+# Erlang cookie; it stops the node and its epmd by PID and port at the end.
+use strict;
+use warnings;
+
+use IPC::Run ();
+use Time::HiRes ();
+use MqttEmitTest;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $T      = 60;
+my $N      = 70_000;
+my $prefix = topic_prefix();
+my $RABBITMQ_SERVER = '/usr/lib/rabbitmq/bin/rabbitmq-server';
+
+# --- a RabbitMQ node of our own ------------------------------------------------
+
+my %rabbit;
+
+sub rabbit_start
+{
+	my $dir = PostgreSQL::Test::Utils::tempdir('rabbitmq');
+	my %port = map { $_ => free_port() } qw(amqp dist epmd mqtt);
+	PostgreSQL::Test::Utils::append_to_file("$dir/enabled_plugins", "[rabbitmq_mqtt].\n");
+	PostgreSQL::Test::Utils::append_to_file("$dir/rabbitmq.conf", join("\n",
+		"listeners.tcp.default = 127.0.0.1:$port{amqp}",
+		"mqtt.listeners.tcp.default = 127.0.0.1:$port{mqtt}",
+		'mqtt.allow_anonymous = true',
+		'loopback_users = none',
+		'log.file.level = info', ''));
+	PostgreSQL::Test::Utils::append_to_file("$dir/rabbitmq-env.conf", '');
+	local %ENV = (
+		%ENV,
+		HOME                           => $dir,
+		RABBITMQ_NODENAME              => "mqttemit$$\@localhost",
+		RABBITMQ_NODE_PORT             => $port{amqp},
+		RABBITMQ_DIST_PORT             => $port{dist},
+		ERL_EPMD_PORT                  => $port{epmd},
+		RABBITMQ_CONFIG_FILE           => "$dir/rabbitmq.conf",
+		RABBITMQ_ADVANCED_CONFIG_FILE  => "$dir/advanced.config",
+		RABBITMQ_CONF_ENV_FILE         => "$dir/rabbitmq-env.conf",
+		RABBITMQ_ENABLED_PLUGINS_FILE  => "$dir/enabled_plugins",
+		RABBITMQ_MNESIA_BASE           => "$dir/mnesia",
+		RABBITMQ_LOG_BASE              => "$dir/log",
+		RABBITMQ_PID_FILE              => "$dir/rabbitmq.pid",
+		RABBITMQ_PLUGINS_EXPAND_DIR    => "$dir/plugins-expand");
+	my $pid = MqttEmitTest::_spawn([$RABBITMQ_SERVER], "$dir/out", "$dir/out");
+	%rabbit = (pid => $pid, dir => $dir, %port);
+	my $died = 0;
+	my $up = poll_until(
+		sub {
+			if (!MqttEmitTest::_child_alive($pid)) { $died = 1; return 1; }
+			return mqtt_pub($port{mqtt}, 'mqtt_emit_test/ready', 'x', qos => 1, timeout => 5);
+		},
+		180, 0.5);
+	diag('RabbitMQ did not come up: ' . slurp_file("$dir/out")) if !$up || $died;
+	return $up && !$died;
+}
+
+sub rabbit_stop
+{
+	return unless $rabbit{pid};
+	MqttEmitTest::_stop_child($rabbit{pid}, 60);
+	delete $rabbit{pid};
+	# the node started an epmd daemon on our private port: stop it
+	IPC::Run::run([ 'epmd', '-port', $rabbit{epmd}, '-kill' ],
+		'<', \undef, '>', \my $o, '2>', \my $e, IPC::Run::timeout(10));
+	return;
+}
+
+END { local $?; rabbit_stop(); }
+
+ok(-x $RABBITMQ_SERVER, 'rabbitmq-server is installed (scripts/install-deps.sh)')
+  or BAIL_OUT('rabbitmq-server is missing: run scripts/install-deps.sh');
+my $t_start = Time::HiRes::time();
+ok(rabbit_start(), 'RabbitMQ node started');
+note(sprintf('RabbitMQ up after %.1f s on MQTT port %d', Time::HiRes::time() - $t_start, $rabbit{mqtt}));
+my $url = "tcp://127.0.0.1:$rabbit{mqtt}";
+
+sub sq { my ($node, $sql) = @_; return $node->safe_psql('postgres', $sql); }
+
+sub stat_of
+{
+	my ($node, $col) = @_;
+	my ($rc, $out) = $node->psql('postgres', "SELECT $col FROM mqtt_emit.stats");
+	return $rc == 0 ? $out : undef;
+}
+
+sub log_since
+{
+	my ($node, $offset) = @_;
+	my $text = slurp_file($node->logfile);
+	return length($text) > $offset ? substr($text, $offset) : '';
+}
+
+# --- MQTT 5 against a broker that does not speak it -------------------------
+
+my $node = new_node(
+	'rabbit',
+	broker                    => $url,
+	'mqtt_emit.mqtt_version'  => '5',
+	'mqtt_emit.qos'           => '2',
+	'mqtt_emit.keepalive'     => '2s',
+	'mqtt_emit.reconnect_min' => '100ms',
+	'mqtt_emit.reconnect_max' => '500ms');
+sq($node, q{
+	CREATE EXTENSION pg_mqtt_emit;
+	CREATE TABLE ev (id int PRIMARY KEY, pad text);
+	SELECT mqtt_emit.watch('ev');
+});
+my $line;
+ok( poll_until(
+		sub {
+			($line) = slurp_file($node->logfile) =~ /^(.*publisher cannot reach broker.*)$/m;
+			defined $line;
+		},
+		$T),
+	'MQTT 5: "cannot reach broker" logged');
+note($line // '');
+like($line // '',
+	qr/the broker closed the connection during CONNECT; if it does not support MQTT 5, set mqtt_emit\.mqtt_version = '3\.1\.1'/,
+	'MQTT 5: the log line names the cause and mqtt_version');
+like(stat_of($node, 'last_error') // '', qr/^publisher: .*does not support MQTT 5/,
+	'MQTT 5: last_error names it');
+is(stat_of($node, 'connected'), 'f', 'MQTT 5: not connected');
+
+$node->append_conf('postgresql.conf', "mqtt_emit.mqtt_version = '3.1.1'\n");
+$node->reload;
+ok(poll_until(sub { (stat_of($node, 'connected') // '') eq 't' }, $T), 'MQTT 3.1.1: connected');
+
+# --- the watchdog's probes on an idle connection ---------------------------------
+
+my $connects = stat_of($node, 'connects');
+my $stayed = !poll_until(
+	sub { (stat_of($node, 'connected') // '') ne 't' || stat_of($node, 'connects') ne $connects },
+	8, 0.1);
+ok($stayed, 'idle for 4 x keepalive: the connection stays up (RabbitMQ answers the probes)');
+
+# --- QoS 2, answered with PUBACK ------------------------------------------------
+
+my $sub = start_subscriber($rabbit{mqtt}, "$prefix/#");
+my $off = -s $node->logfile;
+my $t0 = Time::HiRes::time();
+for my $k (0 .. 6)
+{
+	my ($from, $to) = ($k * 10_000 + 1, ($k + 1) * 10_000);
+	sq($node, "INSERT INTO ev SELECT g, 'x' FROM generate_series($from, $to) g");
+}
+my $done = poll_until(
+	sub {
+		my $s = sq($node, 'SELECT published, queued, in_outbox FROM mqtt_emit.stats');
+		my ($pub, $q, $ob) = split /\|/, $s;
+		return $pub >= $N && $q == 0 && $ob == 0;
+	},
+	240, 0.5);
+my $dt = Time::HiRes::time() - $t0;
+ok($done, "qos = 2: all $N events published (no stall at 65,000)")
+  or diag('stats: ' . sq($node, 'SELECT row_to_json(s) FROM mqtt_emit.stats s'));
+diag(sprintf('qos = 2 on RabbitMQ: %d events published in %.1f s', $N, $dt));
+my $log = log_since($node, $off);
+my @warn = $log =~ /^(.*WARNING: .*publishes with QoS 1: broker .* does not support QoS 2.*)$/mg;
+is(scalar @warn, 1, 'qos = 2: one WARNING that the broker does not support QoS 2');
+note($warn[0] // '');
+like($log, qr/HINT:  Set "mqtt_emit\.qos" to 1/, 'qos = 2: the HINT names mqtt_emit.qos');
+is(stat_of($node, 'connected'), 't', 'qos = 2: connected');
+
+my @ids = (1 .. $N);
+ok(poll_until(sub { my %a = map { $_ => 1 } arrived_ids($sub, 'ev'); keys %a >= $N }, $T),
+	"qos = 2: the subscriber received all $N events");
+my $r = tally('qos 2 on RabbitMQ', [ arrived_ids($sub, 'ev') ], \@ids);
+is($r->{missing}, 0, 'qos = 2: none missing');
+note('stats: ' . sq($node, 'SELECT row_to_json(s) FROM mqtt_emit.stats s'));
+
+$sub->stop;
+$node->stop;
+rabbit_stop();
+ok(!MqttEmitTest::_child_alive($rabbit{pid} // 0), 'RabbitMQ stopped');
+done_testing();
