@@ -376,7 +376,7 @@ mqtt_emit_capture(PG_FUNCTION_ARGS)
 	MemoryContext old;
 	HeapTuple	newtup = NULL;
 	HeapTuple	oldtup = NULL;
-	static const char *origin_for = NULL;
+	static char *origin_for = NULL;	/* a copy: a reload may reuse the address */
 	static char *origin_json = NULL;
 
 	if (!CALLED_AS_TRIGGER(fcinfo))
@@ -432,7 +432,7 @@ mqtt_emit_capture(PG_FUNCTION_ARGS)
 											ALLOCSET_DEFAULT_SIZES);
 	old = MemoryContextSwitchTo(capture_cxt);
 
-	if (origin_for != me_client_id() || origin_json == NULL)
+	if (origin_json == NULL || strcmp(origin_for, me_client_id()) != 0)
 	{
 		StringInfoData o;
 
@@ -440,8 +440,13 @@ mqtt_emit_capture(PG_FUNCTION_ARGS)
 		appendStringInfoString(&o, ",\"origin\":");
 		escape_json(&o, me_client_id());
 		appendStringInfoChar(&o, '}');
+		if (origin_json)
+		{
+			pfree(origin_json);
+			pfree(origin_for);
+		}
 		origin_json = MemoryContextStrdup(TopMemoryContext, o.data);
-		origin_for = me_client_id();
+		origin_for = MemoryContextStrdup(TopMemoryContext, me_client_id());
 	}
 
 	initStringInfo(&buf);

@@ -46,6 +46,7 @@
 #include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "utils/resowner.h"
 #include "utils/timestamp.h"
 #include "utils/typcache.h"
@@ -212,7 +213,7 @@ void
 me_make_event_id(char *out, TimestampTz now)
 {
 	static const char hex[] = "0123456789abcdef";
-	static const char *node_for = NULL;
+	static char *node_for = NULL;	/* a copy: a reload may reuse the address */
 	static uint32 node = 0;
 	uint64		ms;
 	uint64		seq = me_next_event_seq() & ((UINT64CONST(1) << 42) - 1);
@@ -221,10 +222,12 @@ me_make_event_id(char *out, TimestampTz now)
 				j;
 	const char *cid = me_client_id();
 
-	if (node_for != cid)
+	if (node_for == NULL || strcmp(node_for, cid) != 0)
 	{
 		node = hash_bytes((const unsigned char *) cid, strlen(cid));
-		node_for = cid;
+		if (node_for)
+			pfree(node_for);
+		node_for = MemoryContextStrdup(TopMemoryContext, cid);
 	}
 
 	ms = (uint64) ((now / 1000) +
