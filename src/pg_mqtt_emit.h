@@ -140,6 +140,8 @@ typedef struct MqttEmitShared
 	uint64		reserved;		/* bytes promised to committing backends */
 
 	pg_atomic_uint64 counters[ME_STAT_COUNT];
+	pg_atomic_uint64 counter_base[ME_STAT_COUNT];	/* values at the last reset */
+	pg_atomic_uint64 stats_reset;	/* TimestampTz of the last reset */
 	pg_atomic_uint64 event_seq;
 	uint64		epoch_seq;		/* event_seq when this memory was set up */
 	pg_atomic_uint32 listeners_version;
@@ -212,6 +214,8 @@ extern void me_queue_copy(uint64 pos, char *dst, Size len);
 extern void me_queue_release(uint64 new_head, int nevents);
 extern void me_count(MqttEmitCounter c, uint64 n);
 extern uint64 me_counter(MqttEmitCounter c);
+extern uint64 me_counter_since_reset(MqttEmitCounter c);
+extern void me_stats_reset(void);
 extern void me_set_last_error(const char *fmt,...) pg_attribute_printf(1, 2);
 extern void me_wake_worker(void);
 extern uint64 me_next_event_seq(void);

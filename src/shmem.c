@@ -31,8 +31,9 @@
  *	- worker_pid, worker_latch and fresh are written by the worker under the
  *	  lock in exclusive mode and read under it in shared mode.
  *	- errlock (spinlock) protects last_error and last_error_time.
- *	- counters, event_seq, listeners_version, worker_napping and the
- *	  connection flags are atomics and need no lock.
+ *	- counters (and their reset base and time), event_seq,
+ *	  listeners_version, worker_napping and the connection flags are
+ *	  atomics and need no lock.
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
@@ -92,7 +93,11 @@ me_shmem_startup(void)
 		me_shared->tail = 0;
 		me_shared->reserved = 0;
 		for (i = 0; i < ME_STAT_COUNT; i++)
+		{
 			pg_atomic_init_u64(&me_shared->counters[i], 0);
+			pg_atomic_init_u64(&me_shared->counter_base[i], 0);
+		}
+		pg_atomic_init_u64(&me_shared->stats_reset, (uint64) GetCurrentTimestamp());
 
 		/*
 		 * Event ids carry a sequence number.  Starting it at the current time
@@ -258,6 +263,31 @@ uint64
 me_counter(MqttEmitCounter c)
 {
 	return pg_atomic_read_u64(&me_shared->counters[c]);
+}
+
+/*
+ * What mqtt_emit.stats shows: the count since the last mqtt_emit.stats_reset().
+ * A reset does not touch the counters themselves (the queue's own figures
+ * are computed from them), it records their values as the new base.
+ */
+uint64
+me_counter_since_reset(MqttEmitCounter c)
+{
+	uint64		base = pg_atomic_read_u64(&me_shared->counter_base[c]);
+	uint64		value = pg_atomic_read_u64(&me_shared->counters[c]);
+
+	return value >= base ? value - base : 0;
+}
+
+void
+me_stats_reset(void)
+{
+	int			i;
+
+	for (i = 0; i < ME_STAT_COUNT; i++)
+		pg_atomic_write_u64(&me_shared->counter_base[i],
+							pg_atomic_read_u64(&me_shared->counters[i]));
+	pg_atomic_write_u64(&me_shared->stats_reset, (uint64) GetCurrentTimestamp());
 }
 
 uint64

@@ -1,0 +1,578 @@
+/* pg_mqtt_emit--0.2.0.sql */
+
+-- complain if script is sourced in psql, rather than via CREATE EXTENSION
+\echo Use "CREATE EXTENSION pg_mqtt_emit" to load this file. \quit
+
+-- The extension belongs in the worker's database (mqtt_emit.database).
+CREATE FUNCTION mqtt_emit._install_check()
+RETURNS void
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'mqtt_emit_install_check';
+SELECT mqtt_emit._install_check();
+REVOKE ALL ON FUNCTION mqtt_emit._install_check() FROM PUBLIC;
+
+------------------------------------------------------------------------
+-- Capture
+------------------------------------------------------------------------
+
+CREATE FUNCTION mqtt_emit.capture()
+RETURNS trigger
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'mqtt_emit_capture';
+COMMENT ON FUNCTION mqtt_emit.capture() IS
+'Row-level AFTER trigger that turns row changes into events; installed by mqtt_emit.watch()';
+
+-- Decodes pg_trigger.tgargs.
+CREATE FUNCTION mqtt_emit._trigger_args(args bytea, nargs int2)
+RETURNS text[]
+LANGUAGE c IMMUTABLE STRICT
+AS 'MODULE_PATHNAME', 'mqtt_emit_trigger_args';
+
+-- Installs (or replaces) the capture trigger of a table; watch(), the
+-- rename event trigger and the 0.1.0 upgrade go through here.  enabled is
+-- pg_trigger.tgenabled ('O' as created, 'D' disabled, 'R' replica, 'A'
+-- always), kept across the replacement.
+CREATE FUNCTION mqtt_emit._set_capture_trigger(
+    tbl regclass, ops text[], args text[], enabled "char" DEFAULT 'O')
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    EXECUTE format('CREATE OR REPLACE TRIGGER mqtt_emit_capture AFTER %s ON %s '
+                   'FOR EACH ROW EXECUTE FUNCTION mqtt_emit.capture(%s)',
+                   (SELECT string_agg(upper(o), ' OR ') FROM unnest(ops) AS o),
+                   tbl,
+                   (SELECT string_agg(quote_literal(a), ', ' ORDER BY n)
+                      FROM unnest(args) WITH ORDINALITY AS x(a, n)));
+    IF enabled IS DISTINCT FROM 'O' THEN
+        EXECUTE format('ALTER TABLE %s %s TRIGGER mqtt_emit_capture', tbl,
+                       CASE enabled WHEN 'D' THEN 'DISABLE' WHEN 'R' THEN 'ENABLE REPLICA'
+                                    ELSE 'ENABLE ALWAYS' END);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION mqtt_emit.watch(
+    tbl regclass,
+    emit boolean DEFAULT true,
+    operations text[] DEFAULT '{insert,update,delete}',
+    model text DEFAULT NULL,
+    columns text[] DEFAULT NULL,
+    exclude_columns text[] DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r record;
+    ops text[] := '{}';
+    op text;
+    col text;
+    names text[] := '{}';
+    mode text := 'all';
+    m text;
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'table must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT c.relkind, c.relowner, c.relname, c.relpersistence
+      INTO r FROM pg_class c WHERE c.oid = tbl;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'relation with OID % does not exist', tbl::oid
+            USING ERRCODE = 'undefined_table';
+    END IF;
+    IF r.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'cannot watch "%"', tbl
+            USING ERRCODE = 'wrong_object_type',
+                  DETAIL = format('"%s" is not a table.', tbl),
+                  HINT = 'Only ordinary and partitioned tables can be watched.';
+    END IF;
+    IF NOT pg_has_role(current_user, r.relowner, 'USAGE') THEN
+        RAISE EXCEPTION 'must be owner of table %', tbl
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Only the owner of a table (or a member of its owning role) can watch it.';
+    END IF;
+
+    IF operations IS NULL OR cardinality(operations) = 0 THEN
+        RAISE EXCEPTION 'operations must name at least one operation'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use some of insert (or create), update and delete.';
+    END IF;
+    FOREACH op IN ARRAY operations LOOP
+        op := lower(op);
+        IF op = 'create' THEN op := 'insert'; END IF;
+        IF op IS NULL OR op NOT IN ('insert', 'update', 'delete') THEN
+            RAISE EXCEPTION 'unknown operation "%"', op
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Operations are insert (or create), update and delete.';
+        END IF;
+        IF NOT op = ANY (ops) THEN
+            ops := ops || op;
+        END IF;
+    END LOOP;
+
+    IF columns IS NOT NULL AND exclude_columns IS NOT NULL THEN
+        RAISE EXCEPTION 'columns and exclude_columns cannot both be given'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Column lists are kept as names: pg_dump writes the trigger's
+    -- arguments as they are, and a restored table may number its columns
+    -- differently.  Renames are followed by mqtt_emit_follow_renames.
+    IF columns IS NOT NULL OR exclude_columns IS NOT NULL THEN
+        mode := CASE WHEN columns IS NOT NULL THEN 'columns' ELSE 'exclude_columns' END;
+        FOREACH col IN ARRAY coalesce(columns, exclude_columns) LOOP
+            IF col IS NULL OR NOT EXISTS (
+                SELECT 1 FROM pg_attribute a
+                 WHERE a.attrelid = tbl AND a.attname = col
+                   AND a.attnum > 0 AND NOT a.attisdropped) THEN
+                RAISE EXCEPTION 'column "%" of relation "%" does not exist', col, r.relname
+                    USING ERRCODE = 'undefined_column';
+            END IF;
+            IF NOT col = ANY (names) THEN
+                names := names || col;
+            END IF;
+        END LOOP;
+    END IF;
+
+    m := coalesce(model, r.relname::text);
+    IF m = '' OR length(m) > 200 OR m ~ '[[:cntrl:]]' THEN
+        RAISE EXCEPTION 'invalid model name "%"', m
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A model name has 1 to 200 characters and no control characters.';
+    END IF;
+
+    PERFORM mqtt_emit._set_capture_trigger(tbl, ops, ARRAY[m, emit::text, mode] || names);
+END
+$$;
+COMMENT ON FUNCTION mqtt_emit.watch(regclass, boolean, text[], text, text[], text[]) IS
+'Starts (or changes) capturing row changes of a table as events';
+
+CREATE FUNCTION mqtt_emit.unwatch(tbl regclass)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    owner oid;
+BEGIN
+    SELECT c.relowner INTO owner FROM pg_class c WHERE c.oid = tbl;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'relation with OID % does not exist', tbl::oid
+            USING ERRCODE = 'undefined_table';
+    END IF;
+    IF NOT pg_has_role(current_user, owner, 'USAGE') THEN
+        RAISE EXCEPTION 'must be owner of table %', tbl
+            USING ERRCODE = 'insufficient_privilege';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger t
+                    WHERE t.tgrelid = tbl AND t.tgname = 'mqtt_emit_capture'
+                      AND t.tgfoid = 'mqtt_emit.capture()'::regprocedure) THEN
+        RAISE EXCEPTION 'table % is not watched', tbl
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    EXECUTE format('DROP TRIGGER mqtt_emit_capture ON %s', tbl);
+END
+$$;
+COMMENT ON FUNCTION mqtt_emit.unwatch(regclass) IS
+'Stops capturing row changes of a table';
+
+-- The registry of watched tables is the capture triggers themselves, so it
+-- follows the tables through pg_dump, renames and DROP TABLE.  Triggers
+-- made by 0.1.0 (modes include/exclude) list column numbers.
+CREATE VIEW mqtt_emit.watched_tables AS
+SELECT t.tgrelid::regclass AS table_name,
+       a[1] AS model,
+       a[2]::boolean AS emit,
+       ARRAY(SELECT o FROM (VALUES (1, 'insert', 4), (2, 'update', 16), (3, 'delete', 8)) v(n, o, bit)
+              WHERE t.tgtype & v.bit <> 0 ORDER BY n) AS operations,
+       CASE a[3] WHEN 'columns' THEN a[4:]
+                 WHEN 'include' THEN
+            ARRAY(SELECT att.attname::text FROM unnest(a[4:]) WITH ORDINALITY AS x(num, ord)
+                    JOIN pg_attribute att ON att.attrelid = t.tgrelid AND att.attnum = x.num::int2
+                   WHERE NOT att.attisdropped ORDER BY x.ord) END AS columns,
+       CASE a[3] WHEN 'exclude_columns' THEN a[4:]
+                 WHEN 'exclude' THEN
+            ARRAY(SELECT att.attname::text FROM unnest(a[4:]) WITH ORDINALITY AS x(num, ord)
+                    JOIN pg_attribute att ON att.attrelid = t.tgrelid AND att.attnum = x.num::int2
+                   WHERE NOT att.attisdropped ORDER BY x.ord) END AS exclude_columns,
+       NOT (t.tgenabled = 'D') AS enabled
+  FROM pg_catalog.pg_trigger t,
+       LATERAL mqtt_emit._trigger_args(t.tgargs, t.tgnargs) AS a
+ WHERE t.tgfoid = 'mqtt_emit.capture()'::regprocedure
+   AND NOT t.tgisinternal
+   AND t.tgparentid = 0;
+COMMENT ON VIEW mqtt_emit.watched_tables IS
+'Tables whose row changes become events, with their settings';
+GRANT SELECT ON mqtt_emit.watched_tables TO PUBLIC;
+
+-- Renaming a listed column renames it in the capture trigger's arguments
+-- too, so that the column stays included or excluded, and pg_dump writes
+-- its current name.
+CREATE FUNCTION mqtt_emit._renamed_column(cmd pg_ddl_command,
+    OUT relid oid, OUT old_name text, OUT new_name text)
+RETURNS SETOF record
+LANGUAGE c VOLATILE STRICT
+AS 'MODULE_PATHNAME', 'mqtt_emit_renamed_column';
+
+CREATE FUNCTION mqtt_emit._follow_renames()
+RETURNS event_trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r record;
+    t record;
+BEGIN
+    FOR r IN SELECT x.* FROM pg_event_trigger_ddl_commands() c,
+                    LATERAL mqtt_emit._renamed_column(c.command) x LOOP
+        FOR t IN SELECT tg.tgtype, tg.tgenabled, a
+                   FROM pg_trigger tg,
+                        LATERAL mqtt_emit._trigger_args(tg.tgargs, tg.tgnargs) AS a
+                  WHERE tg.tgrelid = r.relid
+                    AND tg.tgfoid = 'mqtt_emit.capture()'::regprocedure
+                    AND NOT tg.tgisinternal AND tg.tgparentid = 0 LOOP
+            IF t.a[3] IN ('columns', 'exclude_columns') AND r.old_name = ANY (t.a[4:]) THEN
+                PERFORM mqtt_emit._set_capture_trigger(
+                    r.relid,
+                    ARRAY(SELECT o FROM (VALUES (1, 'insert', 4), (2, 'update', 16), (3, 'delete', 8)) v(n, o, bit)
+                           WHERE t.tgtype & v.bit <> 0 ORDER BY n),
+                    t.a[1:3] || ARRAY(SELECT CASE WHEN x = r.old_name THEN r.new_name ELSE x END
+                                        FROM unnest(t.a[4:]) WITH ORDINALITY AS u(x, n) ORDER BY n),
+                    t.tgenabled);
+            END IF;
+        END LOOP;
+    END LOOP;
+END
+$$;
+CREATE EVENT TRIGGER mqtt_emit_follow_renames ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION mqtt_emit._follow_renames();
+
+------------------------------------------------------------------------
+-- Listeners
+------------------------------------------------------------------------
+
+CREATE TYPE mqtt_emit.event AS (
+    event_id    text,
+    model       text,
+    operation   text,
+    source      text,
+    result      jsonb,
+    old         jsonb,
+    args        jsonb,
+    origin      text,
+    emitted_at  timestamptz,
+    topic       text,
+    payload     jsonb
+);
+COMMENT ON TYPE mqtt_emit.event IS
+'The argument of a listener function: one event, local or remote';
+
+CREATE TABLE mqtt_emit.listeners (
+    id           bigserial PRIMARY KEY,
+    model        text NOT NULL,
+    listener     regprocedure NOT NULL,
+    allow_remote boolean NOT NULL DEFAULT false,
+    remote_only  boolean NOT NULL DEFAULT false,
+    filter       jsonb,
+    operations   text[],
+    owner        regrole NOT NULL DEFAULT current_user::regrole,
+    search_path  text NOT NULL DEFAULT current_setting('search_path'),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    CHECK (NOT remote_only OR allow_remote),
+    CHECK (filter IS NULL OR jsonb_typeof(filter) = 'object')
+);
+COMMENT ON TABLE mqtt_emit.listeners IS
+'Registered listener functions; each role sees and changes only its own';
+SELECT pg_catalog.pg_extension_config_dump('mqtt_emit.listeners', '');
+SELECT pg_catalog.pg_extension_config_dump('mqtt_emit.listeners_id_seq', '');
+
+-- Every role may register listeners that run as itself; row security keeps
+-- each role to its own rows.  The worker re-checks EXECUTE at every call.
+ALTER TABLE mqtt_emit.listeners ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_listeners ON mqtt_emit.listeners
+    USING (pg_catalog.pg_has_role(current_user, owner, 'MEMBER'))
+    WITH CHECK (owner = current_user::regrole);
+REVOKE ALL ON mqtt_emit.listeners FROM PUBLIC;
+GRANT SELECT, INSERT, DELETE ON mqtt_emit.listeners TO PUBLIC;
+GRANT USAGE ON SEQUENCE mqtt_emit.listeners_id_seq TO PUBLIC;
+
+CREATE FUNCTION mqtt_emit._listeners_changed()
+RETURNS void
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'mqtt_emit_listeners_changed';
+
+-- Every row of the registry is checked, however it is inserted (listen()
+-- or a direct INSERT, which row security allows for one's own rows): the
+-- worker calls what the registry names.
+CREATE FUNCTION mqtt_emit._validate_listener()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p record;
+    op text;
+    ops text[];
+BEGIN
+    IF NEW.model IS NULL OR NEW.model = '' OR length(NEW.model) > 200
+       OR NEW.model ~ '[[:cntrl:]/+#]' THEN
+        RAISE EXCEPTION 'invalid model name "%"', NEW.model
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A model name has 1 to 200 characters and no control characters, "/", "+" or "#".';
+    END IF;
+    IF NEW.listener IS NULL THEN
+        RAISE EXCEPTION 'listener must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT pr.pronargs, pr.proargtypes, pr.proretset, pr.prokind
+      INTO p FROM pg_proc pr WHERE pr.oid = NEW.listener;
+    IF NOT FOUND OR p.prokind <> 'f' OR p.pronargs <> 1
+       OR p.proargtypes[0] <> 'mqtt_emit.event'::regtype OR p.proretset THEN
+        RAISE EXCEPTION 'function % cannot be a listener', NEW.listener
+            USING ERRCODE = 'invalid_function_definition',
+                  HINT = 'A listener is a function f(event mqtt_emit.event) RETURNS void.';
+    END IF;
+    IF NOT has_function_privilege(NEW.owner, NEW.listener, 'EXECUTE') THEN
+        RAISE EXCEPTION 'permission denied for function %', NEW.listener
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'A listener runs as the role that registers it, which must be allowed to execute it.';
+    END IF;
+    IF NEW.allow_remote IS NULL OR NEW.remote_only IS NULL THEN
+        RAISE EXCEPTION 'allow_remote and remote_only must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF NEW.remote_only AND NOT NEW.allow_remote THEN
+        RAISE EXCEPTION 'remote_only requires allow_remote'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use allow_remote => true, remote_only => true for a listener that runs for remote events only.';
+    END IF;
+    IF NEW.filter IS NOT NULL AND jsonb_typeof(NEW.filter) <> 'object' THEN
+        RAISE EXCEPTION 'filter must be a JSON object'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'The filter is matched with @> against the event''s result row, e.g. ''{"status": "active"}''.';
+    END IF;
+    IF NEW.operations IS NOT NULL THEN
+        ops := '{}';
+        FOREACH op IN ARRAY NEW.operations LOOP
+            op := CASE lower(op) WHEN 'insert' THEN 'create' ELSE op END;
+            IF op IS NULL OR lower(op) NOT IN ('create', 'update', 'delete', 'createmany',
+                                               'updatemany', 'deletemany', 'upsert') THEN
+                RAISE EXCEPTION 'unknown operation "%"', op
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'Operations are create (or insert), update and delete, and the seed''s createMany, updateMany, deleteMany and upsert.';
+            END IF;
+            ops := ops || op;
+        END LOOP;
+        IF cardinality(ops) = 0 THEN
+            RAISE EXCEPTION 'operations must name at least one operation, or be null for all'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        NEW.operations := ops;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER validate_listener BEFORE INSERT ON mqtt_emit.listeners
+    FOR EACH ROW EXECUTE FUNCTION mqtt_emit._validate_listener();
+
+-- However the registry changes (listen(), unlisten(), direct DML, COPY by
+-- pg_restore), the worker reloads it when the transaction commits.
+CREATE FUNCTION mqtt_emit._registry_changed()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM mqtt_emit._listeners_changed();
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER registry_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON mqtt_emit.listeners
+    FOR EACH STATEMENT EXECUTE FUNCTION mqtt_emit._registry_changed();
+
+CREATE FUNCTION mqtt_emit.listen(
+    model text,
+    listener regprocedure,
+    allow_remote boolean DEFAULT false,
+    remote_only boolean DEFAULT false,
+    filter jsonb DEFAULT NULL,
+    operations text[] DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+-- no SET search_path: the caller's search_path is recorded for the listener;
+-- everything below is schema-qualified and runs as the caller anyway
+AS $$
+DECLARE
+    new_id bigint;
+BEGIN
+    INSERT INTO mqtt_emit.listeners
+        (model, listener, allow_remote, remote_only, filter, operations, owner, search_path)
+    VALUES (model, listener, allow_remote, remote_only, filter, operations,
+            current_user::pg_catalog.regrole, pg_catalog.current_setting('search_path'))
+    RETURNING id INTO new_id;
+    PERFORM mqtt_emit._listeners_changed();
+    RETURN new_id;
+END
+$$;
+COMMENT ON FUNCTION mqtt_emit.listen(text, regprocedure, boolean, boolean, jsonb, text[]) IS
+'Registers a listener function for the events of a model; returns its id';
+
+CREATE FUNCTION mqtt_emit.unlisten(id bigint)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    DELETE FROM mqtt_emit.listeners l WHERE l.id = unlisten.id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'listener % does not exist', id
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    PERFORM mqtt_emit._listeners_changed();
+END
+$$;
+COMMENT ON FUNCTION mqtt_emit.unlisten(bigint) IS
+'Removes a registered listener';
+
+------------------------------------------------------------------------
+-- Outbox
+------------------------------------------------------------------------
+
+-- Events wait here when they cannot wait in shared memory: in durable
+-- delivery mode (written by the committing transaction), when the queue is
+-- full (mqtt_emit.overflow = spill), and while the broker is unreachable
+-- (moved here by the worker).  A row leaves when the broker has
+-- acknowledged it.  flags: 1 = still to publish, 2 = local listeners still
+-- to run.  model holds the topic for ad-hoc publishes (kind 2).
+-- seq is the publishing order, given by the worker in commit order: rows a
+-- backend writes carry the transaction's batch number, and a marker in the
+-- shared-memory queue tells the worker where in the commit order they
+-- belong (marked).  Rows without a marker get their seq when the worker
+-- finds them.
+CREATE TABLE mqtt_emit.outbox (
+    id          bigserial PRIMARY KEY,
+    kind        int2 NOT NULL,
+    flags       int2 NOT NULL,
+    op          int2 NOT NULL,
+    qos         int2 NOT NULL,
+    model       text NOT NULL,
+    payload     text NOT NULL,
+    batch       bigint NOT NULL,
+    marked      boolean NOT NULL DEFAULT false,
+    seq         bigint,
+    relid       oid NOT NULL DEFAULT 0,
+    created_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX outbox_seq_idx ON mqtt_emit.outbox (seq) WHERE seq IS NOT NULL;
+CREATE INDEX outbox_unordered_idx ON mqtt_emit.outbox (id) WHERE seq IS NULL;
+COMMENT ON TABLE mqtt_emit.outbox IS
+'Committed events waiting for the broker; internal, not readable by PUBLIC';
+REVOKE ALL ON mqtt_emit.outbox FROM PUBLIC;
+REVOKE ALL ON SEQUENCE mqtt_emit.outbox_id_seq FROM PUBLIC;
+
+-- Messages the broker refused again and again (for example larger than
+-- its maximum packet size).
+CREATE TABLE mqtt_emit.dead_letters (
+    id          bigserial PRIMARY KEY,
+    topic       text NOT NULL,
+    payload     text NOT NULL,
+    reason      text NOT NULL,
+    created_at  timestamptz,
+    failed_at   timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE mqtt_emit.dead_letters IS
+'Messages the broker refused for good; kept for inspection';
+REVOKE ALL ON mqtt_emit.dead_letters FROM PUBLIC;
+REVOKE ALL ON SEQUENCE mqtt_emit.dead_letters_id_seq FROM PUBLIC;
+GRANT SELECT ON mqtt_emit.dead_letters TO pg_monitor;
+
+------------------------------------------------------------------------
+-- Publishing and monitoring
+------------------------------------------------------------------------
+
+CREATE FUNCTION mqtt_emit.publish(topic text, payload text, qos int DEFAULT NULL)
+RETURNS void
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'mqtt_emit_publish';
+COMMENT ON FUNCTION mqtt_emit.publish(text, text, int) IS
+'Publishes a message on a topic when the transaction commits';
+REVOKE ALL ON FUNCTION mqtt_emit.publish(text, text, int) FROM PUBLIC;
+
+CREATE FUNCTION mqtt_emit.publish(topic text, payload jsonb, qos int DEFAULT NULL)
+RETURNS void
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT mqtt_emit.publish(topic, payload::text, qos) $$;
+COMMENT ON FUNCTION mqtt_emit.publish(text, jsonb, int) IS
+'Publishes a JSON message on a topic when the transaction commits';
+REVOKE ALL ON FUNCTION mqtt_emit.publish(text, jsonb, int) FROM PUBLIC;
+
+CREATE FUNCTION mqtt_emit._stats(
+    OUT connected boolean,
+    OUT subscriber_connected boolean,
+    OUT published bigint,
+    OUT failed bigint,
+    OUT queued bigint,
+    OUT queue_bytes bigint,
+    OUT queue_capacity bigint,
+    OUT enqueued bigint,
+    OUT retried bigint,
+    OUT dropped bigint,
+    OUT received bigint,
+    OUT deduplicated bigint,
+    OUT self_echo bigint,
+    OUT rejected bigint,
+    OUT listener_calls bigint,
+    OUT listener_errors bigint,
+    OUT subscriptions int,
+    OUT connects bigint,
+    OUT in_outbox bigint,
+    OUT oldest_waiting_age interval,
+    OUT spilled bigint,
+    OUT outboxed bigint,
+    OUT dead_letters bigint,
+    OUT last_error text,
+    OUT last_error_at timestamptz,
+    OUT worker_pid int,
+    OUT client_id text,
+    OUT stats_reset timestamptz,
+    OUT oldest_waiting_seconds double precision)
+RETURNS record
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'mqtt_emit_stats';
+REVOKE ALL ON FUNCTION mqtt_emit._stats() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION mqtt_emit._stats() TO pg_monitor;
+
+CREATE VIEW mqtt_emit.stats AS SELECT * FROM mqtt_emit._stats();
+COMMENT ON VIEW mqtt_emit.stats IS
+'State and counters of the pg_mqtt_emit worker and queue';
+REVOKE ALL ON mqtt_emit.stats FROM PUBLIC;
+GRANT SELECT ON mqtt_emit.stats TO pg_monitor;
+
+CREATE FUNCTION mqtt_emit.stats_reset()
+RETURNS void
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'mqtt_emit_stats_reset';
+COMMENT ON FUNCTION mqtt_emit.stats_reset() IS
+'Sets the counters of mqtt_emit.stats back to zero and its stats_reset to now';
+REVOKE ALL ON FUNCTION mqtt_emit.stats_reset() FROM PUBLIC;
+
+CREATE VIEW mqtt_emit.subscriptions AS
+SELECT DISTINCT f.topic_filter
+  FROM mqtt_emit.listeners l,
+       LATERAL (SELECT current_setting('mqtt_emit.topic_prefix') || '/'
+                       || replace(l.model, '%', '%25') AS t) t,
+       LATERAL (VALUES (t.t || '/#'), (lower(t.t) || '/#')) AS f(topic_filter)
+ WHERE l.allow_remote;
+COMMENT ON VIEW mqtt_emit.subscriptions IS
+'Topic filters the worker subscribes to: per model with a remote listener, as registered and in lower case';
+GRANT SELECT ON mqtt_emit.subscriptions TO PUBLIC;
+
+GRANT USAGE ON SCHEMA mqtt_emit TO PUBLIC;
+
+-- tell the worker that the extension (its outbox and registry) is here
+SELECT mqtt_emit._listeners_changed();
