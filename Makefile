@@ -16,12 +16,17 @@ DATA = $(wildcard pg_mqtt_emit--*.sql)
 PGFILEDESC = "pg_mqtt_emit - row changes as MQTT events"
 
 REGRESS = setup watch capture listen outbox drop
-REGRESS_OPTS = --temp-config=test/regress.conf --temp-instance=./tmp_check
+# make installcheck works on its own: temp instances with the library
+# preloaded, and a mosquitto that REGRESS_PREP starts on a free port (and
+# stops when make exits). Run it as an ordinary user (initdb refuses root).
+REGRESS_BROKER_DIR = $(CURDIR)/tmp_broker
+REGRESS_PREP = regress-broker
+REGRESS_OPTS = --temp-config=test/regress.conf --temp-config=$(REGRESS_BROKER_DIR)/broker.conf --temp-instance=./tmp_check
 ISOLATION = commit_order
-ISOLATION_OPTS = --temp-config=test/regress.conf --temp-instance=./tmp_check_iso
+ISOLATION_OPTS = --temp-config=test/regress.conf --temp-config=test/isolation.conf --temp-config=$(REGRESS_BROKER_DIR)/broker.conf --temp-instance=./tmp_check_iso
 
 SHLIB_LINK += -lpaho-mqtt3as -lpthread
-EXTRA_CLEAN = tmp_check tmp_check_iso results output_iso regression.diffs regression.out
+EXTRA_CLEAN = tmp_check tmp_check_iso tmp_broker results output_iso regression.diffs regression.out
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
@@ -30,3 +35,7 @@ include $(PGXS)
 $(OBJS): src/pg_mqtt_emit.h
 src/worker.o src/broker.o src/listeners.o: src/broker.h
 src/worker.o src/listeners.o: src/listeners.h
+
+.PHONY: regress-broker
+regress-broker:
+	@bash test/regress-broker.sh '$(REGRESS_BROKER_DIR)' $$PPID
