@@ -15,7 +15,7 @@ EXTENSION = pg_mqtt_emit
 DATA = $(wildcard pg_mqtt_emit--*.sql)
 PGFILEDESC = "pg_mqtt_emit - row changes as MQTT events"
 
-REGRESS = setup watch capture listen outbox drop
+REGRESS = setup watch capture columns listen outbox monitoring drop
 # make installcheck works on its own: temp instances with the library
 # preloaded, and a mosquitto that REGRESS_PREP starts on a free port (and
 # stops when make exits). Run it as an ordinary user (initdb refuses root).
