@@ -8,7 +8,7 @@ set -euo pipefail
 PACKAGES=(
 	make gcc
 	postgresql-15 postgresql-server-dev-15 postgresql-15-pgtap
-	libtap-parser-sourcehandler-pgtap-perl libipc-run-perl
+	libtap-parser-sourcehandler-pgtap-perl libipc-run-perl libyaml-libyaml-perl
 	mosquitto mosquitto-clients libpaho-mqtt-dev
 )
 
