@@ -230,12 +230,17 @@ mqtt_emit_stats(PG_FUNCTION_ARGS)
 	else
 		nulls[i++] = true;
 
-	if (i != tupdesc->natts)
+	/*
+	 * The 0.1.0 definition of mqtt_emit._stats() has the first 27 columns
+	 * only: it keeps working (without the newer ones) between installing
+	 * this library and ALTER EXTENSION ... UPDATE.
+	 */
+	if (tupdesc->natts > i)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("mqtt_emit._stats() returns %d columns, the library has %d",
 						tupdesc->natts, i),
-				 errhint("Run ALTER EXTENSION pg_mqtt_emit UPDATE.")));
+				 errhint("Install the pg_mqtt_emit library that matches the extension's version, and restart the server.")));
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 

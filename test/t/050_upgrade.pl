@@ -69,6 +69,8 @@ sub wait_published
 sq($old, q{CREATE EXTENSION pg_mqtt_emit VERSION '0.1.0'});
 is(sq($old, q{SELECT extversion FROM pg_extension WHERE extname = 'pg_mqtt_emit'}),
 	'0.1.0', 'old: 0.1.0 installed');
+like(sq($old, 'SELECT connected, worker_pid IS NOT NULL FROM mqtt_emit.stats'), qr/^(t|f)\|t$/,
+	'0.1.0 schema with the 0.2.0 library: mqtt_emit.stats still works');
 sq($fresh, 'CREATE EXTENSION pg_mqtt_emit');
 is(sq($fresh, q{SELECT extversion FROM pg_extension WHERE extname = 'pg_mqtt_emit'}),
 	'0.2.0', 'fresh: the default version is 0.2.0');
