@@ -23,13 +23,18 @@ EXTENSION = pg_mqtt_emit
 DATA = $(wildcard pg_mqtt_emit--*.sql)
 PGFILEDESC = "pg_mqtt_emit - row changes as MQTT events"
 
-REGRESS = setup watch capture listen outbox drop
-REGRESS_OPTS = --temp-config=test/regress.conf --temp-instance=./tmp_check
+REGRESS = setup watch capture columns listen outbox monitoring drop
+# make installcheck works on its own: temp instances with the library
+# preloaded, and a mosquitto that REGRESS_PREP starts on a free port (and
+# stops when make exits). Run it as an ordinary user (initdb refuses root).
+REGRESS_BROKER_DIR = $(CURDIR)/tmp_broker
+REGRESS_PREP = regress-broker
+REGRESS_OPTS = --temp-config=test/regress.conf --temp-config=$(REGRESS_BROKER_DIR)/broker.conf --temp-instance=./tmp_check
 ISOLATION = commit_order
-ISOLATION_OPTS = --temp-config=test/regress.conf --temp-instance=./tmp_check_iso
+ISOLATION_OPTS = --temp-config=test/regress.conf --temp-config=test/isolation.conf --temp-config=$(REGRESS_BROKER_DIR)/broker.conf --temp-instance=./tmp_check_iso
 
 SHLIB_LINK += -lpaho-mqtt3as -lpthread
-EXTRA_CLEAN = tmp_check tmp_check_iso results output_iso regression.diffs regression.out
+EXTRA_CLEAN = tmp_check tmp_check_iso tmp_broker results output_iso regression.diffs regression.out
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
@@ -40,3 +45,7 @@ src/worker.o src/client.o src/inflight.o src/relay.o src/inbound.o src/broker.o:
 src/worker.o src/relay.o src/inbound.o src/listeners.o src/remote.o src/listener_worker.o: src/listeners.h
 src/capture.o src/outbox.o src/relay.o src/inflight.o src/worker.o src/inbound.o src/listener_worker.o: src/outbox.h
 src/topic.o src/outbox.o src/relay.o src/inflight.o src/inbound.o src/listeners.o src/remote.o: src/topic.h
+
+.PHONY: regress-broker
+regress-broker:
+	@bash test/regress-broker.sh '$(REGRESS_BROKER_DIR)' $$PPID

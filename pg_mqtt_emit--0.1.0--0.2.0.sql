@@ -4,27 +4,303 @@
 \echo Use "ALTER EXTENSION pg_mqtt_emit UPDATE TO '0.2.0'" to load this file. \quit
 
 ------------------------------------------------------------------------
--- 0.2.0: the listener worker's inbox, topic rules from C
+-- Column lists by name (they survive pg_dump and follow renames)
 ------------------------------------------------------------------------
 
--- Messages received from the bus, kept by the worker until the listener
--- worker has run their listeners (it deletes each row in the transaction
--- of its listeners' effects).
-CREATE TABLE mqtt_emit.inbox (
-    id          bigserial PRIMARY KEY,
-    topic       text NOT NULL,
-    payload     bytea NOT NULL,
-    received_at timestamptz NOT NULL DEFAULT clock_timestamp()
-);
-COMMENT ON TABLE mqtt_emit.inbox IS
-'Received messages waiting for the listener worker; internal, not readable by PUBLIC';
-REVOKE ALL ON mqtt_emit.inbox FROM PUBLIC;
-REVOKE ALL ON SEQUENCE mqtt_emit.inbox_id_seq FROM PUBLIC;
+-- Installs (or replaces) the capture trigger of a table; watch(), the
+-- rename event trigger and the 0.1.0 upgrade go through here.  enabled is
+-- pg_trigger.tgenabled ('O' as created, 'D' disabled, 'R' replica, 'A'
+-- always), kept across the replacement.
+CREATE FUNCTION mqtt_emit._set_capture_trigger(
+    tbl regclass, ops text[], args text[], enabled "char" DEFAULT 'O')
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    EXECUTE format('CREATE OR REPLACE TRIGGER mqtt_emit_capture AFTER %s ON %s '
+                   'FOR EACH ROW EXECUTE FUNCTION mqtt_emit.capture(%s)',
+                   (SELECT string_agg(upper(o), ' OR ') FROM unnest(ops) AS o),
+                   tbl,
+                   (SELECT string_agg(quote_literal(a), ', ' ORDER BY n)
+                      FROM unnest(args) WITH ORDINALITY AS x(a, n)));
+    IF enabled IS DISTINCT FROM 'O' THEN
+        EXECUTE format('ALTER TABLE %s %s TRIGGER mqtt_emit_capture', tbl,
+                       CASE enabled WHEN 'D' THEN 'DISABLE' WHEN 'R' THEN 'ENABLE REPLICA'
+                                    ELSE 'ENABLE ALWAYS' END);
+    END IF;
+END
+$$;
 
--- Rows written without a marker: the queue's tail when they were written
--- (they are placed in the publishing order once everything queued before
--- that is).
-ALTER TABLE mqtt_emit.outbox ADD COLUMN queue_pos bigint;
+CREATE OR REPLACE FUNCTION mqtt_emit.watch(
+    tbl regclass,
+    emit boolean DEFAULT true,
+    operations text[] DEFAULT '{insert,update,delete}',
+    model text DEFAULT NULL,
+    columns text[] DEFAULT NULL,
+    exclude_columns text[] DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r record;
+    ops text[] := '{}';
+    op text;
+    col text;
+    names text[] := '{}';
+    mode text := 'all';
+    m text;
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'table must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT c.relkind, c.relowner, c.relname, c.relpersistence
+      INTO r FROM pg_class c WHERE c.oid = tbl;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'relation with OID % does not exist', tbl::oid
+            USING ERRCODE = 'undefined_table';
+    END IF;
+    IF r.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION 'cannot watch "%"', tbl
+            USING ERRCODE = 'wrong_object_type',
+                  DETAIL = format('"%s" is not a table.', tbl),
+                  HINT = 'Only ordinary and partitioned tables can be watched.';
+    END IF;
+    IF NOT pg_has_role(current_user, r.relowner, 'USAGE') THEN
+        RAISE EXCEPTION 'must be owner of table %', tbl
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Only the owner of a table (or a member of its owning role) can watch it.';
+    END IF;
+
+    IF operations IS NULL OR cardinality(operations) = 0 THEN
+        RAISE EXCEPTION 'operations must name at least one operation'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use some of insert (or create), update and delete.';
+    END IF;
+    FOREACH op IN ARRAY operations LOOP
+        op := lower(op);
+        IF op = 'create' THEN op := 'insert'; END IF;
+        IF op IS NULL OR op NOT IN ('insert', 'update', 'delete') THEN
+            RAISE EXCEPTION 'unknown operation "%"', op
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Operations are insert (or create), update and delete.';
+        END IF;
+        IF NOT op = ANY (ops) THEN
+            ops := ops || op;
+        END IF;
+    END LOOP;
+
+    IF columns IS NOT NULL AND exclude_columns IS NOT NULL THEN
+        RAISE EXCEPTION 'columns and exclude_columns cannot both be given'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Column lists are kept as names: pg_dump writes the trigger's
+    -- arguments as they are, and a restored table may number its columns
+    -- differently.  Renames are followed by mqtt_emit_follow_renames.
+    IF columns IS NOT NULL OR exclude_columns IS NOT NULL THEN
+        mode := CASE WHEN columns IS NOT NULL THEN 'columns' ELSE 'exclude_columns' END;
+        FOREACH col IN ARRAY coalesce(columns, exclude_columns) LOOP
+            IF col IS NULL OR NOT EXISTS (
+                SELECT 1 FROM pg_attribute a
+                 WHERE a.attrelid = tbl AND a.attname = col
+                   AND a.attnum > 0 AND NOT a.attisdropped) THEN
+                RAISE EXCEPTION 'column "%" of relation "%" does not exist', col, r.relname
+                    USING ERRCODE = 'undefined_column';
+            END IF;
+            IF NOT col = ANY (names) THEN
+                names := names || col;
+            END IF;
+        END LOOP;
+    END IF;
+
+    m := coalesce(model, r.relname::text);
+    IF m = '' OR length(m) > 200 OR m ~ '[[:cntrl:]]' THEN
+        RAISE EXCEPTION 'invalid model name "%"', m
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A model name has 1 to 200 characters and no control characters.';
+    END IF;
+
+    PERFORM mqtt_emit._set_capture_trigger(tbl, ops, ARRAY[m, emit::text, mode] || names);
+END
+$$;
+
+-- The registry of watched tables is the capture triggers themselves, so it
+-- follows the tables through pg_dump, renames and DROP TABLE.  Triggers
+-- made by 0.1.0 (modes include/exclude) list column numbers.
+CREATE OR REPLACE VIEW mqtt_emit.watched_tables AS
+SELECT t.tgrelid::regclass AS table_name,
+       a[1] AS model,
+       a[2]::boolean AS emit,
+       ARRAY(SELECT o FROM (VALUES (1, 'insert', 4), (2, 'update', 16), (3, 'delete', 8)) v(n, o, bit)
+              WHERE t.tgtype & v.bit <> 0 ORDER BY n) AS operations,
+       CASE a[3] WHEN 'columns' THEN a[4:]
+                 WHEN 'include' THEN
+            ARRAY(SELECT att.attname::text FROM unnest(a[4:]) WITH ORDINALITY AS x(num, ord)
+                    JOIN pg_attribute att ON att.attrelid = t.tgrelid AND att.attnum = x.num::int2
+                   WHERE NOT att.attisdropped ORDER BY x.ord) END AS columns,
+       CASE a[3] WHEN 'exclude_columns' THEN a[4:]
+                 WHEN 'exclude' THEN
+            ARRAY(SELECT att.attname::text FROM unnest(a[4:]) WITH ORDINALITY AS x(num, ord)
+                    JOIN pg_attribute att ON att.attrelid = t.tgrelid AND att.attnum = x.num::int2
+                   WHERE NOT att.attisdropped ORDER BY x.ord) END AS exclude_columns,
+       NOT (t.tgenabled = 'D') AS enabled
+  FROM pg_catalog.pg_trigger t,
+       LATERAL mqtt_emit._trigger_args(t.tgargs, t.tgnargs) AS a
+ WHERE t.tgfoid = 'mqtt_emit.capture()'::regprocedure
+   AND NOT t.tgisinternal
+   AND t.tgparentid = 0;
+
+-- Renaming a listed column renames it in the capture trigger's arguments
+-- too, so that the column stays included or excluded, and pg_dump writes
+-- its current name.
+CREATE FUNCTION mqtt_emit._renamed_column(cmd pg_ddl_command,
+    OUT relid oid, OUT old_name text, OUT new_name text)
+RETURNS SETOF record
+LANGUAGE c VOLATILE STRICT
+AS 'MODULE_PATHNAME', 'mqtt_emit_renamed_column';
+
+CREATE FUNCTION mqtt_emit._follow_renames()
+RETURNS event_trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r record;
+    t record;
+BEGIN
+    FOR r IN SELECT x.* FROM pg_event_trigger_ddl_commands() c,
+                    LATERAL mqtt_emit._renamed_column(c.command) x LOOP
+        FOR t IN SELECT tg.tgtype, tg.tgenabled, a
+                   FROM pg_trigger tg,
+                        LATERAL mqtt_emit._trigger_args(tg.tgargs, tg.tgnargs) AS a
+                  WHERE tg.tgrelid = r.relid
+                    AND tg.tgfoid = 'mqtt_emit.capture()'::regprocedure
+                    AND NOT tg.tgisinternal AND tg.tgparentid = 0 LOOP
+            IF t.a[3] IN ('columns', 'exclude_columns') AND r.old_name = ANY (t.a[4:]) THEN
+                PERFORM mqtt_emit._set_capture_trigger(
+                    r.relid,
+                    ARRAY(SELECT o FROM (VALUES (1, 'insert', 4), (2, 'update', 16), (3, 'delete', 8)) v(n, o, bit)
+                           WHERE t.tgtype & v.bit <> 0 ORDER BY n),
+                    t.a[1:3] || ARRAY(SELECT CASE WHEN x = r.old_name THEN r.new_name ELSE x END
+                                        FROM unnest(t.a[4:]) WITH ORDINALITY AS u(x, n) ORDER BY n),
+                    t.tgenabled);
+            END IF;
+        END LOOP;
+    END LOOP;
+END
+$$;
+CREATE EVENT TRIGGER mqtt_emit_follow_renames ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION mqtt_emit._follow_renames();
+
+-- Triggers made by 0.1.0 list column numbers: name the columns instead
+-- (numbers of dropped columns were ignored already and are left out).
+DO $$
+DECLARE
+    t record;
+BEGIN
+    FOR t IN SELECT tg.tgrelid::regclass AS tbl, tg.tgtype, tg.tgenabled, a
+               FROM pg_catalog.pg_trigger tg,
+                    LATERAL mqtt_emit._trigger_args(tg.tgargs, tg.tgnargs) AS a
+              WHERE tg.tgfoid = 'mqtt_emit.capture()'::pg_catalog.regprocedure
+                AND NOT tg.tgisinternal AND tg.tgparentid = 0
+                AND a[3] IN ('include', 'exclude') LOOP
+        PERFORM mqtt_emit._set_capture_trigger(
+            t.tbl,
+            ARRAY(SELECT o FROM (VALUES (1, 'insert', 4), (2, 'update', 16), (3, 'delete', 8)) v(n, o, bit)
+                   WHERE t.tgtype & v.bit <> 0 ORDER BY n),
+            t.a[1:2] || CASE t.a[3] WHEN 'include' THEN 'columns' ELSE 'exclude_columns' END
+                     || ARRAY(SELECT att.attname::text
+                                FROM unnest(t.a[4:]) WITH ORDINALITY AS x(num, ord)
+                                JOIN pg_catalog.pg_attribute att
+                                  ON att.attrelid = t.tbl AND att.attnum = x.num::int2
+                               WHERE NOT att.attisdropped ORDER BY x.ord),
+            t.tgenabled);
+    END LOOP;
+END
+$$;
+
+------------------------------------------------------------------------
+-- The worker notices every change of the listener registry
+------------------------------------------------------------------------
+
+-- However the registry changes (listen(), unlisten(), direct DML, COPY by
+-- pg_restore), the worker reloads it when the transaction commits.
+CREATE FUNCTION mqtt_emit._registry_changed()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM mqtt_emit._listeners_changed();
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER registry_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON mqtt_emit.listeners
+    FOR EACH STATEMENT EXECUTE FUNCTION mqtt_emit._registry_changed();
+
+------------------------------------------------------------------------
+-- Monitoring: stats_reset(), stats_reset and oldest_waiting_seconds
+------------------------------------------------------------------------
+
+DROP VIEW mqtt_emit.stats;
+DROP FUNCTION mqtt_emit._stats();
+CREATE FUNCTION mqtt_emit._stats(
+    OUT connected boolean,
+    OUT subscriber_connected boolean,
+    OUT published bigint,
+    OUT failed bigint,
+    OUT queued bigint,
+    OUT queue_bytes bigint,
+    OUT queue_capacity bigint,
+    OUT enqueued bigint,
+    OUT retried bigint,
+    OUT dropped bigint,
+    OUT received bigint,
+    OUT deduplicated bigint,
+    OUT self_echo bigint,
+    OUT rejected bigint,
+    OUT listener_calls bigint,
+    OUT listener_errors bigint,
+    OUT subscriptions int,
+    OUT connects bigint,
+    OUT in_outbox bigint,
+    OUT oldest_waiting_age interval,
+    OUT spilled bigint,
+    OUT outboxed bigint,
+    OUT dead_letters bigint,
+    OUT last_error text,
+    OUT last_error_at timestamptz,
+    OUT worker_pid int,
+    OUT client_id text,
+    OUT stats_reset timestamptz,
+    OUT oldest_waiting_seconds double precision)
+RETURNS record
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'mqtt_emit_stats';
+REVOKE ALL ON FUNCTION mqtt_emit._stats() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION mqtt_emit._stats() TO pg_monitor;
+
+CREATE VIEW mqtt_emit.stats AS SELECT * FROM mqtt_emit._stats();
+COMMENT ON VIEW mqtt_emit.stats IS
+'State and counters of the pg_mqtt_emit worker and queue';
+REVOKE ALL ON mqtt_emit.stats FROM PUBLIC;
+GRANT SELECT ON mqtt_emit.stats TO pg_monitor;
+
+CREATE FUNCTION mqtt_emit.stats_reset()
+RETURNS void
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'mqtt_emit_stats_reset';
+COMMENT ON FUNCTION mqtt_emit.stats_reset() IS
+'Sets the counters of mqtt_emit.stats back to zero and its stats_reset to now';
+REVOKE ALL ON FUNCTION mqtt_emit.stats_reset() FROM PUBLIC;
+
+------------------------------------------------------------------------
+-- 0.2.0: topic rules from C
+------------------------------------------------------------------------
 
 -- The topic filter the worker subscribes to for a model (topic.c).
 CREATE FUNCTION mqtt_emit._topic_filter(model text, lower boolean)
@@ -39,5 +315,4 @@ SELECT DISTINCT f.topic_filter
                        (mqtt_emit._topic_filter(l.model, true))) AS f(topic_filter)
  WHERE l.allow_remote;
 
--- tell the workers that the extension changed
 SELECT mqtt_emit._listeners_changed();

@@ -28,6 +28,31 @@ RETURNS text[]
 LANGUAGE c IMMUTABLE STRICT
 AS 'MODULE_PATHNAME', 'mqtt_emit_trigger_args';
 
+-- Installs (or replaces) the capture trigger of a table; watch(), the
+-- rename event trigger and the 0.1.0 upgrade go through here.  enabled is
+-- pg_trigger.tgenabled ('O' as created, 'D' disabled, 'R' replica, 'A'
+-- always), kept across the replacement.
+CREATE FUNCTION mqtt_emit._set_capture_trigger(
+    tbl regclass, ops text[], args text[], enabled "char" DEFAULT 'O')
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    EXECUTE format('CREATE OR REPLACE TRIGGER mqtt_emit_capture AFTER %s ON %s '
+                   'FOR EACH ROW EXECUTE FUNCTION mqtt_emit.capture(%s)',
+                   (SELECT string_agg(upper(o), ' OR ') FROM unnest(ops) AS o),
+                   tbl,
+                   (SELECT string_agg(quote_literal(a), ', ' ORDER BY n)
+                      FROM unnest(args) WITH ORDINALITY AS x(a, n)));
+    IF enabled IS DISTINCT FROM 'O' THEN
+        EXECUTE format('ALTER TABLE %s %s TRIGGER mqtt_emit_capture', tbl,
+                       CASE enabled WHEN 'D' THEN 'DISABLE' WHEN 'R' THEN 'ENABLE REPLICA'
+                                    ELSE 'ENABLE ALWAYS' END);
+    END IF;
+END
+$$;
+
 CREATE FUNCTION mqtt_emit.watch(
     tbl regclass,
     emit boolean DEFAULT true,
@@ -44,10 +69,8 @@ DECLARE
     ops text[] := '{}';
     op text;
     col text;
-    attnum int2;
-    attnums text[] := '{}';
+    names text[] := '{}';
     mode text := 'all';
-    events text;
     m text;
 BEGIN
     IF tbl IS NULL THEN
@@ -94,17 +117,22 @@ BEGIN
         RAISE EXCEPTION 'columns and exclude_columns cannot both be given'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    -- Column lists are kept as names: pg_dump writes the trigger's
+    -- arguments as they are, and a restored table may number its columns
+    -- differently.  Renames are followed by mqtt_emit_follow_renames.
     IF columns IS NOT NULL OR exclude_columns IS NOT NULL THEN
-        mode := CASE WHEN columns IS NOT NULL THEN 'include' ELSE 'exclude' END;
+        mode := CASE WHEN columns IS NOT NULL THEN 'columns' ELSE 'exclude_columns' END;
         FOREACH col IN ARRAY coalesce(columns, exclude_columns) LOOP
-            SELECT a.attnum INTO attnum FROM pg_attribute a
-             WHERE a.attrelid = tbl AND a.attname = col
-               AND a.attnum > 0 AND NOT a.attisdropped;
-            IF NOT FOUND OR col IS NULL THEN
+            IF col IS NULL OR NOT EXISTS (
+                SELECT 1 FROM pg_attribute a
+                 WHERE a.attrelid = tbl AND a.attname = col
+                   AND a.attnum > 0 AND NOT a.attisdropped) THEN
                 RAISE EXCEPTION 'column "%" of relation "%" does not exist', col, r.relname
                     USING ERRCODE = 'undefined_column';
             END IF;
-            attnums := attnums || attnum::text;
+            IF NOT col = ANY (names) THEN
+                names := names || col;
+            END IF;
         END LOOP;
     END IF;
 
@@ -115,15 +143,7 @@ BEGIN
                   HINT = 'A model name has 1 to 200 characters and no control characters.';
     END IF;
 
-    SELECT string_agg(upper(o), ' OR ') INTO events
-      FROM unnest(ops) AS o;
-
-    EXECUTE format('CREATE OR REPLACE TRIGGER mqtt_emit_capture AFTER %s ON %s '
-                   'FOR EACH ROW EXECUTE FUNCTION mqtt_emit.capture(%s)',
-                   events, tbl,
-                   array_to_string(ARRAY[quote_literal(m), quote_literal(emit::text),
-                                         quote_literal(mode)]
-                                   || ARRAY(SELECT quote_literal(a) FROM unnest(attnums) a), ', '));
+    PERFORM mqtt_emit._set_capture_trigger(tbl, ops, ARRAY[m, emit::text, mode] || names);
 END
 $$;
 COMMENT ON FUNCTION mqtt_emit.watch(regclass, boolean, text[], text, text[], text[]) IS
@@ -159,18 +179,21 @@ COMMENT ON FUNCTION mqtt_emit.unwatch(regclass) IS
 'Stops capturing row changes of a table';
 
 -- The registry of watched tables is the capture triggers themselves, so it
--- follows the tables through pg_dump, renames and DROP TABLE.
+-- follows the tables through pg_dump, renames and DROP TABLE.  Triggers
+-- made by 0.1.0 (modes include/exclude) list column numbers.
 CREATE VIEW mqtt_emit.watched_tables AS
 SELECT t.tgrelid::regclass AS table_name,
        a[1] AS model,
        a[2]::boolean AS emit,
        ARRAY(SELECT o FROM (VALUES (1, 'insert', 4), (2, 'update', 16), (3, 'delete', 8)) v(n, o, bit)
               WHERE t.tgtype & v.bit <> 0 ORDER BY n) AS operations,
-       CASE WHEN a[3] = 'include' THEN
+       CASE a[3] WHEN 'columns' THEN a[4:]
+                 WHEN 'include' THEN
             ARRAY(SELECT att.attname::text FROM unnest(a[4:]) WITH ORDINALITY AS x(num, ord)
                     JOIN pg_attribute att ON att.attrelid = t.tgrelid AND att.attnum = x.num::int2
                    WHERE NOT att.attisdropped ORDER BY x.ord) END AS columns,
-       CASE WHEN a[3] = 'exclude' THEN
+       CASE a[3] WHEN 'exclude_columns' THEN a[4:]
+                 WHEN 'exclude' THEN
             ARRAY(SELECT att.attname::text FROM unnest(a[4:]) WITH ORDINALITY AS x(num, ord)
                     JOIN pg_attribute att ON att.attrelid = t.tgrelid AND att.attnum = x.num::int2
                    WHERE NOT att.attisdropped ORDER BY x.ord) END AS exclude_columns,
@@ -183,6 +206,49 @@ SELECT t.tgrelid::regclass AS table_name,
 COMMENT ON VIEW mqtt_emit.watched_tables IS
 'Tables whose row changes become events, with their settings';
 GRANT SELECT ON mqtt_emit.watched_tables TO PUBLIC;
+
+-- Renaming a listed column renames it in the capture trigger's arguments
+-- too, so that the column stays included or excluded, and pg_dump writes
+-- its current name.
+CREATE FUNCTION mqtt_emit._renamed_column(cmd pg_ddl_command,
+    OUT relid oid, OUT old_name text, OUT new_name text)
+RETURNS SETOF record
+LANGUAGE c VOLATILE STRICT
+AS 'MODULE_PATHNAME', 'mqtt_emit_renamed_column';
+
+CREATE FUNCTION mqtt_emit._follow_renames()
+RETURNS event_trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    r record;
+    t record;
+BEGIN
+    FOR r IN SELECT x.* FROM pg_event_trigger_ddl_commands() c,
+                    LATERAL mqtt_emit._renamed_column(c.command) x LOOP
+        FOR t IN SELECT tg.tgtype, tg.tgenabled, a
+                   FROM pg_trigger tg,
+                        LATERAL mqtt_emit._trigger_args(tg.tgargs, tg.tgnargs) AS a
+                  WHERE tg.tgrelid = r.relid
+                    AND tg.tgfoid = 'mqtt_emit.capture()'::regprocedure
+                    AND NOT tg.tgisinternal AND tg.tgparentid = 0 LOOP
+            IF t.a[3] IN ('columns', 'exclude_columns') AND r.old_name = ANY (t.a[4:]) THEN
+                PERFORM mqtt_emit._set_capture_trigger(
+                    r.relid,
+                    ARRAY(SELECT o FROM (VALUES (1, 'insert', 4), (2, 'update', 16), (3, 'delete', 8)) v(n, o, bit)
+                           WHERE t.tgtype & v.bit <> 0 ORDER BY n),
+                    t.a[1:3] || ARRAY(SELECT CASE WHEN x = r.old_name THEN r.new_name ELSE x END
+                                        FROM unnest(t.a[4:]) WITH ORDINALITY AS u(x, n) ORDER BY n),
+                    t.tgenabled);
+            END IF;
+        END LOOP;
+    END LOOP;
+END
+$$;
+CREATE EVENT TRIGGER mqtt_emit_follow_renames ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION mqtt_emit._follow_renames();
 
 ------------------------------------------------------------------------
 -- Listeners
@@ -311,6 +377,22 @@ END
 $$;
 CREATE TRIGGER validate_listener BEFORE INSERT ON mqtt_emit.listeners
     FOR EACH ROW EXECUTE FUNCTION mqtt_emit._validate_listener();
+
+-- However the registry changes (listen(), unlisten(), direct DML, COPY by
+-- pg_restore), the worker reloads it when the transaction commits.
+CREATE FUNCTION mqtt_emit._registry_changed()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM mqtt_emit._listeners_changed();
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER registry_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON mqtt_emit.listeners
+    FOR EACH STATEMENT EXECUTE FUNCTION mqtt_emit._registry_changed();
 
 CREATE FUNCTION mqtt_emit.listen(
     model text,
@@ -456,7 +538,9 @@ CREATE FUNCTION mqtt_emit._stats(
     OUT last_error text,
     OUT last_error_at timestamptz,
     OUT worker_pid int,
-    OUT client_id text)
+    OUT client_id text,
+    OUT stats_reset timestamptz,
+    OUT oldest_waiting_seconds double precision)
 RETURNS record
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'mqtt_emit_stats';
@@ -468,6 +552,14 @@ COMMENT ON VIEW mqtt_emit.stats IS
 'State and counters of the pg_mqtt_emit worker and queue';
 REVOKE ALL ON mqtt_emit.stats FROM PUBLIC;
 GRANT SELECT ON mqtt_emit.stats TO pg_monitor;
+
+CREATE FUNCTION mqtt_emit.stats_reset()
+RETURNS void
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'mqtt_emit_stats_reset';
+COMMENT ON FUNCTION mqtt_emit.stats_reset() IS
+'Sets the counters of mqtt_emit.stats back to zero and its stats_reset to now';
+REVOKE ALL ON FUNCTION mqtt_emit.stats_reset() FROM PUBLIC;
 
 CREATE VIEW mqtt_emit.subscriptions AS
 SELECT DISTINCT f.topic_filter
@@ -481,27 +573,8 @@ COMMENT ON VIEW mqtt_emit.subscriptions IS
 GRANT SELECT ON mqtt_emit.subscriptions TO PUBLIC;
 
 ------------------------------------------------------------------------
--- 0.2.0: the listener worker's inbox, topic rules from C
+-- 0.2.0: topic rules from C
 ------------------------------------------------------------------------
-
--- Messages received from the bus, kept by the worker until the listener
--- worker has run their listeners (it deletes each row in the transaction
--- of its listeners' effects).
-CREATE TABLE mqtt_emit.inbox (
-    id          bigserial PRIMARY KEY,
-    topic       text NOT NULL,
-    payload     bytea NOT NULL,
-    received_at timestamptz NOT NULL DEFAULT clock_timestamp()
-);
-COMMENT ON TABLE mqtt_emit.inbox IS
-'Received messages waiting for the listener worker; internal, not readable by PUBLIC';
-REVOKE ALL ON mqtt_emit.inbox FROM PUBLIC;
-REVOKE ALL ON SEQUENCE mqtt_emit.inbox_id_seq FROM PUBLIC;
-
--- Rows written without a marker: the queue's tail when they were written
--- (they are placed in the publishing order once everything queued before
--- that is).
-ALTER TABLE mqtt_emit.outbox ADD COLUMN queue_pos bigint;
 
 -- The topic filter the worker subscribes to for a model (topic.c).
 CREATE FUNCTION mqtt_emit._topic_filter(model text, lower boolean)

@@ -38,7 +38,7 @@ chroot_packages() {
 	local major="$1"
 	echo make gcc libc6-dev \
 		"postgresql-$major" "postgresql-server-dev-$major" "postgresql-$major-pgtap" \
-		libtap-parser-sourcehandler-pgtap-perl libipc-run-perl perl \
+		libtap-parser-sourcehandler-pgtap-perl libipc-run-perl libyaml-libyaml-perl perl \
 		mosquitto mosquitto-clients libpaho-mqtt-dev rabbitmq-server \
 		openssl util-linux procps ca-certificates
 }

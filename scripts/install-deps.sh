@@ -15,7 +15,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 PACKAGES=(
 	make gcc
 	"postgresql-$PG_MAJOR" "postgresql-server-dev-$PG_MAJOR" "postgresql-$PG_MAJOR-pgtap"
-	libtap-parser-sourcehandler-pgtap-perl libipc-run-perl
+	libtap-parser-sourcehandler-pgtap-perl libipc-run-perl libyaml-libyaml-perl
 	mosquitto mosquitto-clients libpaho-mqtt-dev
 	rabbitmq-server
 )

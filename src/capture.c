@@ -6,8 +6,16 @@
  *
  * mqtt_emit.capture() is an AFTER ... FOR EACH ROW trigger installed by
  * mqtt_emit.watch().  Its arguments carry the registration: the model name,
- * whether to publish, and which columns to include or exclude (as attribute
- * numbers, so that renaming a column keeps a secret column excluded).  The
+ * whether to publish, and which columns to include or exclude.  Since 0.2.0
+ * the columns are named (mode "columns" or "exclude_columns"), so that what
+ * pg_dump writes restores to the same columns whatever numbers they get
+ * there; an event trigger of the extension rewrites the names when a column
+ * is renamed.  The names are resolved against the relation's descriptor
+ * when the cache entry below is built: a listed name that no longer exists
+ * is simply not there (an included column drops out of the output, an
+ * excluded one has nothing left to hide).  Triggers of 0.1.0 (modes
+ * "include" and "exclude") carry attribute numbers; they still work until
+ * ALTER EXTENSION ... UPDATE rewrites them.  The
  * trigger renders the event's JSON payload at once, while the row is at
  * hand and TOASTed values can still be fetched, and keeps it in
  * TopTransactionContext together with the subtransaction nesting level it
@@ -213,6 +221,8 @@ get_capture_rel(Relation rel, Trigger *trigger)
 	const char *mode;
 	int			nlisted;
 	AttrNumber *listed;
+	bool		by_name;
+	bool		include_mode;
 
 	if (capture_rels == NULL)
 	{
@@ -239,8 +249,13 @@ get_capture_rel(Relation rel, Trigger *trigger)
 						trigger->tgname, RelationGetRelationName(rel)),
 				 errhint("Install the trigger with mqtt_emit.watch().")));
 	mode = trigger->tgargs[2];
-	if (strcmp(mode, "all") != 0 && strcmp(mode, "include") != 0 &&
-		strcmp(mode, "exclude") != 0)
+	if (strcmp(mode, "all") == 0)
+		by_name = false;
+	else if (strcmp(mode, "columns") == 0 || strcmp(mode, "exclude_columns") == 0)
+		by_name = true;
+	else if (strcmp(mode, "include") == 0 || strcmp(mode, "exclude") == 0)
+		by_name = false;		/* 0.1.0: attribute numbers */
+	else
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("trigger \"%s\" on table \"%s\" has an invalid column mode \"%s\"",
@@ -263,12 +278,34 @@ get_capture_rel(Relation rel, Trigger *trigger)
 	appendStringInfoString(&buf, ",\"operation\":");
 	entry->model_json = pstrdup(buf.data);
 
-	/* the listed columns, as numbers of the table watch() was called on */
+	/*
+	 * The listed columns as this relation's attribute numbers: by name (a
+	 * partition has the same column names as its parent), or for 0.1.0
+	 * triggers as numbers of the table watch() was called on.
+	 */
+	include_mode = (mode[0] == 'i' || mode[0] == 'c');
 	nlisted = trigger->tgnargs - 3;
 	listed = palloc(sizeof(AttrNumber) * Max(nlisted, 1));
 	for (i = 0; i < nlisted; i++)
-		listed[i] = (AttrNumber) atoi(trigger->tgargs[i + 3]);
-	if (trigger->tgisclone && nlisted > 0)
+	{
+		if (by_name)
+		{
+			int			j;
+
+			listed[i] = InvalidAttrNumber;
+			for (j = 0; j < tupdesc->natts; j++)
+			{
+				Form_pg_attribute att = TupleDescAttr(tupdesc, j);
+
+				if (!att->attisdropped &&
+					strcmp(NameStr(att->attname), trigger->tgargs[i + 3]) == 0)
+					listed[i] = att->attnum;
+			}
+		}
+		else
+			listed[i] = (AttrNumber) atoi(trigger->tgargs[i + 3]);
+	}
+	if (!by_name && trigger->tgisclone && nlisted > 0)
 		map_to_partition(rel, trigger, listed, nlisted);
 
 	entry->natts = tupdesc->natts;
@@ -292,7 +329,7 @@ get_capture_rel(Relation rel, Trigger *trigger)
 				is_listed = true;
 		if (mode[0] == 'a')
 			col->include = true;
-		else if (mode[0] == 'i')
+		else if (include_mode)
 			col->include = is_listed;
 		else
 			col->include = !is_listed;
@@ -625,7 +662,7 @@ write_outbox(void)
 		for (i = 0; i < npending; i++)
 			((MqttEmitEventHeader *) pending[i])->flags |= ME_FLAG_QUEUED;
 		me_outbox_insert(pending, npending, 0xFF, (int64) me_next_event_seq(),
-						 true, 0, 0, ids);
+						 true, 0, ids);
 		for (i = 0; i < npending; i++)
 			((MqttEmitEventHeader *) pending[i])->row_id = ids[i];
 		outboxed = npending;
@@ -657,8 +694,9 @@ write_outbox(void)
 	 * now is: what commits into the queue after this point cannot have
 	 * been seen by this transaction, so it may as well come after it.
 	 */
-	me_outbox_insert(pending, npending, 0xFF, marker.batch, marker_reserved, 0,
-					 marker_reserved ? 0 : me_queue_tail(), ids);
+	me_outbox_insert(pending, npending, 0xFF,
+					 marker_reserved ? marker.batch : me_outbox_stray_batch(me_queue_tail()),
+					 marker_reserved, 0, ids);
 	marker.min_id = ids[0];
 	marker.max_id = ids[npending - 1];
 	outboxed = npending;

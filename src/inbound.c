@@ -11,10 +11,10 @@
  * subscriber connection at all.  After every (re)connection all filters
  * are subscribed again (a clean session forgets them).
  *
- * Received messages are kept in mqtt_emit.inbox, up to 1000 in one
- * transaction, for the listener worker, which checks them and runs their
- * listeners (remote.c, listener_worker.c): this process runs no listener
- * code.
+ * Received messages are kept as rows of mqtt_emit.outbox (kind
+ * ME_KIND_REMOTE), up to 1000 in one transaction, for the listener worker,
+ * which checks them and runs their listeners (remote.c,
+ * listener_worker.c): this process runs no listener code.
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
@@ -25,6 +25,7 @@
  */
 #include "postgres.h"
 
+#include "mb/pg_wchar.h"
 #include "nodes/pg_list.h"
 #include "nodes/value.h"
 #include "utils/memutils.h"
@@ -142,9 +143,9 @@ me_inbound_take_news(void)
 	}
 
 	/*
-	 * Keep what arrived in mqtt_emit.inbox for the listener worker, up to
-	 * INBOX_BATCH messages a transaction.  Messages larger than
-	 * max_payload are not kept.
+	 * Keep what arrived in the outbox for the listener worker, up to
+	 * INBOX_BATCH messages a transaction.  Messages larger than max_payload,
+	 * or that are not valid text, are not kept.
 	 */
 	m = news.incoming;
 	while (m)
@@ -158,11 +159,21 @@ me_inbound_take_news(void)
 
 		while (m && n < INBOX_BATCH)
 		{
+			const char *why = NULL;
+
+			/* what cannot be kept as text is dropped here */
 			if (m->payload_len > mqtt_emit_max_payload)
+				why = "payload larger than \"mqtt_emit.max_payload\"";
+			else if ((int) strlen(m->payload) != m->payload_len)
+				why = "payload contains a NUL byte";
+			else if (!pg_verifymbstr(m->payload, m->payload_len, true) ||
+					 (int) strlen(m->topic) != m->topic_len ||
+					 !pg_verifymbstr(m->topic, m->topic_len, true))
+				why = "payload or topic is not valid in the database encoding";
+			if (why)
 			{
 				me_count(ME_STAT_RECEIVED, 1);
-				me_remote_reject(m->topic, m->payload_len,
-								 "payload larger than \"mqtt_emit.max_payload\"");
+				me_remote_reject(m->topic, m->payload_len, why);
 			}
 			else
 			{
@@ -178,7 +189,7 @@ me_inbound_take_news(void)
 		{
 			me_worker_begin_tx("keeping received messages");
 			me_worker_commit_async();
-			me_inbox_insert(topics, topic_lens, payloads, payload_lens, n);
+			me_outbox_insert_received(topics, topic_lens, payloads, payload_lens, n);
 			me_worker_end_tx();
 			stored = true;
 		}

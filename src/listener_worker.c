@@ -10,7 +10,8 @@
  *	  the worker writes for queued events that some local listener wants,
  *	  and rows that committing backends wrote themselves (durable mode, a
  *	  full queue)
- *	- received messages, as rows of mqtt_emit.inbox
+ *	- received messages, as outbox rows of kind ME_KIND_REMOTE (ME_FLAG_LOCAL
+ *	  only; the model column holds the topic)
  *
  * and this process runs their listeners, oldest first, and marks each row
  * done in the same transaction as the listeners' effects: a row's
@@ -65,8 +66,6 @@
 #define ROWS_PER_ROUND		100
 #define MAX_SUBXACTS		48	/* stay clear of PGPROC_MAX_CACHED_SUBXIDS */
 
-#define ATTEMPT_LOCAL		1
-#define ATTEMPT_INBOX		2
 
 typedef enum
 {
@@ -79,6 +78,7 @@ static uint32 listeners_version = 0;
 static TimestampTz last_extension_check = 0;
 static TimestampTz retry_at = 0;	/* a failed row waits until then */
 static StringInfoData topicbuf;
+static MemoryContext round_cxt = NULL;	/* a round's rows, across its commits */
 
 static void listener_detach(int code, Datum arg);
 static void hard_timeout_handler(void);
@@ -190,31 +190,28 @@ mqtt_emit_listener_main(Datum main_arg)
 	}
 }
 
-/* the local listeners of one outbox row */
+/* the listeners of one outbox row: a local event or a received message */
 static void
 handle_local(void *arg)
 {
 	const MeOutboxRow *row = (const MeOutboxRow *) arg;
 
+	if (row->hdr.kind == ME_KIND_REMOTE)
+	{
+		MeRemoteMessage msg;
+
+		msg.topic = row->model;
+		msg.topic_len = row->hdr.model_len;
+		msg.payload = row->payload;
+		msg.payload_len = row->hdr.payload_len;
+		me_listeners_handle_remote(&msg);
+		return;
+	}
 	if (row->hdr.kind != ME_KIND_ROW ||
 		!me_listeners_want_local(row->model, row->hdr.model_len))
 		return;
 	me_build_topic(&topicbuf, &row->hdr, row->model, false);
 	me_listeners_run_local(&row->hdr, row->model, row->payload, topicbuf.data);
-}
-
-/* the remote listeners of one received message */
-static void
-handle_inbox(void *arg)
-{
-	const MeInboxRow *row = (const MeInboxRow *) arg;
-	MeRemoteMessage msg;
-
-	msg.topic = row->topic;
-	msg.topic_len = row->topic_len;
-	msg.payload = row->payload;
-	msg.payload_len = row->payload_len;
-	me_listeners_handle_remote(&msg);
 }
 
 /*
@@ -223,12 +220,12 @@ handle_inbox(void *arg)
  * (give_up), else it is to be tried again.
  */
 static RowOutcome
-handle_row(int kind, int64 id, void (*handle) (void *), void *arg,
+handle_row(int64 id, void (*handle) (void *), void *arg,
 		   void (*give_up) (const void *arg, const char *reason))
 {
 	MemoryContext oldcxt = CurrentMemoryContext;
 	ResourceOwner oldowner = CurrentResourceOwner;
-	int			before = me_attempt_begin(kind, id);
+	int			before = me_attempt_begin(1, id);
 	RowOutcome	outcome = ROW_DONE;
 
 	if (before >= ME_ATTEMPTS)
@@ -270,8 +267,7 @@ handle_row(int kind, int64 id, void (*handle) (void *), void *arg,
 		else
 		{
 			ereport(LOG,
-					(errmsg("pg_mqtt_emit could not hand %s " INT64_FORMAT " to its listeners: %s",
-							kind == ATTEMPT_LOCAL ? "outbox row" : "received message",
+					(errmsg("pg_mqtt_emit could not hand outbox row " INT64_FORMAT " to its listeners: %s",
 							id, edata->message),
 					 errdetail("Attempt %d of %d; it is tried again in %d s.",
 							   before + 1, ME_ATTEMPTS, before + 1)));
@@ -293,11 +289,6 @@ give_up_local(const void *arg, const char *reason)
 	me_outbox_local_failed((const MeOutboxRow *) arg, reason);
 }
 
-static void
-give_up_inbox(const void *arg, const char *reason)
-{
-	me_inbox_failed((const MeInboxRow *) arg, reason);
-}
 
 /*
  * Is it time to commit?  After listener_batch_time, or before the
@@ -312,86 +303,74 @@ batch_full(TimestampTz start, int rows, uint64 calls_before)
 }
 
 /*
- * One round: local rows, then received messages, each in transactions of
- * their own.  Returns true when there may be more to do right away.
+ * One round: up to ROWS_PER_ROUND rows, in transactions that commit when
+ * batch_full() says.  Returns true when there may be more to do right
+ * away.
  */
 static bool
 run_round(void)
 {
-	bool		more = false;
-	int			pass;
+	TimestampTz start;
+	uint64		calls_before;
+	MeOutboxRow *rows;
+	int64	   *done;
+	int			ndone = 0;
+	int			n;
+	int			i;
+	int			in_tx_rows = 0;
+	bool		stopped = false;
 
-	for (pass = 0; pass < 2; pass++)
+	if (round_cxt == NULL)
+		round_cxt = AllocSetContextCreate(TopMemoryContext, "pg_mqtt_emit listener round",
+										  ALLOCSET_DEFAULT_SIZES);
+	MemoryContextReset(round_cxt);
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	MemoryContextSwitchTo(round_cxt);
+	pgstat_report_activity(STATE_RUNNING, "running listeners");
+	n = me_outbox_local_rows(ROWS_PER_ROUND, &rows);
+	done = palloc(sizeof(int64) * Max(n, 1));
+	start = GetCurrentTimestamp();
+	calls_before = me_listeners_calls_made();
+	for (i = 0; i < n && !stopped; i++)
 	{
-		TimestampTz start = GetCurrentTimestamp();
-		uint64		calls_before = me_listeners_calls_made();
-		int64	   *done;
-		int			ndone = 0;
-		int			n;
-		int			i;
-		bool		stopped = false;
-
-		SetCurrentStatementStartTimestamp();
-		StartTransactionCommand();
-		PushActiveSnapshot(GetTransactionSnapshot());
-		if (pass == 0)
+		/* each row sees what the rows before it did */
+		if (in_tx_rows > 0)
 		{
-			MeOutboxRow *rows;
-
-			pgstat_report_activity(STATE_RUNNING, "running local listeners");
-			n = me_outbox_local_rows(ROWS_PER_ROUND, &rows);
-			done = palloc(sizeof(int64) * Max(n, 1));
-			for (i = 0; i < n && !stopped; i++)
-			{
-				/* each row sees what the rows before it did */
-				if (i > 0)
-				{
-					PopActiveSnapshot();
-					PushActiveSnapshot(GetTransactionSnapshot());
-				}
-				if (handle_row(ATTEMPT_LOCAL, rows[i].id, handle_local, &rows[i],
-							   give_up_local) == ROW_RETRY)
-					stopped = true;
-				else
-					done[ndone++] = rows[i].id;
-				if (batch_full(start, i + 1, calls_before))
-					stopped = true;
-			}
-			me_outbox_local_done(done, ndone);
+			PopActiveSnapshot();
+			PushActiveSnapshot(GetTransactionSnapshot());
 		}
+		if (handle_row(rows[i].id, handle_local, &rows[i], give_up_local) == ROW_RETRY)
+			stopped = true;
 		else
+			done[ndone++] = rows[i].id;
+		in_tx_rows++;
+		if (!stopped && i + 1 < n && batch_full(start, in_tx_rows, calls_before))
 		{
-			MeInboxRow *rows;
-
-			pgstat_report_activity(STATE_RUNNING, "running remote listeners");
-			n = me_inbox_rows(ROWS_PER_ROUND, &rows);
-			done = palloc(sizeof(int64) * Max(n, 1));
-			for (i = 0; i < n && !stopped; i++)
-			{
-				if (i > 0)
-				{
-					PopActiveSnapshot();
-					PushActiveSnapshot(GetTransactionSnapshot());
-				}
-				if (handle_row(ATTEMPT_INBOX, rows[i].id, handle_inbox, &rows[i],
-							   give_up_inbox) == ROW_RETRY)
-					stopped = true;
-				else
-					done[ndone++] = rows[i].id;
-				if (batch_full(start, i + 1, calls_before))
-					stopped = true;
-			}
-			me_inbox_done(done, ndone);
+			/* commit what is done, go on in a new transaction */
+			me_outbox_local_done(done, ndone);
+			ndone = 0;
+			PopActiveSnapshot();
+			CommitTransactionCommand();
+			SetCurrentStatementStartTimestamp();
+			StartTransactionCommand();
+			PushActiveSnapshot(GetTransactionSnapshot());
+			MemoryContextSwitchTo(round_cxt);
+			start = GetCurrentTimestamp();
+			calls_before = me_listeners_calls_made();
+			in_tx_rows = 0;
 		}
-		PopActiveSnapshot();
-		CommitTransactionCommand();
-		pgstat_report_stat(false);
-		pgstat_report_activity(STATE_IDLE, NULL);
-
-		if (retry_at > GetCurrentTimestamp())
-			return false;
-		if (n == ROWS_PER_ROUND || ndone < n)
-			more = true;
 	}
-	return more;
+	me_outbox_local_done(done, ndone);
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(TopMemoryContext);
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+
+	if (retry_at > GetCurrentTimestamp())
+		return false;
+	return n == ROWS_PER_ROUND;
 }

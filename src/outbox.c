@@ -14,7 +14,8 @@
  *			entry exists too: the queue's copy runs its listeners and is
  *			published; the row is the crash net)
  *	batch	the writing transaction's batch number (an event_seq value), so
- *			that its marker in the queue can find its rows
+ *			that its marker in the queue can find its rows; without a
+ *			marker, -(the queue's tail when it was written + 1)
  *	marked	whether a marker for it was queued
  *	seq		its place in the publishing order, given by the worker (NULL
  *			until then); rows are published in seq order
@@ -63,6 +64,13 @@
  */
 #define SQL_UNFINISHED	"(flags & (" SQL_PUBLISH " | " SQL_LOCAL "))"
 
+/*
+ * A row written without a marker carries -(queue position + 1) as its
+ * batch (me_outbox_stray_batch); rows of 0.1.0 have a positive batch and
+ * are placed at once.
+ */
+#define SQL_STRAY_POS	"(CASE WHEN batch < 0 THEN -batch - 1 ELSE 0 END)"
+
 /* the columns row_from_tuple() reads, in its order */
 #define ROW_COLUMNS		"id, kind, flags, op, qos, model, payload, created_at, relid, seq"
 
@@ -95,7 +103,7 @@ static StringInfoData topicbuf;
  */
 void
 me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
-				 bool marked, int64 first_order, uint64 queue_pos, int64 *ids)
+				 bool marked, int64 first_order, int64 *ids)
 {
 	Datum	   *kinds = palloc(sizeof(Datum) * n);
 	Datum	   *flags = palloc(sizeof(Datum) * n);
@@ -104,7 +112,7 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 	Datum	   *models = palloc(sizeof(Datum) * n);
 	Datum	   *payloads = palloc(sizeof(Datum) * n);
 	Datum	   *relids = palloc(sizeof(Datum) * n);
-	Datum		values[11];
+	Datum		values[10];
 	Oid			save_userid;
 	int			save_sec;
 	int			i;
@@ -128,7 +136,6 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 	values[6] = Int64GetDatum(batch);
 	values[7] = BoolGetDatum(marked);
 	values[8] = Int64GetDatum(first_order);
-	values[10] = Int64GetDatum((int64) queue_pos);
 
 	GetUserIdAndSecContext(&save_userid, &save_sec);
 	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID,
@@ -138,20 +145,20 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 	if (n == 1)
 	{
 		/* a plain one-row INSERT costs far less than unnesting arrays */
-		Datum		row[11];
+		Datum		row[10];
 
 		if (insert_plan1 == NULL)
 		{
-			Oid			types[11] = {INT2OID, INT2OID, INT2OID, INT2OID, TEXTOID,
-				TEXTOID, INT8OID, BOOLOID, INT8OID, OIDOID, INT8OID};
+			Oid			types[10] = {INT2OID, INT2OID, INT2OID, INT2OID, TEXTOID,
+				TEXTOID, INT8OID, BOOLOID, INT8OID, OIDOID};
 			SPIPlanPtr	plan;
 
 			plan = SPI_prepare("INSERT INTO mqtt_emit.outbox"
-							   " (kind, flags, op, qos, model, payload, batch, marked, seq, relid, queue_pos)"
+							   " (kind, flags, op, qos, model, payload, batch, marked, seq, relid)"
 							   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8,"
-							   "  CASE WHEN $9 OPERATOR(pg_catalog.=) 0 THEN NULL ELSE $9 END, $10, $11)"
+							   "  CASE WHEN $9 OPERATOR(pg_catalog.=) 0 THEN NULL ELSE $9 END, $10)"
 							   " RETURNING id",
-							   11, types);
+							   10, types);
 			if (plan == NULL)
 				elog(ERROR, "SPI_prepare failed for the outbox insert: %s",
 					 SPI_result_code_string(SPI_result));
@@ -168,7 +175,6 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 		row[7] = values[7];
 		row[8] = values[8];
 		row[9] = relids[0];
-		row[10] = values[10];
 		ret = SPI_execute_plan(insert_plan1, row, NULL, false, 0);
 		if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
 			elog(ERROR, "cannot write to mqtt_emit.outbox: %s", SPI_result_code_string(ret));
@@ -187,17 +193,17 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 	values[9] = PointerGetDatum(construct_array(relids, n, OIDOID, sizeof(Oid), true, TYPALIGN_INT));
 	if (insert_plan == NULL)
 	{
-		Oid			types[11] = {INT2ARRAYOID, INT2ARRAYOID, INT2ARRAYOID,
+		Oid			types[10] = {INT2ARRAYOID, INT2ARRAYOID, INT2ARRAYOID,
 			INT2ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8OID, BOOLOID, INT8OID,
-		OIDARRAYOID, INT8OID};
+		OIDARRAYOID};
 		SPIPlanPtr	plan;
 
 		plan = SPI_prepare("WITH ins AS ("
 						   " INSERT INTO mqtt_emit.outbox"
-						   "  (kind, flags, op, qos, model, payload, batch, marked, seq, relid, queue_pos)"
+						   "  (kind, flags, op, qos, model, payload, batch, marked, seq, relid)"
 						   " SELECT r.k, r.f, r.o, r.q, r.m, r.p, $7, $8,"
 						   "  CASE WHEN $9 OPERATOR(pg_catalog.=) 0 THEN NULL"
-						   "   ELSE $9 OPERATOR(pg_catalog.+) r.n OPERATOR(pg_catalog.-) 1 END, r.r, $11"
+						   "   ELSE $9 OPERATOR(pg_catalog.+) r.n OPERATOR(pg_catalog.-) 1 END, r.r"
 						   " FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2),"
 						   "  pg_catalog.unnest($3), pg_catalog.unnest($4),"
 						   "  pg_catalog.unnest($5), pg_catalog.unnest($6), pg_catalog.unnest($10))"
@@ -205,7 +211,7 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 						   " ORDER BY r.n"
 						   " RETURNING id)"
 						   " SELECT pg_catalog.array_agg(id ORDER BY id) FROM ins",
-						   11, types);
+						   10, types);
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed for the outbox insert: %s",
 				 SPI_result_code_string(SPI_result));
@@ -396,7 +402,7 @@ me_outbox_place_strays(bool all, uint64 upto)
 								"UPDATE mqtt_emit.outbox o SET seq = $1 + s.n - 1 "
 								"FROM (SELECT id, row_number() OVER (ORDER BY id) AS n "
 								"      FROM mqtt_emit.outbox WHERE seq IS NULL AND NOT marked"
-								"       AND (flags & " SQL_PUBLISH ") <> 0 AND queue_pos <= $2) s "
+								"       AND (flags & " SQL_PUBLISH ") <> 0 AND " SQL_STRAY_POS " <= $2) s "
 								"WHERE o.id = s.id",
 								2, types, args, NULL, false, 0),
 		  SPI_OK_UPDATE, "order outbox rows");
@@ -415,7 +421,7 @@ me_outbox_next_stray(void)
 	bool		isnull;
 
 	SPI_connect();
-	check(SPI_execute("SELECT min(queue_pos) FROM mqtt_emit.outbox"
+	check(SPI_execute("SELECT min(" SQL_STRAY_POS ") FROM mqtt_emit.outbox"
 					  " WHERE seq IS NULL AND NOT marked AND (flags & " SQL_PUBLISH ") <> 0",
 					  true, 1), SPI_OK_SELECT, "read mqtt_emit.outbox");
 	(void) SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
@@ -477,7 +483,7 @@ me_outbox_move(char **entries, int n)
 		else
 		{
 			me_outbox_insert(entries + i, j - i, (uint8) ~ME_FLAG_LOCAL, 0, true,
-							 next_order, 0, ids);
+							 next_order, ids);
 			me_outbox_rows_add(j - i);
 			me_count(ME_STAT_OUTBOXED, j - i);
 		}
@@ -754,116 +760,46 @@ me_outbox_local_failed(const MeOutboxRow *row, const char *reason)
 }
 
 /*
- * The worker keeps received messages in mqtt_emit.inbox for the listener
- * worker, in arrival order.
+ * The batch of rows written without a marker: where in the queue they
+ * belong (see me_outbox_place_strays).
+ */
+int64
+me_outbox_stray_batch(uint64 queue_tail)
+{
+	return -(int64) queue_tail - 1;
+}
+
+/*
+ * The worker keeps received messages as outbox rows of kind
+ * ME_KIND_REMOTE (model: the topic) for the listener worker, in arrival
+ * order.  Topics and payloads must be valid text.
  */
 void
-me_inbox_insert(const char **topics, const int *topic_lens,
-				const char **payloads, const int *payload_lens, int n)
+me_outbox_insert_received(const char **topics, const int *topic_lens,
+						  const char **payloads, const int *payload_lens, int n)
 {
-	Datum	   *t = palloc(sizeof(Datum) * n);
-	Datum	   *p = palloc(sizeof(Datum) * n);
-	Datum		args[2];
-	Oid			types[2] = {TEXTARRAYOID, BYTEAARRAYOID};
+	char	  **entries = palloc(sizeof(char *) * n);
+	int64	   *ids = palloc(sizeof(int64) * n);
 	int			i;
 
 	for (i = 0; i < n; i++)
 	{
-		bytea	   *b = palloc(VARHDRSZ + payload_lens[i]);
+		MqttEmitEventHeader hdr;
 
-		SET_VARSIZE(b, VARHDRSZ + payload_lens[i]);
-		memcpy(VARDATA(b), payloads[i], payload_lens[i]);
-		t[i] = PointerGetDatum(cstring_to_text_with_len(topics[i], topic_lens[i]));
-		p[i] = PointerGetDatum(b);
+		memset(&hdr, 0, sizeof(hdr));
+		hdr.kind = ME_KIND_REMOTE;
+		hdr.flags = ME_FLAG_LOCAL;
+		hdr.op = ME_OP_OTHER;
+		hdr.model_len = topic_lens[i];
+		hdr.payload_len = payload_lens[i];
+		hdr.total_len = sizeof(hdr) + topic_lens[i] + payload_lens[i];
+		entries[i] = palloc(hdr.total_len);
+		memcpy(entries[i], &hdr, sizeof(hdr));
+		memcpy(entries[i] + sizeof(hdr), topics[i], topic_lens[i]);
+		memcpy(entries[i] + sizeof(hdr) + topic_lens[i], payloads[i], payload_lens[i]);
 	}
-	args[0] = PointerGetDatum(construct_array(t, n, TEXTOID, -1, false, TYPALIGN_INT));
-	args[1] = PointerGetDatum(construct_array(p, n, BYTEAOID, -1, false, TYPALIGN_INT));
-	SPI_connect();
-	check(SPI_execute_with_args("INSERT INTO mqtt_emit.inbox (topic, payload)"
-								" SELECT r.t, r.p FROM ROWS FROM (unnest($1), unnest($2))"
-								" WITH ORDINALITY AS r(t, p, n) ORDER BY r.n",
-								2, types, args, NULL, false, 0),
-		  SPI_OK_INSERT, "write to mqtt_emit.inbox");
-	SPI_finish();
-}
-
-/*
- * The listener worker: up to limit received messages, oldest first, copied
- * into the caller's memory context (topic and payload NUL-terminated).
- */
-int
-me_inbox_rows(int limit, MeInboxRow **rows)
-{
-	MemoryContext outer = CurrentMemoryContext;
-	Datum		arg = Int32GetDatum(limit);
-	Oid			argtype = INT4OID;
-	uint64		i;
-	int			n;
-
-	SPI_connect();
-	check(SPI_execute_with_args("SELECT id, topic, payload FROM mqtt_emit.inbox ORDER BY id LIMIT $1",
-								1, &argtype, &arg, NULL, true, 0),
-		  SPI_OK_SELECT, "read mqtt_emit.inbox");
-	n = (int) SPI_processed;
-	MemoryContextSwitchTo(outer);
-	*rows = palloc(sizeof(MeInboxRow) * Max(n, 1));
-	for (i = 0; i < (uint64) n; i++)
-	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-		TupleDesc	td = SPI_tuptable->tupdesc;
-		bool		isnull;
-		text	   *t = DatumGetTextPP(SPI_getbinval(tup, td, 2, &isnull));
-		bytea	   *p = DatumGetByteaPP(SPI_getbinval(tup, td, 3, &isnull));
-		MeInboxRow *r = &(*rows)[i];
-		char	   *pl;
-
-		r->id = DatumGetInt64(SPI_getbinval(tup, td, 1, &isnull));
-		r->topic = text_to_cstring(t);
-		r->topic_len = VARSIZE_ANY_EXHDR(t);
-		r->payload_len = VARSIZE_ANY_EXHDR(p);
-		pl = palloc(r->payload_len + 1);
-		memcpy(pl, VARDATA_ANY(p), r->payload_len);
-		pl[r->payload_len] = '\0';
-		r->payload = pl;
-	}
-	SPI_finish();
-	return n;
-}
-
-/*
- * The listener worker is done with these received messages (their
- * listeners' work commits in the same transaction).
- */
-void
-me_inbox_done(const int64 *ids, int n)
-{
-	Datum		arg;
-	Oid			argtype = INT8ARRAYOID;
-
-	if (n == 0)
-		return;
-	arg = int8_array(ids, n);
-	SPI_connect();
-	check(SPI_execute_with_args("DELETE FROM mqtt_emit.inbox WHERE id = ANY ($1)",
-								1, &argtype, &arg, NULL, false, 0),
-		  SPI_OK_DELETE, "delete from mqtt_emit.inbox");
-	SPI_finish();
-}
-
-/*
- * The listener worker gave up on a received message: keep it in the dead
- * letters with the error (it passed the checks, so it is valid text), and
- * be done with it.
- */
-void
-me_inbox_failed(const MeInboxRow *row, const char *reason)
-{
-	SPI_connect();
-	insert_dead_letter(row->topic,
-					   cstring_to_text_with_len(row->payload, row->payload_len),
-					   reason, GetCurrentTimestamp());
-	SPI_finish();
-	me_inbox_done(&row->id, 1);
+	me_outbox_insert(entries, n, 0xFF, 0, true, 0, ids);
+	me_outbox_rows_add(n);
 }
 
 /*

@@ -29,23 +29,14 @@ typedef struct MeOutboxRow
 	TimestampTz created_at;
 } MeOutboxRow;
 
-/* A received message waiting in mqtt_emit.inbox. */
-typedef struct MeInboxRow
-{
-	int64		id;
-	const char *topic;			/* NUL-terminated */
-	const char *payload;		/* NUL-terminated after payload_len bytes */
-	int			topic_len;
-	int			payload_len;
-} MeInboxRow;
-
 /* return false to stop the scan */
 typedef bool (*MeOutboxRowFn) (const MeOutboxRow *row, void *arg);
 
 /* committing backends and the worker */
 extern void me_outbox_insert(char **entries, int n, uint8 flag_mask,
 							 int64 batch, bool marked, int64 first_order,
-							 uint64 queue_pos, int64 *ids);
+							 int64 *ids);
+extern int64 me_outbox_stray_batch(uint64 queue_tail);
 
 /* the worker, inside a transaction */
 extern void me_outbox_start(bool fresh);
@@ -63,16 +54,14 @@ extern void me_outbox_dead_letter_entry(const MqttEmitEventHeader *hdr,
 extern void me_outbox_note_oldest(void);
 
 /* the worker: received messages */
-extern void me_inbox_insert(const char **topics, const int *topic_lens,
-							const char **payloads, const int *payload_lens, int n);
+extern void me_outbox_insert_received(const char **topics, const int *topic_lens,
+									  const char **payloads, const int *payload_lens,
+									  int n);
 
 /* the listener worker, inside a transaction */
 extern int	me_outbox_local_rows(int limit, MeOutboxRow **rows);
 extern void me_outbox_local_done(const int64 *ids, int n);
 extern void me_outbox_local_failed(const MeOutboxRow *row, const char *reason);
-extern int	me_inbox_rows(int limit, MeInboxRow **rows);
-extern void me_inbox_done(const int64 *ids, int n);
-extern void me_inbox_failed(const MeInboxRow *row, const char *reason);
 extern int	me_outbox_scan_publishable(int64 after, int limit,
 									   MeOutboxRowFn fn, void *arg);
 extern bool me_outbox_drained(void);

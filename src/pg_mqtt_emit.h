@@ -72,7 +72,10 @@ typedef enum
 {
 	ME_KIND_ROW = 1,			/* a captured row change */
 	ME_KIND_PUBLISH = 2,		/* mqtt_emit.publish(): explicit topic */
-	ME_KIND_MARKER = 3			/* a committed transaction's outbox rows */
+	ME_KIND_MARKER = 3,			/* a committed transaction's outbox rows */
+	ME_KIND_REMOTE = 4			/* outbox only: a message received from the
+								 * broker, for the listener worker (model: its
+								 * topic) */
 } MqttEmitKind;
 
 /*
@@ -141,6 +144,7 @@ typedef struct MqttEmitSnapshot
 	uint32		subscriptions;
 	uint64		outbox_rows;
 	TimestampTz outbox_oldest;	/* 0 when the outbox is empty */
+	TimestampTz stats_reset;	/* when mqtt_emit.stats_reset() ran last */
 	TimestampTz last_error_time;
 	char		last_error[MQTT_EMIT_MAX_ERROR_LEN];
 } MqttEmitSnapshot;
@@ -200,6 +204,8 @@ extern void me_queue_copy(uint64 pos, char *dst, Size len);
 extern void me_queue_release(uint64 new_head, int nevents);
 extern void me_count(MqttEmitCounter c, uint64 n);
 extern uint64 me_counter(MqttEmitCounter c);
+extern uint64 me_counter_since_reset(MqttEmitCounter c);
+extern void me_stats_reset(void);
 extern void me_set_last_error(const char *fmt,...) pg_attribute_printf(1, 2);
 extern void me_wake_worker(void);
 extern uint64 me_next_event_seq(void);

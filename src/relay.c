@@ -312,7 +312,7 @@ process_queue(uint64 tail, int *new_entries)
 		{
 			int64	   *ids = palloc(sizeof(int64) * nlocal);
 
-			me_outbox_insert(local, nlocal, ME_FLAG_LOCAL, 0, true, 0, 0, ids);
+			me_outbox_insert(local, nlocal, ME_FLAG_LOCAL, 0, true, 0, ids);
 			me_outbox_rows_add(nlocal);
 		}
 	}

@@ -38,9 +38,10 @@
  *	- capacity and epoch_seq are set when the memory is created and never
  *	  change: read without a lock.
  *	- errlock (spinlock) protects last_error and last_error_time.
- *	- counters, event_seq, listeners_version, outbox_version, outbox_rows,
- *	  outbox_oldest, worker_napping and the connection flags are atomics and
- *	  need no lock.  outbox_rows is approximate (see relay.c).
+ *	- counters (and their reset base and time), event_seq,
+ *	  listeners_version, outbox_version, outbox_rows, outbox_oldest,
+ *	  worker_napping and the connection flags are atomics and need no lock.
+ *	  outbox_rows is approximate (see relay.c).
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
@@ -74,7 +75,7 @@ typedef struct MqttEmitShared
 	/* the listener worker's current attempt (survives its restarts) */
 	slock_t		attempt_lock;
 	int64		attempt_id;		/* attempt_lock: the row being handled */
-	int			attempt_kind;	/* attempt_lock: local row (1) or inbox row (2) */
+	int			attempt_kind;	/* attempt_lock: what attempt_id names (1: an outbox row) */
 	int			attempt_count;	/* attempt_lock: attempts started */
 
 	/* the ring; positions are logical and only grow */
@@ -84,6 +85,8 @@ typedef struct MqttEmitShared
 	uint64		reserved;		/* lock: bytes promised to committing backends */
 
 	pg_atomic_uint64 counters[ME_STAT_COUNT];
+	pg_atomic_uint64 counter_base[ME_STAT_COUNT];	/* values at the last reset */
+	pg_atomic_uint64 stats_reset;	/* TimestampTz of the last reset */
 	pg_atomic_uint64 event_seq; /* event id counter */
 	uint64		epoch_seq;		/* constant: event_seq when this memory was set up */
 	pg_atomic_uint32 listeners_version; /* bumped when the registry changes */
@@ -149,7 +152,11 @@ me_shmem_startup(void)
 		me_shared->tail = 0;
 		me_shared->reserved = 0;
 		for (i = 0; i < ME_STAT_COUNT; i++)
+		{
 			pg_atomic_init_u64(&me_shared->counters[i], 0);
+			pg_atomic_init_u64(&me_shared->counter_base[i], 0);
+		}
+		pg_atomic_init_u64(&me_shared->stats_reset, (uint64) GetCurrentTimestamp());
 
 		/*
 		 * Event ids carry a sequence number.  Starting it at the current time
@@ -315,6 +322,31 @@ uint64
 me_counter(MqttEmitCounter c)
 {
 	return pg_atomic_read_u64(&me_shared->counters[c]);
+}
+
+/*
+ * What mqtt_emit.stats shows: the count since the last mqtt_emit.stats_reset().
+ * A reset does not touch the counters themselves (the queue's own figures
+ * are computed from them), it records their values as the new base.
+ */
+uint64
+me_counter_since_reset(MqttEmitCounter c)
+{
+	uint64		base = pg_atomic_read_u64(&me_shared->counter_base[c]);
+	uint64		value = pg_atomic_read_u64(&me_shared->counters[c]);
+
+	return value >= base ? value - base : 0;
+}
+
+void
+me_stats_reset(void)
+{
+	int			i;
+
+	for (i = 0; i < ME_STAT_COUNT; i++)
+		pg_atomic_write_u64(&me_shared->counter_base[i],
+							pg_atomic_read_u64(&me_shared->counters[i]));
+	pg_atomic_write_u64(&me_shared->stats_reset, (uint64) GetCurrentTimestamp());
 }
 
 uint64
@@ -536,6 +568,7 @@ me_shared_snapshot(MqttEmitSnapshot *snap)
 	strlcpy(snap->last_error, me_shared->last_error, sizeof(snap->last_error));
 	snap->last_error_time = me_shared->last_error_time;
 	SpinLockRelease(&me_shared->errlock);
+	snap->stats_reset = (TimestampTz) pg_atomic_read_u64(&me_shared->stats_reset);
 }
 
 /*

@@ -24,6 +24,8 @@
 #include "miscadmin.h"
 #include "storage/spin.h"
 #include "catalog/pg_type.h"
+#include "nodes/parsenodes.h"
+#include "tcop/deparse_utility.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
@@ -37,6 +39,8 @@ PG_FUNCTION_INFO_V1(mqtt_emit_publish);
 PG_FUNCTION_INFO_V1(mqtt_emit_stats);
 PG_FUNCTION_INFO_V1(mqtt_emit_listeners_changed);
 PG_FUNCTION_INFO_V1(mqtt_emit_trigger_args);
+PG_FUNCTION_INFO_V1(mqtt_emit_stats_reset);
+PG_FUNCTION_INFO_V1(mqtt_emit_renamed_column);
 
 /*
  * Called by the install script: the extension belongs in the worker's
@@ -143,6 +147,8 @@ mqtt_emit_stats(PG_FUNCTION_ARGS)
 	uint64		enq,
 				deq;
 	MqttEmitSnapshot snap;
+	TimestampTz now;
+	double		oldest_seconds = -1;
 
 	me_check_preloaded();
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
@@ -155,32 +161,36 @@ mqtt_emit_stats(PG_FUNCTION_ARGS)
 	memset(nulls, 0, sizeof(nulls));
 	values[i++] = BoolGetDatum(snap.publisher_connected);
 	values[i++] = BoolGetDatum(snap.subscriber_connected);
-	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_PUBLISHED));
-	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_PUBLISH_FAILED));
+	values[i++] = Int64GetDatum((int64) me_counter_since_reset(ME_STAT_PUBLISHED));
+	values[i++] = Int64GetDatum((int64) me_counter_since_reset(ME_STAT_PUBLISH_FAILED));
 	values[i++] = Int64GetDatum((int64) (enq >= deq ? enq - deq : 0));
 	values[i++] = Int64GetDatum((int64) (snap.tail - snap.head));
 	values[i++] = Int64GetDatum((int64) snap.capacity);
-	values[i++] = Int64GetDatum((int64) enq);
-	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_RETRIED));
-	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_DROPPED));
-	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_RECEIVED));
-	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_DEDUPLICATED));
-	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_SELF_ECHO));
-	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_REJECTED));
-	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_LISTENER_CALLS));
-	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_LISTENER_ERRORS));
+	values[i++] = Int64GetDatum((int64) me_counter_since_reset(ME_STAT_ENQUEUED));
+	values[i++] = Int64GetDatum((int64) me_counter_since_reset(ME_STAT_RETRIED));
+	values[i++] = Int64GetDatum((int64) me_counter_since_reset(ME_STAT_DROPPED));
+	values[i++] = Int64GetDatum((int64) me_counter_since_reset(ME_STAT_RECEIVED));
+	values[i++] = Int64GetDatum((int64) me_counter_since_reset(ME_STAT_DEDUPLICATED));
+	values[i++] = Int64GetDatum((int64) me_counter_since_reset(ME_STAT_SELF_ECHO));
+	values[i++] = Int64GetDatum((int64) me_counter_since_reset(ME_STAT_REJECTED));
+	values[i++] = Int64GetDatum((int64) me_counter_since_reset(ME_STAT_LISTENER_CALLS));
+	values[i++] = Int64GetDatum((int64) me_counter_since_reset(ME_STAT_LISTENER_ERRORS));
 	values[i++] = Int32GetDatum((int32) snap.subscriptions);
-	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_CONNECTS));
+	values[i++] = Int64GetDatum((int64) me_counter_since_reset(ME_STAT_CONNECTS));
 	values[i++] = Int64GetDatum((int64) snap.outbox_rows);
+	now = GetCurrentTimestamp();
 	if (snap.outbox_oldest != 0)
+	{
 		values[i++] = DirectFunctionCall2(timestamp_mi,
-										  TimestampTzGetDatum(GetCurrentTimestamp()),
+										  TimestampTzGetDatum(now),
 										  TimestampTzGetDatum(snap.outbox_oldest));
+		oldest_seconds = Max((double) (now - snap.outbox_oldest) / USECS_PER_SEC, 0);
+	}
 	else
 		nulls[i++] = true;
-	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_SPILLED));
-	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_OUTBOXED));
-	values[i++] = Int64GetDatum((int64) me_counter(ME_STAT_DEAD_LETTERS));
+	values[i++] = Int64GetDatum((int64) me_counter_since_reset(ME_STAT_SPILLED));
+	values[i++] = Int64GetDatum((int64) me_counter_since_reset(ME_STAT_OUTBOXED));
+	values[i++] = Int64GetDatum((int64) me_counter_since_reset(ME_STAT_DEAD_LETTERS));
 	if (snap.last_error[0])
 		values[i++] = CStringGetTextDatum(snap.last_error);
 	else
@@ -194,8 +204,24 @@ mqtt_emit_stats(PG_FUNCTION_ARGS)
 	else
 		nulls[i++] = true;
 	values[i++] = CStringGetTextDatum(me_client_id());
+	/* 0.2.0: appended, so that the older columns keep their positions */
+	values[i++] = TimestampTzGetDatum(snap.stats_reset);
+	if (oldest_seconds >= 0)
+		values[i++] = Float8GetDatum(oldest_seconds);
+	else
+		nulls[i++] = true;
 
-	Assert(i == tupdesc->natts);
+	/*
+	 * The 0.1.0 definition of mqtt_emit._stats() has the first 27 columns
+	 * only: it keeps working (without the newer ones) between installing
+	 * this library and ALTER EXTENSION ... UPDATE.
+	 */
+	if (tupdesc->natts > i)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("mqtt_emit._stats() returns %d columns, the library has %d",
+						tupdesc->natts, i),
+				 errhint("Install the pg_mqtt_emit library that matches the extension's version, and restart the server.")));
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 
@@ -222,4 +248,46 @@ mqtt_emit_trigger_args(PG_FUNCTION_ARGS)
 		p += len + 1;
 	}
 	PG_RETURN_ARRAYTYPE_P(construct_array(elems, n, TEXTOID, -1, false, TYPALIGN_INT));
+}
+
+/*
+ * mqtt_emit.stats_reset(): counters of mqtt_emit.stats start again from
+ * zero, and its stats_reset column records when.  Not granted to PUBLIC.
+ */
+Datum
+mqtt_emit_stats_reset(PG_FUNCTION_ARGS)
+{
+	me_check_preloaded();
+	me_stats_reset();
+	PG_RETURN_VOID();
+}
+
+/*
+ * mqtt_emit._renamed_column(cmd pg_ddl_command): for a collected
+ * ALTER TABLE ... RENAME COLUMN, the table, the old and the new name (one
+ * row); no row for any other command.  The event trigger that keeps the
+ * column names of capture triggers current calls it.
+ */
+Datum
+mqtt_emit_renamed_column(PG_FUNCTION_ARGS)
+{
+	CollectedCommand *cmd = (CollectedCommand *) PG_GETARG_POINTER(0);
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	RenameStmt *stmt;
+	Datum		values[3];
+	bool		nulls[3] = {false, false, false};
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (cmd == NULL || cmd->type != SCT_Simple || cmd->parsetree == NULL ||
+		!IsA(cmd->parsetree, RenameStmt))
+		PG_RETURN_VOID();
+	stmt = (RenameStmt *) cmd->parsetree;
+	if (stmt->renameType != OBJECT_COLUMN || stmt->subname == NULL ||
+		stmt->newname == NULL || !OidIsValid(cmd->d.simple.address.objectId))
+		PG_RETURN_VOID();
+	values[0] = ObjectIdGetDatum(cmd->d.simple.address.objectId);
+	values[1] = CStringGetTextDatum(stmt->subname);
+	values[2] = CStringGetTextDatum(stmt->newname);
+	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	PG_RETURN_VOID();
 }

@@ -109,14 +109,15 @@ me_build_topic(StringInfo buf, const MqttEmitEventHeader *hdr,
 }
 
 /*
- * The topic a dead letter records: the explicit topic of an ad-hoc publish,
- * else the first topic of the event in the configured style.
+ * The topic a dead letter records: the explicit topic of an ad-hoc publish
+ * or of a received message, else the first topic of the event in the
+ * configured style.
  */
 void
 me_build_dead_letter_topic(StringInfo buf, const MqttEmitEventHeader *hdr,
 						   const char *model)
 {
-	if (hdr->kind == ME_KIND_PUBLISH)
+	if (hdr->kind == ME_KIND_PUBLISH || hdr->kind == ME_KIND_REMOTE)
 	{
 		resetStringInfo(buf);
 		appendBinaryStringInfo(buf, model, hdr->model_len);

@@ -210,6 +210,8 @@ instance_opts() {
 				f="${o#--temp-config=}"
 				if [[ -f "$f" ]]; then
 					{ echo "# from $f"; cat "$f"; echo; } >>"$conf"
+				elif [[ "$f" == */tmp_broker/broker.conf ]]; then
+					:	# a standalone installcheck's broker (REGRESS_PREP): ours instead
 				else
 					echo "note: $f (from the Makefile) does not exist"
 				fi ;;
@@ -258,7 +260,8 @@ suite_regress() {
 		local list
 		if [[ "$kind" == regress ]]; then list="$regress"; else list="$isolation"; fi
 		[[ -n "${list//[[:space:]]/}" ]] || continue
-		local -a make_args=(PG_CONFIG="$PG_CONFIG" with_llvm=no)
+		# REGRESS_PREP=: our broker, not the one a standalone installcheck starts
+		local -a make_args=(PG_CONFIG="$PG_CONFIG" with_llvm=no REGRESS_PREP=)
 		if [[ "$kind" == regress ]]; then
 			instance_opts regress "$(make_var REGRESS_OPTS)" contrib_regression
 			make_args+=(REGRESS="$list" REGRESS_OPTS="$INSTANCE_OPTS" ISOLATION=)

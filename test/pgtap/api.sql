@@ -1,6 +1,6 @@
 -- API contracts of pg_mqtt_emit: objects, signatures, privileges, errors.
 BEGIN;
-SELECT plan(48);
+SELECT plan(58);
 
 CREATE EXTENSION IF NOT EXISTS pg_mqtt_emit;
 
@@ -23,7 +23,21 @@ SELECT has_table('mqtt_emit', 'outbox', 'table mqtt_emit.outbox exists');
 SELECT has_table('mqtt_emit', 'dead_letters', 'table mqtt_emit.dead_letters exists');
 SELECT has_column('mqtt_emit', 'stats', col, 'stats has ' || col)
   FROM unnest(ARRAY['connected', 'published', 'failed', 'queued', 'in_outbox', 'received',
-                    'deduplicated', 'rejected', 'listener_calls', 'listener_errors', 'last_error']) AS col;
+                    'deduplicated', 'rejected', 'listener_calls', 'listener_errors', 'last_error',
+                    'stats_reset', 'oldest_waiting_seconds']) AS col;
+SELECT col_type_is('mqtt_emit', 'stats', 'oldest_waiting_seconds', 'double precision',
+                   'ages are seconds (double precision)');
+SELECT col_type_is('mqtt_emit', 'stats', 'stats_reset', 'timestamp with time zone',
+                   'stats_reset is a timestamptz');
+SELECT has_function('mqtt_emit', 'stats_reset', ARRAY[]::text[]);
+SELECT function_returns('mqtt_emit', 'stats_reset', ARRAY[]::text[], 'void');
+SELECT is((SELECT extversion FROM pg_extension WHERE extname = 'pg_mqtt_emit'), '0.2.0',
+          'the default version is 0.2.0');
+SELECT is((SELECT evtenabled::text || ' ' || evtevent || ' ' || evttags::text FROM pg_event_trigger
+            WHERE evtname = 'mqtt_emit_follow_renames'), 'O ddl_command_end {"ALTER TABLE"}',
+          'the rename-following event trigger fires at the end of ALTER TABLE');
+SELECT trigger_is('mqtt_emit', 'listeners', 'registry_changed', 'mqtt_emit', '_registry_changed',
+                  'every change of the registry notifies the worker');
 
 -- privileges
 CREATE ROLE tap_plain;
@@ -35,6 +49,8 @@ SELECT ok(NOT has_table_privilege('tap_plain', 'mqtt_emit.outbox', 'SELECT'), 'o
 SELECT ok(NOT has_table_privilege('tap_plain', 'mqtt_emit.dead_letters', 'SELECT'), 'dead_letters is not readable by PUBLIC');
 SELECT ok(NOT has_table_privilege('tap_plain', 'mqtt_emit.stats', 'SELECT'), 'stats is not readable by PUBLIC');
 SELECT ok(has_table_privilege('pg_monitor', 'mqtt_emit.stats', 'SELECT'), 'stats is readable by pg_monitor');
+SELECT ok(NOT has_function_privilege('tap_plain', 'mqtt_emit.stats_reset()', 'EXECUTE'),
+          'stats_reset() is not granted to PUBLIC');
 SELECT ok(has_function_privilege('tap_plain', 'mqtt_emit.listen(text,regprocedure,boolean,boolean,jsonb,text[])', 'EXECUTE'),
           'listen is callable by any role (it runs as the caller)');
 SELECT ok((SELECT relrowsecurity FROM pg_class WHERE oid = 'mqtt_emit.listeners'::regclass),
