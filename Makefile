@@ -14,6 +14,7 @@ OBJS = \
 	src/inbound.o \
 	src/topic.o \
 	src/broker.o \
+	src/broker_callbacks.o \
 	src/listeners.o \
 	src/remote.o \
 	src/listener_worker.o \
@@ -41,7 +42,8 @@ PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
 $(OBJS): src/pg_mqtt_emit.h src/compat.h
-src/worker.o src/client.o src/inflight.o src/relay.o src/inbound.o src/broker.o: src/broker.h src/worker.h
+src/worker.o src/client.o src/inflight.o src/relay.o src/inbound.o src/broker.o src/broker_callbacks.o: src/broker.h src/worker.h
+src/broker.o src/broker_callbacks.o: src/broker_int.h
 src/worker.o src/relay.o src/inbound.o src/listeners.o src/remote.o src/listener_worker.o: src/listeners.h
 src/capture.o src/outbox.o src/relay.o src/inflight.o src/worker.o src/inbound.o src/listener_worker.o: src/outbox.h
 src/topic.o src/outbox.o src/relay.o src/inflight.o src/inbound.o src/listeners.o src/remote.o: src/topic.h

@@ -4,9 +4,10 @@
  *		A thin wrapper around one paho MQTTAsync client.
  *
  * paho runs its callbacks on threads of its own.  No PostgreSQL function
- * may run there: no palloc, no elog, no locks.  The callbacks below only
- * record what happened in a mailbox (malloc'd memory guarded by a pthread
- * mutex) and set the worker's latch; the worker's main loop empties the
+ * may run there: no palloc, no elog, no locks.  The callbacks (in
+ * broker_callbacks.c) only record what happened in a mailbox (malloc'd
+ * memory guarded by a pthread mutex) and set the worker's latch; the
+ * worker's main loop empties the
  * mailbox with me_broker_poll() and acts on it.  Signals are blocked while
  * paho creates its threads, so that SIGTERM, SIGHUP and SIGURG (latches)
  * are always delivered to the main thread.
@@ -50,389 +51,7 @@
 #include "storage/latch.h"
 
 #include "pg_mqtt_emit.h"
-#include "broker.h"
-
-/* Bytes of received messages kept waiting for the main loop, at most. */
-#define ME_INCOMING_MAX_BYTES	(64 * 1024 * 1024)
-
-typedef enum
-{
-	BS_DISCONNECTED,
-	BS_CONNECTING,
-	BS_CONNECTED
-} BrokerState;
-
-/*
- * The publisher.  Publish completions carry only the message's sequence
- * number as their context (no allocation per message), and find the
- * publisher here.  There is one publisher at a time; paho runs no callback
- * of a client after MQTTAsync_destroy() returned, and me_broker_destroy()
- * clears this before destroying, under publisher_mutex, which a callback
- * holds while it uses the publisher.
- */
-static pthread_mutex_t publisher_mutex = PTHREAD_MUTEX_INITIALIZER;
-static MeBroker *current_publisher = NULL;
-
-/*
- * The worker's latch (MyLatch, which does not change in the worker), set
- * by the first me_broker_create().  Callbacks set it after they released
- * the client's mutex: by then the worker may already have destroyed the
- * client, so they must not read the latch from it.
- */
-static Latch *worker_latch = NULL;
-
-/* What the watchdog's probes unsubscribe from: nothing ever subscribes to it. */
-#define ME_PROBE_FILTER		"$mqtt_emit/probe"
-
-/* seconds paho waits for a CONNACK */
-#define ME_CONNECT_TIMEOUT	10
-
-struct MeBroker
-{
-	MQTTAsync	client;
-	bool		subscriber;
-	const MeBrokerConfig *cfg;
-	int			version;		/* MQTTVERSION_3_1_1 or MQTTVERSION_5 */
-	int			max_qos;		/* highest QoS to publish with on this client */
-
-	/* everything below is shared with paho's threads, under mutex */
-	pthread_mutex_t mutex;
-	BrokerState state;
-	int64		last_heard;		/* ms (monotonic): the broker's last answer */
-	bool		probe_out;		/* a probe awaits its UNSUBACK */
-	int64		probe_since;	/* ms (monotonic): when it was sent */
-	bool		stale;			/* given up by the watchdog, paho still connected */
-	int			connack_max_qos;	/* Maximum QoS in the CONNACK (MQTT 5), or -1 */
-	bool		qos2_checked;	/* one QoS 2 acknowledgement was checked */
-	int			qos2_token;		/* a QoS 2 acknowledgement to check, or 0 */
-	bool		news_connected;
-	bool		news_lost;
-	char		news_error[256];
-	uint64	   *acks;
-	int			nacks;
-	int			maxacks;
-	uint64	   *failures;
-	int			nfailures;
-	int			maxfailures;
-	uint64	   *rejects;
-	int			nrejects;
-	int			maxrejects;
-	MeIncoming *in_head;
-	MeIncoming *in_tail;
-	size_t		in_bytes;
-	uint64		in_dropped;
-};
-
-/* ----- callbacks: paho threads; malloc, mutex and SetLatch only ----- */
-
-/* milliseconds on the monotonic clock; safe on any thread */
-static int64
-mono_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (int64) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void
-wake_worker(void)
-{
-	if (worker_latch)
-		SetLatch(worker_latch);
-}
-
-static void
-push_seq(uint64 **arr, int *n, int *max, uint64 seq)
-{
-	if (*n >= *max)
-	{
-		int			newmax = *max ? *max * 2 : 1024;
-		uint64	   *p = realloc(*arr, sizeof(uint64) * newmax);
-
-		if (p == NULL)
-			return;				/* the worker resends on failure anyway */
-		*arr = p;
-		*max = newmax;
-	}
-	(*arr)[(*n)++] = seq;
-}
-
-static void
-record_lost(MeBroker *b, const char *why)
-{
-	pthread_mutex_lock(&b->mutex);
-	b->state = BS_DISCONNECTED;
-	b->news_lost = true;
-	strlcpy(b->news_error, why ? why : "connection lost", sizeof(b->news_error));
-	pthread_mutex_unlock(&b->mutex);
-	wake_worker();
-}
-
-static void
-on_connection_lost(void *context, char *cause)
-{
-	record_lost((MeBroker *) context, cause ? cause : "connection lost");
-}
-
-static void
-on_connect_success(void *context, MQTTAsync_successData *response)
-{
-	MeBroker   *b = (MeBroker *) context;
-
-	pthread_mutex_lock(&b->mutex);
-	b->state = BS_CONNECTED;
-	b->news_connected = true;
-	b->last_heard = mono_ms();
-	b->probe_out = false;
-	pthread_mutex_unlock(&b->mutex);
-	wake_worker();
-}
-
-static void
-on_connect_success5(void *context, MQTTAsync_successData5 *response)
-{
-	MeBroker   *b = (MeBroker *) context;
-
-	if (response &&
-		MQTTProperties_hasProperty(&response->properties, MQTTPROPERTY_CODE_MAXIMUM_QOS))
-	{
-		int			maxqos = MQTTProperties_getNumericValue(&response->properties,
-															MQTTPROPERTY_CODE_MAXIMUM_QOS);
-
-		pthread_mutex_lock(&b->mutex);
-		b->connack_max_qos = maxqos;
-		pthread_mutex_unlock(&b->mutex);
-	}
-	on_connect_success(context, NULL);
-}
-
-/* what a CONNACK return code of MQTT 3.1.1 means */
-static const char *
-connack_return_code_text(int rc)
-{
-	switch (rc)
-	{
-		case 1:
-			return "unacceptable protocol version";
-		case 2:
-			return "identifier rejected";
-		case 3:
-			return "server unavailable";
-		case 4:
-			return "bad user name or password";
-		case 5:
-			return "not authorized";
-	}
-	return "unknown return code";
-}
-
-/*
- * Say why a connection attempt failed.  paho reports a refusing CONNACK as
- * message "CONNACK return code" with the broker's return code (3.1.1) or
- * reason code (5) in code, and a broker that closes the connection before
- * it answers the CONNECT as "TCP connect completion failure", code -1.
- */
-static void
-describe_connect_failure(MeBroker *b, const char *message, int code,
-						 char *buf, size_t len)
-{
-	bool		v5 = (b->version == MQTTVERSION_5);
-
-	if (message && strcmp(message, "CONNACK return code") == 0 && code > 0)
-	{
-		if (v5)
-			snprintf(buf, len, "the broker refused the connection: %s (CONNACK reason code %d)",
-					 MQTTReasonCode_toString(code), code);
-		else
-			snprintf(buf, len, "the broker refused the connection: %s (CONNACK return code %d)",
-					 connack_return_code_text(code), code);
-	}
-	else if (message && strcmp(message, "TCP connect completion failure") == 0)
-	{
-		if (v5)
-			snprintf(buf, len, "the broker closed the connection during CONNECT; "
-					 "if it does not support MQTT 5, set mqtt_emit.mqtt_version = '3.1.1'");
-		else
-			snprintf(buf, len, "the broker closed the connection during CONNECT "
-					 "(see the broker's log: it may refuse the client id or the credentials)");
-	}
-	else if (message && strcmp(message, "TCP connect timeout") == 0)
-		snprintf(buf, len, "no answer to CONNECT within %d s", ME_CONNECT_TIMEOUT);
-	else
-		snprintf(buf, len, "connect failed: %s (code %d)",
-				 message ? message : MQTTAsync_strerror(code), code);
-}
-
-static void
-on_connect_failure(void *context, MQTTAsync_failureData *response)
-{
-	MeBroker   *b = (MeBroker *) context;
-	char		buf[256];
-
-	describe_connect_failure(b, response ? response->message : NULL,
-							 response ? response->code : 0, buf, sizeof(buf));
-	record_lost(b, buf);
-}
-
-static void
-on_connect_failure5(void *context, MQTTAsync_failureData5 *response)
-{
-	MeBroker   *b = (MeBroker *) context;
-	char		buf[256];
-
-	/* paho reports a refusing CONNACK's reason in code, not reasonCode */
-	describe_connect_failure(b, response ? response->message : NULL,
-							 !response ? 0 :
-							 (response->code == 0 && response->reasonCode != 0) ?
-							 (int) response->reasonCode : response->code,
-							 buf, sizeof(buf));
-	record_lost(b, buf);
-}
-
-/*
- * outcome: 1 acknowledged, 0 failed (send again), -1 refused for good.
- * qos is the message's; token its paho token (its MQTT message id).
- */
-static void
-record_publish_outcome(void *context, int outcome, int qos, int token)
-{
-	MeBroker   *b;
-	uint64		seq = (uint64) (uintptr_t) context;
-
-	pthread_mutex_lock(&publisher_mutex);
-	b = current_publisher;
-	if (b != NULL)
-	{
-		pthread_mutex_lock(&b->mutex);
-		if (outcome > 0)
-			push_seq(&b->acks, &b->nacks, &b->maxacks, seq);
-		else if (outcome < 0)
-			push_seq(&b->rejects, &b->nrejects, &b->maxrejects, seq);
-		else
-			push_seq(&b->failures, &b->nfailures, &b->maxfailures, seq);
-		/* paho "completes" a QoS 0 message when it wrote it: no answer */
-		if (outcome != 0 && qos > 0)
-			b->last_heard = mono_ms();
-		/* see me_broker_poll(): did the broker really complete QoS 2? */
-		if (outcome > 0 && qos == 2 && !b->qos2_checked && b->qos2_token == 0)
-			b->qos2_token = token;
-		pthread_mutex_unlock(&b->mutex);
-	}
-	pthread_mutex_unlock(&publisher_mutex);
-	if (b != NULL)
-		wake_worker();
-}
-
-static void
-on_publish_success(void *context, MQTTAsync_successData *response)
-{
-	record_publish_outcome(context, 1,
-						   response ? response->alt.pub.message.qos : 1,
-						   response ? response->token : 0);
-}
-
-static void
-on_publish_success5(void *context, MQTTAsync_successData5 *response)
-{
-	/* a PUBACK with a failure reason code: the broker refuses this message */
-	record_publish_outcome(context, (response && response->reasonCode >= 0x80) ? -1 : 1,
-						   response ? response->alt.pub.message.qos : 1,
-						   response ? response->token : 0);
-}
-
-static void
-on_publish_failure(void *context, MQTTAsync_failureData *response)
-{
-	record_publish_outcome(context, 0, 0, 0);
-}
-
-static void
-on_publish_failure5(void *context, MQTTAsync_failureData5 *response)
-{
-	/* paho reports a PUBACK with a failure reason code here */
-	if (response && response->reasonCode >= 0x80)
-		record_publish_outcome(context, -1, 1, 0);
-	else
-		record_publish_outcome(context, 0, 0, 0);
-}
-
-/* the watchdog's probe: paho calls onSuccess for every UNSUBACK */
-static void
-probe_answered(MeBroker *b, bool answered)
-{
-	pthread_mutex_lock(&b->mutex);
-	b->probe_out = false;
-	if (answered)
-		b->last_heard = mono_ms();
-	pthread_mutex_unlock(&b->mutex);
-}
-
-static void
-on_probe_success(void *context, MQTTAsync_successData *response)
-{
-	probe_answered((MeBroker *) context, true);
-}
-
-static void
-on_probe_success5(void *context, MQTTAsync_successData5 *response)
-{
-	probe_answered((MeBroker *) context, true);
-}
-
-/* not sent, or the connection went: no answer from the broker */
-static void
-on_probe_failure(void *context, MQTTAsync_failureData *response)
-{
-	probe_answered((MeBroker *) context, false);
-}
-
-static void
-on_probe_failure5(void *context, MQTTAsync_failureData5 *response)
-{
-	probe_answered((MeBroker *) context, false);
-}
-
-static int
-on_message_arrived(void *context, char *topicName, int topicLen,
-				   MQTTAsync_message *message)
-{
-	MeBroker   *b = (MeBroker *) context;
-	int			tlen = topicLen > 0 ? topicLen : (int) strlen(topicName);
-	size_t		need = sizeof(MeIncoming) + tlen + 1 + message->payloadlen + 1;
-	MeIncoming *m = NULL;
-
-	pthread_mutex_lock(&b->mutex);
-	if (b->in_bytes + need <= ME_INCOMING_MAX_BYTES)
-		m = malloc(need);
-	if (m == NULL)
-		b->in_dropped++;
-	else
-	{
-		m->next = NULL;
-		m->topic = (char *) (m + 1);
-		memcpy(m->topic, topicName, tlen);
-		m->topic[tlen] = '\0';
-		m->topic_len = tlen;
-		m->payload = m->topic + tlen + 1;
-		memcpy(m->payload, message->payload, message->payloadlen);
-		m->payload[message->payloadlen] = '\0';
-		m->payload_len = message->payloadlen;
-		if (b->in_tail)
-			b->in_tail->next = m;
-		else
-			b->in_head = m;
-		b->in_tail = m;
-		b->in_bytes += need;
-	}
-	b->last_heard = mono_ms();
-	pthread_mutex_unlock(&b->mutex);
-
-	MQTTAsync_freeMessage(&message);
-	MQTTAsync_free(topicName);
-	wake_worker();
-	return 1;
-}
+#include "broker_int.h"
 
 /* ----- main thread API ----- */
 
@@ -486,9 +105,9 @@ me_broker_create(const MeBrokerConfig *cfg, const char *client_id,
 		url = urlbuf;
 	}
 
-	if (worker_latch == NULL)
-		worker_latch = latch;
-	Assert(worker_latch == latch);
+	if (me_worker_latch == NULL)
+		me_worker_latch = latch;
+	Assert(me_worker_latch == latch);
 
 	b->subscriber = subscriber;
 	b->cfg = cfg;
@@ -506,10 +125,10 @@ me_broker_create(const MeBrokerConfig *cfg, const char *client_id,
 	rc = MQTTAsync_createWithOptions(&b->client, url, client_id,
 									 MQTTCLIENT_PERSISTENCE_NONE, NULL, &copts);
 	if (rc == MQTTASYNC_SUCCESS && subscriber)
-		rc = MQTTAsync_setCallbacks(b->client, b, on_connection_lost,
-									on_message_arrived, NULL);
+		rc = MQTTAsync_setCallbacks(b->client, b, me_cb_connection_lost,
+									me_cb_message_arrived, NULL);
 	else if (rc == MQTTASYNC_SUCCESS)
-		rc = MQTTAsync_setConnectionLostCallback(b->client, b, on_connection_lost);
+		rc = MQTTAsync_setConnectionLostCallback(b->client, b, me_cb_connection_lost);
 	restore_signals(&old);
 
 	if (rc != MQTTASYNC_SUCCESS)
@@ -524,9 +143,9 @@ me_broker_create(const MeBrokerConfig *cfg, const char *client_id,
 	}
 	if (!subscriber)
 	{
-		pthread_mutex_lock(&publisher_mutex);
-		current_publisher = b;
-		pthread_mutex_unlock(&publisher_mutex);
+		pthread_mutex_lock(&me_publisher_mutex);
+		me_current_publisher = b;
+		pthread_mutex_unlock(&me_publisher_mutex);
 	}
 	return b;
 }
@@ -549,15 +168,15 @@ me_broker_connect(MeBroker *b, char *errbuf, int errlen)
 	{
 		o = &opts5;
 		o->cleanstart = cfg->clean_session ? 1 : 0;
-		o->onSuccess5 = on_connect_success5;
-		o->onFailure5 = on_connect_failure5;
+		o->onSuccess5 = me_cb_connect_success5;
+		o->onFailure5 = me_cb_connect_failure5;
 	}
 	else
 	{
 		o = &opts;
 		o->cleansession = cfg->clean_session ? 1 : 0;
-		o->onSuccess = on_connect_success;
-		o->onFailure = on_connect_failure;
+		o->onSuccess = me_cb_connect_success;
+		o->onFailure = me_cb_connect_failure;
 		o->MQTTVersion = MQTTVERSION_3_1_1;
 	}
 	o->context = b;
@@ -641,7 +260,7 @@ bool
 me_broker_watch(MeBroker *b, long *timeout_ms)
 {
 	int64		k = (int64) b->cfg->keepalive * 1000;
-	int64		now = mono_ms();
+	int64		now = me_broker_mono_ms();
 	int64		next;
 	bool		send_probe = false;
 
@@ -696,13 +315,13 @@ me_broker_watch(MeBroker *b, long *timeout_ms)
 		ropts.context = b;
 		if (b->version == MQTTVERSION_5)
 		{
-			ropts.onSuccess5 = on_probe_success5;
-			ropts.onFailure5 = on_probe_failure5;
+			ropts.onSuccess5 = me_cb_probe_success5;
+			ropts.onFailure5 = me_cb_probe_failure5;
 		}
 		else
 		{
-			ropts.onSuccess = on_probe_success;
-			ropts.onFailure = on_probe_failure;
+			ropts.onSuccess = me_cb_probe_success;
+			ropts.onFailure = me_cb_probe_failure;
 		}
 
 		/*
@@ -832,7 +451,7 @@ me_broker_poll(MeBroker *b, MeBrokerNews *news)
 
 	/* someone may have been left with more; make sure we come back */
 	if (news->nacks == nacks + 1024 || news->nfailures == nfails + 1024)
-		wake_worker();
+		me_broker_wake_worker();
 }
 
 /*
@@ -851,13 +470,13 @@ me_broker_publish(MeBroker *b, const char *topic, const char *payload,
 
 	if (b->version == MQTTVERSION_5)
 	{
-		ropts.onSuccess5 = on_publish_success5;
-		ropts.onFailure5 = on_publish_failure5;
+		ropts.onSuccess5 = me_cb_publish_success5;
+		ropts.onFailure5 = me_cb_publish_failure5;
 	}
 	else
 	{
-		ropts.onSuccess = on_publish_success;
-		ropts.onFailure = on_publish_failure;
+		ropts.onSuccess = me_cb_publish_success;
+		ropts.onFailure = me_cb_publish_failure;
 	}
 	ropts.context = (void *) (uintptr_t) msgno;
 
@@ -930,10 +549,10 @@ me_broker_destroy(MeBroker *b)
 	if (b == NULL)
 		return;
 	/* publish completions that still come find no publisher */
-	pthread_mutex_lock(&publisher_mutex);
-	if (current_publisher == b)
-		current_publisher = NULL;
-	pthread_mutex_unlock(&publisher_mutex);
+	pthread_mutex_lock(&me_publisher_mutex);
+	if (me_current_publisher == b)
+		me_current_publisher = NULL;
+	pthread_mutex_unlock(&me_publisher_mutex);
 	MQTTAsync_destroy(&b->client);
 	pthread_mutex_lock(&b->mutex);
 	m = b->in_head;

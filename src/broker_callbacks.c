@@ -1,0 +1,337 @@
+/*-------------------------------------------------------------------------
+ *
+ * broker_callbacks.c
+ *		paho's callbacks: they run on paho's threads, so they only record
+ *		what happened in the client's mailbox (malloc'd memory under a
+ *		pthread mutex) and set the worker's latch.  No palloc, no elog, no
+ *		locks of PostgreSQL's.  See broker.c for the rest.
+ *
+ * Copyright (c) 2026, pg_mqtt_emit developers
+ *
+ * IDENTIFICATION
+ *		src/broker_callbacks.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <time.h>
+
+#include "pg_mqtt_emit.h"
+#include "broker_int.h"
+
+pthread_mutex_t me_publisher_mutex = PTHREAD_MUTEX_INITIALIZER;
+MeBroker *me_current_publisher = NULL;
+Latch *me_worker_latch = NULL;
+
+/* ----- callbacks: paho threads; malloc, mutex and SetLatch only ----- */
+
+/* milliseconds on the monotonic clock; safe on any thread */
+int64
+me_broker_mono_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+void
+me_broker_wake_worker(void)
+{
+	if (me_worker_latch)
+		SetLatch(me_worker_latch);
+}
+
+static void
+push_seq(uint64 **arr, int *n, int *max, uint64 seq)
+{
+	if (*n >= *max)
+	{
+		int			newmax = *max ? *max * 2 : 1024;
+		uint64	   *p = realloc(*arr, sizeof(uint64) * newmax);
+
+		if (p == NULL)
+			return;				/* the worker resends on failure anyway */
+		*arr = p;
+		*max = newmax;
+	}
+	(*arr)[(*n)++] = seq;
+}
+
+static void
+record_lost(MeBroker *b, const char *why)
+{
+	pthread_mutex_lock(&b->mutex);
+	b->state = BS_DISCONNECTED;
+	b->news_lost = true;
+	strlcpy(b->news_error, why ? why : "connection lost", sizeof(b->news_error));
+	pthread_mutex_unlock(&b->mutex);
+	me_broker_wake_worker();
+}
+
+void
+me_cb_connection_lost(void *context, char *cause)
+{
+	record_lost((MeBroker *) context, cause ? cause : "connection lost");
+}
+
+void
+me_cb_connect_success(void *context, MQTTAsync_successData *response)
+{
+	MeBroker   *b = (MeBroker *) context;
+
+	pthread_mutex_lock(&b->mutex);
+	b->state = BS_CONNECTED;
+	b->news_connected = true;
+	b->last_heard = me_broker_mono_ms();
+	b->probe_out = false;
+	pthread_mutex_unlock(&b->mutex);
+	me_broker_wake_worker();
+}
+
+void
+me_cb_connect_success5(void *context, MQTTAsync_successData5 *response)
+{
+	MeBroker   *b = (MeBroker *) context;
+
+	if (response &&
+		MQTTProperties_hasProperty(&response->properties, MQTTPROPERTY_CODE_MAXIMUM_QOS))
+	{
+		int			maxqos = MQTTProperties_getNumericValue(&response->properties,
+															MQTTPROPERTY_CODE_MAXIMUM_QOS);
+
+		pthread_mutex_lock(&b->mutex);
+		b->connack_max_qos = maxqos;
+		pthread_mutex_unlock(&b->mutex);
+	}
+	me_cb_connect_success(context, NULL);
+}
+
+/* what a CONNACK return code of MQTT 3.1.1 means */
+static const char *
+connack_return_code_text(int rc)
+{
+	switch (rc)
+	{
+		case 1:
+			return "unacceptable protocol version";
+		case 2:
+			return "identifier rejected";
+		case 3:
+			return "server unavailable";
+		case 4:
+			return "bad user name or password";
+		case 5:
+			return "not authorized";
+	}
+	return "unknown return code";
+}
+
+/*
+ * Say why a connection attempt failed.  paho reports a refusing CONNACK as
+ * message "CONNACK return code" with the broker's return code (3.1.1) or
+ * reason code (5) in code, and a broker that closes the connection before
+ * it answers the CONNECT as "TCP connect completion failure", code -1.
+ */
+static void
+describe_connect_failure(MeBroker *b, const char *message, int code,
+						 char *buf, size_t len)
+{
+	bool		v5 = (b->version == MQTTVERSION_5);
+
+	if (message && strcmp(message, "CONNACK return code") == 0 && code > 0)
+	{
+		if (v5)
+			snprintf(buf, len, "the broker refused the connection: %s (CONNACK reason code %d)",
+					 MQTTReasonCode_toString(code), code);
+		else
+			snprintf(buf, len, "the broker refused the connection: %s (CONNACK return code %d)",
+					 connack_return_code_text(code), code);
+	}
+	else if (message && strcmp(message, "TCP connect completion failure") == 0)
+	{
+		if (v5)
+			snprintf(buf, len, "the broker closed the connection during CONNECT; "
+					 "if it does not support MQTT 5, set mqtt_emit.mqtt_version = '3.1.1'");
+		else
+			snprintf(buf, len, "the broker closed the connection during CONNECT "
+					 "(see the broker's log: it may refuse the client id or the credentials)");
+	}
+	else if (message && strcmp(message, "TCP connect timeout") == 0)
+		snprintf(buf, len, "no answer to CONNECT within %d s", ME_CONNECT_TIMEOUT);
+	else
+		snprintf(buf, len, "connect failed: %s (code %d)",
+				 message ? message : MQTTAsync_strerror(code), code);
+}
+
+void
+me_cb_connect_failure(void *context, MQTTAsync_failureData *response)
+{
+	MeBroker   *b = (MeBroker *) context;
+	char		buf[256];
+
+	describe_connect_failure(b, response ? response->message : NULL,
+							 response ? response->code : 0, buf, sizeof(buf));
+	record_lost(b, buf);
+}
+
+void
+me_cb_connect_failure5(void *context, MQTTAsync_failureData5 *response)
+{
+	MeBroker   *b = (MeBroker *) context;
+	char		buf[256];
+
+	/* paho reports a refusing CONNACK's reason in code, not reasonCode */
+	describe_connect_failure(b, response ? response->message : NULL,
+							 !response ? 0 :
+							 (response->code == 0 && response->reasonCode != 0) ?
+							 (int) response->reasonCode : response->code,
+							 buf, sizeof(buf));
+	record_lost(b, buf);
+}
+
+/*
+ * outcome: 1 acknowledged, 0 failed (send again), -1 refused for good.
+ * qos is the message's; token its paho token (its MQTT message id).
+ */
+static void
+record_publish_outcome(void *context, int outcome, int qos, int token)
+{
+	MeBroker   *b;
+	uint64		seq = (uint64) (uintptr_t) context;
+
+	pthread_mutex_lock(&me_publisher_mutex);
+	b = me_current_publisher;
+	if (b != NULL)
+	{
+		pthread_mutex_lock(&b->mutex);
+		if (outcome > 0)
+			push_seq(&b->acks, &b->nacks, &b->maxacks, seq);
+		else if (outcome < 0)
+			push_seq(&b->rejects, &b->nrejects, &b->maxrejects, seq);
+		else
+			push_seq(&b->failures, &b->nfailures, &b->maxfailures, seq);
+		/* paho "completes" a QoS 0 message when it wrote it: no answer */
+		if (outcome != 0 && qos > 0)
+			b->last_heard = me_broker_mono_ms();
+		/* see me_broker_poll(): did the broker really complete QoS 2? */
+		if (outcome > 0 && qos == 2 && !b->qos2_checked && b->qos2_token == 0)
+			b->qos2_token = token;
+		pthread_mutex_unlock(&b->mutex);
+	}
+	pthread_mutex_unlock(&me_publisher_mutex);
+	if (b != NULL)
+		me_broker_wake_worker();
+}
+
+void
+me_cb_publish_success(void *context, MQTTAsync_successData *response)
+{
+	record_publish_outcome(context, 1,
+						   response ? response->alt.pub.message.qos : 1,
+						   response ? response->token : 0);
+}
+
+void
+me_cb_publish_success5(void *context, MQTTAsync_successData5 *response)
+{
+	/* a PUBACK with a failure reason code: the broker refuses this message */
+	record_publish_outcome(context, (response && response->reasonCode >= 0x80) ? -1 : 1,
+						   response ? response->alt.pub.message.qos : 1,
+						   response ? response->token : 0);
+}
+
+void
+me_cb_publish_failure(void *context, MQTTAsync_failureData *response)
+{
+	record_publish_outcome(context, 0, 0, 0);
+}
+
+void
+me_cb_publish_failure5(void *context, MQTTAsync_failureData5 *response)
+{
+	/* paho reports a PUBACK with a failure reason code here */
+	if (response && response->reasonCode >= 0x80)
+		record_publish_outcome(context, -1, 1, 0);
+	else
+		record_publish_outcome(context, 0, 0, 0);
+}
+
+/* the watchdog's probe: paho calls onSuccess for every UNSUBACK */
+static void
+probe_answered(MeBroker *b, bool answered)
+{
+	pthread_mutex_lock(&b->mutex);
+	b->probe_out = false;
+	if (answered)
+		b->last_heard = me_broker_mono_ms();
+	pthread_mutex_unlock(&b->mutex);
+}
+
+void
+me_cb_probe_success(void *context, MQTTAsync_successData *response)
+{
+	probe_answered((MeBroker *) context, true);
+}
+
+void
+me_cb_probe_success5(void *context, MQTTAsync_successData5 *response)
+{
+	probe_answered((MeBroker *) context, true);
+}
+
+/* not sent, or the connection went: no answer from the broker */
+void
+me_cb_probe_failure(void *context, MQTTAsync_failureData *response)
+{
+	probe_answered((MeBroker *) context, false);
+}
+
+void
+me_cb_probe_failure5(void *context, MQTTAsync_failureData5 *response)
+{
+	probe_answered((MeBroker *) context, false);
+}
+
+int
+me_cb_message_arrived(void *context, char *topicName, int topicLen,
+				   MQTTAsync_message *message)
+{
+	MeBroker   *b = (MeBroker *) context;
+	int			tlen = topicLen > 0 ? topicLen : (int) strlen(topicName);
+	size_t		need = sizeof(MeIncoming) + tlen + 1 + message->payloadlen + 1;
+	MeIncoming *m = NULL;
+
+	pthread_mutex_lock(&b->mutex);
+	if (b->in_bytes + need <= ME_INCOMING_MAX_BYTES)
+		m = malloc(need);
+	if (m == NULL)
+		b->in_dropped++;
+	else
+	{
+		m->next = NULL;
+		m->topic = (char *) (m + 1);
+		memcpy(m->topic, topicName, tlen);
+		m->topic[tlen] = '\0';
+		m->topic_len = tlen;
+		m->payload = m->topic + tlen + 1;
+		memcpy(m->payload, message->payload, message->payloadlen);
+		m->payload[message->payloadlen] = '\0';
+		m->payload_len = message->payloadlen;
+		if (b->in_tail)
+			b->in_tail->next = m;
+		else
+			b->in_head = m;
+		b->in_tail = m;
+		b->in_bytes += need;
+	}
+	b->last_heard = me_broker_mono_ms();
+	pthread_mutex_unlock(&b->mutex);
+
+	MQTTAsync_freeMessage(&message);
+	MQTTAsync_free(topicName);
+	me_broker_wake_worker();
+	return 1;
+}
+

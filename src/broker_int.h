@@ -1,0 +1,114 @@
+/*-------------------------------------------------------------------------
+ *
+ * broker_int.h
+ *		What the two halves of the paho wrapper share: broker.c (the
+ *		worker's thread) and broker_callbacks.c (paho's threads).
+ *
+ * Copyright (c) 2026, pg_mqtt_emit developers
+ *
+ * IDENTIFICATION
+ *		src/broker_int.h
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef MQTT_EMIT_BROKER_INT_H
+#define MQTT_EMIT_BROKER_INT_H
+
+#include <pthread.h>
+
+#include <MQTTAsync.h>
+
+#include "storage/latch.h"
+
+#include "broker.h"
+
+/* Bytes of received messages kept waiting for the main loop, at most. */
+#define ME_INCOMING_MAX_BYTES	(64 * 1024 * 1024)
+
+typedef enum
+{
+	BS_DISCONNECTED,
+	BS_CONNECTING,
+	BS_CONNECTED
+} BrokerState;
+
+/*
+ * The publisher.  Publish completions carry only the message's sequence
+ * number as their context (no allocation per message), and find the
+ * publisher here.  There is one publisher at a time; paho runs no callback
+ * of a client after MQTTAsync_destroy() returned, and me_broker_destroy()
+ * clears this before destroying, under me_publisher_mutex, which a callback
+ * holds while it uses the publisher.
+ */
+extern pthread_mutex_t me_publisher_mutex;
+extern MeBroker *me_current_publisher;
+
+/*
+ * The worker's latch (MyLatch, which does not change in the worker), set
+ * by the first me_broker_create().  Callbacks set it after they released
+ * the client's mutex: by then the worker may already have destroyed the
+ * client, so they must not read the latch from it.
+ */
+extern Latch *me_worker_latch;
+
+/* What the watchdog's probes unsubscribe from: nothing ever subscribes to it. */
+#define ME_PROBE_FILTER		"$mqtt_emit/probe"
+
+/* seconds paho waits for a CONNACK */
+#define ME_CONNECT_TIMEOUT	10
+
+struct MeBroker
+{
+	MQTTAsync	client;
+	bool		subscriber;
+	const MeBrokerConfig *cfg;
+	int			version;		/* MQTTVERSION_3_1_1 or MQTTVERSION_5 */
+	int			max_qos;		/* highest QoS to publish with on this client */
+
+	/* everything below is shared with paho's threads, under mutex */
+	pthread_mutex_t mutex;
+	BrokerState state;
+	int64		last_heard;		/* ms (monotonic): the broker's last answer */
+	bool		probe_out;		/* a probe awaits its UNSUBACK */
+	int64		probe_since;	/* ms (monotonic): when it was sent */
+	bool		stale;			/* given up by the watchdog, paho still connected */
+	int			connack_max_qos;	/* Maximum QoS in the CONNACK (MQTT 5), or -1 */
+	bool		qos2_checked;	/* one QoS 2 acknowledgement was checked */
+	int			qos2_token;		/* a QoS 2 acknowledgement to check, or 0 */
+	bool		news_connected;
+	bool		news_lost;
+	char		news_error[256];
+	uint64	   *acks;
+	int			nacks;
+	int			maxacks;
+	uint64	   *failures;
+	int			nfailures;
+	int			maxfailures;
+	uint64	   *rejects;
+	int			nrejects;
+	int			maxrejects;
+	MeIncoming *in_head;
+	MeIncoming *in_tail;
+	size_t		in_bytes;
+	uint64		in_dropped;
+};
+
+/* broker_callbacks.c: run on paho's threads */
+extern int64 me_broker_mono_ms(void);
+extern void me_cb_connect_failure(void *context, MQTTAsync_failureData *response);
+extern void me_cb_connect_failure5(void *context, MQTTAsync_failureData5 *response);
+extern void me_cb_connect_success(void *context, MQTTAsync_successData *response);
+extern void me_cb_connect_success5(void *context, MQTTAsync_successData5 *response);
+extern void me_cb_connection_lost(void *context, char *cause);
+extern int me_cb_message_arrived(void *context, char *topicName, int topicLen, MQTTAsync_message *message);
+extern void me_cb_probe_failure(void *context, MQTTAsync_failureData *response);
+extern void me_cb_probe_failure5(void *context, MQTTAsync_failureData5 *response);
+extern void me_cb_probe_success(void *context, MQTTAsync_successData *response);
+extern void me_cb_probe_success5(void *context, MQTTAsync_successData5 *response);
+extern void me_cb_publish_failure(void *context, MQTTAsync_failureData *response);
+extern void me_cb_publish_failure5(void *context, MQTTAsync_failureData5 *response);
+extern void me_cb_publish_success(void *context, MQTTAsync_successData *response);
+extern void me_cb_publish_success5(void *context, MQTTAsync_successData5 *response);
+extern void me_broker_wake_worker(void);
+
+#endif							/* MQTT_EMIT_BROKER_INT_H */
