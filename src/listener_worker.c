@@ -87,18 +87,8 @@ static bool run_round(void);
 void
 me_listener_worker_register(void)
 {
-	BackgroundWorker worker;
-
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS |
-		BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = 1;
-	strcpy(worker.bgw_library_name, "pg_mqtt_emit");
-	strcpy(worker.bgw_function_name, "mqtt_emit_listener_main");
-	strcpy(worker.bgw_name, "pg_mqtt_emit listener worker");
-	strcpy(worker.bgw_type, "pg_mqtt_emit listeners");
-	RegisterBackgroundWorker(&worker);
+	me_register_bgworker("mqtt_emit_listener_main", "pg_mqtt_emit listener worker",
+						 "pg_mqtt_emit listeners");
 }
 
 static void

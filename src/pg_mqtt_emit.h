@@ -284,6 +284,8 @@ extern void me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 extern void me_capture_listeners_changed(void);
 
 /* worker.c */
+extern void me_register_bgworker(const char *function, const char *name,
+								 const char *type);
 extern void me_worker_register(void);
 PGDLLEXPORT void mqtt_emit_worker_main(Datum main_arg);
 

@@ -70,10 +70,12 @@ static void wait_for_work(bool more, int new_entries, uint64 tail, long timeout)
 static void shut_down(void);
 
 /*
- * Register the worker; called from _PG_init during preload.
+ * Register a background worker of this library in mqtt_emit.database,
+ * restarted a second after it exits with an error; called from _PG_init
+ * during preload.
  */
 void
-me_worker_register(void)
+me_register_bgworker(const char *function, const char *name, const char *type)
 {
 	BackgroundWorker worker;
 
@@ -82,11 +84,17 @@ me_worker_register(void)
 		BGWORKER_BACKEND_DATABASE_CONNECTION;
 	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
 	worker.bgw_restart_time = 1;
-	strcpy(worker.bgw_library_name, "pg_mqtt_emit");
-	strcpy(worker.bgw_function_name, "mqtt_emit_worker_main");
-	strcpy(worker.bgw_name, "pg_mqtt_emit worker");
-	strcpy(worker.bgw_type, "pg_mqtt_emit");
+	strlcpy(worker.bgw_library_name, "pg_mqtt_emit", sizeof(worker.bgw_library_name));
+	strlcpy(worker.bgw_function_name, function, sizeof(worker.bgw_function_name));
+	strlcpy(worker.bgw_name, name, sizeof(worker.bgw_name));
+	strlcpy(worker.bgw_type, type, sizeof(worker.bgw_type));
 	RegisterBackgroundWorker(&worker);
+}
+
+void
+me_worker_register(void)
+{
+	me_register_bgworker("mqtt_emit_worker_main", "pg_mqtt_emit worker", "pg_mqtt_emit");
 }
 
 static void
