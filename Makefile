@@ -5,6 +5,7 @@ OBJS = \
 	src/pg_mqtt_emit.o \
 	src/shmem.o \
 	src/capture.o \
+	src/pending.o \
 	src/payload.o \
 	src/worker.o \
 	src/client.o \
@@ -45,7 +46,7 @@ $(OBJS): src/pg_mqtt_emit.h src/compat.h
 src/worker.o src/client.o src/inflight.o src/relay.o src/inbound.o src/broker.o src/broker_callbacks.o: src/broker.h src/worker.h
 src/broker.o src/broker_callbacks.o: src/broker_int.h
 src/worker.o src/relay.o src/inbound.o src/listeners.o src/remote.o src/listener_worker.o: src/listeners.h
-src/capture.o src/outbox.o src/relay.o src/inflight.o src/worker.o src/inbound.o src/listener_worker.o: src/outbox.h
+src/capture.o src/pending.o src/outbox.o src/relay.o src/inflight.o src/worker.o src/inbound.o src/listener_worker.o: src/outbox.h
 src/topic.o src/outbox.o src/relay.o src/inflight.o src/inbound.o src/listeners.o src/remote.o: src/topic.h
 
 .PHONY: regress-broker

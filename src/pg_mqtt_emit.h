@@ -278,6 +278,9 @@ extern MqttEmitSigCheck me_check_signature(const char *payload, int len);
 
 /* capture.c */
 extern void me_capture_init(void);
+
+/* pending.c */
+extern void me_pending_init(void);
 extern void me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 								 Oid relid, const char *model, int model_len,
 								 const char *payload, int payload_len, int qos);

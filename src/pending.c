@@ -1,0 +1,391 @@
+/*-------------------------------------------------------------------------
+ *
+ * pending.c
+ *		The events of the current transaction: kept until it ends, handed
+ *		to the shared-memory queue (or the outbox) when it commits.
+ *
+ * Rolling back a subtransaction drops the events made inside it; releasing
+ * one hands them to the parent.  At PRE_COMMIT the bytes needed for all
+ * pending events are reserved in the queue: that may fail, and then the
+ * transaction fails, spills to the outbox or (with mqtt_emit.overflow =
+ * drop) commits without its events, counted.  At COMMIT the events are
+ * copied into the reserved space, which cannot fail.  PREPARE TRANSACTION
+ * with pending events is refused, since a prepared transaction may commit
+ * in another session that does not have them.
+ *
+ * Copyright (c) 2026, pg_mqtt_emit developers
+ *
+ * IDENTIFICATION
+ *		src/pending.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/attmap.h"
+#include "access/htup_details.h"
+#include "access/relation.h"
+#include "access/xact.h"
+#include "catalog/partition.h"
+#include "catalog/pg_authid.h"
+#include "catalog/pg_type.h"
+#include "commands/trigger.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/latch.h"
+#include "nodes/bitmapset.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/hsearch.h"
+#include "utils/inval.h"
+#include "utils/json.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/relcache.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "pg_mqtt_emit.h"
+#include "outbox.h"
+
+/*
+ * Pending events of the current transaction, in TopTransactionContext:
+ * each entry is a queue entry (header + model + payload), and its
+ * subtransaction nesting level is kept beside it.
+ */
+static char **pending = NULL;
+static int *pending_level = NULL;
+static int	npending = 0;
+static int	maxpending = 0;
+static Size pending_bytes = 0;
+static Size reserved_bytes = 0;
+static int	outboxed = 0;			/* written to the outbox at PRE_COMMIT */
+static bool marker_reserved = false;
+static bool queued = false;		/* durable events reserved their queue room */
+static MqttEmitMarker marker;
+
+#define ME_MARKER_ENTRY_SIZE (sizeof(MqttEmitEventHeader) + sizeof(MqttEmitMarker))
+static bool spilled = false;
+static bool local_rows = false;		/* outbox rows for local listeners */
+static bool listeners_changed = false;
+
+
+static void capture_xact_callback(XactEvent event, void *arg);
+static void capture_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+									 SubTransactionId parentSubid, void *arg);
+static void reset_pending(void);
+
+/*
+ * Install the transaction callbacks; from me_capture_init().
+ */
+void
+me_pending_init(void)
+{
+	RegisterXactCallback(capture_xact_callback, NULL);
+	RegisterSubXactCallback(capture_subxact_callback, NULL);
+}
+
+/*
+ * Keep one event until the end of the transaction.  The model (or topic)
+ * and payload are copied; the caller keeps its buffers.
+ */
+void
+me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
+					 Oid relid, const char *model, int model_len,
+					 const char *payload, int payload_len, int qos)
+{
+	MqttEmitEventHeader hdr;
+	Size		total = sizeof(MqttEmitEventHeader) + model_len + payload_len;
+	char	   *entry;
+
+	if (payload_len > mqtt_emit_max_payload)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("event payload of %d bytes exceeds \"mqtt_emit.max_payload\" (%d bytes)",
+						payload_len, mqtt_emit_max_payload),
+				 errhint("Exclude large columns with mqtt_emit.watch(..., exclude_columns => ...) or raise \"mqtt_emit.max_payload\".")));
+	hdr.total_len = (uint32) total;
+	hdr.kind = (uint8) kind;
+	hdr.flags = flags;
+	hdr.op = (uint8) op;
+	hdr.qos = (uint8) qos;
+	hdr.relid = relid;
+	hdr.model_len = model_len;
+	hdr.payload_len = payload_len;
+	hdr.row_id = 0;
+
+	entry = MemoryContextAlloc(TopTransactionContext, total);
+	memcpy(entry, &hdr, sizeof(hdr));
+	memcpy(entry + sizeof(hdr), model, model_len);
+	memcpy(entry + sizeof(hdr) + model_len, payload, payload_len);
+
+	if (npending >= maxpending)
+	{
+		int			newmax = maxpending == 0 ? 64 : maxpending * 2;
+
+		if (pending == NULL)
+		{
+			pending = MemoryContextAlloc(TopTransactionContext,
+										 sizeof(char *) * newmax);
+			pending_level = MemoryContextAlloc(TopTransactionContext,
+											   sizeof(int) * newmax);
+		}
+		else
+		{
+			pending = repalloc(pending, sizeof(char *) * newmax);
+			pending_level = repalloc(pending_level, sizeof(int) * newmax);
+		}
+		maxpending = newmax;
+	}
+	pending_level[npending] = GetCurrentTransactionNestLevel();
+	pending[npending] = entry;
+	npending++;
+	pending_bytes += total;
+}
+
+/*
+ * mqtt_emit.listen() and unlisten() call this; the worker is told at commit.
+ */
+void
+me_capture_listeners_changed(void)
+{
+	listeners_changed = true;
+}
+
+static void
+reset_pending(void)
+{
+	/* the memory itself belongs to TopTransactionContext */
+	pending = NULL;
+	pending_level = NULL;
+	npending = 0;
+	maxpending = 0;
+	pending_bytes = 0;
+	reserved_bytes = 0;
+	outboxed = 0;
+	marker_reserved = false;
+	queued = false;
+	spilled = false;
+	local_rows = false;
+}
+
+/*
+ * Write all pending events of this transaction into the outbox.
+ */
+static void
+write_outbox(void)
+{
+	uint64		rows = me_outbox_rows();
+	int64	   *ids;
+	int			i;
+
+	if (mqtt_emit_outbox_max > 0 && rows + npending > (uint64) mqtt_emit_outbox_max)
+		ereport(ERROR,
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("pg_mqtt_emit outbox is full"),
+				 errdetail("The outbox holds about " UINT64_FORMAT " events; \"mqtt_emit.outbox_max\" is %d.",
+						   rows, mqtt_emit_outbox_max),
+				 errhint("Check that the broker is reachable (see mqtt_emit.stats), or raise \"mqtt_emit.outbox_max\".")));
+	ids = palloc(sizeof(int64) * npending);
+	for (i = 0; i < npending; i++)
+		if (((MqttEmitEventHeader *) pending[i])->flags & ME_FLAG_LOCAL)
+			local_rows = true;
+
+	/*
+	 * Durable delivery with room in the queue: the events go into the queue
+	 * as well, marked with their rows' ids, and the worker publishes them
+	 * from there and deletes each row once the broker has it.  The rows are
+	 * what survives a crash.
+	 */
+	if (mqtt_emit_delivery == ME_DELIVERY_DURABLE &&
+		me_queue_reserve(pending_bytes, false))
+	{
+		reserved_bytes = pending_bytes;
+		queued = true;
+		for (i = 0; i < npending; i++)
+			((MqttEmitEventHeader *) pending[i])->flags |= ME_FLAG_QUEUED;
+		me_outbox_insert(pending, npending, 0xFF, (int64) me_next_event_seq(),
+						 true, 0, ids);
+		for (i = 0; i < npending; i++)
+			((MqttEmitEventHeader *) pending[i])->row_id = ids[i];
+		outboxed = npending;
+		return;
+	}
+
+	/*
+	 * A marker in the queue will place these rows in the commit order.
+	 * The last eighth of the queue is kept for markers; should even that be
+	 * full, wait a little for the worker to take some (at most
+	 * mqtt_emit.marker_wait), since rows without a marker can only be
+	 * placed approximately.
+	 */
+	marker_reserved = me_queue_reserve(ME_MARKER_ENTRY_SIZE, true);
+	for (i = 0; !marker_reserved && i < mqtt_emit_marker_wait; i++)
+	{
+		me_wake_worker();
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 1, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		marker_reserved = me_queue_reserve(ME_MARKER_ENTRY_SIZE, true);
+	}
+	if (marker_reserved)
+		reserved_bytes = ME_MARKER_ENTRY_SIZE;
+	marker.batch = (int64) me_next_event_seq();
+	/*
+	 * Without a marker the rows are placed once everything queued before
+	 * now is: what commits into the queue after this point cannot have
+	 * been seen by this transaction, so it may as well come after it.
+	 */
+	me_outbox_insert(pending, npending, 0xFF,
+					 marker_reserved ? marker.batch : me_outbox_stray_batch(me_queue_tail()),
+					 marker_reserved, 0, ids);
+	marker.min_id = ids[0];
+	marker.max_id = ids[npending - 1];
+	outboxed = npending;
+}
+
+static void
+capture_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_PRE_COMMIT:
+			if (npending == 0 || reserved_bytes > 0 || outboxed > 0)
+				break;
+			if (mqtt_emit_delivery == ME_DELIVERY_DURABLE)
+				write_outbox();
+			else if (me_queue_reserve(pending_bytes, false))
+				reserved_bytes = pending_bytes;
+			else if (mqtt_emit_overflow == ME_OVERFLOW_SPILL)
+			{
+				write_outbox();
+				spilled = true;
+			}
+			else if (mqtt_emit_overflow == ME_OVERFLOW_DROP)
+			{
+				ereport(WARNING,
+						(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+						 errmsg("event queue is full, %d events of this transaction are dropped",
+								npending),
+						 errhint("Raise \"mqtt_emit.queue_size\" or check that the broker is reachable.")));
+				me_count(ME_STAT_DROPPED, npending);
+				reset_pending();
+			}
+			else
+				ereport(ERROR,
+						(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+						 errmsg("event queue is full"),
+						 errdetail("The transaction's %d events need %zu bytes.",
+								   npending, pending_bytes),
+						 errhint("Raise \"mqtt_emit.queue_size\" or check that the broker is reachable; \"mqtt_emit.overflow\" selects what happens then.")));
+			break;
+
+		case XACT_EVENT_COMMIT:
+			if (outboxed > 0 && marker_reserved)
+			{
+				/* no allocation here: the entry is built on the stack */
+				char		entry[ME_MARKER_ENTRY_SIZE];
+				char	   *entries[1] = {entry};
+				MqttEmitEventHeader hdr;
+
+				memset(&hdr, 0, sizeof(hdr));
+				hdr.total_len = ME_MARKER_ENTRY_SIZE;
+				hdr.kind = ME_KIND_MARKER;
+				hdr.payload_len = sizeof(MqttEmitMarker);
+				memcpy(entry, &hdr, sizeof(hdr));
+				memcpy(entry + sizeof(hdr), &marker, sizeof(marker));
+				me_queue_push_reserved(entries, 1, reserved_bytes, 0);
+			}
+			if (npending > 0 && reserved_bytes > 0 && (outboxed == 0 || queued))
+			{
+				me_queue_push_reserved(pending, npending, reserved_bytes, npending);
+				if (outboxed > 0)
+					me_outbox_rows_add(outboxed);
+			}
+			else if (outboxed > 0)
+			{
+				me_outbox_rows_add(outboxed);
+				me_outbox_version_bump();
+				if (spilled)
+					me_count(ME_STAT_SPILLED, outboxed);
+				me_wake_worker();
+			}
+			/* rows in the outbox: their local listeners are due */
+			if (outboxed > 0 && local_rows)
+				me_wake_listener();
+			reset_pending();
+			if (listeners_changed)
+			{
+				listeners_changed = false;
+				if (me_shmem_ready())
+				{
+					me_listeners_version_bump();
+					me_wake_worker();
+					me_wake_listener();
+				}
+			}
+			break;
+
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+			if (reserved_bytes > 0)
+				me_queue_unreserve(reserved_bytes);
+			reset_pending();
+			listeners_changed = false;
+			break;
+
+		case XACT_EVENT_PRE_PREPARE:
+			if (npending > 0)
+				ereport(ERROR,
+						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						 errmsg("cannot prepare a transaction that has pending pg_mqtt_emit events"),
+						 errdetail("The transaction has %d events waiting for commit.", npending),
+						 errhint("Commit the transaction normally, or turn \"mqtt_emit.enabled\" off before the changes.")));
+			if (listeners_changed)
+				ereport(ERROR,
+						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						 errmsg("cannot prepare a transaction that changed pg_mqtt_emit listeners")));
+			break;
+
+		case XACT_EVENT_PREPARE:
+			reset_pending();
+			break;
+
+		default:
+			break;
+	}
+}
+
+static void
+capture_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+						 SubTransactionId parentSubid, void *arg)
+{
+	int			level;
+
+	if (npending == 0)
+		return;
+	level = GetCurrentTransactionNestLevel();
+
+	if (event == SUBXACT_EVENT_ABORT_SUB)
+	{
+		/* events made at this level or deeper are a suffix of the list */
+		while (npending > 0 && pending_level[npending - 1] >= level)
+		{
+			MqttEmitEventHeader *hdr = (MqttEmitEventHeader *) pending[npending - 1];
+
+			pending_bytes -= hdr->total_len;
+			pfree(pending[npending - 1]);
+			npending--;
+		}
+	}
+	else if (event == SUBXACT_EVENT_COMMIT_SUB)
+	{
+		int			i;
+
+		for (i = npending - 1; i >= 0 && pending_level[i] >= level; i--)
+			pending_level[i] = level - 1;
+	}
+}
