@@ -576,6 +576,10 @@ GRANT SELECT ON mqtt_emit.subscriptions TO PUBLIC;
 -- 0.2.0: topic rules from C
 ------------------------------------------------------------------------
 
+-- Rows written without a marker (batch < 0: where in the queue they belong)
+-- are placed by batch.
+CREATE INDEX outbox_stray_idx ON mqtt_emit.outbox (batch) WHERE seq IS NULL AND NOT marked;
+
 -- The topic filter the worker subscribes to for a model (topic.c).
 CREATE FUNCTION mqtt_emit._topic_filter(model text, lower boolean)
 RETURNS text

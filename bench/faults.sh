@@ -47,7 +47,8 @@ export PATH="$PG_BINDIR:$PATH"
 trap pm_cleanup EXIT
 
 run_scenario() {
-	local name="$1" dir="$WORK/$name" seconds listener=""
+	local name="$1"
+	local dir="$WORK/$name" seconds
 	mkdir -p "$dir"
 	pm_start_broker "$dir/broker"
 	pm_start_pg "$dir/pg" "$(pm_free_port)" \
@@ -86,6 +87,7 @@ run_scenario() {
 		local x
 		x="$(pm_psql -At -c "SELECT coalesce(round(max(extract(epoch FROM now() - xact_start))::numeric, 1), 0) FROM pg_stat_activity WHERE backend_type LIKE 'pg_mqtt_emit%'" 2>/dev/null || echo 0)"
 		maxxact="$(echo "$x $maxxact" | awk '{print ($1 > $2) ? $1 : $2}')"
+		pm_psql -At -c "SELECT 'long transaction: ' || backend_type || ' ' || state || ' ' || coalesce(wait_event_type || ':' || wait_event, '-') || ' ' || round(extract(epoch FROM now() - xact_start)::numeric, 1) || ' s: ' || left(query, 60) FROM pg_stat_activity WHERE backend_type LIKE 'pg_mqtt_emit%' AND now() - xact_start > interval '2 s'" >>"$WORK/long_transactions.log" 2>/dev/null || true
 		sleep 1
 	done
 	kill -CONT "$BROKER_PID" 2>/dev/null || true
@@ -106,6 +108,7 @@ run_scenario() {
 	echo "${name}_events_arrived: $got"
 	echo "${name}_events_lost: $((rows - got))"
 	echo "${name}_worker_longest_transaction_s: $maxxact"
+	[[ -s "$WORK/long_transactions.log" ]] && sort -u "$WORK/long_transactions.log" | tail -5 >&2
 	pm_psql -At -c "SELECT 'stats: spilled ' || spilled || ', outboxed ' || outboxed || ', dead_letters ' || dead_letters || ', listener_calls ' || listener_calls || ', in_outbox ' || in_outbox FROM mqtt_emit.stats" >&2
 	pm_cleanup
 }

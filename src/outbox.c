@@ -66,10 +66,10 @@
 
 /*
  * A row written without a marker carries -(queue position + 1) as its
- * batch (me_outbox_stray_batch); rows of 0.1.0 have a positive batch and
- * are placed at once.
+ * batch (me_outbox_stray_batch), so that the highest batch is the lowest
+ * position; rows of 0.1.0 have a positive batch and are placed at once.
+ * The index outbox_stray_idx (batch) serves both queries.
  */
-#define SQL_STRAY_POS	"(CASE WHEN batch < 0 THEN -batch - 1 ELSE 0 END)"
 
 /* the columns row_from_tuple() reads, in its order */
 #define ROW_COLUMNS		"id, kind, flags, op, qos, model, payload, created_at, relid, seq"
@@ -402,7 +402,8 @@ me_outbox_place_strays(bool all, uint64 upto)
 								"UPDATE mqtt_emit.outbox o SET seq = $1 + s.n - 1 "
 								"FROM (SELECT id, row_number() OVER (ORDER BY id) AS n "
 								"      FROM mqtt_emit.outbox WHERE seq IS NULL AND NOT marked"
-								"       AND (flags & " SQL_PUBLISH ") <> 0 AND " SQL_STRAY_POS " <= $2) s "
+								"       AND (flags & " SQL_PUBLISH ") <> 0"
+								"       AND batch >= -$2 - 1) s "
 								"WHERE o.id = s.id",
 								2, types, args, NULL, false, 0),
 		  SPI_OK_UPDATE, "order outbox rows");
@@ -417,17 +418,20 @@ me_outbox_place_strays(bool all, uint64 upto)
 int64
 me_outbox_next_stray(void)
 {
-	int64		pos;
+	int64		batch;
 	bool		isnull;
 
+	/* the highest batch is the lowest position (see SQL_STRAY_POS) */
 	SPI_connect();
-	check(SPI_execute("SELECT min(" SQL_STRAY_POS ") FROM mqtt_emit.outbox"
+	check(SPI_execute("SELECT max(batch) FROM mqtt_emit.outbox"
 					  " WHERE seq IS NULL AND NOT marked AND (flags & " SQL_PUBLISH ") <> 0",
 					  true, 1), SPI_OK_SELECT, "read mqtt_emit.outbox");
 	(void) SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-	pos = isnull ? -1 : first_int8(1);
+	batch = isnull ? 0 : first_int8(1);
 	SPI_finish();
-	return pos;
+	if (isnull)
+		return -1;
+	return batch >= 0 ? 0 : -batch - 1;
 }
 
 /*

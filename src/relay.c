@@ -36,6 +36,7 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -46,6 +47,8 @@
 #include "worker.h"
 
 #define BATCH_EVENTS		5000	/* events handled before looking around */
+#define ROUND_TIME_MS		500		/* ... or milliseconds in one transaction */
+#define RECOUNT_MAX			1000000 /* outbox rows counted when idle, at most */
 
 static uint64 head_pos;			/* what the queue's head is */
 static uint64 local_pos;		/* local listeners done before this */
@@ -167,6 +170,7 @@ process_queue(uint64 tail, int *new_entries)
 	char	  **local = palloc(sizeof(char *) * BATCH_EVENTS);
 	int			nlocal = 0;
 	int64		next_stray = -1;
+	bool		cut_short = false;
 
 	can_publish = !outbox_mode && me_inflight_from_outbox() == 0 &&
 		me_client_connected(ME_CLIENT_PUBLISHER);
@@ -194,6 +198,15 @@ process_queue(uint64 tail, int *new_entries)
 		bool		need_local = (pos >= local_pos);
 		bool		need_pub = (pos >= me_inflight_pub_pos());
 		uint64		end;
+
+		/* a transaction of the worker stays short: the rest next round */
+		if (in_tx && n > 0 && n % 64 == 0 &&
+			GetCurrentTimestamp() - GetCurrentTransactionStartTimestamp() >=
+			(TimestampTz) ROUND_TIME_MS * 1000)
+		{
+			cut_short = true;
+			break;
+		}
 
 		me_queue_copy(pos, (char *) &hdr, sizeof(hdr));
 		end = pos + hdr.total_len;
@@ -326,7 +339,7 @@ process_queue(uint64 tail, int *new_entries)
 		me_inflight_moved_to(moved_end);
 	}
 
-	return n >= BATCH_EVENTS;
+	return n >= BATCH_EVENTS || cut_short;
 }
 
 /* me_outbox_scan_publishable's callback: publish one row, in order */
@@ -445,12 +458,12 @@ me_relay_step(uint64 *tail, int *new_entries, long *timeout)
 
 	/*
 	 * The shared row count is approximate: a row that a backend commits
-	 * while we count can be counted twice.  Recount when idle, once a
-	 * second.
+	 * while we count can be counted twice, or not at all.  Recount when
+	 * idle, once a second, while counting is cheap.
 	 */
-	if (!more && !outbox_mode && extension_ready && me_inflight_count() == 0 &&
+	if (!more && extension_ready && me_inflight_count() == 0 &&
 		me_outbox_rows_done(NULL) == 0 && head_pos == *tail &&
-		me_outbox_rows() > 0 &&
+		me_outbox_rows() > 0 && me_outbox_rows() < RECOUNT_MAX &&
 		GetCurrentTimestamp() - last_recount >= USECS_PER_SEC)
 	{
 		last_recount = GetCurrentTimestamp();
