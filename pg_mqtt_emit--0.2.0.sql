@@ -580,6 +580,9 @@ GRANT SELECT ON mqtt_emit.subscriptions TO PUBLIC;
 -- are placed by batch.
 CREATE INDEX outbox_stray_idx ON mqtt_emit.outbox (batch) WHERE seq IS NULL AND NOT marked;
 
+-- Rows whose listeners are due (flag 2), for the listener worker.
+CREATE INDEX outbox_local_idx ON mqtt_emit.outbox (id) WHERE (flags & 2) <> 0;
+
 -- The topic filter the worker subscribes to for a model (topic.c).
 CREATE FUNCTION mqtt_emit._topic_filter(model text, lower boolean)
 RETURNS text

@@ -182,10 +182,13 @@ me_cb_connect_failure5(void *context, MQTTAsync_failureData5 *response)
 	MeBroker   *b = (MeBroker *) context;
 	char		buf[256];
 
-	/* paho reports a refusing CONNACK's reason in code, not reasonCode */
+	/*
+	 * paho 1.3.12 reports a refusing CONNACK's reason in code; 1.3.14
+	 * (Debian 13 and later) in reasonCode, with code -1
+	 */
 	describe_connect_failure(b, response ? response->message : NULL,
 							 !response ? 0 :
-							 (response->code == 0 && response->reasonCode != 0) ?
+							 (response->reasonCode >= 0x80) ?
 							 (int) response->reasonCode : response->code,
 							 buf, sizeof(buf));
 	record_lost(b, buf);
