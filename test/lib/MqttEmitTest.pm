@@ -107,7 +107,7 @@ our @EXPORT = qw(
 
 # Not exported by default: several scripts define a stats() of their own.
 # use MqttEmitTest qw(:DEFAULT stats);
-our @EXPORT_OK = qw(stats);
+our @EXPORT_OK = qw(stats stat_of log_since);
 
 # Objects (brokers, subscribers) to stop in END, keyed by address.
 our %LIVE;
@@ -435,6 +435,33 @@ sub start_subscriber
 	my $sub = MqttEmitTest::Subscriber->_new($broker, $filter, %opts);
 	$sub->_start;
 	return $sub;
+}
+
+=pod
+
+=item stat_of($node, $column)
+
+One column of mqtt_emit.stats of C<$node>, or undef when the node does not
+answer. Exported on request.
+
+=item log_since($node, $offset)
+
+The server log of C<$node> from byte C<$offset> on. Exported on request.
+
+=cut
+
+sub stat_of
+{
+	my ($node, $col) = @_;
+	my ($rc, $out) = $node->psql('postgres', "SELECT $col FROM mqtt_emit.stats");
+	return $rc == 0 ? $out : undef;
+}
+
+sub log_since
+{
+	my ($node, $offset) = @_;
+	my $text = PostgreSQL::Test::Utils::slurp_file($node->logfile);
+	return length($text) > $offset ? substr($text, $offset) : '';
 }
 
 =pod

@@ -18,7 +18,7 @@ use strict;
 use warnings;
 
 use IPC::Run ();
-use MqttEmitTest;
+use MqttEmitTest qw(:DEFAULT stat_of log_since);
 use PostgreSQL::Test::Utils;
 use Test::More;
 
@@ -27,19 +27,7 @@ my $prefix = topic_prefix();
 
 sub sq { my ($node, $sql) = @_; return $node->safe_psql('postgres', $sql); }
 
-sub stat_of
-{
-	my ($node, $col) = @_;
-	my ($rc, $out) = $node->psql('postgres', "SELECT $col FROM mqtt_emit.stats");
-	return $rc == 0 ? $out : undef;
-}
 
-sub log_since
-{
-	my ($node, $offset) = @_;
-	my $text = slurp_file($node->logfile);
-	return length($text) > $offset ? substr($text, $offset) : '';
-}
 
 my $broker = start_broker(name => 'plain');
 my $node   = new_node(

@@ -22,7 +22,7 @@ use warnings;
 
 use IPC::Run ();
 use Time::HiRes ();
-use MqttEmitTest;
+use MqttEmitTest qw(:DEFAULT stat_of log_since);
 use PostgreSQL::Test::Utils;
 use Test::More;
 
@@ -97,19 +97,7 @@ my $url = "tcp://127.0.0.1:$rabbit{mqtt}";
 
 sub sq { my ($node, $sql) = @_; return $node->safe_psql('postgres', $sql); }
 
-sub stat_of
-{
-	my ($node, $col) = @_;
-	my ($rc, $out) = $node->psql('postgres', "SELECT $col FROM mqtt_emit.stats");
-	return $rc == 0 ? $out : undef;
-}
 
-sub log_since
-{
-	my ($node, $offset) = @_;
-	my $text = slurp_file($node->logfile);
-	return length($text) > $offset ? substr($text, $offset) : '';
-}
 
 # --- MQTT 5 against a broker that does not speak it -------------------------
 #
