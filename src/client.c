@@ -52,6 +52,7 @@ typedef struct ClientSlot
 	int			backoff_ms;
 	bool		was_connected;
 	int			max_qos;		/* highest QoS the broker supports, as far as known */
+	uint64		connections;	/* connections made so far */
 	char		last_logged[256];
 } ClientSlot;
 
@@ -244,6 +245,16 @@ me_client_broker(MeClientRole role)
 	return slots[role].broker;
 }
 
+/*
+ * How many connections the client has made: a number that names the
+ * current (or last) connection.
+ */
+uint64
+me_client_connections(MeClientRole role)
+{
+	return slots[role].connections;
+}
+
 bool
 me_client_connected(MeClientRole role)
 {
@@ -274,6 +285,7 @@ me_client_poll(MeClientRole role, MeBrokerNews *news)
 		slot->last_logged[0] = '\0';
 		me_count(ME_STAT_CONNECTS, 1);
 		me_set_connected(slot->subscriber, true);
+		slot->connections++;
 	}
 	if (slot->subscriber)
 		return true;

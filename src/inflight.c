@@ -18,8 +18,9 @@
  * A failure, a lost connection or a send error resets the window: nothing
  * in flight counts any more, and publishing starts again at the oldest
  * unacknowledged event (pub_done; the outbox cursor from the start).  The
- * event at the front of the window at a reset gets a strike; after three
- * in a row (the broker closes the connection each time it gets it) an
+ * event at the front of the window at a reset gets a strike, at most one
+ * per connection; after three in a row (the broker closes the connection
+ * each time it gets it) an
  * outbox row goes to the dead letters.  A message the broker refuses in
  * its PUBACK (MQTT 5) is kept in the dead letters at once.
  *
@@ -72,6 +73,7 @@ static int64 outbox_cursor = 0;
 /* strikes */
 static int64 strike_key = 0;	/* oldest unacknowledged event at resets */
 static int	strikes = 0;
+static uint64 strike_connection = 0;	/* the connection of the last strike */
 static int64 dead_letter_row = 0;	/* struck out: to the dead letters */
 
 /* refused by the broker, for the dead letters */
@@ -359,21 +361,25 @@ reset(void)
 	if (window_count > 0)
 	{
 		InFlight   *oldest = &window[window_start];
+		uint64		conn = me_client_connections(ME_CLIENT_PUBLISHER);
 
 		me_count(ME_STAT_RETRIED, window_count);
 
 		/*
 		 * The same event failing again and again is refused for good.  An
 		 * event keeps its strikes when it moves from the queue into the
-		 * outbox (me_inflight_key_moved).
+		 * outbox (me_inflight_key_moved).  One strike per connection: a
+		 * connection that failed can report it more than once (a failed
+		 * delivery, then a failed send).
 		 */
-		if (oldest->key == strike_key)
-			strikes++;
-		else
+		if (oldest->key != strike_key)
 		{
 			strike_key = oldest->key;
 			strikes = 1;
 		}
+		else if (conn != strike_connection)
+			strikes++;
+		strike_connection = conn;
 		if (oldest->from_outbox && strikes >= STRIKES_FOR_DEAD_LETTER)
 			dead_letter_row = oldest->row_id;
 	}

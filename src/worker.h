@@ -47,6 +47,7 @@ extern void me_client_restart(void);
 extern void me_client_service(MeClientRole role, TimestampTz now, long *timeout);
 extern MeBroker *me_client_broker(MeClientRole role);
 extern bool me_client_connected(MeClientRole role);
+extern uint64 me_client_connections(MeClientRole role);
 extern bool me_client_poll(MeClientRole role, MeBrokerNews *news);
 extern void me_client_lost(MeClientRole role, const char *why);
 extern void me_client_drop(MeClientRole role, int disconnect_ms);
