@@ -423,9 +423,10 @@ me_outbox_next_stray(void)
 
 	/* the highest batch is the lowest position (see SQL_STRAY_POS) */
 	SPI_connect();
+	/* not read-only: a new snapshot, which sees the rows placed just now */
 	check(SPI_execute("SELECT max(batch) FROM mqtt_emit.outbox"
 					  " WHERE seq IS NULL AND NOT marked AND (flags & " SQL_PUBLISH ") <> 0",
-					  true, 1), SPI_OK_SELECT, "read mqtt_emit.outbox");
+					  false, 1), SPI_OK_SELECT, "read mqtt_emit.outbox");
 	(void) SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	batch = isnull ? 0 : first_int8(1);
 	SPI_finish();

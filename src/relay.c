@@ -56,7 +56,6 @@ static uint64 local_pos;		/* local listeners done before this */
 static bool extension_ready = false;	/* the outbox and registry exist */
 static bool outbox_mode = true;
 static uint32 outbox_seen_version = 0;
-static bool strays_pending = false; /* backends wrote rows without a marker */
 static TimestampTz last_recount = 0;	/* of the outbox's rows, when idle */
 
 static StringInfoData topicbuf;
@@ -181,9 +180,10 @@ process_queue(uint64 tail, int *new_entries)
 
 	/*
 	 * Rows written without a marker go in when the queue position at which
-	 * they were written comes up.
+	 * they were written comes up.  Look for them in every round that moves
+	 * (an index probe): whether a backend wrote some is not worth tracking.
 	 */
-	if (moving && strays_pending)
+	if (moving)
 	{
 		me_worker_begin_tx("moving events to the outbox");
 		in_tx = true;
@@ -308,8 +308,6 @@ process_queue(uint64 tail, int *new_entries)
 		nmoved = 0;
 		next_stray = place_strays(pos);
 	}
-	if (moving && strays_pending && next_stray < 0)
-		strays_pending = false;
 	if (nmoved > 0 || nlocal > 0)
 	{
 		if (!in_tx)
@@ -436,7 +434,6 @@ me_relay_step(uint64 *tail, int *new_entries, long *timeout)
 	{
 		outbox_seen_version = version;
 		set_outbox_mode(true);
-		strays_pending = true;
 	}
 	if (extension_ready && !me_client_connected(ME_CLIENT_PUBLISHER))
 		set_outbox_mode(true);
