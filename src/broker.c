@@ -159,22 +159,39 @@ me_broker_connect(MeBroker *b, char *errbuf, int errlen)
 	MQTTAsync_connectOptions opts = MQTTAsync_connectOptions_initializer;
 	MQTTAsync_connectOptions opts5 = MQTTAsync_connectOptions_initializer5;
 	MQTTAsync_SSLOptions ssl = MQTTAsync_SSLOptions_initializer;
+	MQTTProperties props = MQTTProperties_initializer;
 	MQTTAsync_connectOptions *o;
 	const MeBrokerConfig *cfg = b->cfg;
 	sigset_t	old;
 	int			rc;
+	bool		clean;
 
+	/*
+	 * The subscriber keeps its session, so that the broker queues what is
+	 * published while this server is away; the publisher sends again what
+	 * was not acknowledged in any case.
+	 */
+	clean = b->subscriber ? cfg->session_expiry == 0 : cfg->clean_session;
 	if (b->version == MQTTVERSION_5)
 	{
 		o = &opts5;
-		o->cleanstart = cfg->clean_session ? 1 : 0;
+		o->cleanstart = clean ? 1 : 0;
 		o->onSuccess5 = me_cb_connect_success5;
 		o->onFailure5 = me_cb_connect_failure5;
+		if (b->subscriber && !clean)
+		{
+			MQTTProperty prop;
+
+			prop.identifier = MQTTPROPERTY_CODE_SESSION_EXPIRY_INTERVAL;
+			prop.value.integer4 = (unsigned int) cfg->session_expiry;
+			MQTTProperties_add(&props, &prop);
+			o->connectProperties = &props;
+		}
 	}
 	else
 	{
 		o = &opts;
-		o->cleansession = cfg->clean_session ? 1 : 0;
+		o->cleansession = clean ? 1 : 0;
 		o->onSuccess = me_cb_connect_success;
 		o->onFailure = me_cb_connect_failure;
 		o->MQTTVersion = MQTTVERSION_3_1_1;
@@ -211,6 +228,8 @@ me_broker_connect(MeBroker *b, char *errbuf, int errlen)
 	block_signals(&old);
 	rc = MQTTAsync_connect(b->client, o);
 	restore_signals(&old);
+	if (props.count > 0)
+		MQTTProperties_free(&props);	/* paho keeps a copy */
 
 	if (rc != MQTTASYNC_SUCCESS)
 	{

@@ -31,7 +31,8 @@ typedef struct MeBrokerConfig
 	bool		tls_verify;
 	int			mqtt_version;	/* 3 (3.1.1) or 5 */
 	int			keepalive;		/* seconds */
-	bool		clean_session;
+	bool		clean_session;	/* the publisher's */
+	int			session_expiry; /* the subscriber's, seconds; 0: clean */
 } MeBrokerConfig;
 
 /* A message received by a subscriber, malloc'd; free with me_broker_free_message */

@@ -86,6 +86,7 @@ take_settings(void)
 	config.mqtt_version = mqtt_emit_mqtt_version;
 	config.keepalive = mqtt_emit_keepalive;
 	config.clean_session = mqtt_emit_clean_session;
+	config.session_expiry = mqtt_emit_session_expiry;
 
 	/*
 	 * MQTT 3.1.1 (3.1 [MQTT-3.1.2-22]) allows a password only together with
@@ -127,7 +128,8 @@ me_client_settings_changed(void)
 		config.tls_verify != mqtt_emit_tls_verify ||
 		config.mqtt_version != mqtt_emit_mqtt_version ||
 		config.keepalive != mqtt_emit_keepalive ||
-		config.clean_session != mqtt_emit_clean_session;
+		config.clean_session != mqtt_emit_clean_session ||
+		config.session_expiry != mqtt_emit_session_expiry;
 }
 
 static void

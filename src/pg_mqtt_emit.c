@@ -54,6 +54,7 @@ int			mqtt_emit_keepalive = 30;	/* s */
 int			mqtt_emit_reconnect_min = 100;	/* ms */
 int			mqtt_emit_reconnect_max = 10000;	/* ms */
 bool		mqtt_emit_clean_session = true;
+int			mqtt_emit_session_expiry = 86400;	/* s */
 int			mqtt_emit_mqtt_version = 4; /* 3.1.1 */
 int			mqtt_emit_max_payload = 1024 * 1024;	/* bytes */
 int			mqtt_emit_overflow = ME_OVERFLOW_SPILL;
@@ -239,12 +240,19 @@ _PG_init(void)
 							PGC_SIGHUP, GUC_UNIT_MS,
 							NULL, NULL, NULL);
 	DefineCustomBoolVariable("mqtt_emit.clean_session",
-							 "Starts every MQTT connection with a clean session.",
-							 NULL,
+							 "Starts the publisher's MQTT connections with a clean session.",
+							 "The publisher sends again whatever the broker has not acknowledged, whatever its session.",
 							 &mqtt_emit_clean_session,
 							 true,
 							 PGC_SIGHUP, 0,
 							 NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtt_emit.session_expiry",
+							"How long the broker keeps the subscriber's session while it is away.",
+							"The broker queues the messages of the subscriptions meanwhile, so that a restarted server runs its remote listeners for them. 0 starts every subscriber connection with a clean session. MQTT 5 sends it as the Session Expiry Interval; an MQTT 3.1.1 broker keeps a session as its own settings say.",
+							&mqtt_emit_session_expiry,
+							86400, 0, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
 	DefineCustomEnumVariable("mqtt_emit.mqtt_version",
 							 "Selects the MQTT protocol version.",
 							 NULL,

@@ -172,6 +172,7 @@ extern int	mqtt_emit_keepalive;
 extern int	mqtt_emit_reconnect_min;
 extern int	mqtt_emit_reconnect_max;
 extern bool mqtt_emit_clean_session;
+extern int	mqtt_emit_session_expiry;
 extern int	mqtt_emit_mqtt_version;
 extern int	mqtt_emit_max_payload;
 extern int	mqtt_emit_overflow;
