@@ -66,7 +66,8 @@ static void worker_sigterm(SIGNAL_ARGS);
 static void worker_detach(int code, Datum arg);
 static void reload_settings(void);
 static void refresh_registry(void);
-static void wait_for_work(bool more, int new_entries, uint64 tail, long timeout);
+static void wait_for_work(bool more, int new_entries, uint64 tail, uint64 finished,
+						  long timeout);
 static void shut_down(void);
 
 /*
@@ -157,6 +158,7 @@ mqtt_emit_worker_main(Datum main_arg)
 		bool		more;
 		int			new_entries;
 		uint64		tail;
+		uint64		finished;
 		TimestampTz now;
 
 		MemoryContextSwitchTo(loop_cxt);
@@ -176,12 +178,13 @@ mqtt_emit_worker_main(Datum main_arg)
 			me_inbound_take_news();
 		}
 
+		finished = me_queue_finished();
 		more = me_relay_step(&tail, &new_entries, &timeout);
 
 		MemoryContextReset(loop_cxt);
 		if (got_sigterm)
 			break;
-		wait_for_work(more, new_entries, tail, timeout);
+		wait_for_work(more, new_entries, tail, finished, timeout);
 	}
 
 	shut_down();
@@ -242,13 +245,14 @@ refresh_registry(void)
  * While worker_napping is set, committing backends do not signal us, and
  * the next round takes together whatever arrived meanwhile (and its
  * acknowledgements).  A quieter round ends the naps: clear the flag, then
- * read the tail once more (a backend that saw the flag set has advanced
- * the tail before it looked), and sleep until signalled.  At a few commits
+ * read the tail and the count of committed (or aborted) transactions once
+ * more (a backend that saw the flag set has marked its entries before it
+ * looked), and sleep until signalled.  At a few commits
  * per millisecond or less, every commit still wakes us at once.  A nap
  * ends early when the latch is set (an acknowledgement, a signal).
  */
 static void
-wait_for_work(bool more, int new_entries, uint64 tail, long timeout)
+wait_for_work(bool more, int new_entries, uint64 tail, uint64 finished, long timeout)
 {
 	if (more)
 		return;
@@ -275,7 +279,7 @@ wait_for_work(bool more, int new_entries, uint64 tail, long timeout)
 	{
 		me_worker_set_napping(false);
 		napping = false;
-		if (me_queue_tail() != tail)
+		if (me_queue_tail() != tail || me_queue_finished() != finished)
 			return;
 	}
 	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
