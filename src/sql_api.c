@@ -439,7 +439,7 @@ mqtt_emit_listen(PG_FUNCTION_ARGS)
 	ret = SPI_execute_with_args("INSERT INTO mqtt_emit.listeners "
 								"(model, listener, allow_remote, remote_only, filter, operations, owner, search_path) "
 								"VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
-								8, argtypes, values, nulls, false, 1);
+								8, argtypes, values, nulls, false, 0);
 	if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
 		elog(ERROR, "cannot register listener: %s", SPI_result_code_string(ret));
 	id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
