@@ -60,7 +60,7 @@ SELECT try($$SELECT mqtt_emit.listen('', 'l_default(mqtt_emit.event)')$$);
 SELECT try($$SELECT mqtt_emit.unlisten(-1)$$);
 SELECT try($$SELECT mqtt_emit.unlisten(NULL)$$);
 CREATE FUNCTION pg_temp.l_temp(e mqtt_emit.event) RETURNS void LANGUAGE sql AS $$ SELECT $$;
-SELECT try($$SELECT mqtt_emit.listen('item', 'pg_temp.l_temp(mqtt_emit.event)')$$);
+SELECT regexp_replace(try($$SELECT mqtt_emit.listen('item', 'pg_temp.l_temp(mqtt_emit.event)')$$), 'pg_temp_[0-9]+', 'pg_temp_N') AS try;
 SELECT try($$SELECT mqtt_emit.listen('item', 'l_default(mqtt_emit.event)', filter => jsonb_build_object('k', repeat('x', 5000)))$$);
 SELECT try($$SELECT mqtt_emit.listen('item', 'l_default(mqtt_emit.event)', operations => array_fill('create'::text, ARRAY[17]))$$);
 SELECT set_config('search_path', repeat('s,', 600) || 'public', false) IS NOT NULL AS long_path;
