@@ -150,7 +150,11 @@ SELECT t.tgrelid::regclass AS table_name,
        LATERAL mqtt_emit._trigger_args(t.tgargs, t.tgnargs) AS a
  WHERE t.tgfoid = 'mqtt_emit.capture()'::regprocedure
    AND NOT t.tgisinternal
-   AND t.tgparentid = 0;
+   AND t.tgparentid = 0
+   -- only tables the current role owns (is a member of the owner) or may read
+   AND (pg_catalog.pg_has_role(current_user,
+            (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = t.tgrelid), 'USAGE')
+        OR pg_catalog.has_table_privilege(t.tgrelid, 'SELECT'));
 
 -- Renaming a listed column renames it in the capture trigger's arguments
 -- too, so that the column stays included or excluded, and pg_dump writes
@@ -226,11 +230,159 @@ $$;
 -- The worker notices every change of the listener registry
 ------------------------------------------------------------------------
 
--- However the registry changes (listen(), unlisten(), direct DML, COPY by
--- pg_restore), the worker reloads it when the transaction commits.
+------------------------------------------------------------------------
+-- The registry is the extension's: listen() and unlisten() write it, and
+-- it is bounded; dropped functions take their listeners with them
+------------------------------------------------------------------------
+
+-- PUBLIC may read the registry (row security shows each role its own rows)
+-- but not write or lock it, so nobody but the extension can hold a lock on
+-- it that would make a worker wait.
+REVOKE ALL ON mqtt_emit.listeners FROM PUBLIC;
+GRANT SELECT ON mqtt_emit.listeners TO PUBLIC;
+REVOKE ALL ON SEQUENCE mqtt_emit.listeners_id_seq FROM PUBLIC;
+REVOKE ALL ON FUNCTION mqtt_emit._listeners_changed() FROM PUBLIC;
+
+-- Receiving remote events is a right: a remote listener gets every peer's
+-- rows of its model, whatever its role may read here.  Superusers have it;
+-- they give it with GRANT EXECUTE ON FUNCTION mqtt_emit.may_listen_remote()
+-- TO <role> (members of that role have it too).  listen() checks it, and the
+-- workers again at every load and call, so REVOKE takes effect.
+CREATE FUNCTION mqtt_emit.may_listen_remote()
+RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT true $$;
+COMMENT ON FUNCTION mqtt_emit.may_listen_remote() IS
+'Whoever may execute this function may register allow_remote listeners; grant EXECUTE to give the right';
+REVOKE ALL ON FUNCTION mqtt_emit.may_listen_remote() FROM PUBLIC;
+
+-- Every row of the registry is checked, however it is written (listen(),
+-- or a superuser's INSERT, UPDATE or COPY): the worker calls what the
+-- registry names, and keeps all of it in memory, so it is bounded (the
+-- same numbers as ME_REGISTRY_* in src/listeners.h).
+CREATE OR REPLACE FUNCTION mqtt_emit._validate_listener()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p record;
+    op text;
+    ops text[];
+BEGIN
+    IF NEW.model IS NULL OR NEW.model = '' OR length(NEW.model) > 200
+       OR NEW.model ~ '[[:cntrl:]/+#]' THEN
+        RAISE EXCEPTION 'invalid model name "%"', left(NEW.model, 200)
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'A model name has 1 to 200 characters and no control characters, "/", "+" or "#".';
+    END IF;
+    IF NEW.listener IS NULL THEN
+        RAISE EXCEPTION 'listener must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT pr.pronargs, pr.proargtypes, pr.proretset, pr.prokind, pr.pronamespace
+      INTO p FROM pg_proc pr WHERE pr.oid = NEW.listener;
+    IF NOT FOUND OR p.prokind <> 'f' OR p.pronargs <> 1
+       OR p.proargtypes[0] <> 'mqtt_emit.event'::regtype OR p.proretset THEN
+        RAISE EXCEPTION 'function % cannot be a listener', NEW.listener
+            USING ERRCODE = 'invalid_function_definition',
+                  HINT = 'A listener is a function f(event mqtt_emit.event) RETURNS void.';
+    END IF;
+    IF p.pronamespace = pg_my_temp_schema() OR pg_is_other_temp_schema(p.pronamespace) THEN
+        RAISE EXCEPTION 'temporary function % cannot be a listener', NEW.listener
+            USING ERRCODE = 'invalid_function_definition',
+                  DETAIL = 'A temporary function is dropped when its session ends; its listener would not.',
+                  HINT = 'Create the listener function in a permanent schema.';
+    END IF;
+    IF NOT has_function_privilege(NEW.owner, NEW.listener, 'EXECUTE') THEN
+        RAISE EXCEPTION 'permission denied for function %', NEW.listener
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'A listener runs as the role that registers it, which must be allowed to execute it.';
+    END IF;
+    IF NEW.allow_remote IS NULL OR NEW.remote_only IS NULL THEN
+        RAISE EXCEPTION 'allow_remote and remote_only must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF NEW.remote_only AND NOT NEW.allow_remote THEN
+        RAISE EXCEPTION 'remote_only requires allow_remote'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use allow_remote => true, remote_only => true for a listener that runs for remote events only.';
+    END IF;
+    IF NEW.filter IS NOT NULL AND jsonb_typeof(NEW.filter) <> 'object' THEN
+        RAISE EXCEPTION 'filter must be a JSON object'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'The filter is matched with @> against the event''s result row, e.g. ''{"status": "active"}''.';
+    END IF;
+    IF octet_length(NEW.filter::text) > 4096 THEN
+        RAISE EXCEPTION 'filter is too long'
+            USING ERRCODE = 'program_limit_exceeded',
+                  DETAIL = format('It has %s bytes as text; a listener''s filter has at most 4096.',
+                                  octet_length(NEW.filter::text)),
+                  HINT = 'Match fewer keys in the filter, and test the rest in the listener function.';
+    END IF;
+    IF octet_length(NEW.search_path) > 1024 THEN
+        RAISE EXCEPTION 'search_path is too long for a listener'
+            USING ERRCODE = 'program_limit_exceeded',
+                  DETAIL = format('It has %s bytes; a listener keeps at most 1024.', octet_length(NEW.search_path)),
+                  HINT = 'The listener keeps the search_path in effect at listen(); set a shorter one before calling it.';
+    END IF;
+    IF NEW.operations IS NOT NULL THEN
+        IF cardinality(NEW.operations) > 16 THEN
+            RAISE EXCEPTION 'too many operations'
+                USING ERRCODE = 'program_limit_exceeded',
+                      DETAIL = format('%s are given; a listener lists at most 16.', cardinality(NEW.operations)),
+                      HINT = 'Name each operation once, or use NULL for all operations.';
+        END IF;
+        ops := '{}';
+        FOREACH op IN ARRAY NEW.operations LOOP
+            op := CASE lower(op) WHEN 'insert' THEN 'create' ELSE op END;
+            IF op IS NULL OR lower(op) NOT IN ('create', 'update', 'delete', 'createmany',
+                                               'updatemany', 'deletemany', 'upsert') THEN
+                RAISE EXCEPTION 'unknown operation "%"', op
+                    USING ERRCODE = 'invalid_parameter_value',
+                          HINT = 'Operations are create (or insert), update and delete, and the seed''s createMany, updateMany, deleteMany and upsert.';
+            END IF;
+            ops := ops || op;
+        END LOOP;
+        IF cardinality(ops) = 0 THEN
+            RAISE EXCEPTION 'operations must name at least one operation, or be null for all'
+                USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        NEW.operations := ops;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        -- one role's registrations at a time, so that the count holds
+        PERFORM pg_advisory_xact_lock(hashtext('pg_mqtt_emit listeners'),
+                                      (NEW.owner::oid::bigint - 2147483648)::int);
+        IF (SELECT count(*) FROM mqtt_emit.listeners l WHERE l.owner = NEW.owner) >= 500 THEN
+            RAISE EXCEPTION 'role % has too many listeners', NEW.owner
+                USING ERRCODE = 'program_limit_exceeded',
+                      DETAIL = 'A role may register at most 500 listeners.',
+                      HINT = 'Remove listeners it no longer needs with mqtt_emit.unlisten(), or let one listener handle several models.';
+        END IF;
+        IF (SELECT count(*) FROM mqtt_emit.listeners) >= 5000 THEN
+            RAISE EXCEPTION 'too many listeners'
+                USING ERRCODE = 'program_limit_exceeded',
+                      DETAIL = 'The registry holds at most 5000 listeners.',
+                      HINT = 'Remove listeners that are no longer needed with mqtt_emit.unlisten().';
+        END IF;
+    END IF;
+    RETURN NEW;
+END
+$$;
+DROP TRIGGER validate_listener ON mqtt_emit.listeners;
+CREATE TRIGGER validate_listener BEFORE INSERT OR UPDATE ON mqtt_emit.listeners
+    FOR EACH ROW EXECUTE FUNCTION mqtt_emit._validate_listener();
+
+-- However the registry changes (listen(), unlisten(), a superuser's DML,
+-- COPY by pg_restore, the drop of a listener function), the worker reloads
+-- it when the transaction commits.  SECURITY DEFINER: _listeners_changed()
+-- is not PUBLIC's.
 CREATE FUNCTION mqtt_emit._registry_changed()
 RETURNS trigger
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -238,9 +390,60 @@ BEGIN
     RETURN NULL;
 END
 $$;
+REVOKE ALL ON FUNCTION mqtt_emit._registry_changed() FROM PUBLIC;
 CREATE TRIGGER registry_changed
     AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON mqtt_emit.listeners
     FOR EACH STATEMENT EXECUTE FUNCTION mqtt_emit._registry_changed();
+
+-- A dropped function takes its listeners with it (DROP FUNCTION, DROP
+-- SCHEMA ... CASCADE, DROP OWNED).  The workers skip rows whose function or
+-- role is gone anyway: a pg_temp function's session end and DROP ROLE fire
+-- no event trigger.
+CREATE FUNCTION mqtt_emit._drop_listeners()
+RETURNS event_trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- DROP EXTENSION drops the registry too
+    IF to_regclass('mqtt_emit.listeners') IS NULL THEN
+        RETURN;
+    END IF;
+    DELETE FROM mqtt_emit.listeners l
+     USING pg_event_trigger_dropped_objects() d
+     WHERE d.classid = 'pg_proc'::regclass AND d.objid = l.listener::oid;
+END
+$$;
+REVOKE ALL ON FUNCTION mqtt_emit._drop_listeners() FROM PUBLIC;
+CREATE EVENT TRIGGER mqtt_emit_drop_listeners ON sql_drop
+    EXECUTE FUNCTION mqtt_emit._drop_listeners();
+
+-- listen() and unlisten() are written in C (sql_api.c): they take the
+-- calling role (current_user) and its search_path themselves, check its
+-- rights, and write the registry as its owner.  A SECURITY DEFINER SQL
+-- function could not tell who called it, and one that is told would
+-- believe whoever calls it directly.
+CREATE OR REPLACE FUNCTION mqtt_emit.listen(
+    model text,
+    listener regprocedure,
+    allow_remote boolean DEFAULT false,
+    remote_only boolean DEFAULT false,
+    filter jsonb DEFAULT NULL,
+    operations text[] DEFAULT NULL)
+RETURNS bigint
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'mqtt_emit_listen';
+COMMENT ON FUNCTION mqtt_emit.listen(text, regprocedure, boolean, boolean, jsonb, text[]) IS
+'Registers a listener function for the events of a model; returns its id';
+
+CREATE OR REPLACE FUNCTION mqtt_emit.unlisten(id bigint)
+RETURNS void
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'mqtt_emit_unlisten';
+COMMENT ON FUNCTION mqtt_emit.unlisten(bigint) IS
+'Removes a registered listener';
+
 
 ------------------------------------------------------------------------
 -- Monitoring: stats_reset(), stats_reset and oldest_waiting_seconds
@@ -315,11 +518,18 @@ RETURNS text
 LANGUAGE c STABLE STRICT
 AS 'MODULE_PATHNAME', 'mqtt_emit_topic_filter';
 
+-- Only the current role's own (and its roles') listeners, those that
+-- receive remote events: whose function and LOGIN role exist and whose role
+-- has the right (may_listen_remote()), as the worker decides.
 CREATE OR REPLACE VIEW mqtt_emit.subscriptions AS
 SELECT DISTINCT f.topic_filter
-  FROM mqtt_emit.listeners l,
+  FROM mqtt_emit.listeners l
+  JOIN pg_catalog.pg_proc p ON p.oid = l.listener::oid
+  JOIN pg_catalog.pg_roles r ON r.oid = l.owner::oid AND r.rolcanlogin,
        LATERAL (VALUES (mqtt_emit._topic_filter(l.model, false)),
                        (mqtt_emit._topic_filter(l.model, true))) AS f(topic_filter)
- WHERE l.allow_remote;
+ WHERE l.allow_remote
+   AND pg_catalog.pg_has_role(current_user, l.owner, 'MEMBER')
+   AND pg_catalog.has_function_privilege(l.owner, 'mqtt_emit.may_listen_remote()'::regprocedure, 'EXECUTE');
 
 SELECT mqtt_emit._listeners_changed();

@@ -58,6 +58,14 @@ SELECT try($$SELECT mqtt_emit.listen('item', 'l_default(mqtt_emit.event)', opera
 SELECT try($$SELECT mqtt_emit.listen('a/b', 'l_default(mqtt_emit.event)')$$);
 SELECT try($$SELECT mqtt_emit.listen('', 'l_default(mqtt_emit.event)')$$);
 SELECT try($$SELECT mqtt_emit.unlisten(-1)$$);
+SELECT try($$SELECT mqtt_emit.unlisten(NULL)$$);
+CREATE FUNCTION pg_temp.l_temp(e mqtt_emit.event) RETURNS void LANGUAGE sql AS $$ SELECT $$;
+SELECT regexp_replace(try($$SELECT mqtt_emit.listen('item', 'pg_temp.l_temp(mqtt_emit.event)')$$), 'pg_temp_[0-9]+', 'pg_temp_N') AS try;
+SELECT try($$SELECT mqtt_emit.listen('item', 'l_default(mqtt_emit.event)', filter => jsonb_build_object('k', repeat('x', 5000)))$$);
+SELECT try($$SELECT mqtt_emit.listen('item', 'l_default(mqtt_emit.event)', operations => array_fill('create'::text, ARRAY[17]))$$);
+SELECT set_config('search_path', repeat('s,', 600) || 'public', false) IS NOT NULL AS long_path;
+SELECT try($$SELECT mqtt_emit.listen('item', 'l_default(mqtt_emit.event)')$$);
+RESET search_path;
 
 -- privileges: a role needs EXECUTE, sees only its own listeners, and its
 -- listener runs as itself
@@ -78,12 +86,17 @@ SELECT count(*) AS visible_listeners FROM mqtt_emit.listeners;
 SELECT mqtt_emit.listen('item', 'l_snoop(mqtt_emit.event)') AS id_snoop \gset
 SELECT mqtt_emit.listen('item', 'l_whoami(mqtt_emit.event)') AS id_whoami \gset
 SELECT count(*) AS visible_listeners FROM mqtt_emit.listeners;
+-- the registry is written through listen() and unlisten() only
 SELECT try($$INSERT INTO mqtt_emit.listeners (model, listener, owner) VALUES ('item', 'l_whoami(mqtt_emit.event)', 'postgres')$$);
--- rows inserted directly are checked like listen()'s
 SELECT try($$INSERT INTO mqtt_emit.listeners (model, listener) VALUES ('item', 'not_a_listener(int)')$$);
 SELECT try($$UPDATE mqtt_emit.listeners SET listener = 'not_a_listener(int)'$$);
-DELETE FROM mqtt_emit.listeners WHERE owner <> current_user::regrole;
+SELECT try($$DELETE FROM mqtt_emit.listeners WHERE owner <> current_user::regrole$$);
+SELECT try($$LOCK TABLE mqtt_emit.listeners IN ACCESS EXCLUSIVE MODE$$);
+SELECT try($$SELECT mqtt_emit._listeners_changed()$$);
 SELECT try($$SELECT mqtt_emit.unlisten(1)$$);
+-- allow_remote is a right superusers grant
+SELECT try($$SELECT mqtt_emit.listen('item', 'l_whoami(mqtt_emit.event)', allow_remote => true)$$);
+SELECT count(*) AS visible_subscriptions FROM mqtt_emit.subscriptions;
 RESET ROLE;
 
 -- the role may not read item: its listeners get none of item's rows

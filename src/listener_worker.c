@@ -133,6 +133,7 @@ mqtt_emit_listener_main(Datum main_arg)
 	before_shmem_exit(listener_detach, (Datum) 0);
 	me_listeners_set_hard_timeout((int) RegisterTimeout(USER_TIMEOUT,
 														hard_timeout_handler));
+	me_listeners_report_skips();
 	{
 		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
 
@@ -159,14 +160,21 @@ mqtt_emit_listener_main(Datum main_arg)
 			listeners_version = 0;
 		if (version != listeners_version)
 		{
+			MeRegistryLoad r;
+
 			SetCurrentStatementStartTimestamp();
 			StartTransactionCommand();
 			PushActiveSnapshot(GetTransactionSnapshot());
-			extension_ready = me_listeners_refresh();
+			r = me_listeners_refresh();
 			PopActiveSnapshot();
 			CommitTransactionCommand();
 			last_extension_check = now;
-			listeners_version = version;
+			/* not readable now: the old copy stays, try again next round */
+			if (r != ME_REGISTRY_KEPT)
+			{
+				extension_ready = (r == ME_REGISTRY_LOADED);
+				listeners_version = version;
+			}
 		}
 
 		if (extension_ready && now >= retry_at && run_round())

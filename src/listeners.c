@@ -38,12 +38,15 @@
 #include "access/htup_details.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_authid.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "common/hashfn.h"
 #include "executor/spi.h"
 #include "funcapi.h"
 #include "mb/pg_wchar.h"
+#include "nodes/value.h"
+#include "parser/parse_func.h"
 #include "miscadmin.h"
 #include "utils/acl.h"
 #include "utils/array.h"
@@ -94,13 +97,33 @@ typedef struct Listener
 	List	   *operations;		/* of char *, or NIL for all */
 	Oid			owner;
 	char	   *search_path;
+	bool		skip_logged;	/* said once why a call was skipped */
 } Listener;
 
-static MemoryContext reg_cxt = NULL;
+/* a listener that does not run, and why, as said at the last load */
+typedef struct SkipNote
+{
+	int64		id;
+	char	   *why;
+} SkipNote;
+
+/* how long a worker waits for a lock on the registry, and then for a retry */
+#define REGISTRY_LOCK_TIMEOUT_MS	100
+#define RELOAD_RETRY_MS				1000
+
+static MemoryContext reg_cxt = NULL;	/* the registry in use */
+static MemoryContext load_cxt = NULL;	/* the registry being loaded */
 static Listener *listeners = NULL;
 static int	nlisteners = 0;
 static TupleDesc event_desc = NULL;
 static bool registry_ok = false;
+static Oid	remote_right_fn = InvalidOid;	/* mqtt_emit.may_listen_remote() */
+static SkipNote *notes = NULL;
+static int	nnotes = 0;
+static int	maxnotes = 0;
+static bool report_skips = false;	/* LOG them (listener worker) */
+static TimestampTz retry_after = 0;
+static TimestampTz last_failure_log = 0;
 static uint64 calls_made = 0;	/* listener calls by this process */
 static int	hard_timeout = -1;	/* TimeoutId ending a listener that will not stop */
 
@@ -114,26 +137,100 @@ lower_dup(const char *s, int len)
 }
 
 /*
- * Reload the registry.  Must run inside a transaction.  Returns false when
- * the extension is not (yet) installed in this database.
+ * The query that reads the registry.  It joins pg_proc and pg_roles so that
+ * a row whose function or role is gone (a pg_temp function after its
+ * session, DROP FUNCTION, DROP OWNED and DROP ROLE) is named, not looked up,
+ * and it says why a row must not run (problem), without detoasting fields
+ * that are larger than the registry allows.  may_remote: the owner may
+ * receive remote events (EXECUTE on mqtt_emit.may_listen_remote(); where
+ * that function does not exist yet, superusers only).
  */
-bool
-me_listeners_refresh(void)
+#define REGISTRY_QUERY \
+	"SELECT l.id, CASE WHEN pg_catalog.octet_length(l.model) <= 1000 THEN l.model END, l.listener::pg_catalog.oid, " \
+	"       coalesce(p.oid::pg_catalog.regprocedure::pg_catalog.text, l.listener::pg_catalog.oid::pg_catalog.text), " \
+	"       l.allow_remote, l.remote_only, " \
+	"       CASE WHEN pg_catalog.pg_column_size(l.filter) <= " CppAsString2(ME_REGISTRY_MAX_FILTER_STORED) " THEN l.filter END, " \
+	"       CASE WHEN pg_catalog.cardinality(l.operations) <= " CppAsString2(ME_REGISTRY_MAX_OPERATIONS) " THEN l.operations END, " \
+	"       l.owner::pg_catalog.oid, " \
+	"       CASE WHEN pg_catalog.octet_length(l.search_path) <= " CppAsString2(ME_REGISTRY_MAX_SEARCH_PATH) " THEN l.search_path END, " \
+	"       CASE WHEN p.oid IS NULL THEN 'its function no longer exists' " \
+	"            WHEN r.oid IS NULL THEN 'its role no longer exists' " \
+	"            WHEN NOT r.rolcanlogin THEN 'its role cannot log in' " \
+	"            WHEN pg_catalog.octet_length(l.model) > 1000 THEN 'its model name is too long' " \
+	"            WHEN pg_catalog.pg_is_other_temp_schema(p.pronamespace) " \
+	"              OR p.pronamespace OPERATOR(pg_catalog.=) pg_catalog.pg_my_temp_schema() " \
+	"                 THEN 'its function is a temporary one' " \
+	"            WHEN pg_catalog.octet_length(l.search_path) > " CppAsString2(ME_REGISTRY_MAX_SEARCH_PATH) \
+	"                 THEN 'its search_path is longer than " CppAsString2(ME_REGISTRY_MAX_SEARCH_PATH) " bytes' " \
+	"            WHEN pg_catalog.pg_column_size(l.filter) > " CppAsString2(ME_REGISTRY_MAX_FILTER_STORED) \
+	"                 THEN 'its filter is too large' " \
+	"            WHEN pg_catalog.cardinality(l.operations) > " CppAsString2(ME_REGISTRY_MAX_OPERATIONS) \
+	"                 THEN 'it lists too many operations' " \
+	"            WHEN pg_catalog.row_number() OVER (PARTITION BY l.owner ORDER BY l.id) > " CppAsString2(ME_REGISTRY_MAX_PER_ROLE) \
+	"                 THEN 'its role has more than " CppAsString2(ME_REGISTRY_MAX_PER_ROLE) " listeners' " \
+	"            WHEN pg_catalog.row_number() OVER (ORDER BY l.id) > " CppAsString2(ME_REGISTRY_MAX_TOTAL) \
+	"                 THEN 'the registry has more than " CppAsString2(ME_REGISTRY_MAX_TOTAL) " listeners' " \
+	"       END AS problem, " \
+	"       coalesce(pg_catalog.has_function_privilege(l.owner::pg_catalog.oid, " \
+	"                    pg_catalog.to_regprocedure('mqtt_emit.may_listen_remote()'), 'EXECUTE'), " \
+	"                r.rolsuper, false) AS may_remote " \
+	"  FROM mqtt_emit.listeners l " \
+	"  LEFT JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) l.listener::pg_catalog.oid " \
+	"  LEFT JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) l.owner::pg_catalog.oid " \
+	" ORDER BY l.id"
+
+/*
+ * Say once why a listener does not run (or runs for local events only):
+ * LOG in the listener worker (the process that would run it), DEBUG1 in
+ * the worker, and only when the reason is new since the previous load, so
+ * that reloads do not repeat it.
+ */
+static void
+note_skip(SkipNote *old_notes, int nold, int64 id, const char *fn_name,
+		  Oid owner, const char *why, bool remote_only_lost)
+{
+	int			i;
+	MemoryContext old;
+
+	for (i = 0; i < nold; i++)
+		if (old_notes[i].id == id && strcmp(old_notes[i].why, why) == 0)
+			break;
+	if (i == nold)
+		ereport(report_skips ? LOG : DEBUG1,
+				(errmsg("pg_mqtt_emit %s listener " INT64_FORMAT " (%s of role %u): %s",
+						remote_only_lost ? "runs for local events only:" : "ignores",
+						id, fn_name, owner, why),
+				 remote_only_lost ?
+				 errhint("Superusers may grant the right with GRANT EXECUTE ON FUNCTION mqtt_emit.may_listen_remote() TO the role.") :
+				 errhint("Remove it with mqtt_emit.unlisten(" INT64_FORMAT ").", id)));
+
+	/* remember it, in the new registry's context */
+	old = MemoryContextSwitchTo(load_cxt);
+	if (nnotes == maxnotes)
+	{
+		maxnotes = Max(16, maxnotes * 2);
+		notes = notes ? repalloc(notes, sizeof(SkipNote) * maxnotes) :
+			palloc(sizeof(SkipNote) * maxnotes);
+	}
+	notes[nnotes].id = id;
+	notes[nnotes].why = pstrdup(why);
+	nnotes++;
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * Read the registry into load_cxt (listeners, nlisteners, event_desc,
+ * notes).  Runs in a subtransaction of me_listeners_refresh(); may raise.
+ * Returns false when the extension is not (yet) installed here.
+ */
+static bool
+load_registry(SkipNote *old_notes, int nold)
 {
 	Oid			nsp;
 	Oid			typoid;
 	int			ret;
 	uint64		i;
 	MemoryContext old;
-
-	if (reg_cxt == NULL)
-		reg_cxt = AllocSetContextCreate(TopMemoryContext, "pg_mqtt_emit listeners",
-										ALLOCSET_DEFAULT_SIZES);
-	MemoryContextReset(reg_cxt);
-	listeners = NULL;
-	nlisteners = 0;
-	event_desc = NULL;
-	registry_ok = false;
 
 	if (!OidIsValid(get_extension_oid(MQTT_EMIT_EXTENSION, true)))
 		return false;
@@ -145,21 +242,24 @@ me_listeners_refresh(void)
 	if (!OidIsValid(typoid))
 		return false;
 
-	old = MemoryContextSwitchTo(reg_cxt);
+	old = MemoryContextSwitchTo(load_cxt);
 	event_desc = lookup_rowtype_tupdesc_copy(typoid, -1);
 	event_desc = BlessTupleDesc(event_desc);
+	remote_right_fn = InvalidOid;
+	{
+		List	   *names = list_make2(makeString(MQTT_EMIT_SCHEMA),
+									   makeString("may_listen_remote"));
+
+		remote_right_fn = LookupFuncName(names, 0, NULL, true);
+	}
 	MemoryContextSwitchTo(old);
 
 	SPI_connect();
-	ret = SPI_execute("SELECT l.id, l.model, l.listener::oid, l.listener::text, "
-					  "l.allow_remote, l.remote_only, l.filter, l.operations, "
-					  "l.owner::oid, l.search_path "
-					  "FROM mqtt_emit.listeners l ORDER BY l.id",
-					  true, 0);
+	ret = SPI_execute(REGISTRY_QUERY, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "cannot read mqtt_emit.listeners: %s", SPI_result_code_string(ret));
 
-	old = MemoryContextSwitchTo(reg_cxt);
+	old = MemoryContextSwitchTo(load_cxt);
 	listeners = palloc0(sizeof(Listener) * Max(SPI_processed, 1));
 	for (i = 0; i < SPI_processed; i++)
 	{
@@ -169,13 +269,21 @@ me_listeners_refresh(void)
 		bool		isnull;
 		Datum		d;
 		char	   *model;
+		char	   *problem;
 
 		l->id = DatumGetInt64(SPI_getbinval(tup, td, 1, &isnull));
 		model = SPI_getvalue(tup, td, 2);
-		l->model = lower_dup(model, strlen(model));
-		l->model_orig = model;
 		l->fn = DatumGetObjectId(SPI_getbinval(tup, td, 3, &isnull));
 		l->fn_name = SPI_getvalue(tup, td, 4);
+		l->owner = DatumGetObjectId(SPI_getbinval(tup, td, 9, &isnull));
+		problem = SPI_getvalue(tup, td, 11);
+		if (problem != NULL)
+		{
+			note_skip(old_notes, nold, l->id, l->fn_name, l->owner, problem, false);
+			continue;
+		}
+		l->model = lower_dup(model, strlen(model));
+		l->model_orig = model;
 		l->allow_remote = DatumGetBool(SPI_getbinval(tup, td, 5, &isnull));
 		l->remote_only = DatumGetBool(SPI_getbinval(tup, td, 6, &isnull));
 		d = SPI_getbinval(tup, td, 7, &isnull);
@@ -197,42 +305,165 @@ me_listeners_refresh(void)
 					l->operations = lappend(l->operations,
 											TextDatumGetCString(elems[j]));
 		}
-		l->owner = DatumGetObjectId(SPI_getbinval(tup, td, 9, &isnull));
 		l->search_path = SPI_getvalue(tup, td, 10);
 		if (l->search_path == NULL)
 			l->search_path = pstrdup("pg_catalog");
 
 		/* a listener takes exactly one mqtt_emit.event, whoever wrote the row */
-		if (get_func_nargs(l->fn) != 1 || get_func_rettype(l->fn) == InvalidOid)
-		{
-			ereport(LOG,
-					(errmsg("pg_mqtt_emit ignores listener " INT64_FORMAT ": %s is not a function of one mqtt_emit.event",
-							l->id, l->fn_name)));
-			continue;
-		}
 		{
 			Oid		   *argtypes;
 			int			nargs;
-			HeapTuple	ftup = SearchSysCache1(PROCOID, ObjectIdGetDatum(l->fn));
 
-			if (!HeapTupleIsValid(ftup))
-				continue;
 			get_func_signature(l->fn, &argtypes, &nargs);
-			ReleaseSysCache(ftup);
 			if (nargs != 1 || argtypes[0] != typoid)
 			{
-				ereport(LOG,
-						(errmsg("pg_mqtt_emit ignores listener " INT64_FORMAT ": %s is not a function of one mqtt_emit.event",
-								l->id, l->fn_name)));
+				note_skip(old_notes, nold, l->id, l->fn_name, l->owner,
+						  "it is not a function of one mqtt_emit.event", false);
 				continue;
 			}
+		}
+
+		/* receiving remote events is a right that superusers grant */
+		if (l->allow_remote &&
+			!DatumGetBool(SPI_getbinval(tup, td, 12, &isnull)))
+		{
+			if (l->remote_only)
+			{
+				note_skip(old_notes, nold, l->id, l->fn_name, l->owner,
+						  "its role may not receive remote events", false);
+				continue;
+			}
+			note_skip(old_notes, nold, l->id, l->fn_name, l->owner,
+					  "its role may not receive remote events", true);
+			l->allow_remote = false;
 		}
 		nlisteners++;
 	}
 	MemoryContextSwitchTo(old);
 	SPI_finish();
-	registry_ok = true;
 	return true;
+}
+
+/*
+ * Reload the registry.  Must run inside a transaction, which it leaves
+ * usable whatever happens: the reading is done in a subtransaction, under
+ * a short lock_timeout, so that nobody holding a lock on the registry can
+ * make a worker wait, and no row, however broken, can make it fail.  When
+ * it cannot be read, the copy loaded before stays in effect, the failure
+ * is logged (at most once a minute) and the next call within
+ * RELOAD_RETRY_MS returns ME_REGISTRY_KEPT without trying.
+ */
+MeRegistryLoad
+me_listeners_refresh(void)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	TimestampTz now = GetCurrentTimestamp();
+	SkipNote   *old_notes = notes;
+	int			nold = nnotes;
+	volatile MeRegistryLoad result = ME_REGISTRY_KEPT;
+
+	if (now < retry_after)
+		return ME_REGISTRY_KEPT;
+
+	/* load into a context of its own; the current registry stays meanwhile */
+	load_cxt = AllocSetContextCreate(TopMemoryContext, "pg_mqtt_emit listeners",
+									 ALLOCSET_DEFAULT_SIZES);
+	{
+		Listener   *keep_listeners = listeners;
+		int			keep_n = nlisteners;
+		TupleDesc	keep_desc = event_desc;
+		Oid			keep_right = remote_right_fn;
+
+		listeners = NULL;
+		nlisteners = 0;
+		event_desc = NULL;
+		notes = NULL;
+		nnotes = 0;
+		maxnotes = 0;
+
+		BeginInternalSubTransaction(NULL);
+		MemoryContextSwitchTo(oldcxt);
+		PG_TRY();
+		{
+			int			nestlevel = NewGUCNestLevel();
+
+			(void) set_config_option("lock_timeout", CppAsString2(REGISTRY_LOCK_TIMEOUT_MS),
+									 PGC_SUSET, PGC_S_SESSION,
+									 GUC_ACTION_SAVE, true, 0, false);
+			result = load_registry(old_notes, nold) ?
+				ME_REGISTRY_LOADED : ME_REGISTRY_ABSENT;
+			AtEOXact_GUC(true, nestlevel);
+			ReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(oldcxt);
+			CurrentResourceOwner = oldowner;
+		}
+		PG_CATCH();
+		{
+			ErrorData  *edata;
+
+			MemoryContextSwitchTo(oldcxt);
+			edata = CopyErrorData();
+			FlushErrorState();
+			RollbackAndReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(oldcxt);
+			CurrentResourceOwner = oldowner;
+
+			if (now - last_failure_log >= 60 * USECS_PER_SEC)
+			{
+				ereport(LOG,
+						(errmsg("pg_mqtt_emit could not read the listener registry: %s",
+								edata->message),
+						 errdetail("The listeners loaded before stay in effect; reading is tried again every %d ms.",
+								   RELOAD_RETRY_MS),
+						 edata->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE ?
+						 errhint("Another session holds a lock on \"mqtt_emit.listeners\"; see pg_locks.") : 0));
+				last_failure_log = now;
+			}
+			FreeErrorData(edata);
+			result = ME_REGISTRY_KEPT;
+		}
+		PG_END_TRY();
+
+		if (result == ME_REGISTRY_KEPT)
+		{
+			MemoryContextDelete(load_cxt);
+			load_cxt = NULL;
+			listeners = keep_listeners;
+			nlisteners = keep_n;
+			event_desc = keep_desc;
+			remote_right_fn = keep_right;
+			notes = old_notes;
+			nnotes = nold;
+			maxnotes = nold;
+			retry_after = now + (TimestampTz) RELOAD_RETRY_MS * 1000;
+			return result;
+		}
+	}
+
+	if (last_failure_log != 0)
+	{
+		ereport(LOG,
+				(errmsg("pg_mqtt_emit read the listener registry again")));
+		last_failure_log = 0;
+	}
+	if (reg_cxt != NULL)
+		MemoryContextDelete(reg_cxt);
+	reg_cxt = load_cxt;
+	load_cxt = NULL;
+	retry_after = 0;
+	registry_ok = (result == ME_REGISTRY_LOADED);
+	return result;
+}
+
+/*
+ * Called by the listener worker: it reports at LOG why listeners do not
+ * run (the worker only at DEBUG1, so that each is said once).
+ */
+void
+me_listeners_report_skips(void)
+{
+	report_skips = true;
 }
 
 static bool
@@ -399,6 +630,48 @@ call_listener(Listener *l, Datum event, const MeEvent *ev)
 }
 
 /*
+ * What the load checked, checked again before a call, from the caches:
+ * the function, the role and its LOGIN may have gone since (a pg_temp
+ * function's session ended, DROP ROLE, ALTER ROLE NOLOGIN, REVOKE), which
+ * does not reload the registry.  The first skip of each listener is logged.
+ */
+static bool
+listener_may_run(Listener *l, bool remote)
+{
+	HeapTuple	tup;
+	const char *why = NULL;
+
+	if (!SearchSysCacheExists1(PROCOID, ObjectIdGetDatum(l->fn)))
+		why = "its function no longer exists";
+	else if (!HeapTupleIsValid(tup = SearchSysCache1(AUTHOID, ObjectIdGetDatum(l->owner))))
+		why = "its role no longer exists";
+	else
+	{
+		bool		canlogin = ((Form_pg_authid) GETSTRUCT(tup))->rolcanlogin;
+
+		ReleaseSysCache(tup);
+		if (!canlogin)
+			why = "its role cannot log in";
+		else if (remote &&
+				 !(OidIsValid(remote_right_fn) &&
+				   SearchSysCacheExists1(PROCOID, ObjectIdGetDatum(remote_right_fn)) ?
+				   me_proc_aclcheck(remote_right_fn, l->owner, ACL_EXECUTE) == ACLCHECK_OK :
+				   superuser_arg(l->owner)))
+			why = "its role may not receive remote events";
+	}
+	if (why == NULL)
+		return true;
+	if (!l->skip_logged)
+	{
+		ereport(report_skips ? LOG : DEBUG1,
+				(errmsg("pg_mqtt_emit skips listener " INT64_FORMAT " (%s of role %u): %s",
+						l->id, l->fn_name, l->owner, why)));
+		l->skip_logged = true;
+	}
+	return false;
+}
+
+/*
  * Run every listener that wants this event.
  */
 void
@@ -418,6 +691,8 @@ me_listeners_dispatch(const MeEvent *ev)
 		if (!model_matches(l, ev->model, mlen))
 			continue;
 		if (ev->remote ? !l->allow_remote : l->remote_only)
+			continue;
+		if (!listener_may_run(l, ev->remote))
 			continue;
 
 		/*

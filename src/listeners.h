@@ -46,8 +46,31 @@ typedef struct MeEvent
 	Oid			relid;			/* local events: the changed table */
 } MeEvent;
 
+/*
+ * Bounds of the registry.  The install script's _validate_listener() refuses
+ * rows beyond them with the same numbers; a worker ignores rows written
+ * past it (a restore with triggers disabled).  The stored size of a filter
+ * (jsonb, perhaps compressed) is bounded loosely: _validate_listener()
+ * bounds its text to ME_REGISTRY_MAX_FILTER bytes.
+ */
+#define ME_REGISTRY_MAX_TOTAL			5000
+#define ME_REGISTRY_MAX_PER_ROLE		500
+#define ME_REGISTRY_MAX_SEARCH_PATH		1024
+#define ME_REGISTRY_MAX_FILTER			4096
+#define ME_REGISTRY_MAX_FILTER_STORED	16384
+#define ME_REGISTRY_MAX_OPERATIONS		16
+
+/* what me_listeners_refresh() did */
+typedef enum MeRegistryLoad
+{
+	ME_REGISTRY_ABSENT,			/* the extension is not installed here */
+	ME_REGISTRY_LOADED,			/* the registry was read */
+	ME_REGISTRY_KEPT			/* not read now; the copy loaded before stays */
+} MeRegistryLoad;
+
 /* listeners.c */
-extern bool me_listeners_refresh(void);
+extern MeRegistryLoad me_listeners_refresh(void);
+extern void me_listeners_report_skips(void);
 extern bool me_listeners_want_local(const char *model, int model_len);
 extern List *me_listeners_remote_models(void);
 extern void me_listeners_run_local(const MqttEmitEventHeader *hdr,

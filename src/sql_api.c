@@ -18,18 +18,28 @@
 #include "postgres.h"
 
 #include "access/htup_details.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_authid.h"
+#include "catalog/pg_class.h"
 #include "commands/dbcommands.h"
+#include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "storage/spin.h"
 #include "catalog/pg_type.h"
 #include "nodes/parsenodes.h"
+#include "nodes/value.h"
+#include "parser/parse_func.h"
 #include "tcop/deparse_utility.h"
+#include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
+#include "utils/guc.h"
 #include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 #include "pg_mqtt_emit.h"
@@ -41,6 +51,8 @@ PG_FUNCTION_INFO_V1(mqtt_emit_listeners_changed);
 PG_FUNCTION_INFO_V1(mqtt_emit_trigger_args);
 PG_FUNCTION_INFO_V1(mqtt_emit_stats_reset);
 PG_FUNCTION_INFO_V1(mqtt_emit_renamed_column);
+PG_FUNCTION_INFO_V1(mqtt_emit_listen);
+PG_FUNCTION_INFO_V1(mqtt_emit_unlisten);
 
 /*
  * Called by the install script: the extension belongs in the worker's
@@ -289,5 +301,193 @@ mqtt_emit_renamed_column(PG_FUNCTION_ARGS)
 	values[1] = CStringGetTextDatum(stmt->subname);
 	values[2] = CStringGetTextDatum(stmt->newname);
 	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	PG_RETURN_VOID();
+}
+
+/*
+ * Listeners run as the role that registers them, and the workers do not
+ * run those of roles that cannot log in (a group role, or a role whose
+ * LOGIN was taken away): refuse to register one.
+ */
+static void
+check_may_own_listeners(Oid roleid)
+{
+	HeapTuple	tup = SearchSysCache1(AUTHOID, ObjectIdGetDatum(roleid));
+	bool		canlogin;
+
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for role %u", roleid);
+	canlogin = ((Form_pg_authid) GETSTRUCT(tup))->rolcanlogin;
+	ReleaseSysCache(tup);
+	if (!canlogin)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("role \"%s\" cannot own listeners", GetUserNameFromId(roleid, false)),
+				 errdetail("A listener runs as the role that registers it, and listeners of roles without LOGIN do not run."),
+				 errhint("Register the listener as a role with LOGIN (not after SET ROLE to a group role).")));
+}
+
+/*
+ * Receiving remote events is a right: EXECUTE on
+ * mqtt_emit.may_listen_remote() (superusers have it).  Where that function
+ * does not exist yet (the 0.1.0 schema with this library), only superusers.
+ */
+static void
+check_may_listen_remote(Oid roleid)
+{
+	Oid			fn = LookupFuncName(list_make2(makeString(MQTT_EMIT_SCHEMA),
+											   makeString("may_listen_remote")),
+									0, NULL, true);
+	bool		ok;
+
+	if (OidIsValid(fn))
+		ok = (me_proc_aclcheck(fn, roleid, ACL_EXECUTE) == ACLCHECK_OK);
+	else
+		ok = superuser_arg(roleid);
+	if (!ok)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to register a listener for remote events"),
+				 errdetail("A listener with allow_remote receives every peer's rows of its model, whatever its role may read on this server."),
+				 errhint("A superuser can give the right: GRANT EXECUTE ON FUNCTION mqtt_emit.may_listen_remote() TO %s;",
+						 quote_identifier(GetUserNameFromId(roleid, false)))));
+}
+
+/*
+ * Become the owner of mqtt_emit.listeners, with a safe search_path, to
+ * write the registry; end_as_registry_owner() undoes it (an error undoes it
+ * too, at the end of the (sub)transaction).
+ */
+static int
+begin_as_registry_owner(Oid *save_userid, int *save_sec)
+{
+	Oid			nsp = get_namespace_oid(MQTT_EMIT_SCHEMA, false);
+	Oid			relid = get_relname_relid("listeners", nsp);
+	HeapTuple	tup;
+	Oid			owner;
+	int			nestlevel;
+
+	if (!OidIsValid(relid))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("relation \"%s.listeners\" does not exist", MQTT_EMIT_SCHEMA),
+				 errhint("Reinstall the extension.")));
+	tup = SearchSysCache1(RELOID, ObjectIdGetDatum(relid));
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for relation %u", relid);
+	owner = ((Form_pg_class) GETSTRUCT(tup))->relowner;
+	ReleaseSysCache(tup);
+
+	GetUserIdAndSecContext(save_userid, save_sec);
+	SetUserIdAndSecContext(owner, *save_sec | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	nestlevel = NewGUCNestLevel();
+	(void) set_config_option("search_path", "pg_catalog, pg_temp",
+							 PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	return nestlevel;
+}
+
+static void
+end_as_registry_owner(int nestlevel, Oid save_userid, int save_sec)
+{
+	SPI_finish();
+	AtEOXact_GUC(true, nestlevel);
+	SetUserIdAndSecContext(save_userid, save_sec);
+}
+
+/*
+ * mqtt_emit.listen(model, listener, allow_remote, remote_only, filter,
+ * operations): register a listener that runs as the calling role, with its
+ * current search_path; returns its id.  NULL arguments reach the row
+ * trigger, which names them.
+ */
+Datum
+mqtt_emit_listen(PG_FUNCTION_ARGS)
+{
+	Oid			caller = GetUserId();
+	Oid			argtypes[8] = {TEXTOID, REGPROCEDUREOID, BOOLOID, BOOLOID,
+	JSONBOID, TEXTARRAYOID, REGROLEOID, TEXTOID};
+	Datum		values[8];
+	char		nulls[8];
+	Oid			save_userid;
+	int			save_sec;
+	int			nestlevel;
+	int			ret;
+	int			i;
+	bool		isnull;
+	int64		id;
+
+	check_may_own_listeners(caller);
+	if (!PG_ARGISNULL(2) && PG_GETARG_BOOL(2))
+		check_may_listen_remote(caller);
+
+	for (i = 0; i < 6; i++)
+	{
+		nulls[i] = PG_ARGISNULL(i) ? 'n' : ' ';
+		values[i] = PG_ARGISNULL(i) ? (Datum) 0 : PG_GETARG_DATUM(i);
+	}
+	values[6] = ObjectIdGetDatum(caller);
+	nulls[6] = ' ';
+	/* the caller's, read before switching to the registry owner's */
+	values[7] = CStringGetTextDatum(namespace_search_path ? namespace_search_path : "");
+	nulls[7] = ' ';
+
+	nestlevel = begin_as_registry_owner(&save_userid, &save_sec);
+	ret = SPI_execute_with_args("INSERT INTO mqtt_emit.listeners "
+								"(model, listener, allow_remote, remote_only, filter, operations, owner, search_path) "
+								"VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+								8, argtypes, values, nulls, false, 0);
+	if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
+		elog(ERROR, "cannot register listener: %s", SPI_result_code_string(ret));
+	id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	end_as_registry_owner(nestlevel, save_userid, save_sec);
+
+	PG_RETURN_INT64(id);
+}
+
+/*
+ * mqtt_emit.unlisten(id): remove a listener of the calling role (or of a
+ * role it is a member of, as the row security of mqtt_emit.listeners shows
+ * them).  Another role's listener "does not exist", as it is not visible.
+ */
+Datum
+mqtt_emit_unlisten(PG_FUNCTION_ARGS)
+{
+	Oid			caller = GetUserId();
+	Oid			argtypes[2] = {INT8OID, OIDOID};
+	Datum		values[2];
+	Oid			save_userid;
+	int			save_sec;
+	int			nestlevel;
+	int			ret;
+	int64		id;
+	uint64		removed;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("listener id must not be null")));
+	id = PG_GETARG_INT64(0);
+	values[0] = Int64GetDatum(id);
+	values[1] = ObjectIdGetDatum(caller);
+
+	nestlevel = begin_as_registry_owner(&save_userid, &save_sec);
+	ret = SPI_execute_with_args("DELETE FROM mqtt_emit.listeners l "
+								"WHERE l.id OPERATOR(pg_catalog.=) $1 "
+								"AND pg_catalog.pg_has_role($2, l.owner::pg_catalog.oid, 'MEMBER')",
+								2, argtypes, values, NULL, false, 0);
+	if (ret != SPI_OK_DELETE)
+		elog(ERROR, "cannot remove listener: %s", SPI_result_code_string(ret));
+	removed = SPI_processed;
+	end_as_registry_owner(nestlevel, save_userid, save_sec);
+
+	if (removed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("listener " INT64_FORMAT " does not exist", id),
+				 errhint("Table mqtt_emit.listeners shows the listeners of the current role.")));
 	PG_RETURN_VOID();
 }

@@ -223,6 +223,7 @@ static void
 refresh_registry(void)
 {
 	uint32		version = me_listeners_version();
+	MeRegistryLoad r;
 
 	if (!me_relay_ready() &&
 		GetCurrentTimestamp() - last_extension_check > 5 * USECS_PER_SEC)
@@ -230,9 +231,14 @@ refresh_registry(void)
 	if (version == listeners_version)
 		return;
 	me_worker_begin_tx("loading listeners");
-	me_relay_extension_changed(me_listeners_refresh());
+	r = me_listeners_refresh();
+	/* not readable now (a lock, say): keep going, try again later */
+	if (r != ME_REGISTRY_KEPT)
+		me_relay_extension_changed(r == ME_REGISTRY_LOADED);
 	last_extension_check = GetCurrentTimestamp();
 	me_worker_end_tx();
+	if (r == ME_REGISTRY_KEPT)
+		return;
 	listeners_version = version;
 	me_inbound_sync(false);
 }

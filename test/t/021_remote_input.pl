@@ -203,6 +203,8 @@ END $$;
 REVOKE EXECUTE ON FUNCTION public.bob_l(mqtt_emit.event) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION public.bob_l(mqtt_emit.event) TO bob;
 GRANT INSERT ON role_seen TO bob;
+-- allow_remote listeners are a right superusers grant (README, "Listeners")
+GRANT EXECUTE ON FUNCTION mqtt_emit.may_listen_remote() TO alice, bob;
 });
 my %lid;
 $lid{$_} = sq($node2, "SELECT mqtt_emit.listen('user', '$_(mqtt_emit.event)', allow_remote => true)")
