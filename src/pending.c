@@ -66,12 +66,6 @@ static bool marker_reserved = false;
 static bool queued = false;		/* durable events reserved their queue room */
 static MqttEmitMarker marker;
 
-/* what this transaction wrote into the queue at PRE_COMMIT, pending */
-static bool pushed = false;
-static uint64 pushed_start = 0;
-static Size pushed_len = 0;
-static int	pushed_events = 0;
-
 #define ME_MARKER_ENTRY_SIZE (sizeof(MqttEmitEventHeader) + sizeof(MqttEmitMarker))
 static bool spilled = false;
 static bool local_rows = false;		/* outbox rows for local listeners */
@@ -173,28 +167,8 @@ reset_pending(void)
 	outboxed = 0;
 	marker_reserved = false;
 	queued = false;
-	pushed = false;
-	pushed_start = 0;
-	pushed_len = 0;
-	pushed_events = 0;
 	spilled = false;
 	local_rows = false;
-}
-
-/*
- * Write entries into the queue space this transaction reserved, pending
- * until COMMIT or ABORT says what became of the transaction.  At PRE_COMMIT,
- * before the transaction is visible: whatever sees its changes gets a later
- * place in the queue.
- */
-static void
-push_pending(char **entries, int n, int nevents)
-{
-	pushed_start = me_queue_push_pending(entries, n, reserved_bytes);
-	pushed_len = reserved_bytes;
-	pushed_events = nevents;
-	pushed = true;
-	reserved_bytes = 0;
 }
 
 /*
@@ -237,7 +211,6 @@ write_outbox(void)
 		for (i = 0; i < npending; i++)
 			((MqttEmitEventHeader *) pending[i])->row_id = ids[i];
 		outboxed = npending;
-		push_pending(pending, npending, npending);
 		return;
 	}
 
@@ -272,20 +245,6 @@ write_outbox(void)
 	marker.min_id = ids[0];
 	marker.max_id = ids[npending - 1];
 	outboxed = npending;
-	if (marker_reserved)
-	{
-		char		entry[ME_MARKER_ENTRY_SIZE];
-		char	   *entries[1] = {entry};
-		MqttEmitEventHeader hdr;
-
-		memset(&hdr, 0, sizeof(hdr));
-		hdr.total_len = ME_MARKER_ENTRY_SIZE;
-		hdr.kind = ME_KIND_MARKER;
-		hdr.payload_len = sizeof(MqttEmitMarker);
-		memcpy(entry, &hdr, sizeof(hdr));
-		memcpy(entry + sizeof(hdr), &marker, sizeof(marker));
-		push_pending(entries, 1, 0);
-	}
 }
 
 static void
@@ -294,15 +253,12 @@ capture_xact_callback(XactEvent event, void *arg)
 	switch (event)
 	{
 		case XACT_EVENT_PRE_COMMIT:
-			if (npending == 0 || reserved_bytes > 0 || outboxed > 0 || pushed)
+			if (npending == 0 || reserved_bytes > 0 || outboxed > 0)
 				break;
 			if (mqtt_emit_delivery == ME_DELIVERY_DURABLE)
 				write_outbox();
 			else if (me_queue_reserve(pending_bytes, false))
-			{
 				reserved_bytes = pending_bytes;
-				push_pending(pending, npending, npending);
-			}
 			else if (mqtt_emit_overflow == ME_OVERFLOW_SPILL)
 			{
 				write_outbox();
@@ -328,11 +284,27 @@ capture_xact_callback(XactEvent event, void *arg)
 			break;
 
 		case XACT_EVENT_COMMIT:
-			/* no allocation here */
-			if (pushed)
-				me_queue_finish(pushed_start, pushed_len, ME_STATE_READY, pushed_events);
-			if (outboxed > 0 && queued)
-				me_outbox_rows_add(outboxed);
+			if (outboxed > 0 && marker_reserved)
+			{
+				/* no allocation here: the entry is built on the stack */
+				char		entry[ME_MARKER_ENTRY_SIZE];
+				char	   *entries[1] = {entry};
+				MqttEmitEventHeader hdr;
+
+				memset(&hdr, 0, sizeof(hdr));
+				hdr.total_len = ME_MARKER_ENTRY_SIZE;
+				hdr.kind = ME_KIND_MARKER;
+				hdr.payload_len = sizeof(MqttEmitMarker);
+				memcpy(entry, &hdr, sizeof(hdr));
+				memcpy(entry + sizeof(hdr), &marker, sizeof(marker));
+				me_queue_push_reserved(entries, 1, reserved_bytes, 0);
+			}
+			if (npending > 0 && reserved_bytes > 0 && (outboxed == 0 || queued))
+			{
+				me_queue_push_reserved(pending, npending, reserved_bytes, npending);
+				if (outboxed > 0)
+					me_outbox_rows_add(outboxed);
+			}
 			else if (outboxed > 0)
 			{
 				me_outbox_rows_add(outboxed);
@@ -359,9 +331,7 @@ capture_xact_callback(XactEvent event, void *arg)
 
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
-			if (pushed)
-				me_queue_finish(pushed_start, pushed_len, ME_STATE_ABORTED, 0);
-			else if (reserved_bytes > 0)
+			if (reserved_bytes > 0)
 				me_queue_unreserve(reserved_bytes);
 			reset_pending();
 			listeners_changed = false;

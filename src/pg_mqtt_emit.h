@@ -94,16 +94,6 @@ typedef struct MqttEmitMarker
 #define ME_FLAG_LOCAL		2	/* run local listeners for it */
 #define ME_FLAG_QUEUED		4	/* outbox row whose event is in the queue too */
 
-/*
- * The state of a queue entry.  A committing transaction writes its entries
- * at PRE_COMMIT, pending, and marks them ready or aborted once it knows;
- * the worker goes no further than the first pending entry.  Entries made
- * elsewhere (zeroed headers) are ready.
- */
-#define ME_STATE_READY		0
-#define ME_STATE_PENDING	1
-#define ME_STATE_ABORTED	2
-
 typedef struct MqttEmitEventHeader
 {
 	uint32		total_len;		/* header + model + payload */
@@ -111,7 +101,6 @@ typedef struct MqttEmitEventHeader
 	uint8		flags;			/* ME_FLAG_* */
 	uint8		op;				/* MqttEmitOp */
 	uint8		qos;			/* for ME_KIND_PUBLISH; 255 = default */
-	uint8		state;			/* in the queue: ME_STATE_* */
 	Oid			relid;			/* the changed table, or InvalidOid */
 	uint32		model_len;
 	uint32		payload_len;
@@ -210,9 +199,7 @@ extern void me_shmem_startup(void);
 extern bool me_shmem_ready(void);
 extern bool me_queue_reserve(Size len, bool marker);
 extern void me_queue_unreserve(Size len);
-extern uint64 me_queue_push_pending(char **entries, int nentries, Size len);
-extern void me_queue_finish(uint64 start, Size len, uint8 state, int nevents);
-extern uint64 me_queue_finished(void);
+extern void me_queue_push_reserved(char **entries, int nentries, Size len, int nevents);
 extern uint64 me_queue_tail(void);
 extern void me_queue_copy(uint64 pos, char *dst, Size len);
 extern void me_queue_release(uint64 new_head, int nevents);

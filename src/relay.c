@@ -170,7 +170,6 @@ process_queue(uint64 tail, int *new_entries)
 	int			nlocal = 0;
 	int64		next_stray = -1;
 	bool		cut_short = false;
-	bool		pub_blocked = false;	/* publishing stopped in this round */
 
 	can_publish = !outbox_mode && me_inflight_from_outbox() == 0 &&
 		me_client_connected(ME_CLIENT_PUBLISHER);
@@ -197,7 +196,7 @@ process_queue(uint64 tail, int *new_entries)
 	{
 		MqttEmitEventHeader hdr;
 		bool		need_local = (pos >= local_pos);
-		bool		need_pub = (!pub_blocked && pos >= me_inflight_pub_pos());
+		bool		need_pub = (pos >= me_inflight_pub_pos());
 		uint64		end;
 
 		/* a transaction of the worker stays short: the rest next round */
@@ -212,32 +211,12 @@ process_queue(uint64 tail, int *new_entries)
 		me_queue_copy(pos, (char *) &hdr, sizeof(hdr));
 		end = pos + hdr.total_len;
 
-		/* its transaction is still committing: nothing behind it goes first */
-		if (hdr.state == ME_STATE_PENDING)
-			break;
-		if (hdr.state == ME_STATE_ABORTED)
-		{
-			if (need_pub)
-			{
-				if (moving)
-					moved_end = end;
-				else
-					me_inflight_skip(end);
-			}
-			if (need_local)
-				local_pos = end;
-			pos = end;
-			n++;
-			continue;
-		}
-
 		if (need_pub && hdr.kind == ME_KIND_MARKER && !moving)
 		{
 			/* rows in the outbox come next: publish through the outbox */
 			set_outbox_mode(true);
 			can_publish = false;
 			need_pub = false;
-			pub_blocked = true;
 			if (!need_local)
 				break;
 		}
@@ -256,7 +235,6 @@ process_queue(uint64 tail, int *new_entries)
 		if (need_pub && !moving && (!can_publish || !me_inflight_window_open()))
 		{
 			need_pub = false;
-			pub_blocked = true;
 			if (!need_local)
 				break;
 		}
@@ -316,12 +294,8 @@ process_queue(uint64 tail, int *new_entries)
 				if (me_inflight_send(h, model, model + h->model_len, end, 0,
 									 -(int64) pos - 1))
 					me_inflight_published_to(end);
-				else
-				{
-					pub_blocked = true;
-					if (local_pos <= pos)
-						break;
-				}
+				else if (local_pos <= pos)
+					break;
 			}
 		}
 		pos = end;
@@ -515,7 +489,7 @@ me_relay_release_done(void)
 
 		me_queue_copy(pos, (char *) &hdr, sizeof(hdr));
 		pos += hdr.total_len;
-		if (hdr.kind != ME_KIND_MARKER && hdr.state != ME_STATE_ABORTED)
+		if (hdr.kind != ME_KIND_MARKER)
 			nevents++;
 	}
 	Assert(pos == done);

@@ -10,15 +10,10 @@
  *
  * Producers are committing backends.  At PRE_COMMIT a backend reserves the
  * bytes its events need (me_queue_reserve); that may fail, and the
- * transaction can still abort cleanly.  Still at PRE_COMMIT, before the
- * transaction becomes visible, it writes its events at the tail, pending
- * (me_queue_push_pending): a transaction that sees its changes commits
- * later and gets a later place, so the queue's order is the order in which
- * transactions can depend on each other.  At COMMIT, or ABORT, it marks
- * them ready or aborted (me_queue_finish) and wakes the worker, which goes
- * no further than the first pending entry.  A transaction that aborts
- * after reserving and before writing gives the space back
- * (me_queue_unreserve).
+ * transaction can still abort cleanly.  At COMMIT, when nothing may fail any
+ * more, it writes its events into the reserved space (me_queue_push_reserved)
+ * and wakes the worker.  A transaction that aborts after reserving gives the
+ * space back (me_queue_unreserve).
  *
  * The only consumer is the background worker.  It reads entries between
  * head and tail without the lock (producers never write there), keeps its
@@ -31,9 +26,10 @@
  * use the functions below.  The lock rule of each field is written beside
  * it in the struct:
  *	- lock (LWLock) in exclusive mode protects head, tail and reserved, and
- *	  the states of pending entries.  Producers hold it while they copy
- *	  their events into the ring and while they mark them; the worker holds
- *	  it only to read tail and to move head.
+ *	  the bytes between tail and tail + reserved being written at commit.
+ *	  Producers hold it while they copy their events into the ring, which
+ *	  keeps the queue in commit order; the worker holds it only to read tail
+ *	  and to move head.
  *	- worker_pid, worker_latch and fresh are written by the worker under the
  *	  lock in exclusive mode and read under it in shared mode;
  *	  listener_pid and listener_latch likewise by the listener worker.
@@ -44,8 +40,7 @@
  *	- errlock (spinlock) protects last_error and last_error_time.
  *	- counters (and their reset base and time), event_seq,
  *	  listeners_version, outbox_version, outbox_rows, outbox_oldest,
- *	  worker_napping, finished and the connection flags are atomics and need
- *	  no lock.
+ *	  worker_napping and the connection flags are atomics and need no lock.
  *	  outbox_rows is approximate (see relay.c).
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
@@ -102,7 +97,6 @@ typedef struct MqttEmitShared
 	pg_atomic_uint64 outbox_rows;	/* rows in the outbox (approximate) */
 	pg_atomic_uint64 outbox_oldest; /* created_at of the oldest row, or 0 */
 	pg_atomic_uint32 worker_napping;	/* the worker will look again soon */
-	pg_atomic_uint64 finished;	/* transactions that marked their entries */
 
 	slock_t		errlock;
 	TimestampTz last_error_time;	/* errlock */
@@ -179,7 +173,6 @@ me_shmem_startup(void)
 		pg_atomic_init_u64(&me_shared->outbox_rows, 0);
 		pg_atomic_init_u64(&me_shared->outbox_oldest, 0);
 		pg_atomic_init_u32(&me_shared->worker_napping, 0);
-		pg_atomic_init_u64(&me_shared->finished, 0);
 		me_shared->fresh = true;
 		SpinLockInit(&me_shared->errlock);
 		me_shared->last_error_time = 0;
@@ -255,80 +248,42 @@ me_queue_copy(uint64 pos, char *dst, Size len)
 }
 
 /*
- * Write nentries entries (each starting with its MqttEmitEventHeader) at
- * the tail, into space reserved earlier by me_queue_reserve(len), pending;
- * returns the position of the first.  Called at PRE_COMMIT: it must not
- * fail, and it does not allocate.
+ * Write nentries entries (each starting with its MqttEmitEventHeader) into
+ * space reserved earlier by me_queue_reserve(len), and wake the worker.
+ * nevents of them are events (the others are markers, not counted).
+ * Called after commit: it must not fail, and it does not allocate.
  */
-uint64
-me_queue_push_pending(char **entries, int nentries, Size len)
+void
+me_queue_push_reserved(char **entries, int nentries, Size len, int nevents)
 {
 	int			i;
-	uint64		start;
+	Latch	   *latch;
 
 	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
-	start = me_shared->tail;
 	for (i = 0; i < nentries; i++)
 	{
 		MqttEmitEventHeader *hdr = (MqttEmitEventHeader *) entries[i];
 
-		hdr->state = ME_STATE_PENDING;
 		ring_write(me_shared->tail, entries[i], hdr->total_len);
 		me_shared->tail += hdr->total_len;
 	}
 	Assert(me_shared->reserved >= len);
 	me_shared->reserved -= len;
-	LWLockRelease(me_shared->lock);
-	return start;
-}
-
-/*
- * The transaction that wrote the entries [start, start + len) committed
- * (state ME_STATE_READY; nevents of them are events, the others markers)
- * or aborted (ME_STATE_ABORTED): mark them, and wake the worker.  Called
- * from the commit and abort callbacks: it must not fail, and it does not
- * allocate.  The worker reads an entry's state without the lock: the rest
- * of the entry was written before the tail moved past it.
- */
-void
-me_queue_finish(uint64 start, Size len, uint8 state, int nevents)
-{
-	uint64		pos = start;
-	Latch	   *latch;
-
-	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
-	while (pos < start + len)
-	{
-		MqttEmitEventHeader hdr;
-
-		me_queue_copy(pos, (char *) &hdr, sizeof(hdr));
-		me_shared->data[(pos + offsetof(MqttEmitEventHeader, state)) % me_shared->capacity] =
-			(char) state;
-		pos += hdr.total_len;
-	}
 	latch = me_shared->worker_latch;
 	LWLockRelease(me_shared->lock);
 
-	pg_atomic_fetch_add_u64(&me_shared->finished, 1);
 	if (nevents > 0)
 		pg_atomic_fetch_add_u64(&me_shared->counters[ME_STAT_ENQUEUED], nevents);
 
 	/*
-	 * A napping worker looks again by itself; signalling it costs a system
-	 * call per commit.  The barrier orders our update of finished before
-	 * the read of worker_napping; the worker clears the flag before it
-	 * reads finished one last time and sleeps (see worker.c, wait_for_work).
+	 * A napping worker looks at the tail again by itself; signalling it
+	 * costs a system call per commit.  The barrier orders our tail update
+	 * before the read of worker_napping; the worker clears the flag before
+	 * it reads the tail one last time and sleeps (see worker.c, wait_for_work).
 	 */
 	pg_memory_barrier();
 	if (latch && pg_atomic_read_u32(&me_shared->worker_napping) == 0)
 		SetLatch(latch);
-}
-
-/* How many transactions marked their entries so far. */
-uint64
-me_queue_finished(void)
-{
-	return pg_atomic_read_u64(&me_shared->finished);
 }
 
 uint64
@@ -511,7 +466,7 @@ me_shmem_epoch_seq(void)
 
 /*
  * While the worker naps, committing backends need not set its latch (see
- * me_queue_finish).
+ * me_queue_push_reserved).
  */
 void
 me_worker_set_napping(bool napping)

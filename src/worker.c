@@ -66,8 +66,7 @@ static void worker_sigterm(SIGNAL_ARGS);
 static void worker_detach(int code, Datum arg);
 static void reload_settings(void);
 static void refresh_registry(void);
-static void wait_for_work(bool more, int new_entries, uint64 tail, uint64 finished,
-						  long timeout);
+static void wait_for_work(bool more, int new_entries, uint64 tail, long timeout);
 static void shut_down(void);
 
 /*
@@ -158,7 +157,6 @@ mqtt_emit_worker_main(Datum main_arg)
 		bool		more;
 		int			new_entries;
 		uint64		tail;
-		uint64		finished;
 		TimestampTz now;
 
 		MemoryContextSwitchTo(loop_cxt);
@@ -178,13 +176,12 @@ mqtt_emit_worker_main(Datum main_arg)
 			me_inbound_take_news();
 		}
 
-		finished = me_queue_finished();
 		more = me_relay_step(&tail, &new_entries, &timeout);
 
 		MemoryContextReset(loop_cxt);
 		if (got_sigterm)
 			break;
-		wait_for_work(more, new_entries, tail, finished, timeout);
+		wait_for_work(more, new_entries, tail, timeout);
 	}
 
 	shut_down();
@@ -251,14 +248,13 @@ refresh_registry(void)
  * While worker_napping is set, committing backends do not signal us, and
  * the next round takes together whatever arrived meanwhile (and its
  * acknowledgements).  A quieter round ends the naps: clear the flag, then
- * read the tail and the count of committed (or aborted) transactions once
- * more (a backend that saw the flag set has marked its entries before it
- * looked), and sleep until signalled.  At a few commits
+ * read the tail once more (a backend that saw the flag set has advanced
+ * the tail before it looked), and sleep until signalled.  At a few commits
  * per millisecond or less, every commit still wakes us at once.  A nap
  * ends early when the latch is set (an acknowledgement, a signal).
  */
 static void
-wait_for_work(bool more, int new_entries, uint64 tail, uint64 finished, long timeout)
+wait_for_work(bool more, int new_entries, uint64 tail, long timeout)
 {
 	if (more)
 		return;
@@ -285,7 +281,7 @@ wait_for_work(bool more, int new_entries, uint64 tail, uint64 finished, long tim
 	{
 		me_worker_set_napping(false);
 		napping = false;
-		if (me_queue_tail() != tail || me_queue_finished() != finished)
+		if (me_queue_tail() != tail)
 			return;
 	}
 	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
