@@ -170,6 +170,7 @@ process_queue(uint64 tail, int *new_entries)
 	int			nlocal = 0;
 	int64		next_stray = -1;
 	bool		cut_short = false;
+	bool		pub_blocked = false;	/* publishing stopped in this round */
 
 	can_publish = !outbox_mode && me_inflight_from_outbox() == 0 &&
 		me_client_connected(ME_CLIENT_PUBLISHER);
@@ -196,7 +197,7 @@ process_queue(uint64 tail, int *new_entries)
 	{
 		MqttEmitEventHeader hdr;
 		bool		need_local = (pos >= local_pos);
-		bool		need_pub = (pos >= me_inflight_pub_pos());
+		bool		need_pub = (!pub_blocked && pos >= me_inflight_pub_pos());
 		uint64		end;
 
 		/* a transaction of the worker stays short: the rest next round */
@@ -217,6 +218,7 @@ process_queue(uint64 tail, int *new_entries)
 			set_outbox_mode(true);
 			can_publish = false;
 			need_pub = false;
+			pub_blocked = true;
 			if (!need_local)
 				break;
 		}
@@ -235,6 +237,7 @@ process_queue(uint64 tail, int *new_entries)
 		if (need_pub && !moving && (!can_publish || !me_inflight_window_open()))
 		{
 			need_pub = false;
+			pub_blocked = true;
 			if (!need_local)
 				break;
 		}
@@ -294,8 +297,12 @@ process_queue(uint64 tail, int *new_entries)
 				if (me_inflight_send(h, model, model + h->model_len, end, 0,
 									 -(int64) pos - 1))
 					me_inflight_published_to(end);
-				else if (local_pos <= pos)
-					break;
+				else
+				{
+					pub_blocked = true;
+					if (local_pos <= pos)
+						break;
+				}
 			}
 		}
 		pos = end;
