@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # bench/faults.sh: writers under faults (issue 11), against real servers.
 #
-#   bash bench/faults.sh            # both scenarios, about 4 minutes
-#   bash bench/faults.sh frozen     # or: slow_listener
+#   bash bench/faults.sh            # frozen and slow_listener, about 4 minutes
+#   bash bench/faults.sh frozen     # or: slow_listener, crash_memory, crash_durable
 #
 # frozen: pgbench (2 clients, single-row INSERT into a watched table) for
 #   FAULTS_SECONDS (default 100) s; mosquitto is frozen with SIGSTOP from 10 s
@@ -113,4 +113,53 @@ run_scenario() {
 	pm_cleanup
 }
 
-for s in "$@"; do run_scenario "$s"; done
+# crash_memory / crash_durable: one transaction of 20,000 rows, and the
+# worker killed with SIGKILL 50 ms after its commit (the postmaster then
+# restarts the whole server and sets up new shared memory); how many of the
+# committed events reach a subscriber.
+run_crash() {
+	local name="$1" delivery="$2"
+	local dir="$WORK/$name"
+	mkdir -p "$dir"
+	pm_start_broker "$dir/broker"
+	pm_start_pg "$dir/pg" "$(pm_free_port)" \
+		"shared_preload_libraries = 'pg_mqtt_emit'" \
+		"mqtt_emit.broker_url = '$BROKER_URL'" \
+		"mqtt_emit.topic_prefix = 'faults'" \
+		"mqtt_emit.client_id = 'faults-$name-$$'" \
+		"mqtt_emit.delivery = '$delivery'" \
+		"restart_after_crash = on"
+	pm_psql -q -c "CREATE EXTENSION pg_mqtt_emit" \
+		-c "CREATE TABLE ev (id bigserial PRIMARY KEY, v text NOT NULL)" \
+		-c "SELECT mqtt_emit.watch('ev')" >/dev/null
+	pm_poll 30 bash -c "[[ \$(\"$PG_BINDIR/psql\" -X -At -h '$PG_SOCK' -p '$PG_PORT' -U postgres -d postgres -c 'SELECT connected FROM mqtt_emit.stats') == t ]]" \
+		|| pm_die "the worker did not connect"
+	mosquitto_sub -h 127.0.0.1 -p "$BROKER_PORT" -q 1 -c -i "faults-sub-$name-$$" -t 'faults/#' \
+		>"$dir/sub.out" 2>"$dir/sub.err" &
+	pm_track_pid "$!"
+	pm_poll 30 bash -c "mosquitto_pub -h 127.0.0.1 -p $BROKER_PORT -q 1 -t faults/ev/probe -m '{\"result\":{\"id\":0}}' && grep -q '\"id\":0' '$dir/sub.out'" \
+		|| pm_die "the subscriber did not come up"
+	local wpid
+	wpid="$(pm_psql -At -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_mqtt_emit'")"
+	pm_psql -q -c "INSERT INTO ev (v) SELECT 'x' FROM generate_series(1, 20000)" >/dev/null
+	sleep 0.05
+	kill -KILL "$wpid"
+	pm_poll 60 bash -c "[[ \$(\"$PG_BINDIR/psql\" -X -At -h '$PG_SOCK' -p '$PG_PORT' -U postgres -d postgres -c 'SELECT connected FROM mqtt_emit.stats' 2>/dev/null) == t ]]" \
+		|| pm_die "the server did not come back"
+	local rows got deadline=$((SECONDS + 60))
+	rows="$(pm_psql -At -c 'SELECT count(*) FROM ev')"
+	arrived() { grep -o '"result":{"id":[0-9]*' "$dir/sub.out" | grep -v '"id":0$' | sort -u | wc -l; }
+	while got="$(arrived)"; ((got < rows && SECONDS < deadline)); do sleep 1; done
+	echo "${name}_rows_committed: $rows"
+	echo "${name}_events_arrived: $got"
+	echo "${name}_events_lost: $((rows - got))"
+	pm_cleanup
+}
+
+for s in "$@"; do
+	case "$s" in
+		crash_memory) run_crash crash_memory memory ;;
+		crash_durable) run_crash crash_durable durable ;;
+		*) run_scenario "$s" ;;
+	esac
+done
