@@ -116,13 +116,14 @@ BEGIN
     END IF;
 
     m := coalesce(model, r.relname::text);
+    -- MQTT's rules for UTF-8 in topics: no control characters, surrogates
+    -- or noncharacters such as U+FFFF (the error names the code point)
+    PERFORM mqtt_emit._check_name(m, 'model name');
     IF m = '' OR length(m) > 200 OR m ~ '[[:cntrl:]]' THEN
         RAISE EXCEPTION 'invalid model name "%"', m
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'A model name has 1 to 200 characters and no control characters.';
     END IF;
-    -- MQTT's rules for UTF-8 in topics (noncharacters such as U+FFFF too)
-    PERFORM mqtt_emit._check_name(m, 'model name');
 
     PERFORM mqtt_emit._set_capture_trigger(tbl, ops, ARRAY[m, emit::text, mode] || names);
 END
