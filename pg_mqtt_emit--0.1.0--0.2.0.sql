@@ -116,6 +116,9 @@ BEGIN
     END IF;
 
     m := coalesce(model, r.relname::text);
+    -- MQTT's rules for UTF-8 in topics: no control characters, surrogates
+    -- or noncharacters such as U+FFFF (the error names the code point)
+    PERFORM mqtt_emit._check_name(m, 'model name');
     IF m = '' OR length(m) > 200 OR m ~ '[[:cntrl:]]' THEN
         RAISE EXCEPTION 'invalid model name "%"', m
             USING ERRCODE = 'invalid_parameter_value',
@@ -480,7 +483,8 @@ CREATE FUNCTION mqtt_emit._stats(
     OUT worker_pid int,
     OUT client_id text,
     OUT stats_reset timestamptz,
-    OUT oldest_waiting_seconds double precision)
+    OUT oldest_waiting_seconds double precision,
+    OUT depth_exceeded bigint)
 RETURNS record
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'mqtt_emit_stats';
@@ -531,5 +535,38 @@ SELECT DISTINCT f.topic_filter
  WHERE l.allow_remote
    AND pg_catalog.pg_has_role(current_user, l.owner, 'MEMBER')
    AND pg_catalog.has_function_privilege(l.owner, 'mqtt_emit.may_listen_remote()'::regprocedure, 'EXECUTE');
+
+-- Raises an error unless a name may be part of an MQTT topic: valid UTF-8
+-- without U+0000, control characters, surrogates or noncharacters
+-- (topic.c); what names it in the message.  The broker disconnects a
+-- client that sends a topic breaking these rules.
+CREATE FUNCTION mqtt_emit._check_name(name text, what text)
+RETURNS void
+LANGUAGE c IMMUTABLE STRICT
+AS 'MODULE_PATHNAME', 'mqtt_emit_check_name';
+
+-- Every model name in the registry follows those rules, however the row
+-- comes (listen(), a direct INSERT, pg_restore); after validate_listener,
+-- which fires first (triggers fire in name order).
+CREATE FUNCTION mqtt_emit._validate_listener_model()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM mqtt_emit._check_name(NEW.model, 'model name');
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER validate_listener_model BEFORE INSERT OR UPDATE OF model ON mqtt_emit.listeners
+    FOR EACH ROW EXECUTE FUNCTION mqtt_emit._validate_listener_model();
+
+------------------------------------------------------------------------
+-- Dead letters hold rows of any table: superusers only
+------------------------------------------------------------------------
+
+REVOKE SELECT ON mqtt_emit.dead_letters FROM pg_monitor;
+COMMENT ON TABLE mqtt_emit.dead_letters IS
+'Messages the broker refused for good; kept for inspection; superusers only';
 
 SELECT mqtt_emit._listeners_changed();

@@ -137,6 +137,9 @@ BEGIN
     END IF;
 
     m := coalesce(model, r.relname::text);
+    -- MQTT's rules for UTF-8 in topics: no control characters, surrogates
+    -- or noncharacters such as U+FFFF (the error names the code point)
+    PERFORM mqtt_emit._check_name(m, 'model name');
     IF m = '' OR length(m) > 200 OR m ~ '[[:cntrl:]]' THEN
         RAISE EXCEPTION 'invalid model name "%"', m
             USING ERRCODE = 'invalid_parameter_value',
@@ -521,7 +524,8 @@ COMMENT ON FUNCTION mqtt_emit.unlisten(bigint) IS
 -- full (mqtt_emit.overflow = spill), and while the broker is unreachable
 -- (moved here by the worker).  A row leaves when the broker has
 -- acknowledged it.  flags: 1 = still to publish, 2 = local listeners still
--- to run.  model holds the topic for ad-hoc publishes (kind 2).
+-- to run, 4 = queued too; the high byte (flags >> 8) is the event's depth,
+-- how many listeners in a row caused it (mqtt_emit.max_depth).  model holds the topic for ad-hoc publishes (kind 2).
 -- seq is the publishing order, given by the worker in commit order: rows a
 -- backend writes carry the transaction's batch number, and a marker in the
 -- shared-memory queue tells the worker where in the commit order they
@@ -559,10 +563,10 @@ CREATE TABLE mqtt_emit.dead_letters (
     failed_at   timestamptz NOT NULL DEFAULT now()
 );
 COMMENT ON TABLE mqtt_emit.dead_letters IS
-'Messages the broker refused for good; kept for inspection';
+'Messages the broker refused for good; kept for inspection; superusers only';
 REVOKE ALL ON mqtt_emit.dead_letters FROM PUBLIC;
 REVOKE ALL ON SEQUENCE mqtt_emit.dead_letters_id_seq FROM PUBLIC;
-GRANT SELECT ON mqtt_emit.dead_letters TO pg_monitor;
+-- superusers only: the payloads are rows of any watched table
 
 ------------------------------------------------------------------------
 -- Publishing and monitoring
@@ -614,7 +618,8 @@ CREATE FUNCTION mqtt_emit._stats(
     OUT worker_pid int,
     OUT client_id text,
     OUT stats_reset timestamptz,
-    OUT oldest_waiting_seconds double precision)
+    OUT oldest_waiting_seconds double precision,
+    OUT depth_exceeded bigint)
 RETURNS record
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'mqtt_emit_stats';
@@ -676,6 +681,31 @@ SELECT DISTINCT f.topic_filter
  WHERE l.allow_remote
    AND pg_catalog.pg_has_role(current_user, l.owner, 'MEMBER')
    AND pg_catalog.has_function_privilege(l.owner, 'mqtt_emit.may_listen_remote()'::regprocedure, 'EXECUTE');
+
+-- Raises an error unless a name may be part of an MQTT topic: valid UTF-8
+-- without U+0000, control characters, surrogates or noncharacters
+-- (topic.c); what names it in the message.  The broker disconnects a
+-- client that sends a topic breaking these rules.
+CREATE FUNCTION mqtt_emit._check_name(name text, what text)
+RETURNS void
+LANGUAGE c IMMUTABLE STRICT
+AS 'MODULE_PATHNAME', 'mqtt_emit_check_name';
+
+-- Every model name in the registry follows those rules, however the row
+-- comes (listen(), a direct INSERT, pg_restore); after validate_listener,
+-- which fires first (triggers fire in name order).
+CREATE FUNCTION mqtt_emit._validate_listener_model()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM mqtt_emit._check_name(NEW.model, 'model name');
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER validate_listener_model BEFORE INSERT OR UPDATE OF model ON mqtt_emit.listeners
+    FOR EACH ROW EXECUTE FUNCTION mqtt_emit._validate_listener_model();
 
 GRANT USAGE ON SCHEMA mqtt_emit TO PUBLIC;
 

@@ -61,6 +61,7 @@
 
 #include "pg_mqtt_emit.h"
 #include "outbox.h"
+#include "topic.h"
 
 PG_FUNCTION_INFO_V1(mqtt_emit_capture);
 
@@ -225,6 +226,22 @@ get_capture_rel(Relation rel, Trigger *trigger)
 				 errmsg("trigger \"%s\" on table \"%s\" has an invalid column mode \"%s\"",
 						trigger->tgname, RelationGetRelationName(rel), mode),
 				 errhint("Install the trigger with mqtt_emit.watch().")));
+
+	/*
+	 * A model name written into the trigger by hand, or restored by pg_dump
+	 * from an older version, did not pass watch()'s checks: a name the
+	 * broker refuses would make the publisher reconnect forever, so the
+	 * change fails here instead.
+	 */
+	{
+		char		hint[NAMEDATALEN * 2 + 128];
+
+		snprintf(hint, sizeof(hint),
+				 "Call mqtt_emit.watch('%s', model => ...) with a valid model name, or drop trigger \"%s\".",
+				 RelationGetRelationName(rel), trigger->tgname);
+		me_check_topic_text(trigger->tgargs[0], strlen(trigger->tgargs[0]),
+							"model name of the capture trigger", hint);
+	}
 
 	entry->cxt = AllocSetContextCreate(CacheMemoryContext,
 									   "pg_mqtt_emit capture relation",

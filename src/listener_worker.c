@@ -194,6 +194,8 @@ handle_local(void *arg)
 {
 	const MeOutboxRow *row = (const MeOutboxRow *) arg;
 
+	/* what the listeners capture is one level deeper (see pending.c) */
+	me_capture_set_depth(row->hdr.depth + 1);
 	if (row->hdr.kind == ME_KIND_REMOTE)
 	{
 		MeRemoteMessage msg;
@@ -276,6 +278,7 @@ handle_row(int64 id, void (*handle) (void *), void *arg,
 		FreeErrorData(edata);
 	}
 	PG_END_TRY();
+	me_capture_set_depth(0);
 	if (outcome == ROW_DONE)
 		me_attempt_end();
 	return outcome;

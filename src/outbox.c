@@ -12,7 +12,10 @@
  *	flags	ME_FLAG_PUBLISH (send it), ME_FLAG_LOCAL (its local listeners
  *			have not run yet), ME_FLAG_QUEUED (a durable event whose queue
  *			entry exists too: the queue's copy runs its listeners and is
- *			published; the row is the crash net)
+ *			published; the row is the crash net); in the high byte
+ *			(ME_DEPTH_SHIFT) the event's depth, how many listeners caused
+ *			it, so that the limit of mqtt_emit.max_depth holds across the
+ *			outbox and no new column is needed
  *	batch	the writing transaction's batch number (an event_seq value), so
  *			that its marker in the queue can find its rows; without a
  *			marker, -(the queue's tail when it was written + 1)
@@ -125,7 +128,8 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 		char	   *model = entries[i] + sizeof(MqttEmitEventHeader);
 
 		kinds[i] = Int16GetDatum(hdr->kind);
-		flags[i] = Int16GetDatum(hdr->flags & flag_mask);
+		flags[i] = Int16GetDatum((int16) ((hdr->flags & flag_mask) |
+										  (Min(hdr->depth, ME_MAX_DEPTH) << ME_DEPTH_SHIFT)));
 		ops[i] = Int16GetDatum(hdr->op);
 		qoss[i] = Int16GetDatum(hdr->qos);
 		models[i] = PointerGetDatum(cstring_to_text_with_len(model, hdr->model_len));
@@ -275,11 +279,14 @@ row_from_tuple(HeapTuple tup, TupleDesc td, MeOutboxRow *row)
 	text	   *model;
 	text	   *payload;
 	Datum		seq;
+	int16		flags;
 
 	memset(row, 0, sizeof(*row));
 	row->id = DatumGetInt64(SPI_getbinval(tup, td, 1, &isnull));
 	row->hdr.kind = (uint8) DatumGetInt16(SPI_getbinval(tup, td, 2, &isnull));
-	row->hdr.flags = (uint8) DatumGetInt16(SPI_getbinval(tup, td, 3, &isnull));
+	flags = DatumGetInt16(SPI_getbinval(tup, td, 3, &isnull));
+	row->hdr.flags = (uint8) (flags & 0xFF);
+	row->hdr.depth = (uint8) ((flags >> ME_DEPTH_SHIFT) & 0x7F);
 	row->hdr.op = (uint8) DatumGetInt16(SPI_getbinval(tup, td, 4, &isnull));
 	row->hdr.qos = (uint8) DatumGetInt16(SPI_getbinval(tup, td, 5, &isnull));
 	model = DatumGetTextPP(SPI_getbinval(tup, td, 6, &isnull));

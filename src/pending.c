@@ -13,6 +13,14 @@
  * with pending events is refused, since a prepared transaction may commit
  * in another session that does not have them.
  *
+ * Two limits apply when an event is added.  An event captured while the
+ * listener worker runs a listener for an event of depth d has depth d + 1
+ * (me_capture_set_depth); beyond mqtt_emit.max_depth it is not kept, with a
+ * warning and a counter, so that a listener whose changes feed its own
+ * model cannot make events without end.  And a transaction may keep at most
+ * mqtt_emit.max_transaction_events events, which a superuser can set per
+ * role, so that one role cannot fill the queue and the outbox for all.
+ *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
  * IDENTIFICATION
@@ -70,6 +78,7 @@ static MqttEmitMarker marker;
 static bool spilled = false;
 static bool local_rows = false;		/* outbox rows for local listeners */
 static bool listeners_changed = false;
+static int	capture_depth = 0;		/* depth of the events captured now */
 
 
 static void capture_xact_callback(XactEvent event, void *arg);
@@ -100,6 +109,27 @@ me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 	Size		total = sizeof(MqttEmitEventHeader) + model_len + payload_len;
 	char	   *entry;
 
+	if (capture_depth > mqtt_emit_max_depth)
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_STATEMENT_TOO_COMPLEX),
+				 errmsg("event on \"%.*s\" not captured: depth %d exceeds \"mqtt_emit.max_depth\" (%d)",
+						Min(model_len, MQTT_EMIT_MAX_MODEL_LEN), model,
+						capture_depth, mqtt_emit_max_depth),
+				 errdetail("The change was made by a listener running for an event that listeners caused, %d levels deep.",
+						   capture_depth - 1),
+				 errhint("Check for listeners whose changes feed their own model, or raise \"mqtt_emit.max_depth\".")));
+		me_count(ME_STAT_DEPTH_EXCEEDED, 1);
+		return;
+	}
+	if (mqtt_emit_max_transaction_events > 0 &&
+		npending >= mqtt_emit_max_transaction_events)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("transaction exceeds \"mqtt_emit.max_transaction_events\" (%d)",
+						mqtt_emit_max_transaction_events),
+				 errdetail("Each captured row change and each mqtt_emit.publish() is one event; none of this transaction's events are kept."),
+				 errhint("Split the work into smaller transactions, turn off \"mqtt_emit.enabled\" for bulk changes, or ask a superuser to raise \"mqtt_emit.max_transaction_events\" for this role.")));
 	if (payload_len > mqtt_emit_max_payload)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
@@ -114,6 +144,7 @@ me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 	hdr.relid = relid;
 	hdr.model_len = model_len;
 	hdr.payload_len = payload_len;
+	hdr.depth = (uint8) capture_depth;
 	hdr.row_id = 0;
 
 	entry = MemoryContextAlloc(TopTransactionContext, total);
@@ -143,6 +174,17 @@ me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 	pending[npending] = entry;
 	npending++;
 	pending_bytes += total;
+}
+
+/*
+ * The listener worker tells this before it runs the listeners of an event
+ * of depth d (d + 1), and after (0): events captured meanwhile get that
+ * depth.  At most ME_MAX_DEPTH + 1, which is never kept.
+ */
+void
+me_capture_set_depth(int depth)
+{
+	capture_depth = Min(depth, ME_MAX_DEPTH + 1);
 }
 
 /*

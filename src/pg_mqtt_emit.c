@@ -20,6 +20,7 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "access/xlog.h"
 #include "fmgr.h"
 #include "miscadmin.h"
@@ -27,6 +28,7 @@
 #include "utils/guc.h"
 
 #include "pg_mqtt_emit.h"
+#include "topic.h"
 
 PG_MODULE_MAGIC;
 
@@ -67,6 +69,8 @@ double		mqtt_emit_batch_delay = 0.5;	/* ms */
 int			mqtt_emit_outbox_max = 10000000;
 char	   *mqtt_emit_signing_key = NULL;
 bool		mqtt_emit_require_signature = false;
+int			mqtt_emit_max_depth = 8;
+int			mqtt_emit_max_transaction_events = 0;
 
 bool		mqtt_emit_preloaded = false;
 
@@ -103,6 +107,8 @@ static void mqtt_emit_shmem_request(void);
 static void mqtt_emit_shmem_startup(void);
 static bool check_topic_prefix(char **newval, void **extra, GucSource source);
 static bool check_broker_url(char **newval, void **extra, GucSource source);
+static const char *show_password(void);
+static const char *show_signing_key(void);
 
 /*
  * Module load callback.
@@ -337,6 +343,24 @@ _PG_init(void)
 							 PGC_SIGHUP, 0,
 							 NULL, NULL, NULL);
 
+	DefineCustomIntVariable("mqtt_emit.max_depth",
+							"Sets how deeply events caused by listeners may nest.",
+							"An event captured while a listener runs for an event of depth d has depth d + 1 "
+							"(changes made by sessions have depth 0); deeper events are not captured, with a "
+							"warning, and counted in mqtt_emit.stats.depth_exceeded.",
+							&mqtt_emit_max_depth,
+							8, 0, ME_MAX_DEPTH,
+							PGC_SUSET, 0,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtt_emit.max_transaction_events",
+							"Sets the largest number of events one transaction may capture.",
+							"A change that would capture more fails its transaction; zero means no limit.  "
+							"Superusers can set it per role (ALTER ROLE ... SET), which the role cannot raise.",
+							&mqtt_emit_max_transaction_events,
+							0, 0, INT_MAX,
+							PGC_SUSET, 0,
+							NULL, NULL, NULL);
+
 	if (process_shared_preload_libraries_in_progress)
 	{
 		DefineCustomStringVariable("mqtt_emit.database",
@@ -352,14 +376,14 @@ _PG_init(void)
 								   &mqtt_emit_password,
 								   "",
 								   PGC_POSTMASTER, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL,
-								   NULL, NULL, NULL);
+								   NULL, NULL, show_password);
 		DefineCustomStringVariable("mqtt_emit.signing_key",
 								   "Sets the shared secret for signing published messages with HMAC-SHA256.",
 								   "Empty means messages are not signed. Changing it needs a restart: a reloaded value would be written to the server log.",
 								   &mqtt_emit_signing_key,
 								   "",
 								   PGC_POSTMASTER, GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL,
-								   NULL, NULL, NULL);
+								   NULL, NULL, show_signing_key);
 		DefineCustomIntVariable("mqtt_emit.queue_size",
 								"Sets the size of the shared-memory event queue.",
 								NULL,
@@ -571,6 +595,8 @@ static bool
 check_topic_prefix(char **newval, void **extra, GucSource source)
 {
 	const char *v = *newval;
+	int			pos = 0;
+	pg_wchar	cp = 0;
 
 	if (v == NULL)
 		return true;
@@ -584,5 +610,50 @@ check_topic_prefix(char **newval, void **extra, GucSource source)
 		GUC_check_errdetail("The topic prefix must not be empty or end with \"/\".");
 		return false;
 	}
+	switch (me_topic_text_check(v, strlen(v), &pos, &cp))
+	{
+		case ME_TOPIC_TEXT_OK:
+			break;
+		case ME_TOPIC_TEXT_BAD_UTF8:
+			GUC_check_errcode(ERRCODE_CHARACTER_NOT_IN_REPERTOIRE);
+			GUC_check_errdetail("The topic prefix is not valid UTF-8 at byte %d.", pos);
+			GUC_check_errhint("MQTT topics are UTF-8.");
+			return false;
+		case ME_TOPIC_TEXT_BAD_CHAR:
+			GUC_check_errdetail("The topic prefix contains character U+%04X at position %d, which MQTT does not allow in topics.",
+								(unsigned int) cp, pos);
+			GUC_check_errhint("MQTT topics must not contain control characters, surrogates or noncharacters such as U+FFFF.");
+			return false;
+	}
 	return true;
+}
+
+/*
+ * What SHOW, current_setting() and pg_settings show of a secret.
+ * GUC_SUPERUSER_ONLY still lets members of pg_read_all_settings (and so
+ * pg_monitor) read a setting, so only superusers see the value; others see
+ * whether it is set.  Outside a transaction the role cannot be looked up,
+ * and the value is masked too.  The worker and the subscriber read the
+ * variables themselves, never through this.
+ */
+static const char *
+show_secret(const char *value)
+{
+	if (value == NULL || value[0] == '\0')
+		return "";
+	if (IsTransactionState() && superuser())
+		return value;
+	return "********";
+}
+
+static const char *
+show_password(void)
+{
+	return show_secret(mqtt_emit_password);
+}
+
+static const char *
+show_signing_key(void)
+{
+	return show_secret(mqtt_emit_signing_key);
 }

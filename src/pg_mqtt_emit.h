@@ -94,6 +94,14 @@ typedef struct MqttEmitMarker
 #define ME_FLAG_LOCAL		2	/* run local listeners for it */
 #define ME_FLAG_QUEUED		4	/* outbox row whose event is in the queue too */
 
+/*
+ * The outbox keeps an event's depth in the high byte of its flags column
+ * (int2), so that the library works with the 0.1.0 table too; the ME_FLAG_*
+ * bits stay in the low byte.  Depths above ME_MAX_DEPTH cannot be stored.
+ */
+#define ME_DEPTH_SHIFT		8
+#define ME_MAX_DEPTH		100
+
 typedef struct MqttEmitEventHeader
 {
 	uint32		total_len;		/* header + model + payload */
@@ -104,6 +112,8 @@ typedef struct MqttEmitEventHeader
 	Oid			relid;			/* the changed table, or InvalidOid */
 	uint32		model_len;
 	uint32		payload_len;
+	uint8		depth;			/* 0, or 1 + the depth of the event whose
+								 * listener caused this one */
 	int64		row_id;			/* durable: its outbox row (ME_FLAG_QUEUED), else 0 */
 } MqttEmitEventHeader;
 
@@ -126,6 +136,7 @@ typedef enum MqttEmitCounter
 	ME_STAT_SPILLED,			/* events written to the outbox by backends */
 	ME_STAT_OUTBOXED,			/* events moved to the outbox by the worker */
 	ME_STAT_DEAD_LETTERS,		/* messages the broker refused for good */
+	ME_STAT_DEPTH_EXCEEDED,		/* events not captured: mqtt_emit.max_depth */
 	ME_STAT_COUNT
 } MqttEmitCounter;
 
@@ -185,6 +196,8 @@ extern double mqtt_emit_batch_delay;
 extern int	mqtt_emit_outbox_max;
 extern char *mqtt_emit_signing_key;
 extern bool mqtt_emit_require_signature;
+extern int	mqtt_emit_max_depth;
+extern int	mqtt_emit_max_transaction_events;
 
 extern bool mqtt_emit_preloaded;
 
@@ -286,6 +299,7 @@ extern void me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 								 Oid relid, const char *model, int model_len,
 								 const char *payload, int payload_len, int qos);
 extern void me_capture_listeners_changed(void);
+extern void me_capture_set_depth(int depth);
 
 /* worker.c */
 extern void me_register_bgworker(const char *function, const char *name,

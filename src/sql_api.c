@@ -43,6 +43,7 @@
 #include "utils/timestamp.h"
 
 #include "pg_mqtt_emit.h"
+#include "topic.h"
 
 PG_FUNCTION_INFO_V1(mqtt_emit_install_check);
 PG_FUNCTION_INFO_V1(mqtt_emit_publish);
@@ -125,6 +126,8 @@ mqtt_emit_publish(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("invalid MQTT topic \"%s\"", topic),
 				 errdetail("Topics used for publishing must not contain \"+\" or \"#\".")));
+	me_check_topic_text(topic, topic_len, "topic",
+						"Publish to a topic without this character.");
 
 	me_capture_add_event(ME_KIND_PUBLISH, ME_FLAG_PUBLISH, ME_OP_OTHER,
 						 InvalidOid, topic, topic_len,
@@ -222,6 +225,7 @@ mqtt_emit_stats(PG_FUNCTION_ARGS)
 		values[i++] = Float8GetDatum(oldest_seconds);
 	else
 		nulls[i++] = true;
+	values[i++] = Int64GetDatum((int64) me_counter_since_reset(ME_STAT_DEPTH_EXCEEDED));
 
 	/*
 	 * The 0.1.0 definition of mqtt_emit._stats() has the first 27 columns

@@ -12,6 +12,15 @@
  * lower case (where the Node library publishes).  A received topic must be
  * <prefix>/<level>/<leaf>, the prefix compared without regard to case.
  *
+ * Whatever becomes part of a topic (model names, the topic prefix, the
+ * topics of mqtt_emit.publish()) must follow MQTT's rules for UTF-8 strings
+ * ([MQTT-1.5.3]): valid UTF-8 without U+0000, surrogates, control
+ * characters or noncharacters.  The broker treats a topic that breaks them
+ * as a protocol error and closes the connection, so one bad name would make
+ * the publisher (or the subscriber) reconnect forever.  me_topic_text_check
+ * and me_check_topic_text are where those rules live; every place a name
+ * enters calls one of them.
+ *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
  * IDENTIFICATION
@@ -22,12 +31,108 @@
 #include "postgres.h"
 
 #include "fmgr.h"
+#include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 
 #include "pg_mqtt_emit.h"
 #include "topic.h"
 
 PG_FUNCTION_INFO_V1(mqtt_emit_topic_filter);
+PG_FUNCTION_INFO_V1(mqtt_emit_check_name);
+
+/*
+ * May code point c appear in an MQTT topic?  MQTT forbids U+0000 and the
+ * surrogates, and mosquitto (as the specification allows) also refuses
+ * the control characters U+0001..U+001F and U+007F..U+009F and the
+ * noncharacters U+FDD0..U+FDEF and U+xFFFE, U+xFFFF of every plane.
+ */
+static bool
+topic_char_allowed(pg_wchar c)
+{
+	if (c <= 0x1F || (c >= 0x7F && c <= 0x9F))
+		return false;
+	if (c >= 0xD800 && c <= 0xDFFF)
+		return false;
+	if (c >= 0xFDD0 && c <= 0xFDEF)
+		return false;
+	if ((c & 0xFFFE) == 0xFFFE || c > 0x10FFFF)
+		return false;
+	return true;
+}
+
+/*
+ * Check that len bytes at s are a string MQTT accepts in a topic.  The
+ * bytes are checked as UTF-8 whatever the database encoding is, because
+ * they go to the broker as they are.  Returns ME_TOPIC_TEXT_OK, or
+ * ME_TOPIC_TEXT_BAD_UTF8 with *pos the 1-based byte position of the first
+ * byte that is not valid UTF-8, or ME_TOPIC_TEXT_BAD_CHAR with *pos the
+ * 1-based character position and *cp the code point of the first
+ * character MQTT does not allow.  Never raises an error (GUC check hooks
+ * call it).
+ */
+MeTopicTextResult
+me_topic_text_check(const char *s, int len, int *pos, pg_wchar *cp)
+{
+	const unsigned char *p = (const unsigned char *) s;
+	int			off = 0;
+	int			chars = 0;
+
+	while (off < len)
+	{
+		int			l = pg_utf_mblen(p + off);
+		pg_wchar	c;
+
+		chars++;
+		if (l > len - off || !pg_utf8_islegal(p + off, l))
+		{
+			*pos = off + 1;
+			return ME_TOPIC_TEXT_BAD_UTF8;
+		}
+		c = utf8_to_unicode(p + off);
+		if (!topic_char_allowed(c))
+		{
+			*pos = chars;
+			*cp = c;
+			return ME_TOPIC_TEXT_BAD_CHAR;
+		}
+		off += l;
+	}
+	return ME_TOPIC_TEXT_OK;
+}
+
+/*
+ * Raise an error unless len bytes at s may be part of an MQTT topic (see
+ * me_topic_text_check).  what names the string in the message, for
+ * example "model name"; hint says how to fix it (a full sentence).
+ */
+void
+me_check_topic_text(const char *s, int len, const char *what, const char *hint)
+{
+	int			pos = 0;
+	pg_wchar	cp = 0;
+
+	switch (me_topic_text_check(s, len, &pos, &cp))
+	{
+		case ME_TOPIC_TEXT_OK:
+			break;
+		case ME_TOPIC_TEXT_BAD_UTF8:
+			ereport(ERROR,
+					(errcode(ERRCODE_CHARACTER_NOT_IN_REPERTOIRE),
+					 errmsg("%s is not valid UTF-8 at byte %d", what, pos),
+					 errdetail("MQTT topics are UTF-8; the database encoding is %s.",
+							   GetDatabaseEncodingName()),
+					 errhint("%s", hint)));
+			break;
+		case ME_TOPIC_TEXT_BAD_CHAR:
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("%s contains character U+%04X at position %d, which MQTT does not allow in topics",
+							what, (unsigned int) cp, pos),
+					 errdetail("MQTT topics must not contain U+0000, control characters (U+0001 to U+001F, U+007F to U+009F), surrogates, or noncharacters (U+FDD0 to U+FDEF, and U+FFFE and U+FFFF in every plane); the broker closes the connection of a client that sends one."),
+					 errhint("%s", hint)));
+			break;
+	}
+}
 
 /*
  * Lower-case ASCII letters in place (MQTT topics compare byte-wise; the
@@ -198,4 +303,21 @@ mqtt_emit_topic_filter(PG_FUNCTION_ARGS)
 	initStringInfo(&buf);
 	me_topic_filter(&buf, model, PG_GETARG_BOOL(1));
 	PG_RETURN_TEXT_P(cstring_to_text_with_len(buf.data, buf.len));
+}
+
+/*
+ * mqtt_emit._check_name(name text, what text): raise an error unless name
+ * may be part of an MQTT topic; what names it in the message ("model
+ * name").  For the checks written in SQL (watch(), the listener registry).
+ */
+Datum
+mqtt_emit_check_name(PG_FUNCTION_ARGS)
+{
+	text	   *name = PG_GETARG_TEXT_PP(0);
+	char	   *what = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	char		hint[128];
+
+	snprintf(hint, sizeof(hint), "Choose a %s without this character.", what);
+	me_check_topic_text(VARDATA_ANY(name), VARSIZE_ANY_EXHDR(name), what, hint);
+	PG_RETURN_VOID();
 }

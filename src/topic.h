@@ -16,9 +16,21 @@
 #define MQTT_EMIT_TOPIC_H
 
 #include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
 
 #include "pg_mqtt_emit.h"
 
+typedef enum MeTopicTextResult
+{
+	ME_TOPIC_TEXT_OK,
+	ME_TOPIC_TEXT_BAD_UTF8,		/* not valid UTF-8 */
+	ME_TOPIC_TEXT_BAD_CHAR		/* a code point MQTT does not allow */
+} MeTopicTextResult;
+
+extern MeTopicTextResult me_topic_text_check(const char *s, int len, int *pos,
+											 pg_wchar *cp);
+extern void me_check_topic_text(const char *s, int len, const char *what,
+								const char *hint);
 extern void me_ascii_lower(char *s, int len);
 extern void me_append_topic_model(StringInfo buf, const char *model, int len,
 								  bool lower);

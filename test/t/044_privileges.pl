@@ -5,6 +5,7 @@
 # listeners run as the role that registered them, never as the worker's
 # superuser; README: listeners table under row-level security, outbox not
 # readable by PUBLIC, publish() not granted to PUBLIC, stats for pg_monitor,
+# dead letters for superusers only,
 # enabled superuser-only, listeners run as security-restricted operations).
 #
 # One real cluster and a real mosquitto. Role alice (no special rights, but a
@@ -201,7 +202,7 @@ denied('alice', q{DELETE FROM mqtt_emit.outbox}, 'cannot delete from mqtt_emit.o
 denied('alice', q{SELECT * FROM mqtt_emit.dead_letters}, 'cannot read mqtt_emit.dead_letters');
 denied('alice', q{SELECT * FROM mqtt_emit.stats}, 'cannot read mqtt_emit.stats');
 allowed('watcher', q{SELECT connected FROM mqtt_emit.stats}, 'pg_monitor member reads mqtt_emit.stats');
-allowed('watcher', q{SELECT count(*) FROM mqtt_emit.dead_letters}, 'pg_monitor member reads mqtt_emit.dead_letters');
+denied('watcher', q{SELECT count(*) FROM mqtt_emit.dead_letters}, 'pg_monitor member cannot read mqtt_emit.dead_letters (rows of any table)');
 denied('alice', q{SELECT mqtt_emit.publish('x/y', 'text payload')}, 'cannot call mqtt_emit.publish(text, text)');
 denied('alice', q{SELECT mqtt_emit.publish('x/y', '{"a":1}'::jsonb)}, 'cannot call mqtt_emit.publish(text, jsonb)');
 denied('alice', q{SET mqtt_emit.enabled = off}, 'cannot SET mqtt_emit.enabled');
