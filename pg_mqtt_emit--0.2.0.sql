@@ -206,10 +206,12 @@ SELECT t.tgrelid::regclass AS table_name,
  WHERE t.tgfoid = 'mqtt_emit.capture()'::regprocedure
    AND NOT t.tgisinternal
    AND t.tgparentid = 0
-   -- only tables the current role owns (is a member of the owner) or may read
+   -- only tables the current role owns (is a member of the owner) or may
+   -- read; monitoring roles (pg_read_all_stats, so pg_monitor) see all
    AND (pg_catalog.pg_has_role(current_user,
             (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = t.tgrelid), 'USAGE')
-        OR pg_catalog.has_table_privilege(t.tgrelid, 'SELECT'));
+        OR pg_catalog.has_table_privilege(t.tgrelid, 'SELECT')
+        OR pg_catalog.pg_has_role('pg_read_all_stats', 'USAGE'));
 COMMENT ON VIEW mqtt_emit.watched_tables IS
 'Tables whose row changes become events, with their settings';
 GRANT SELECT ON mqtt_emit.watched_tables TO PUBLIC;
