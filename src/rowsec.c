@@ -213,7 +213,7 @@ me_rowsec_allows(Oid relid, Oid role, Jsonb *row, const char *listener)
 	RowsecKey	key;
 	RowsecEntry *entry;
 	bool		found;
-	bool		allowed = false;
+	volatile bool allowed = false;
 	Oid			save_userid;
 	int			save_sec;
 
