@@ -117,19 +117,19 @@ BEGIN
                   HINT = 'Watch a permanent table.';
     END IF;
     k := translate(m, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz');
-    IF EXISTS (SELECT 1 FROM mqtt_emit.models b
-                WHERE b.model = k AND pg_has_role(towner, b.owner, 'USAGE')) THEN
-        RETURN;
-    END IF;
     DELETE FROM mqtt_emit.models b
      WHERE b.model = k
        AND NOT EXISTS (
            SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid,
                   LATERAL mqtt_emit._trigger_args(t.tgargs, t.tgnargs) AS a
             WHERE t.tgfoid = 'mqtt_emit.capture()'::regprocedure
-              AND NOT t.tgisinternal AND t.tgparentid = 0 AND t.tgrelid <> tbl
+              AND NOT t.tgisinternal AND t.tgparentid = 0
               AND translate(a[1], 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz') = k
               AND pg_has_role(c.relowner, b.owner, 'USAGE'));
+    IF EXISTS (SELECT 1 FROM mqtt_emit.models b
+                WHERE b.model = k AND pg_has_role(towner, b.owner, 'USAGE')) THEN
+        RETURN;
+    END IF;
     SELECT string_agg(b.owner::text, ', ' ORDER BY b.owner::text) INTO holder
       FROM mqtt_emit.models b WHERE b.model = k;
     IF holder IS NOT NULL THEN

@@ -124,6 +124,9 @@ build_query(RowsecEntry *entry)
 		elog(ERROR, "cache lookup failed for relation %u", entry->key.relid);
 	args[0] = ObjectIdGetDatum(entry->key.relid);
 	args[1] = ObjectIdGetDatum(entry->key.role);
+	/* in the caller's context: SPI_finish frees SPI's */
+	initStringInfo(&perm);
+	initStringInfo(&restr);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	ret = SPI_execute_with_args("SELECT p.polpermissive, pg_catalog.pg_get_expr(p.polqual, p.polrelid) "
@@ -139,8 +142,6 @@ build_query(RowsecEntry *entry)
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "cannot read pg_policy: %s", SPI_result_code_string(ret));
 
-	initStringInfo(&perm);
-	initStringInfo(&restr);
 	for (i = 0; i < SPI_processed; i++)
 	{
 		bool		isnull;
