@@ -17,6 +17,7 @@ OBJS = \
 	src/broker.o \
 	src/broker_callbacks.o \
 	src/listeners.o \
+	src/rowsec.o \
 	src/remote.o \
 	src/listener_worker.o \
 	src/sql_api.o
@@ -45,6 +46,7 @@ include $(PGXS)
 $(OBJS): src/pg_mqtt_emit.h src/compat.h
 src/worker.o src/client.o src/inflight.o src/relay.o src/inbound.o src/broker.o src/broker_callbacks.o: src/broker.h src/worker.h
 src/broker.o src/broker_callbacks.o: src/broker_int.h
+src/listeners.o src/rowsec.o: src/rowsec.h
 src/worker.o src/relay.o src/inbound.o src/listeners.o src/remote.o src/listener_worker.o: src/listeners.h
 src/capture.o src/pending.o src/outbox.o src/relay.o src/inflight.o src/worker.o src/inbound.o src/listener_worker.o: src/outbox.h
 src/topic.o src/outbox.o src/relay.o src/inflight.o src/inbound.o src/listeners.o src/remote.o: src/topic.h

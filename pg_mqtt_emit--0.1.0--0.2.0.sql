@@ -32,6 +32,98 @@ BEGIN
 END
 $$;
 
+-- Model names are owned (README, "Security"): a model is bound to the
+-- roles whose tables may publish under it.  watch() binds a free name to
+-- the table's owner; the capture trigger checks, whoever wrote it, that
+-- its table's owner has the privileges of a role bound to its model.
+-- model is the name with ASCII letters in lower case (models match
+-- case-insensitively).  An extension configuration table: pg_dump carries
+-- the bindings along with the triggers.
+CREATE TABLE mqtt_emit.models (
+    model  text NOT NULL,
+    owner  regrole NOT NULL,
+    PRIMARY KEY (model, owner)
+);
+COMMENT ON TABLE mqtt_emit.models IS
+'Model names and the roles whose tables may publish under them';
+SELECT pg_catalog.pg_extension_config_dump('mqtt_emit.models', '');
+REVOKE ALL ON mqtt_emit.models FROM PUBLIC;
+GRANT SELECT ON mqtt_emit.models TO PUBLIC;
+
+-- Backends cache what the capture trigger of a table may do; any change
+-- of the bindings makes them look again (at commit).
+CREATE FUNCTION mqtt_emit._models_changed()
+RETURNS trigger
+LANGUAGE c
+AS 'MODULE_PATHNAME', 'mqtt_emit_models_changed';
+CREATE TRIGGER models_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON mqtt_emit.models
+    FOR EACH STATEMENT EXECUTE FUNCTION mqtt_emit._models_changed();
+
+-- Binds the model of a table's capture trigger to the table's owner, or
+-- checks that it is bound to a role whose privileges the owner has.  A
+-- binding lapses once no table watched under the model belongs to a role
+-- with its privileges (the tables were unwatched or dropped); lapsed
+-- bindings of the name are removed here.  Called by watch() after it has
+-- checked that the caller may watch the table; SECURITY DEFINER since only
+-- this function writes mqtt_emit.models for ordinary roles.  Whoever calls
+-- it directly can bind only what a capture trigger already names, to the
+-- owner of that trigger's table, as watch() would.
+CREATE FUNCTION mqtt_emit._bind_model(tbl regclass)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    m text;
+    k text;
+    towner oid;
+    persistence "char";
+    holder text;
+BEGIN
+    SELECT a[1], c.relowner, c.relpersistence INTO m, towner, persistence
+      FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid,
+           LATERAL mqtt_emit._trigger_args(t.tgargs, t.tgnargs) AS a
+     WHERE t.tgrelid = tbl AND t.tgname = 'mqtt_emit_capture'
+       AND t.tgfoid = 'mqtt_emit.capture()'::regprocedure;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table % is not watched', tbl
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    IF persistence = 't' THEN
+        RAISE EXCEPTION 'cannot watch temporary table %', tbl
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Watch a permanent table.';
+    END IF;
+    k := translate(m, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz');
+    DELETE FROM mqtt_emit.models b
+     WHERE b.model = k
+       AND NOT EXISTS (
+           SELECT 1 FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid,
+                  LATERAL mqtt_emit._trigger_args(t.tgargs, t.tgnargs) AS a
+            WHERE t.tgfoid = 'mqtt_emit.capture()'::regprocedure
+              AND NOT t.tgisinternal AND t.tgparentid = 0
+              AND translate(a[1], 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz') = k
+              AND pg_has_role(c.relowner, b.owner, 'USAGE'));
+    IF EXISTS (SELECT 1 FROM mqtt_emit.models b
+                WHERE b.model = k AND pg_has_role(towner, b.owner, 'USAGE')) THEN
+        RETURN;
+    END IF;
+    SELECT string_agg(b.owner::text, ', ' ORDER BY b.owner::text) INTO holder
+      FROM mqtt_emit.models b WHERE b.model = k;
+    IF holder IS NOT NULL THEN
+        RAISE EXCEPTION 'model "%" belongs to another role', m
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = format('Tables of role %s are watched under this name; the owner of table %s, role %s, does not have its privileges.',
+                                  holder, tbl, towner::regrole),
+                  HINT = 'Watch the table under a model name of its own, or have a superuser watch it under this one.';
+    END IF;
+    INSERT INTO mqtt_emit.models VALUES (k, towner::regrole);
+END
+$$;
+REVOKE ALL ON FUNCTION mqtt_emit._bind_model(regclass) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION mqtt_emit._bind_model(regclass) TO PUBLIC;
+
 CREATE OR REPLACE FUNCTION mqtt_emit.watch(
     tbl regclass,
     emit boolean DEFAULT true,
@@ -72,6 +164,13 @@ BEGIN
         RAISE EXCEPTION 'must be owner of table %', tbl
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'Only the owner of a table (or a member of its owning role) can watch it.';
+    END IF;
+    -- a temporary table could publish under any name for the length of a
+    -- session, and no other session can see it
+    IF r.relpersistence = 't' THEN
+        RAISE EXCEPTION 'cannot watch temporary table %', tbl
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'Watch a permanent table.';
     END IF;
 
     IF operations IS NULL OR cardinality(operations) = 0 THEN
@@ -126,6 +225,18 @@ BEGIN
     END IF;
 
     PERFORM mqtt_emit._set_capture_trigger(tbl, ops, ARRAY[m, emit::text, mode] || names);
+    -- the model must be free or already the table owner's; a superuser may
+    -- bind any table to any model
+    IF (SELECT a.rolsuper FROM pg_roles a WHERE a.rolname = current_user) THEN
+        INSERT INTO mqtt_emit.models
+        SELECT translate(m, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz'),
+               r.relowner::regrole
+         WHERE NOT EXISTS (
+               SELECT 1 FROM mqtt_emit.models b
+                WHERE b.model = translate(m, 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz')
+                  AND pg_has_role(r.relowner, b.owner, 'USAGE'));
+    END IF;
+    PERFORM mqtt_emit._bind_model(tbl);
 END
 $$;
 
@@ -227,6 +338,29 @@ BEGIN
                                   ON att.attrelid = t.tbl AND att.attnum = x.num::int2
                                WHERE NOT att.attisdropped ORDER BY x.ord),
             t.tgenabled);
+    END LOOP;
+END
+$$;
+
+-- Bind the models in use to the owners of their tables.  0.1.0 let any
+-- table owner use any name: every owner keeps what it had (a superuser
+-- should look at models with several owners, listed in a WARNING), except
+-- for temporary tables, which 0.2.0 does not watch.
+INSERT INTO mqtt_emit.models
+SELECT DISTINCT translate(a[1], 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz'),
+       c.relowner::pg_catalog.regrole
+  FROM pg_catalog.pg_trigger tg JOIN pg_catalog.pg_class c ON c.oid = tg.tgrelid,
+       LATERAL mqtt_emit._trigger_args(tg.tgargs, tg.tgnargs) AS a
+ WHERE tg.tgfoid = 'mqtt_emit.capture()'::pg_catalog.regprocedure
+   AND NOT tg.tgisinternal AND tg.tgparentid = 0 AND c.relpersistence <> 't';
+DO $$
+DECLARE
+    m record;
+BEGIN
+    FOR m IN SELECT b.model, string_agg(b.owner::text, ', ' ORDER BY b.owner::text) AS owners
+               FROM mqtt_emit.models b GROUP BY b.model HAVING count(*) > 1 ORDER BY b.model LOOP
+        RAISE WARNING 'model "%" is used by tables of several roles: %', m.model, m.owners
+            USING HINT = 'Each of them may publish under it; delete the rows of mqtt_emit.models that should not.';
     END LOOP;
 END
 $$;

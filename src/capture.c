@@ -25,6 +25,17 @@
  * categories, output functions, primary key) are cached per backend and
  * dropped on relcache invalidation.
  *
+ * Model names are owned (README, "Security").  A capture trigger can be
+ * written by hand, or restored by pg_dump, with any arguments, so the
+ * trigger itself checks that its table may publish under its model: the
+ * table's owner must have the privileges of a role that mqtt_emit.models
+ * binds the model to (watch() maintains the bindings).  A table that may
+ * not, and any temporary table, fails the statement that fires the trigger:
+ * nothing is ever captured under a borrowed name, and the writer is told
+ * why.  The answer is cached with the rest and dropped on relcache
+ * invalidation (a new owner, a new trigger; a change of mqtt_emit.models
+ * invalidates every relation) and on any change of roles or memberships.
+ *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
  * IDENTIFICATION
@@ -38,8 +49,10 @@
 #include "access/htup_details.h"
 #include "access/relation.h"
 #include "access/xact.h"
+#include "catalog/namespace.h"
 #include "catalog/partition.h"
 #include "catalog/pg_authid.h"
+#include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
@@ -53,10 +66,12 @@
 #include "utils/hsearch.h"
 #include "utils/inval.h"
 #include "utils/json.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/relcache.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 #include "pg_mqtt_emit.h"
@@ -64,6 +79,7 @@
 #include "topic.h"
 
 PG_FUNCTION_INFO_V1(mqtt_emit_capture);
+PG_FUNCTION_INFO_V1(mqtt_emit_models_changed);
 
 /* What the cache knows of one column. */
 typedef struct CaptureColumn
@@ -88,6 +104,8 @@ typedef struct CaptureRel
 	int			model_len;
 	char	   *model_json;		/* "model":"<escaped>","operation": prefix */
 	bool		emit;			/* publish to the broker */
+	bool		entitled;		/* the owner may publish under model */
+	char	   *bound_to;		/* roles model is bound to, or NULL */
 } CaptureRel;
 
 
@@ -96,6 +114,7 @@ static HTAB *capture_rels = NULL;
 static MemoryContext capture_cxt = NULL;
 
 static void capture_relcache_callback(Datum arg, Oid relid);
+static void capture_syscache_callback(Datum arg, int cacheid, uint32 hashvalue);
 
 /*
  * Install the callbacks; called from _PG_init in every process that loads
@@ -106,6 +125,15 @@ me_capture_init(void)
 {
 	me_pending_init();
 	CacheRegisterRelcacheCallback(capture_relcache_callback, (Datum) 0);
+	/* who may publish under a model depends on roles and memberships */
+	CacheRegisterSyscacheCallback(AUTHOID, capture_syscache_callback, (Datum) 0);
+	CacheRegisterSyscacheCallback(AUTHMEMROLEMEM, capture_syscache_callback, (Datum) 0);
+}
+
+static void
+capture_syscache_callback(Datum arg, int cacheid, uint32 hashvalue)
+{
+	capture_relcache_callback(arg, InvalidOid);
 }
 
 static void
@@ -166,6 +194,60 @@ map_to_partition(Relation rel, Trigger *trigger, AttrNumber *listed, int nlisted
 			(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 			 errmsg("cannot find the partitioned table that trigger \"%s\" on \"%s\" was copied from",
 					trigger->tgname, RelationGetRelationName(rel))));
+}
+
+/*
+ * May the owner of rel publish under entry->model?  Sets entry->entitled
+ * and entry->bound_to (allocated in entry->cxt).  The bindings are read
+ * with SPI as the current user (mqtt_emit.models is readable by PUBLIC);
+ * every name in the query is qualified, since the writer's search_path is
+ * in effect.
+ */
+static void
+check_model_binding(Relation rel, CaptureRel *entry)
+{
+	char	   *key = pstrdup(entry->model);
+	Oid			argtypes[2] = {TEXTOID, OIDOID};
+	Datum		args[2];
+	int			ret;
+	bool		isnull;
+	Datum		d;
+	Oid			nsp;
+
+	/*
+	 * Version 0.1.0 (before ALTER EXTENSION ... UPDATE) has no bindings and
+	 * lets every table use any name, as it did.
+	 */
+	nsp = get_namespace_oid(MQTT_EMIT_SCHEMA, true);
+	if (!OidIsValid(nsp) || !OidIsValid(get_relname_relid("models", nsp)))
+	{
+		entry->entitled = true;
+		entry->bound_to = NULL;
+		return;
+	}
+
+	me_ascii_lower(key, strlen(key));
+	args[0] = CStringGetTextDatum(key);
+	args[1] = ObjectIdGetDatum(rel->rd_rel->relowner);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	ret = SPI_execute_with_args("SELECT pg_catalog.bool_or(pg_catalog.pg_has_role($2, "
+								"b.owner::pg_catalog.oid, 'USAGE')), "
+								"pg_catalog.string_agg(b.owner::pg_catalog.text, ', ' "
+								"ORDER BY b.owner::pg_catalog.text) "
+								"FROM mqtt_emit.models b "
+								"WHERE b.model OPERATOR(pg_catalog.=) $1",
+								2, argtypes, args, NULL, true, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "cannot read mqtt_emit.models: %s", SPI_result_code_string(ret));
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	entry->entitled = !isnull && DatumGetBool(d);
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+	entry->bound_to = isnull ? NULL :
+		MemoryContextStrdup(entry->cxt, TextDatumGetCString(d));
+	SPI_finish();
+	pfree(key);
 }
 
 /*
@@ -330,6 +412,7 @@ get_capture_rel(Relation rel, Trigger *trigger)
 	}
 	pfree(buf.data);
 	MemoryContextSwitchTo(old);
+	check_model_binding(rel, entry);
 	entry->valid = true;
 	return entry;
 }
@@ -422,6 +505,26 @@ mqtt_emit_capture(PG_FUNCTION_ARGS)
 		flags |= ME_FLAG_LOCAL;
 	if (flags == 0)
 		return PointerGetDatum(NULL);
+
+	/* no event under a name the table is not entitled to (file header) */
+	if (rel->rd_rel->relpersistence == RELPERSISTENCE_TEMP)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("cannot capture changes of temporary table \"%s\"",
+						RelationGetRelationName(rel)),
+				 errhint("Drop trigger \"%s\"; only permanent tables can be watched.",
+						 trigdata->tg_trigger->tgname)));
+	if (!cr->entitled)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("table \"%s\" may not publish under model \"%s\"",
+						RelationGetRelationName(rel), cr->model),
+				 cr->bound_to ?
+				 errdetail("The model is bound to role(s) %s, whose privileges the table's owner \"%s\" does not have.",
+						   cr->bound_to, GetUserNameFromId(rel->rd_rel->relowner, true)) :
+				 errdetail("The model is bound to no role."),
+				 errhint("Watch the table with mqtt_emit.watch(), under a model name of its own, or drop trigger \"%s\".",
+						 trigdata->tg_trigger->tgname)));
 
 	if (TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
 	{
@@ -523,3 +626,17 @@ mqtt_emit_capture(PG_FUNCTION_ARGS)
 	return PointerGetDatum(NULL);
 }
 
+/*
+ * Statement trigger on mqtt_emit.models: once the change commits, every
+ * backend looks up again which tables may publish under which model.
+ */
+Datum
+mqtt_emit_models_changed(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("mqtt_emit._models_changed() was not called by trigger manager")));
+	CacheInvalidateRelcacheAll();
+	return PointerGetDatum(NULL);
+}

@@ -23,6 +23,10 @@
  * an error is logged with the listener and the event id, counted, and the
  * other listeners still run.
  *
+ * A local event reaches a listener only if its role may SELECT the table
+ * (all of its columns) and, under the table's row security, the row
+ * (rowsec.c).
+ *
  * Received messages are checked and deduplicated in remote.c, which hands
  * them to me_listeners_dispatch().
  *
@@ -65,6 +69,7 @@
 
 #include "pg_mqtt_emit.h"
 #include "listeners.h"
+#include "rowsec.h"
 #include "topic.h"
 
 /* fields of mqtt_emit.event, in order */
@@ -743,6 +748,20 @@ me_listeners_dispatch(const MeEvent *ev)
 												  JsonbPGetDatum(ev->result),
 												  JsonbPGetDatum(l->filter))))
 				continue;
+		}
+
+		/*
+		 * Nor a row that the table's row security hides from the role
+		 * (rowsec.c): the row as it is after the change, the old row for
+		 * a delete.
+		 */
+		if (!ev->remote && OidIsValid(ev->relid) &&
+			!me_rowsec_allows(ev->relid, l->owner, ev->result, l->fn_name))
+		{
+			ereport(DEBUG1,
+					(errmsg("pg_mqtt_emit listener %s skipped: row security of table %u hides the row from role %u",
+							l->fn_name, ev->relid, l->owner)));
+			continue;
 		}
 
 		if (tup == NULL)
