@@ -46,32 +46,38 @@ WORK="$1"; shift
 export PATH="$PG_BINDIR:$PATH"
 trap pm_cleanup EXIT
 
-run_scenario() {
-	local name="$1"
-	local dir="$WORK/$name" seconds
+# start_servers DIR NAME CONF...: a broker, a server with table ev watched
+# (postgresql.conf lines CONF added), connected, and a persistent subscriber
+# to everything writing DIR/sub.out.
+start_servers() {
+	local dir="$1" name="$2"; shift 2
 	mkdir -p "$dir"
 	pm_start_broker "$dir/broker"
 	pm_start_pg "$dir/pg" "$(pm_free_port)" \
 		"shared_preload_libraries = 'pg_mqtt_emit'" \
 		"mqtt_emit.broker_url = '$BROKER_URL'" \
 		"mqtt_emit.topic_prefix = 'faults'" \
-		"mqtt_emit.client_id = 'faults-$name-$$'"
+		"mqtt_emit.client_id = 'faults-$name-$$'" "$@"
 	pm_psql -q -c "CREATE EXTENSION pg_mqtt_emit" \
 		-c "CREATE TABLE ev (id bigserial PRIMARY KEY, v text NOT NULL)" \
 		-c "SELECT mqtt_emit.watch('ev')" >/dev/null
+	pm_poll 30 bash -c "[[ \$(\"$PG_BINDIR/psql\" -X -At -h '$PG_SOCK' -p '$PG_PORT' -U postgres -d postgres -c 'SELECT connected FROM mqtt_emit.stats') == t ]]" \
+		|| pm_die "the worker did not connect"
+	mosquitto_sub -h 127.0.0.1 -p "$BROKER_PORT" -q 1 -c -i "faults-sub-$name-$$" -t 'faults/#' \
+		>"$dir/sub.out" 2>"$dir/sub.err" &
+	pm_track_pid "$!"
+	pm_poll 30 bash -c "mosquitto_pub -h 127.0.0.1 -p $BROKER_PORT -q 1 -t faults/ev/probe -m '{\"result\":{\"id\":0}}' && grep -q '\"id\":0' '$dir/sub.out'" \
+		|| pm_die "the subscriber did not come up"
+}
+
+run_scenario() {
+	local name="$1"
+	local dir="$WORK/$name" seconds
+	start_servers "$dir" "$name"
 	if [[ "$name" == slow_listener ]]; then
 		pm_psql -q -c "CREATE FUNCTION slow(e mqtt_emit.event) RETURNS void LANGUAGE sql AS \$\$ SELECT pg_sleep(0.05) \$\$" \
 			-c "SELECT mqtt_emit.listen('ev', 'slow(mqtt_emit.event)')" >/dev/null
 	fi
-	pm_poll 30 bash -c "[[ \$(\"$PG_BINDIR/psql\" -X -At -h '$PG_SOCK' -p '$PG_PORT' -U postgres -d postgres -c 'SELECT connected FROM mqtt_emit.stats') == t ]]" \
-		|| pm_die "the worker did not connect"
-
-	mosquitto_sub -h 127.0.0.1 -p "$BROKER_PORT" -q 1 -c -i "faults-sub-$name-$$" -t 'faults/#' \
-		>"$dir/sub.out" 2>"$dir/sub.err" &
-	local sub_pid=$!
-	pm_track_pid "$sub_pid"
-	pm_poll 30 bash -c "mosquitto_pub -h 127.0.0.1 -p $BROKER_PORT -q 1 -t faults/ev/probe -m '{\"result\":{\"id\":0}}' && grep -q '\"id\":0' '$dir/sub.out'" \
-		|| pm_die "the subscriber did not come up"
 
 	echo "INSERT INTO ev (v) VALUES ('x');" >"$dir/ins.sql"
 	seconds=$([[ "$name" == frozen ]] && echo "${FAULTS_SECONDS:-100}" || echo 60)
@@ -120,25 +126,7 @@ run_scenario() {
 run_crash() {
 	local name="$1" delivery="$2"
 	local dir="$WORK/$name"
-	mkdir -p "$dir"
-	pm_start_broker "$dir/broker"
-	pm_start_pg "$dir/pg" "$(pm_free_port)" \
-		"shared_preload_libraries = 'pg_mqtt_emit'" \
-		"mqtt_emit.broker_url = '$BROKER_URL'" \
-		"mqtt_emit.topic_prefix = 'faults'" \
-		"mqtt_emit.client_id = 'faults-$name-$$'" \
-		"mqtt_emit.delivery = '$delivery'" \
-		"restart_after_crash = on"
-	pm_psql -q -c "CREATE EXTENSION pg_mqtt_emit" \
-		-c "CREATE TABLE ev (id bigserial PRIMARY KEY, v text NOT NULL)" \
-		-c "SELECT mqtt_emit.watch('ev')" >/dev/null
-	pm_poll 30 bash -c "[[ \$(\"$PG_BINDIR/psql\" -X -At -h '$PG_SOCK' -p '$PG_PORT' -U postgres -d postgres -c 'SELECT connected FROM mqtt_emit.stats') == t ]]" \
-		|| pm_die "the worker did not connect"
-	mosquitto_sub -h 127.0.0.1 -p "$BROKER_PORT" -q 1 -c -i "faults-sub-$name-$$" -t 'faults/#' \
-		>"$dir/sub.out" 2>"$dir/sub.err" &
-	pm_track_pid "$!"
-	pm_poll 30 bash -c "mosquitto_pub -h 127.0.0.1 -p $BROKER_PORT -q 1 -t faults/ev/probe -m '{\"result\":{\"id\":0}}' && grep -q '\"id\":0' '$dir/sub.out'" \
-		|| pm_die "the subscriber did not come up"
+	start_servers "$dir" "$name" "mqtt_emit.delivery = '$delivery'" "restart_after_crash = on"
 	local wpid
 	wpid="$(pm_psql -At -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_mqtt_emit'")"
 	pm_psql -q -c "INSERT INTO ev (v) SELECT 'x' FROM generate_series(1, 20000)" >/dev/null

@@ -107,7 +107,7 @@ our @EXPORT = qw(
 
 # Not exported by default: several scripts define a stats() of their own.
 # use MqttEmitTest qw(:DEFAULT stats);
-our @EXPORT_OK = qw(stats stat_of log_since);
+our @EXPORT_OK = qw(stats stat_of log_since as_role role_fails role_works);
 
 # Objects (brokers, subscribers) to stop in END, keyed by address.
 our %LIVE;
@@ -439,6 +439,22 @@ sub start_subscriber
 
 =pod
 
+=item as_role($node, $role, $sql [, $db])
+
+Runs C<$sql> with psql in database C<$db> (default postgres) of C<$node>, connected as
+C<$role>, stopping at the first error, with verbose errors (SQLSTATEs in
+stderr). Returns (exit code, stdout, stderr). Exported on request.
+
+=item role_fails($node, $role, $sql, $sqlstate, $name, @like)
+
+One assertion: C<$sql> as C<$role> fails with C<$sqlstate>, and stderr
+matches every regex in C<@like>. Returns stderr. Exported on request.
+
+=item role_works($node, $role, $sql, $name)
+
+One assertion: C<$sql> as C<$role> succeeds. Returns stdout. Exported on
+request.
+
 =item stat_of($node, $column)
 
 One column of mqtt_emit.stats of C<$node>, or undef when the node does not
@@ -449,6 +465,35 @@ answer. Exported on request.
 The server log of C<$node> from byte C<$offset> on. Exported on request.
 
 =cut
+
+sub as_role
+{
+	my ($node, $role, $sql, $db) = @_;
+	my ($out, $err) = ('', '');
+	my $rc = $node->psql($db // 'postgres', $sql, stdout => \$out, stderr => \$err,
+		on_error_stop => 1,
+		extra_params => [ '-U', $role, '-v', 'VERBOSITY=verbose' ]);
+	return ($rc, $out, $err);
+}
+
+sub role_fails
+{
+	my ($node, $role, $sql, $state, $name, @like) = @_;
+	my ($rc, $out, $err) = as_role($node, $role, $sql);
+	my $ok = $rc != 0 && $err =~ /ERROR:\s+$state:/;
+	$ok &&= $err =~ $_ for @like;
+	Test::More::ok($ok, "$role: $name ($state)")
+	  or Test::More::diag("rc $rc, stdout: $out, stderr: $err");
+	return $err;
+}
+
+sub role_works
+{
+	my ($node, $role, $sql, $name) = @_;
+	my ($rc, $out, $err) = as_role($node, $role, $sql);
+	Test::More::ok($rc == 0, "$role: $name") or Test::More::diag("rc $rc, stderr: $err");
+	return $out;
+}
 
 sub stat_of
 {

@@ -35,7 +35,7 @@ use strict;
 use warnings;
 
 use JSON::PP ();
-use MqttEmitTest;
+use MqttEmitTest qw(:DEFAULT role_fails role_works);
 use PostgreSQL::Test::Utils;
 use Test::More;
 
@@ -54,35 +54,18 @@ sub sq
 	return $node->safe_psql('postgres', $sql);
 }
 
-# Run $sql as $role; returns (exit code, stdout, stderr) with the SQLSTATE
-# in stderr.
-sub as_role
-{
-	my ($role, $sql) = @_;
-	my ($out, $err) = ('', '');
-	my $rc = $node->psql('postgres', $sql, stdout => \$out, stderr => \$err,
-		on_error_stop => 1,
-		extra_params => [ '-U', $role, '-v', 'VERBOSITY=verbose' ]);
-	return ($rc, $out, $err);
-}
+# $sql as $role: (exit code, stdout, stderr with SQLSTATEs)
+sub as_role { return MqttEmitTest::as_role($node, @_); }
 
+# $sql as $role fails with $state (default 42501), or works
 sub denied
 {
 	my ($role, $sql, $name, $state) = @_;
-	$state //= '42501';
-	my ($rc, $out, $err) = as_role($role, $sql);
-	ok($rc != 0 && $err =~ /ERROR:\s+$state:/, "$role: $name ($state)")
-	  or diag("rc $rc, stdout: $out, stderr: $err");
+	role_fails($node, $role, $sql, $state // '42501', $name);
 	return;
 }
 
-sub allowed
-{
-	my ($role, $sql, $name) = @_;
-	my ($rc, $out, $err) = as_role($role, $sql);
-	ok($rc == 0, "$role: $name") or diag("stderr: $err");
-	return $out;
-}
+sub allowed { return role_works($node, @_); }
 
 sub stats
 {

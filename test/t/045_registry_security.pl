@@ -27,7 +27,7 @@ use strict;
 use warnings;
 
 use JSON::PP ();
-use MqttEmitTest qw(:DEFAULT stats log_since);
+use MqttEmitTest qw(:DEFAULT stats log_since role_fails role_works);
 use PostgreSQL::Test::Utils;
 use Test::More;
 
@@ -39,35 +39,19 @@ my $prefix = $node->{mqtt_emit}{topic_prefix};
 
 sub sq { return $node->safe_psql('postgres', $_[0]); }
 
-# Run $sql as $role; returns (exit code, stdout, stderr with SQLSTATEs).
-sub as_role
-{
-	my ($role, $sql) = @_;
-	my ($out, $err) = ('', '');
-	my $rc = $node->psql('postgres', $sql, stdout => \$out, stderr => \$err,
-		on_error_stop => 1,
-		extra_params => [ '-U', $role, '-v', 'VERBOSITY=verbose' ]);
-	return ($rc, $out, $err);
-}
+# $sql as $role: (exit code, stdout, stderr with SQLSTATEs)
+sub as_role { return MqttEmitTest::as_role($node, @_); }
 
 # $sql as $role fails with $state (and the hint matches $hint, if given)
 sub denied
 {
 	my ($role, $sql, $name, $state, $hint) = @_;
-	my ($rc, $out, $err) = as_role($role, $sql);
-	my $ok = $rc != 0 && $err =~ /ERROR:\s+$state:/;
-	$ok &&= $err =~ /HINT:\s+.*$hint/ if defined $hint;
-	ok($ok, "$role: $name ($state)") or diag("rc $rc, stdout: $out, stderr: $err");
+	role_fails($node, $role, $sql, $state, $name,
+		defined $hint ? (qr/HINT:\s+.*$hint/) : ());
 	return;
 }
 
-sub allowed
-{
-	my ($role, $sql, $name) = @_;
-	my ($rc, $out, $err) = as_role($role, $sql);
-	ok($rc == 0, "$role: $name") or diag("stderr: $err");
-	return $out;
-}
+sub allowed { return role_works($node, @_); }
 
 sub pids
 {

@@ -49,35 +49,17 @@ sub sq
 	return $node->safe_psql($db // 'postgres', $sql);
 }
 
-# Run $sql as $role: (exit code, stdout, stderr with the SQLSTATE).
+# $sql as $role (on node $n, database $db): (exit code, stdout, stderr)
 sub as_role
 {
 	my ($role, $sql, $n, $db) = @_;
-	my ($out, $err) = ('', '');
-	my $rc = ($n // $node)->psql($db // 'postgres', $sql, stdout => \$out, stderr => \$err,
-		on_error_stop => 1,
-		extra_params => [ '-U', $role, '-v', 'VERBOSITY=verbose' ]);
-	return ($rc, $out, $err);
+	return MqttEmitTest::as_role($n // $node, $role, $sql, $db);
 }
 
 # $sql as $role fails with $state, and stderr matches every pattern in @like
-sub fails
-{
-	my ($role, $sql, $state, $name, @like) = @_;
-	my ($rc, $out, $err) = as_role($role, $sql);
-	my $ok = $rc != 0 && $err =~ /ERROR:\s+$state:/;
-	$ok &&= $err =~ $_ for @like;
-	ok($ok, "$role: $name ($state)") or diag("rc $rc, stdout: $out, stderr: $err");
-	return $err;
-}
+sub fails { return MqttEmitTest::role_fails($node, @_); }
 
-sub works
-{
-	my ($role, $sql, $name) = @_;
-	my ($rc, $out, $err) = as_role($role, $sql);
-	ok($rc == 0, "$role: $name") or diag("rc $rc, stderr: $err");
-	return $out;
-}
+sub works { return role_works($node, @_); }
 
 sub st
 {

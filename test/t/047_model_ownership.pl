@@ -26,7 +26,7 @@
 use strict;
 use warnings;
 
-use MqttEmitTest qw(:DEFAULT log_since);
+use MqttEmitTest qw(:DEFAULT log_since role_fails role_works);
 use PostgreSQL::Test::Utils;
 use Test::More;
 
@@ -36,34 +36,19 @@ my $node;
 
 sub sq { return $node->safe_psql('postgres', $_[0]); }
 
-# Run $sql as $role; (exit code, stdout, stderr with SQLSTATEs).
-sub as_role
-{
-	my ($role, $sql) = @_;
-	my ($out, $err) = ('', '');
-	my $rc = $node->psql('postgres', $sql, stdout => \$out, stderr => \$err,
-		on_error_stop => 1,
-		extra_params => [ '-U', $role, '-v', 'VERBOSITY=verbose' ]);
-	return ($rc, $out, $err);
-}
+# $sql as $role: (exit code, stdout, stderr with SQLSTATEs)
+sub as_role { return MqttEmitTest::as_role($node, @_); }
 
+# $sql as $role fails with $state; with $hint, a second assertion on it
 sub denied
 {
 	my ($role, $sql, $name, $state, $hint) = @_;
-	my ($rc, $out, $err) = as_role($role, $sql);
-	ok($rc != 0 && $err =~ /ERROR:\s+$state:/, "$role: $name ($state)")
-	  or diag("rc $rc, stdout: $out, stderr: $err");
+	my $err = role_fails($node, $role, $sql, $state, $name);
 	like($err, $hint, "$role: $name: the error has a hint") if $hint;
 	return;
 }
 
-sub allowed
-{
-	my ($role, $sql, $name) = @_;
-	my ($rc, $out, $err) = as_role($role, $sql);
-	ok($rc == 0, "$role: $name") or diag("stderr: $err");
-	return $out;
-}
+sub allowed { return role_works($node, @_); }
 
 my $broker = start_broker();
 $node = new_node('own', broker => $broker);
