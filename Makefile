@@ -18,6 +18,7 @@ OBJS = \
 	src/broker_callbacks.o \
 	src/listeners.o \
 	src/rowsec.o \
+	src/listener_stats.o \
 	src/remote.o \
 	src/listener_worker.o \
 	src/sql_api.o

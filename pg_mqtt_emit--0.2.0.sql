@@ -753,6 +753,43 @@ COMMENT ON FUNCTION mqtt_emit.stats_reset() IS
 'Sets the counters of mqtt_emit.stats back to zero and its stats_reset to now';
 REVOKE ALL ON FUNCTION mqtt_emit.stats_reset() FROM PUBLIC;
 
+-- Calls, errors and time (milliseconds) of each listener since the server
+-- started or the last stats_reset(), and the same per model.  Each role
+-- sees its own listeners; monitoring roles (pg_read_all_stats, so
+-- pg_monitor) see all.
+CREATE FUNCTION mqtt_emit._listener_stats(
+    OUT id bigint, OUT calls bigint, OUT errors bigint,
+    OUT total_time double precision, OUT last_call timestamptz)
+RETURNS SETOF record
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'mqtt_emit_listener_stats';
+
+CREATE VIEW mqtt_emit.listener_stats AS
+SELECT l.id, l.model, l.listener, l.owner, l.allow_remote, l.remote_only,
+       coalesce(s.calls, 0) AS calls,
+       coalesce(s.errors, 0) AS errors,
+       coalesce(s.total_time, 0) AS total_time,
+       CASE WHEN s.calls > 0 THEN s.total_time / s.calls END AS mean_time,
+       s.last_call
+  FROM mqtt_emit.listeners l
+  LEFT JOIN mqtt_emit._listener_stats() s ON s.id = l.id
+ WHERE pg_catalog.pg_has_role(current_user, l.owner, 'MEMBER')
+    OR pg_catalog.pg_has_role('pg_read_all_stats', 'USAGE');
+COMMENT ON VIEW mqtt_emit.listener_stats IS
+'Calls, errors and time (ms) of each listener since the server started or mqtt_emit.stats_reset()';
+GRANT SELECT ON mqtt_emit.listener_stats TO PUBLIC;
+
+CREATE VIEW mqtt_emit.model_stats AS
+SELECT model, count(*) AS listeners,
+       sum(calls)::bigint AS calls,
+       sum(errors)::bigint AS errors,
+       sum(total_time) AS total_time
+  FROM mqtt_emit.listener_stats
+ GROUP BY model;
+COMMENT ON VIEW mqtt_emit.model_stats IS
+'Calls, errors and time (ms) of the listeners of each model, as mqtt_emit.listener_stats';
+GRANT SELECT ON mqtt_emit.model_stats TO PUBLIC;
+
 CREATE VIEW mqtt_emit.subscriptions AS
 SELECT DISTINCT f.topic_filter
   FROM mqtt_emit.listeners l,

@@ -51,6 +51,7 @@
 #include "mb/pg_wchar.h"
 #include "nodes/value.h"
 #include "parser/parse_func.h"
+#include "portability/instr_time.h"
 #include "miscadmin.h"
 #include "utils/acl.h"
 #include "utils/array.h"
@@ -536,8 +537,11 @@ call_listener(Listener *l, Datum event, const MeEvent *ev)
 	ResourceOwner oldowner = CurrentResourceOwner;
 	Oid			save_userid;
 	int			save_sec;
+	instr_time	start;
+	instr_time	elapsed;
 
 	me_count(ME_STAT_LISTENER_CALLS, 1);
+	INSTR_TIME_SET_CURRENT(start);
 	calls_made++;
 	GetUserIdAndSecContext(&save_userid, &save_sec);
 
@@ -598,6 +602,9 @@ call_listener(Listener *l, Datum event, const MeEvent *ev)
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcxt);
 		CurrentResourceOwner = oldowner;
+		INSTR_TIME_SET_CURRENT(elapsed);
+		INSTR_TIME_SUBTRACT(elapsed, start);
+		me_listener_stats_count(l->id, false, INSTR_TIME_GET_MILLISEC(elapsed));
 	}
 	PG_CATCH();
 	{
@@ -619,6 +626,9 @@ call_listener(Listener *l, Datum event, const MeEvent *ev)
 		SetUserIdAndSecContext(save_userid, save_sec);
 
 		me_count(ME_STAT_LISTENER_ERRORS, 1);
+		INSTR_TIME_SET_CURRENT(elapsed);
+		INSTR_TIME_SUBTRACT(elapsed, start);
+		me_listener_stats_count(l->id, true, INSTR_TIME_GET_MILLISEC(elapsed));
 		me_set_last_error("listener %s failed for event %s: %s",
 						  l->fn_name, ev->event_id ? ev->event_id : "(none)",
 						  edata->message);

@@ -9,7 +9,9 @@
  * timestamps use the ISO form JSON output uses, json and jsonb values are
  * embedded, arrays and composites go through the core's array_to_json and
  * row_to_json, and everything else is its text output, escaped with
- * escape_json().  The type of each column is classified once (see
+ * escape_json().  With mqtt_emit.json_profile = prisma, values read as
+ * Prisma's client writes them: big integers and numeric as strings, dates
+ * and timestamps in UTC with Z.  The type of each column is classified once (see
  * capture.c's relation cache) so that encoding a row is a loop of appends.
  *
  * Event ids are UUID-formatted (version 7 layout): 48 bits of Unix time in
@@ -108,14 +110,52 @@ me_classify_type(Oid typid, MqttEmitColType *ct, MemoryContext cxt)
 	fmgr_info_cxt(outfunc, &ct->outfunc, cxt);
 }
 
+/* the largest integer a JavaScript number holds exactly: 2^53 - 1 */
+#define ME_JS_SAFE_INT	INT64CONST(9007199254740991)
+
 /*
- * Append the JSON form of one value.
+ * A date or timestamp as Prisma's client writes a DateTime: UTC, ISO 8601,
+ * milliseconds, Z (a timestamp without time zone is taken as UTC, as Prisma
+ * does; a date is its midnight).  False for values outside the years 1 to
+ * 9999 (infinity too), which keep PostgreSQL's form.  out holds 32 bytes.
+ */
+static bool
+prisma_datetime(char *out, Datum value, Oid typid)
+{
+	TimestampTz ts;
+	struct pg_tm tm;
+	fsec_t		fsec;
+
+	if (typid == DATEOID)
+	{
+		DateADT		d = DatumGetDateADT(value);
+
+		if (DATE_NOT_FINITE(d))
+			return false;
+		ts = (TimestampTz) d * USECS_PER_DAY;
+	}
+	else
+	{
+		ts = DatumGetTimestampTz(value);
+		if (TIMESTAMP_NOT_FINITE(ts))
+			return false;
+	}
+	if (timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) != 0 ||
+		tm.tm_year < 1 || tm.tm_year > 9999)
+		return false;
+	me_format_timestamp(out, ts);
+	return true;
+}
+
+/*
+ * Append the JSON form of one value, as mqtt_emit.json_profile says.
  */
 void
 me_json_value(StringInfo buf, MqttEmitColType *ct, Datum value, bool isnull)
 {
 	char		tmp[MAXDATELEN + 32];
 	char	   *s;
+	bool		prisma = (mqtt_emit_json_profile == ME_JSON_PROFILE_PRISMA);
 
 	if (isnull)
 	{
@@ -138,17 +178,39 @@ me_json_value(StringInfo buf, MqttEmitColType *ct, Datum value, bool isnull)
 			appendBinaryStringInfo(buf, tmp, pg_ltoa(DatumGetInt32(value), tmp));
 			break;
 		case ME_JSON_INT8:
-			appendBinaryStringInfo(buf, tmp, pg_lltoa(DatumGetInt64(value), tmp));
-			break;
+			{
+				int64		v = DatumGetInt64(value);
+				int			len = pg_lltoa(v, tmp);
+
+				/* beyond 2^53 a JavaScript number loses digits */
+				if (prisma && (v > ME_JS_SAFE_INT || v < -ME_JS_SAFE_INT))
+				{
+					appendStringInfoChar(buf, '"');
+					appendBinaryStringInfo(buf, tmp, len);
+					appendStringInfoChar(buf, '"');
+				}
+				else
+					appendBinaryStringInfo(buf, tmp, len);
+				break;
+			}
 		case ME_JSON_NUMBER:
 			s = OutputFunctionCall(&ct->outfunc, value);
-			if (IsValidJsonNumber(s, strlen(s)))
+			/* Prisma's Decimal is a string */
+			if (IsValidJsonNumber(s, strlen(s)) &&
+				!(prisma && ct->typid == NUMERICOID))
 				appendStringInfoString(buf, s);
 			else
 				escape_json(buf, s);
 			pfree(s);
 			break;
 		case ME_JSON_DATETIME:
+			if (prisma && prisma_datetime(tmp, value, ct->typid))
+			{
+				appendStringInfoChar(buf, '"');
+				appendStringInfoString(buf, tmp);
+				appendStringInfoChar(buf, '"');
+				break;
+			}
 			s = JsonEncodeDateTime(tmp, value, ct->typid, NULL);
 			appendStringInfoChar(buf, '"');
 			appendStringInfoString(buf, s);

@@ -64,6 +64,7 @@ int			mqtt_emit_listener_timeout = 10000; /* ms */
 int			mqtt_emit_listener_batch_time = 1000;	/* ms */
 int			mqtt_emit_marker_wait = 10;	/* ms */
 int			mqtt_emit_topic_style = ME_TOPIC_OPERATION;
+int			mqtt_emit_json_profile = ME_JSON_PROFILE_POSTGRES;
 int			mqtt_emit_max_inflight = 1000;
 double		mqtt_emit_batch_delay = 0.5;	/* ms */
 int			mqtt_emit_outbox_max = 10000000;
@@ -84,6 +85,12 @@ static const struct config_enum_entry topic_style_options[] = {
 	{"operation", ME_TOPIC_OPERATION, false},
 	{"all", ME_TOPIC_ALL, false},
 	{"both", ME_TOPIC_BOTH, false},
+	{NULL, 0, false}
+};
+
+static const struct config_enum_entry json_profile_options[] = {
+	{"postgres", ME_JSON_PROFILE_POSTGRES, false},
+	{"prisma", ME_JSON_PROFILE_PRISMA, false},
 	{NULL, 0, false}
 };
 
@@ -301,6 +308,13 @@ _PG_init(void)
 							10, 0, 10000,
 							PGC_SUSET, GUC_UNIT_MS,
 							NULL, NULL, NULL);
+	DefineCustomEnumVariable("mqtt_emit.json_profile",
+							 "Selects how column values are rendered in events.",
+							 "postgres: as to_jsonb() renders them. prisma: as Prisma's client writes them: bigint beyond 2^53 and numeric as strings, date, timestamp and timestamptz as UTC ISO 8601 with milliseconds and Z.",
+							 &mqtt_emit_json_profile,
+							 ME_JSON_PROFILE_POSTGRES, json_profile_options,
+							 PGC_SIGHUP, 0,
+							 NULL, NULL, NULL);
 	DefineCustomEnumVariable("mqtt_emit.topic_style",
 							 "Selects the topic form used for publishing.",
 							 "\"operation\" is <prefix>/<model>/<operation>; \"all\" is <prefix>/<model>/all in lower case, as prisma-extension-emitter 2.x uses; \"both\" publishes both.",
@@ -417,6 +431,7 @@ mqtt_emit_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 	me_shmem_request();
+	me_listener_stats_request();
 }
 
 static void
@@ -425,6 +440,9 @@ mqtt_emit_shmem_startup(void)
 	if (prev_shmem_startup_hook)
 		prev_shmem_startup_hook();
 	me_shmem_startup();
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	me_listener_stats_startup();
+	LWLockRelease(AddinShmemInitLock);
 }
 
 /*

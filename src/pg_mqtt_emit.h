@@ -54,6 +54,13 @@ typedef enum
 	ME_TOPIC_BOTH
 } MqttEmitTopicStyle;
 
+/* mqtt_emit.json_profile: how column values are rendered */
+typedef enum MqttEmitJsonProfile
+{
+	ME_JSON_PROFILE_POSTGRES,	/* as to_jsonb() */
+	ME_JSON_PROFILE_PRISMA		/* as Prisma's client writes them */
+} MqttEmitJsonProfile;
+
 /* mqtt_emit.overflow */
 typedef enum
 {
@@ -191,6 +198,7 @@ extern int	mqtt_emit_listener_timeout;
 extern int	mqtt_emit_listener_batch_time;
 extern int	mqtt_emit_marker_wait;
 extern int	mqtt_emit_topic_style;
+extern int	mqtt_emit_json_profile;
 extern int	mqtt_emit_max_inflight;
 extern double mqtt_emit_batch_delay;
 extern int	mqtt_emit_outbox_max;
@@ -209,6 +217,13 @@ extern const char *me_client_id(void);
 extern Size me_shmem_size(void);
 extern void me_shmem_request(void);
 extern void me_shmem_startup(void);
+
+/* listener_stats.c */
+extern Size me_listener_stats_size(void);
+extern void me_listener_stats_request(void);
+extern void me_listener_stats_startup(void);
+extern void me_listener_stats_count(int64 id, bool failed, double elapsed_ms);
+extern void me_listener_stats_reset(void);
 extern bool me_shmem_ready(void);
 extern bool me_queue_reserve(Size len, bool marker);
 extern void me_queue_unreserve(Size len);

@@ -275,6 +275,7 @@ mqtt_emit_stats_reset(PG_FUNCTION_ARGS)
 {
 	me_check_preloaded();
 	me_stats_reset();
+	me_listener_stats_reset();
 	PG_RETURN_VOID();
 }
 
