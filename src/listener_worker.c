@@ -75,6 +75,7 @@ typedef enum
 
 static bool extension_ready = false;
 static uint32 listeners_version = 0;
+static bool registry_kept = false;	/* the last load could not read it */
 static TimestampTz last_extension_check = 0;
 static TimestampTz retry_at = 0;	/* a failed row waits until then */
 static StringInfoData topicbuf;
@@ -169,6 +170,7 @@ mqtt_emit_listener_main(Datum main_arg)
 			PopActiveSnapshot();
 			CommitTransactionCommand();
 			last_extension_check = now;
+			registry_kept = (r == ME_REGISTRY_KEPT);
 			/* not readable now: the old copy stays, try again next round */
 			if (r != ME_REGISTRY_KEPT)
 			{
@@ -332,6 +334,19 @@ run_round(void)
 	MemoryContextSwitchTo(round_cxt);
 	pgstat_report_activity(STATE_RUNNING, "running listeners");
 	n = me_outbox_local_rows(ROWS_PER_ROUND, &rows);
+
+	/*
+	 * A listener registered after the registry was loaded may be due for
+	 * these rows (the worker wrote them for it): load it first.
+	 */
+	if (me_listeners_version() != listeners_version && !registry_kept)
+	{
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+		MemoryContextSwitchTo(TopMemoryContext);
+		pgstat_report_activity(STATE_IDLE, NULL);
+		return true;
+	}
 	done = palloc(sizeof(int64) * Max(n, 1));
 	start = GetCurrentTimestamp();
 	calls_before = me_listeners_calls_made();

@@ -436,6 +436,14 @@ me_relay_step(uint64 *tail, int *new_entries, long *timeout)
 	 */
 	*tail = me_queue_tail();
 	pg_memory_barrier();
+
+	/*
+	 * A listener registered before an event in the queue committed must
+	 * get it: listen() bumped the registry's version before that commit,
+	 * so a registry as new as the version read now covers every entry
+	 * before the tail just read.
+	 */
+	me_worker_refresh_registry();
 	version = me_outbox_version();
 	if (version != outbox_seen_version)
 	{

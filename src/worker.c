@@ -65,7 +65,6 @@ static TimestampTz last_extension_check = 0;
 static void worker_sigterm(SIGNAL_ARGS);
 static void worker_detach(int code, Datum arg);
 static void reload_settings(void);
-static void refresh_registry(void);
 static void wait_for_work(bool more, int new_entries, uint64 tail, long timeout);
 static void shut_down(void);
 
@@ -164,7 +163,7 @@ mqtt_emit_worker_main(Datum main_arg)
 
 		if (ConfigReloadPending)
 			reload_settings();
-		refresh_registry();
+		me_worker_refresh_registry();
 
 		now = GetCurrentTimestamp();
 		me_client_service(ME_CLIENT_PUBLISHER, now, &timeout);
@@ -216,8 +215,8 @@ reload_settings(void)
  * While the extension seems absent, look again now and then (it tells us
  * when it is created, but a restore may not).
  */
-static void
-refresh_registry(void)
+void
+me_worker_refresh_registry(void)
 {
 	uint32		version = me_listeners_version();
 	MeRegistryLoad r;

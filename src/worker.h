@@ -31,6 +31,7 @@
 
 /* worker.c: the worker's transactions */
 extern void me_worker_begin_tx(const char *what);
+extern void me_worker_refresh_registry(void);
 extern void me_worker_end_tx(void);
 extern void me_worker_commit_async(void);
 

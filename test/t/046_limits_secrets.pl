@@ -32,7 +32,7 @@ use warnings;
 
 use Digest::SHA qw(hmac_sha256_hex);
 use IPC::Run ();
-use MqttEmitTest qw(:DEFAULT log_since);
+use MqttEmitTest qw(:DEFAULT log_since role_works);
 use PostgreSQL::Test::Utils;
 use Test::More;
 
