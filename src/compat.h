@@ -24,6 +24,11 @@
 #error "pg_mqtt_emit needs PostgreSQL 15 or later"
 #endif
 
+/* PostgreSQL 16 moved VARDATA_ANY() and friends out of postgres.h */
+#if PG_VERSION_NUM >= 160000
+#include "varatt.h"
+#endif
+
 /*
  * PostgreSQL 16 added build_attrmap_by_name()'s missing_ok;
  * false keeps 15's behaviour: an error if a column has no counterpart.
