@@ -94,6 +94,8 @@ diag('050_randomized seeds: ' . join(', ', @seeds)
 
 my $JSON  = JSON::PP->new->utf8->allow_bignum->allow_nonref;
 my $CANON = JSON::PP->new->utf8->canonical->allow_bignum->allow_nonref;
+# for JSON text that is already characters (a field of a decoded row)
+my $JSON_CHARS = JSON::PP->new->allow_bignum->allow_nonref;
 
 sub canon
 {
@@ -904,7 +906,8 @@ SQL
 		for my $x (@poisoned)
 		{
 			my $found = grep {
-				my $p = eval { $JSON->decode($_->{payload}) };
+				# characters already: row_to_json's text was decoded
+				my $p = eval { $JSON_CHARS->decode($_->{payload}) };
 				ref $p eq 'HASH' && ($p->{model} // '') eq $x->{model}
 				  && ($p->{operation} // '') eq $x->{op}
 				  && ref $p->{result} eq 'HASH' && ($p->{result}{id} // '') eq $x->{pk}
