@@ -43,6 +43,7 @@
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_authid.h"
+#include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "common/hashfn.h"
@@ -315,13 +316,32 @@ load_registry(SkipNote *old_notes, int nold)
 		if (l->search_path == NULL)
 			l->search_path = pstrdup("pg_catalog");
 
-		/* a listener takes exactly one mqtt_emit.event, whoever wrote the row */
+		/*
+		 * A listener takes exactly one mqtt_emit.event, whoever wrote the
+		 * row.  The query's snapshot may still see a function that a DROP
+		 * FUNCTION committed since has taken out of the catalog caches: that
+		 * row is one whose function no longer exists, not an error (which
+		 * would keep the whole registry from loading).
+		 */
 		{
-			Oid		   *argtypes;
-			int			nargs;
+			HeapTuple	proctup;
+			bool		one_event;
 
-			get_func_signature(l->fn, &argtypes, &nargs);
-			if (nargs != 1 || argtypes[0] != typoid)
+			proctup = SearchSysCache1(PROCOID, ObjectIdGetDatum(l->fn));
+			if (!HeapTupleIsValid(proctup))
+			{
+				note_skip(old_notes, nold, l->id, l->fn_name, l->owner,
+						  "its function no longer exists", false);
+				continue;
+			}
+			{
+				Form_pg_proc procform = (Form_pg_proc) GETSTRUCT(proctup);
+
+				one_event = procform->pronargs == 1 &&
+					procform->proargtypes.values[0] == typoid;
+			}
+			ReleaseSysCache(proctup);
+			if (!one_event)
 			{
 				note_skip(old_notes, nold, l->id, l->fn_name, l->owner,
 						  "it is not a function of one mqtt_emit.event", false);
