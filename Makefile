@@ -17,6 +17,7 @@ OBJS = \
 	src/broker.o \
 	src/broker_callbacks.o \
 	src/listeners.o \
+	src/handlers.o \
 	src/rowsec.o \
 	src/listener_stats.o \
 	src/remote.o \

@@ -742,4 +742,169 @@ REVOKE SELECT ON mqtt_emit.dead_letters FROM pg_monitor;
 COMMENT ON TABLE mqtt_emit.dead_letters IS
 'Messages the broker refused for good; kept for inspection; superusers only';
 
+------------------------------------------------------------------------
+-- 0.2.0: subscriptions to any topic (mqtt_emit.subscribe)
+------------------------------------------------------------------------
+
+-- A handler is called for every message received on a topic that matches
+-- its filter, outside the extension's own <prefix>/ topics: f(topic text,
+-- payload bytea) or f(topic text, payload bytea, props jsonb).  The same
+-- trust rules as mqtt_emit.listeners: it runs as the role that registered
+-- it, with the search_path of then; rows are written through subscribe()
+-- and unsubscribe() only, and each role sees its own.
+CREATE TABLE mqtt_emit.handlers (
+    id           bigserial PRIMARY KEY,
+    topic_filter text NOT NULL,
+    handler      regprocedure NOT NULL,
+    qos          int2 NOT NULL DEFAULT 1,
+    owner        regrole NOT NULL DEFAULT current_user::regrole,
+    search_path  text NOT NULL DEFAULT current_setting('search_path'),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    CHECK (qos BETWEEN 0 AND 2)
+);
+COMMENT ON TABLE mqtt_emit.handlers IS
+'Functions called for messages on any MQTT topic filter (subscribe()); each role sees its own';
+SELECT pg_catalog.pg_extension_config_dump('mqtt_emit.handlers', '');
+SELECT pg_catalog.pg_extension_config_dump('mqtt_emit.handlers_id_seq', '');
+ALTER TABLE mqtt_emit.handlers ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_handlers ON mqtt_emit.handlers
+    USING (pg_catalog.pg_has_role(current_user, owner, 'MEMBER'))
+    WITH CHECK (owner = current_user::regrole);
+REVOKE ALL ON mqtt_emit.handlers FROM PUBLIC;
+GRANT SELECT ON mqtt_emit.handlers TO PUBLIC;
+REVOKE ALL ON SEQUENCE mqtt_emit.handlers_id_seq FROM PUBLIC;
+
+-- Raises an error unless filter is an MQTT topic filter that a handler may
+-- have: wildcards at whole levels, # last, at most 1024 bytes, MQTT's
+-- UTF-8 rules, not $share/..., and no overlap with <prefix>/ (handlers.c).
+CREATE FUNCTION mqtt_emit._check_topic_filter(filter text)
+RETURNS void
+LANGUAGE c STABLE STRICT
+AS 'MODULE_PATHNAME', 'mqtt_emit_check_topic_filter';
+
+-- Every row is checked, however it is written (subscribe(), a superuser's
+-- INSERT, pg_restore's COPY); the bounds are those of listeners.
+CREATE FUNCTION mqtt_emit._validate_handler()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p record;
+BEGIN
+    IF NEW.topic_filter IS NULL OR NEW.handler IS NULL OR NEW.qos IS NULL THEN
+        RAISE EXCEPTION 'topic_filter, handler and qos must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    PERFORM mqtt_emit._check_topic_filter(NEW.topic_filter);
+    SELECT pr.pronargs, pr.proargtypes, pr.proretset, pr.prokind, pr.pronamespace
+      INTO p FROM pg_proc pr WHERE pr.oid = NEW.handler;
+    IF NOT FOUND OR p.prokind <> 'f' OR p.proretset
+       OR p.pronargs NOT IN (2, 3)
+       OR p.proargtypes[0] <> 'text'::regtype OR p.proargtypes[1] <> 'bytea'::regtype
+       OR (p.pronargs = 3 AND p.proargtypes[2] <> 'jsonb'::regtype) THEN
+        RAISE EXCEPTION 'function % cannot be a message handler', NEW.handler
+            USING ERRCODE = 'invalid_function_definition',
+                  HINT = 'A handler is a function f(topic text, payload bytea) or f(topic text, payload bytea, props jsonb).';
+    END IF;
+    IF p.pronamespace = pg_my_temp_schema() OR pg_is_other_temp_schema(p.pronamespace) THEN
+        RAISE EXCEPTION 'temporary function % cannot be a message handler', NEW.handler
+            USING ERRCODE = 'invalid_function_definition',
+                  DETAIL = 'A temporary function is dropped when its session ends; its subscription would not.',
+                  HINT = 'Create the handler function in a permanent schema.';
+    END IF;
+    IF NOT has_function_privilege(NEW.owner, NEW.handler, 'EXECUTE') THEN
+        RAISE EXCEPTION 'permission denied for function %', NEW.handler
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'A handler runs as the role that subscribes, which must be allowed to execute it.';
+    END IF;
+    IF octet_length(NEW.search_path) > 1024 THEN
+        RAISE EXCEPTION 'search_path is too long for a handler'
+            USING ERRCODE = 'program_limit_exceeded',
+                  DETAIL = format('It has %s bytes; a handler keeps at most 1024.', octet_length(NEW.search_path)),
+                  HINT = 'The handler keeps the search_path in effect at subscribe(); set a shorter one before calling it.';
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        PERFORM pg_advisory_xact_lock(hashtext('pg_mqtt_emit handlers'),
+                                      (NEW.owner::oid::bigint - 2147483648)::int);
+        IF (SELECT count(*) FROM mqtt_emit.handlers h WHERE h.owner = NEW.owner) >= 500 THEN
+            RAISE EXCEPTION 'role % has too many subscriptions', NEW.owner
+                USING ERRCODE = 'program_limit_exceeded',
+                      DETAIL = 'A role may subscribe at most 500 handlers.',
+                      HINT = 'Remove subscriptions it no longer needs with mqtt_emit.unsubscribe(), or use a wildcard filter.';
+        END IF;
+        IF (SELECT count(*) FROM mqtt_emit.handlers) >= 5000 THEN
+            RAISE EXCEPTION 'too many subscriptions'
+                USING ERRCODE = 'program_limit_exceeded',
+                      DETAIL = 'The registry holds at most 5000 handlers.',
+                      HINT = 'Remove subscriptions that are no longer needed with mqtt_emit.unsubscribe().';
+        END IF;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER validate_handler BEFORE INSERT OR UPDATE ON mqtt_emit.handlers
+    FOR EACH ROW EXECUTE FUNCTION mqtt_emit._validate_handler();
+CREATE TRIGGER registry_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON mqtt_emit.handlers
+    FOR EACH STATEMENT EXECUTE FUNCTION mqtt_emit._registry_changed();
+
+-- A dropped function takes its handlers with it, as it does its listeners.
+CREATE FUNCTION mqtt_emit._drop_handlers()
+RETURNS event_trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF to_regclass('mqtt_emit.handlers') IS NULL THEN
+        RETURN;
+    END IF;
+    DELETE FROM mqtt_emit.handlers h
+     USING pg_event_trigger_dropped_objects() d
+     WHERE d.classid = 'pg_proc'::regclass AND d.objid = h.handler::oid;
+END
+$$;
+REVOKE ALL ON FUNCTION mqtt_emit._drop_handlers() FROM PUBLIC;
+CREATE EVENT TRIGGER mqtt_emit_drop_handlers ON sql_drop
+    EXECUTE FUNCTION mqtt_emit._drop_handlers();
+
+-- In C (sql_api.c), like listen(): they check LOGIN and the right
+-- (EXECUTE on may_listen_remote()), then write the registry as its owner.
+CREATE FUNCTION mqtt_emit.subscribe(topic_filter text, handler regprocedure, qos int DEFAULT 1)
+RETURNS bigint
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'mqtt_emit_subscribe';
+COMMENT ON FUNCTION mqtt_emit.subscribe(text, regprocedure, int) IS
+'Calls handler(topic, payload [, props]) as the current role for every message on topic_filter; returns its id';
+GRANT EXECUTE ON FUNCTION mqtt_emit.subscribe(text, regprocedure, int) TO PUBLIC;
+
+CREATE FUNCTION mqtt_emit.unsubscribe(id bigint)
+RETURNS boolean
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'mqtt_emit_unsubscribe';
+COMMENT ON FUNCTION mqtt_emit.unsubscribe(bigint) IS
+'Removes a subscription of the current role; false when there is none with that id';
+GRANT EXECUTE ON FUNCTION mqtt_emit.unsubscribe(bigint) TO PUBLIC;
+
+-- A message's payload as text (UTF-8; an error names the invalid bytes)
+-- or as jsonb.
+CREATE FUNCTION mqtt_emit.payload_text(payload bytea)
+RETURNS text
+LANGUAGE sql STABLE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT pg_catalog.convert_from(payload, 'UTF8') $$;
+COMMENT ON FUNCTION mqtt_emit.payload_text(bytea) IS
+'A message payload as text; raises an error when it is not valid UTF-8';
+GRANT EXECUTE ON FUNCTION mqtt_emit.payload_text(bytea) TO PUBLIC;
+
+CREATE FUNCTION mqtt_emit.payload_jsonb(payload bytea)
+RETURNS jsonb
+LANGUAGE sql STABLE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT pg_catalog.convert_from(payload, 'UTF8')::pg_catalog.jsonb $$;
+COMMENT ON FUNCTION mqtt_emit.payload_jsonb(bytea) IS
+'A message payload as jsonb; raises an error when it is not UTF-8 JSON';
+GRANT EXECUTE ON FUNCTION mqtt_emit.payload_jsonb(bytea) TO PUBLIC;
+
 SELECT mqtt_emit._listeners_changed();

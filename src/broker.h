@@ -43,7 +43,22 @@ typedef struct MeIncoming
 	char	   *payload;
 	int			payload_len;
 	int			topic_len;
+	char	   *props;			/* MQTT 5 properties (ME_PROP_* records), or NULL */
+	int			props_len;
 } MeIncoming;
+
+/*
+ * The MQTT 5 properties of a received message that handlers get, as
+ * records: a property code (1 byte), then for each of two fields a length
+ * (4 bytes, host order) and that many bytes.  The second field is a user
+ * property's value, empty otherwise; the payload format indicator is its
+ * one byte.
+ */
+#define ME_PROP_PAYLOAD_FORMAT	1	/* MQTTPROPERTY_CODE_PAYLOAD_FORMAT_INDICATOR */
+#define ME_PROP_CONTENT_TYPE	3
+#define ME_PROP_RESPONSE_TOPIC	8
+#define ME_PROP_CORRELATION		9
+#define ME_PROP_USER			38
 
 /* What happened on the paho threads since the last me_broker_poll(). */
 typedef struct MeBrokerNews

@@ -297,13 +297,97 @@ me_cb_probe_failure5(void *context, MQTTAsync_failureData5 *response)
 	probe_answered((MeBroker *) context, false);
 }
 
+/* is this one of the properties that handlers get (ME_PROP_*)? */
+static bool
+prop_kept(const MQTTProperty *p)
+{
+	switch (p->identifier)
+	{
+		case MQTTPROPERTY_CODE_PAYLOAD_FORMAT_INDICATOR:
+		case MQTTPROPERTY_CODE_CONTENT_TYPE:
+		case MQTTPROPERTY_CODE_RESPONSE_TOPIC:
+		case MQTTPROPERTY_CODE_CORRELATION_DATA:
+		case MQTTPROPERTY_CODE_USER_PROPERTY:
+			return true;
+		default:
+			return false;
+	}
+}
+
+/* bytes the kept properties take as ME_PROP_* records (0: none) */
+static size_t
+props_size(const MQTTProperties *props)
+{
+	size_t		n = 0;
+	int			i;
+
+	for (i = 0; i < props->count; i++)
+	{
+		const MQTTProperty *p = &props->array[i];
+
+		if (!prop_kept(p))
+			continue;
+		n += 1 + 2 * sizeof(int32_t);
+		if (p->identifier == MQTTPROPERTY_CODE_PAYLOAD_FORMAT_INDICATOR)
+			n += 1;
+		else
+			n += p->value.data.len +
+				(p->identifier == MQTTPROPERTY_CODE_USER_PROPERTY ? p->value.value.len : 0);
+	}
+	return n;
+}
+
+static char *
+put_field(char *dst, const char *data, int32_t len)
+{
+	memcpy(dst, &len, sizeof(len));
+	dst += sizeof(len);
+	if (len > 0)
+		memcpy(dst, data, len);
+	return dst + len;
+}
+
+/* write the kept properties to dst (props_size() bytes); returns the size */
+static size_t
+props_copy(const MQTTProperties *props, char *dst)
+{
+	char	   *start = dst;
+	int			i;
+
+	for (i = 0; i < props->count; i++)
+	{
+		const MQTTProperty *p = &props->array[i];
+
+		if (!prop_kept(p))
+			continue;
+		*dst++ = (char) p->identifier;
+		if (p->identifier == MQTTPROPERTY_CODE_PAYLOAD_FORMAT_INDICATOR)
+		{
+			char		byte = (char) p->value.byte;
+
+			dst = put_field(dst, &byte, 1);
+			dst = put_field(dst, NULL, 0);
+		}
+		else
+		{
+			dst = put_field(dst, p->value.data.data, p->value.data.len);
+			if (p->identifier == MQTTPROPERTY_CODE_USER_PROPERTY)
+				dst = put_field(dst, p->value.value.data, p->value.value.len);
+			else
+				dst = put_field(dst, NULL, 0);
+		}
+	}
+	return dst - start;
+}
+
 int
 me_cb_message_arrived(void *context, char *topicName, int topicLen,
 				   MQTTAsync_message *message)
 {
 	MeBroker   *b = (MeBroker *) context;
 	int			tlen = topicLen > 0 ? topicLen : (int) strlen(topicName);
-	size_t		need = sizeof(MeIncoming) + tlen + 1 + message->payloadlen + 1;
+	size_t		plen = props_size(&message->properties);
+	size_t		need = sizeof(MeIncoming) + tlen + 1 + message->payloadlen + 1 + plen;
 	MeIncoming *m = NULL;
 
 	pthread_mutex_lock(&b->mutex);
@@ -322,6 +406,13 @@ me_cb_message_arrived(void *context, char *topicName, int topicLen,
 		memcpy(m->payload, message->payload, message->payloadlen);
 		m->payload[message->payloadlen] = '\0';
 		m->payload_len = message->payloadlen;
+		m->props = NULL;
+		m->props_len = 0;
+		if (plen > 0)
+		{
+			m->props = m->payload + message->payloadlen + 1;
+			m->props_len = (int) props_copy(&message->properties, m->props);
+		}
 		if (b->in_tail)
 			b->in_tail->next = m;
 		else

@@ -9,12 +9,16 @@
  * registered and in lower case (where prisma-extension-emitter publishes),
  * however many listeners share it.  With no such listener there is no
  * subscriber connection at all.  After every (re)connection all filters
- * are subscribed again (a clean session forgets them).
+ * are subscribed again (a clean session forgets them).  The topic filters
+ * of handlers (mqtt_emit.subscribe, handlers.c) are subscribed too, each
+ * with the highest QoS its handlers ask for.
  *
  * Received messages are kept as rows of mqtt_emit.outbox (kind
  * ME_KIND_REMOTE), up to 1000 in one transaction, for the listener worker,
  * which checks them and runs their listeners (remote.c,
- * listener_worker.c): this process runs no listener code.
+ * listener_worker.c): this process runs no listener code.  A message on
+ * a topic outside <prefix>/ that matches a handler's filter is kept as a
+ * row of kind ME_KIND_MESSAGE, whatever its bytes (handlers.c).
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
@@ -31,6 +35,7 @@
 #include "utils/memutils.h"
 
 #include "pg_mqtt_emit.h"
+#include "handlers.h"
 #include "listeners.h"
 #include "outbox.h"
 #include "topic.h"
@@ -39,6 +44,20 @@
 #define INBOX_BATCH		1000	/* received messages kept in one transaction */
 
 static List *subscribed = NIL;	/* topic filters (String), in TopMemoryContext */
+static StringInfoData msgbuf;	/* encoded messages for handlers */
+
+/* the QoS to subscribe to a filter with: its handlers', else 1 (events) */
+static int
+filter_qos(const char *filter)
+{
+	int			i;
+	int			qos;
+
+	for (i = 0; i < me_handlers_nfilters(); i++)
+		if (strcmp(me_handlers_filter(i, &qos), filter) == 0)
+			return qos;
+	return 1;
+}
 
 /* Does some listener want remote events (or is a subscriber still there)? */
 bool
@@ -74,6 +93,13 @@ me_inbound_sync(bool all)
 		me_topic_filter(&f, (char *) lfirst(lc), true);
 		want = list_append_unique(want, makeString(f.data));
 	}
+	{
+		int			i;
+
+		for (i = 0; i < me_handlers_nfilters(); i++)
+			want = list_append_unique(want,
+									  makeString(pstrdup(me_handlers_filter(i, NULL))));
+	}
 	MemoryContextSwitchTo(old);
 
 	/* unsubscribe what is no longer wanted */
@@ -100,7 +126,8 @@ me_inbound_sync(bool all)
 		{
 			if (all || !list_member(keep, lfirst(lc)))
 			{
-				int			rc = me_broker_subscribe(sub, strVal(lfirst(lc)), 1);
+				int			rc = me_broker_subscribe(sub, strVal(lfirst(lc)),
+													 filter_qos(strVal(lfirst(lc))));
 
 				if (rc != 0)
 					ereport(LOG,
@@ -154,13 +181,60 @@ me_inbound_take_news(void)
 		const char *payloads[INBOX_BATCH];
 		int			topic_lens[INBOX_BATCH];
 		int			payload_lens[INBOX_BATCH];
+		const char *mtopics[INBOX_BATCH];
+		const char *mpayloads[INBOX_BATCH];
+		int			mtopic_lens[INBOX_BATCH];
+		int			mpayload_lens[INBOX_BATCH];
 		MeIncoming *batch = m;
 		int			n = 0;
+		int			nm = 0;
 
-		while (m && n < INBOX_BATCH)
+		while (m && n + nm < INBOX_BATCH)
 		{
 			const char *why = NULL;
 
+			/*
+			 * Not one of our topics: a message for handlers, any bytes.  The
+			 * topic must be text here (MQTT requires UTF-8 anyway).
+			 */
+			if (!me_topic_is_event(m->topic, m->topic_len))
+			{
+				if (m->payload_len > mqtt_emit_max_payload)
+					why = "payload larger than \"mqtt_emit.max_payload\"";
+				else if ((int) strlen(m->topic) != m->topic_len ||
+						 !pg_verifymbstr(m->topic, m->topic_len, true))
+					why = "topic is not valid in the database encoding";
+				if (why)
+				{
+					me_count(ME_STAT_RECEIVED, 1);
+					me_remote_reject(m->topic, m->payload_len, why);
+				}
+				else if (me_handlers_match(m->topic, m->topic_len))
+				{
+					MemoryContext old;
+
+					me_count(ME_STAT_RECEIVED, 1);
+					if (msgbuf.data == NULL)
+					{
+						old = MemoryContextSwitchTo(TopMemoryContext);
+						initStringInfo(&msgbuf);
+						MemoryContextSwitchTo(old);
+					}
+					me_handlers_encode(&msgbuf, m->payload, m->payload_len,
+									   m->props, m->props_len);
+					mtopics[nm] = m->topic;
+					mtopic_lens[nm] = m->topic_len;
+					mpayloads[nm] = pnstrdup(msgbuf.data, msgbuf.len);
+					mpayload_lens[nm] = msgbuf.len;
+					nm++;
+				}
+				else
+					ereport(DEBUG1,
+							(errmsg("pg_mqtt_emit ignored a message on \"%.200s\": no handler's filter matches",
+									m->topic)));
+				m = m->next;
+				continue;
+			}
 			/* what cannot be kept as text is dropped here */
 			if (m->payload_len > mqtt_emit_max_payload)
 				why = "payload larger than \"mqtt_emit.max_payload\"";
@@ -185,11 +259,14 @@ me_inbound_take_news(void)
 			}
 			m = m->next;
 		}
-		if (n > 0)
+		if (n > 0 || nm > 0)
 		{
 			me_worker_begin_tx("keeping received messages");
 			me_worker_commit_async();
-			me_outbox_insert_received(topics, topic_lens, payloads, payload_lens, n);
+			if (n > 0)
+				me_outbox_insert_received(topics, topic_lens, payloads, payload_lens, n);
+			if (nm > 0)
+				me_outbox_insert_messages(mtopics, mtopic_lens, mpayloads, mpayload_lens, nm);
 			me_worker_end_tx();
 			stored = true;
 		}

@@ -12,6 +12,8 @@
  *	  full queue)
  *	- received messages, as outbox rows of kind ME_KIND_REMOTE (ME_FLAG_LOCAL
  *	  only; the model column holds the topic)
+ *	- received messages for handlers (mqtt_emit.subscribe), as outbox rows
+ *	  of kind ME_KIND_MESSAGE (handlers.c)
  *
  * and this process runs their listeners, oldest first, and marks each row
  * done in the same transaction as the listeners' effects: a row's
@@ -58,6 +60,7 @@
 #include "utils/timestamp.h"
 
 #include "pg_mqtt_emit.h"
+#include "handlers.h"
 #include "listeners.h"
 #include "outbox.h"
 #include "topic.h"
@@ -80,6 +83,7 @@ static TimestampTz last_extension_check = 0;
 static TimestampTz retry_at = 0;	/* a failed row waits until then */
 static StringInfoData topicbuf;
 static MemoryContext round_cxt = NULL;	/* a round's rows, across its commits */
+static int	row_attempt = 0;	/* attempts at the current row before this one */
 
 static void listener_detach(int code, Datum arg);
 static void hard_timeout_handler(void);
@@ -134,6 +138,8 @@ mqtt_emit_listener_main(Datum main_arg)
 	before_shmem_exit(listener_detach, (Datum) 0);
 	me_listeners_set_hard_timeout((int) RegisterTimeout(USER_TIMEOUT,
 														hard_timeout_handler));
+	me_handlers_set_hard_timeout((int) RegisterTimeout(USER_TIMEOUT,
+													   hard_timeout_handler));
 	me_listeners_report_skips();
 	{
 		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
@@ -167,6 +173,9 @@ mqtt_emit_listener_main(Datum main_arg)
 			StartTransactionCommand();
 			PushActiveSnapshot(GetTransactionSnapshot());
 			r = me_listeners_refresh();
+			/* the handlers too; not readable now: try both again */
+			if (r == ME_REGISTRY_LOADED && me_handlers_refresh() == ME_REGISTRY_KEPT)
+				r = ME_REGISTRY_KEPT;
 			PopActiveSnapshot();
 			CommitTransactionCommand();
 			last_extension_check = now;
@@ -209,6 +218,13 @@ handle_local(void *arg)
 		me_listeners_handle_remote(&msg);
 		return;
 	}
+	if (row->hdr.kind == ME_KIND_MESSAGE)
+	{
+		me_handlers_run(row->model, row->hdr.model_len, row->payload,
+						row->hdr.payload_len, row->created_at, row_attempt,
+						ME_ATTEMPTS);
+		return;
+	}
 	if (row->hdr.kind != ME_KIND_ROW ||
 		!me_listeners_want_local(row->model, row->hdr.model_len))
 		return;
@@ -238,6 +254,7 @@ handle_row(int64 id, void (*handle) (void *), void *arg,
 		return ROW_DONE;
 	}
 
+	row_attempt = before;
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(oldcxt);
 	PG_TRY();
@@ -289,7 +306,20 @@ handle_row(int64 id, void (*handle) (void *), void *arg,
 static void
 give_up_local(const void *arg, const char *reason)
 {
-	me_outbox_local_failed((const MeOutboxRow *) arg, reason);
+	const MeOutboxRow *row = (const MeOutboxRow *) arg;
+
+	if (row->hdr.kind == ME_KIND_MESSAGE)
+	{
+		/* the dead letter holds the payload's bytes, not the properties */
+		char	   *topic = pnstrdup(row->model, row->hdr.model_len);
+
+		me_outbox_message_dead_letter(topic, row->payload,
+									  me_handlers_payload_end(row->payload, row->hdr.payload_len),
+									  reason, row->created_at);
+		me_outbox_local_done(&row->id, 1);
+		return;
+	}
+	me_outbox_local_failed(row, reason);
 }
 
 
@@ -301,7 +331,7 @@ give_up_local(const void *arg, const char *reason)
 static bool
 batch_full(TimestampTz start, int rows, uint64 calls_before)
 {
-	return rows + (int) (me_listeners_calls_made() - calls_before) >= MAX_SUBXACTS ||
+	return rows + (int) (me_listeners_calls_made() + me_handlers_calls_made() - calls_before) >= MAX_SUBXACTS ||
 		GetCurrentTimestamp() - start >= (TimestampTz) mqtt_emit_listener_batch_time * 1000;
 }
 
@@ -349,7 +379,7 @@ run_round(void)
 	}
 	done = palloc(sizeof(int64) * Max(n, 1));
 	start = GetCurrentTimestamp();
-	calls_before = me_listeners_calls_made();
+	calls_before = me_listeners_calls_made() + me_handlers_calls_made();
 	for (i = 0; i < n && !stopped; i++)
 	{
 		/* each row sees what the rows before it did */
@@ -375,7 +405,7 @@ run_round(void)
 			PushActiveSnapshot(GetTransactionSnapshot());
 			MemoryContextSwitchTo(round_cxt);
 			start = GetCurrentTimestamp();
-			calls_before = me_listeners_calls_made();
+			calls_before = me_listeners_calls_made() + me_handlers_calls_made();
 			in_tx_rows = 0;
 		}
 	}

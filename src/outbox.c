@@ -786,9 +786,9 @@ me_outbox_stray_batch(uint64 queue_tail)
  * ME_KIND_REMOTE (model: the topic) for the listener worker, in arrival
  * order.  Topics and payloads must be valid text.
  */
-void
-me_outbox_insert_received(const char **topics, const int *topic_lens,
-						  const char **payloads, const int *payload_lens, int n)
+static void
+insert_received(uint8 kind, const char **topics, const int *topic_lens,
+				const char **payloads, const int *payload_lens, int n)
 {
 	char	  **entries = palloc(sizeof(char *) * n);
 	int64	   *ids = palloc(sizeof(int64) * n);
@@ -799,7 +799,7 @@ me_outbox_insert_received(const char **topics, const int *topic_lens,
 		MqttEmitEventHeader hdr;
 
 		memset(&hdr, 0, sizeof(hdr));
-		hdr.kind = ME_KIND_REMOTE;
+		hdr.kind = kind;
 		hdr.flags = ME_FLAG_LOCAL;
 		hdr.op = ME_OP_OTHER;
 		hdr.model_len = topic_lens[i];
@@ -812,6 +812,40 @@ me_outbox_insert_received(const char **topics, const int *topic_lens,
 	}
 	me_outbox_insert(entries, n, 0xFF, 0, true, 0, ids);
 	me_outbox_rows_add(n);
+}
+
+void
+me_outbox_insert_received(const char **topics, const int *topic_lens,
+						  const char **payloads, const int *payload_lens, int n)
+{
+	insert_received(ME_KIND_REMOTE, topics, topic_lens, payloads, payload_lens, n);
+}
+
+/*
+ * Messages for handlers (mqtt_emit.subscribe), as rows of kind
+ * ME_KIND_MESSAGE: model is the topic, payload the text of
+ * me_handlers_encode().
+ */
+void
+me_outbox_insert_messages(const char **topics, const int *topic_lens,
+						  const char **payloads, const int *payload_lens, int n)
+{
+	insert_received(ME_KIND_MESSAGE, topics, topic_lens, payloads, payload_lens, n);
+}
+
+/*
+ * A message a handler failed on for good: a dead letter with the topic and
+ * the payload as bytea's text form ("\x" and hex; payload::bytea gives the
+ * bytes back).  hex_len bytes of stored are that form.
+ */
+void
+me_outbox_message_dead_letter(const char *topic, const char *stored, int hex_len,
+							  const char *reason, TimestampTz created_at)
+{
+	SPI_connect();
+	insert_dead_letter(topic, cstring_to_text_with_len(stored, hex_len),
+					   reason, created_at);
+	SPI_finish();
 }
 
 /*

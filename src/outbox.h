@@ -57,11 +57,17 @@ extern void me_outbox_note_oldest(void);
 extern void me_outbox_insert_received(const char **topics, const int *topic_lens,
 									  const char **payloads, const int *payload_lens,
 									  int n);
+extern void me_outbox_insert_messages(const char **topics, const int *topic_lens,
+									  const char **payloads, const int *payload_lens,
+									  int n);
 
 /* the listener worker, inside a transaction */
 extern int	me_outbox_local_rows(int limit, MeOutboxRow **rows);
 extern void me_outbox_local_done(const int64 *ids, int n);
 extern void me_outbox_local_failed(const MeOutboxRow *row, const char *reason);
+extern void me_outbox_message_dead_letter(const char *topic, const char *stored,
+										  int hex_len, const char *reason,
+										  TimestampTz created_at);
 extern int	me_outbox_scan_publishable(int64 after, int limit,
 									   MeOutboxRowFn fn, void *arg);
 extern bool me_outbox_drained(void);

@@ -80,9 +80,11 @@ typedef enum
 	ME_KIND_ROW = 1,			/* a captured row change */
 	ME_KIND_PUBLISH = 2,		/* mqtt_emit.publish(): explicit topic */
 	ME_KIND_MARKER = 3,			/* a committed transaction's outbox rows */
-	ME_KIND_REMOTE = 4			/* outbox only: a message received from the
+	ME_KIND_REMOTE = 4,			/* outbox only: a message received from the
 								 * broker, for the listener worker (model: its
 								 * topic) */
+	ME_KIND_MESSAGE = 5			/* outbox only: a received message for
+								 * handlers (handlers.c; model: its topic) */
 } MqttEmitKind;
 
 /*

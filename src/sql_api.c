@@ -54,6 +54,8 @@ PG_FUNCTION_INFO_V1(mqtt_emit_stats_reset);
 PG_FUNCTION_INFO_V1(mqtt_emit_renamed_column);
 PG_FUNCTION_INFO_V1(mqtt_emit_listen);
 PG_FUNCTION_INFO_V1(mqtt_emit_unlisten);
+PG_FUNCTION_INFO_V1(mqtt_emit_subscribe);
+PG_FUNCTION_INFO_V1(mqtt_emit_unsubscribe);
 
 /*
  * Called by the install script: the extension belongs in the worker's
@@ -495,4 +497,117 @@ mqtt_emit_unlisten(PG_FUNCTION_ARGS)
 				 errmsg("listener " INT64_FORMAT " does not exist", id),
 				 errhint("Table mqtt_emit.listeners shows the listeners of the current role.")));
 	PG_RETURN_VOID();
+}
+
+/*
+ * Subscribing to any topic is the same right as receiving remote events
+ * (EXECUTE on mqtt_emit.may_listen_remote()): a handler receives whatever
+ * anyone on the bus publishes.
+ */
+static void
+check_may_subscribe(Oid roleid)
+{
+	Oid			fn = LookupFuncName(list_make2(makeString(MQTT_EMIT_SCHEMA),
+											   makeString("may_listen_remote")),
+									0, NULL, true);
+	bool		ok;
+
+	if (OidIsValid(fn))
+		ok = (me_proc_aclcheck(fn, roleid, ACL_EXECUTE) == ACLCHECK_OK);
+	else
+		ok = superuser_arg(roleid);
+	if (!ok)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied to subscribe to MQTT topics"),
+				 errdetail("A handler receives whatever any client of the broker publishes on its topics."),
+				 errhint("A superuser can give the right: GRANT EXECUTE ON FUNCTION mqtt_emit.may_listen_remote() TO %s;",
+						 quote_identifier(GetUserNameFromId(roleid, false)))));
+}
+
+/*
+ * mqtt_emit.subscribe(topic_filter, handler, qos): register a handler that
+ * runs as the calling role, with its current search_path, for every
+ * message on the filter's topics; returns its id.  The row trigger
+ * (_validate_handler) checks the filter and the function.
+ */
+Datum
+mqtt_emit_subscribe(PG_FUNCTION_ARGS)
+{
+	Oid			caller = GetUserId();
+	Oid			argtypes[5] = {TEXTOID, REGPROCEDUREOID, INT2OID, REGROLEOID, TEXTOID};
+	Datum		values[5];
+	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
+	Oid			save_userid;
+	int			save_sec;
+	int			nestlevel;
+	int			ret;
+	int			qos;
+	bool		isnull;
+	int64		id;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("topic_filter, handler and qos must not be null")));
+	qos = PG_GETARG_INT32(2);
+	if (qos < 0 || qos > 2)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid QoS %d", qos),
+				 errhint("The QoS of a subscription is 0, 1 or 2.")));
+	check_may_own_listeners(caller);
+	check_may_subscribe(caller);
+
+	values[0] = PG_GETARG_DATUM(0);
+	values[1] = PG_GETARG_DATUM(1);
+	values[2] = Int16GetDatum((int16) qos);
+	values[3] = ObjectIdGetDatum(caller);
+	values[4] = CStringGetTextDatum(namespace_search_path ? namespace_search_path : "");
+
+	nestlevel = begin_as_registry_owner(&save_userid, &save_sec);
+	ret = SPI_execute_with_args("INSERT INTO mqtt_emit.handlers "
+								"(topic_filter, handler, qos, owner, search_path) "
+								"VALUES ($1, $2, $3, $4, $5) RETURNING id",
+								5, argtypes, values, nulls, false, 0);
+	if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
+		elog(ERROR, "cannot register handler: %s", SPI_result_code_string(ret));
+	id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	end_as_registry_owner(nestlevel, save_userid, save_sec);
+
+	PG_RETURN_INT64(id);
+}
+
+/*
+ * mqtt_emit.unsubscribe(id): remove a subscription of the calling role (or
+ * of a role it is a member of); false when there is no such one to remove.
+ */
+Datum
+mqtt_emit_unsubscribe(PG_FUNCTION_ARGS)
+{
+	Oid			argtypes[2] = {INT8OID, OIDOID};
+	Datum		values[2];
+	Oid			save_userid;
+	int			save_sec;
+	int			nestlevel;
+	int			ret;
+	uint64		removed;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("subscription id must not be null")));
+	values[0] = PG_GETARG_DATUM(0);
+	values[1] = ObjectIdGetDatum(GetUserId());
+
+	nestlevel = begin_as_registry_owner(&save_userid, &save_sec);
+	ret = SPI_execute_with_args("DELETE FROM mqtt_emit.handlers h "
+								"WHERE h.id OPERATOR(pg_catalog.=) $1 "
+								"AND pg_catalog.pg_has_role($2, h.owner::pg_catalog.oid, 'MEMBER')",
+								2, argtypes, values, NULL, false, 0);
+	if (ret != SPI_OK_DELETE)
+		elog(ERROR, "cannot remove handler: %s", SPI_result_code_string(ret));
+	removed = SPI_processed;
+	end_as_registry_owner(nestlevel, save_userid, save_sec);
+	PG_RETURN_BOOL(removed > 0);
 }

@@ -51,6 +51,7 @@
 #include "utils/timestamp.h"
 
 #include "pg_mqtt_emit.h"
+#include "handlers.h"
 #include "listeners.h"
 #include "outbox.h"
 #include "worker.h"
@@ -231,6 +232,9 @@ me_worker_refresh_registry(void)
 	/* not readable now (a lock, say): keep going, try again later */
 	if (r != ME_REGISTRY_KEPT)
 		me_relay_extension_changed(r == ME_REGISTRY_LOADED);
+	/* the handlers' filters too (handlers.c); not readable now: again later */
+	if (r == ME_REGISTRY_LOADED && me_handlers_refresh() == ME_REGISTRY_KEPT)
+		r = ME_REGISTRY_KEPT;
 	last_extension_check = GetCurrentTimestamp();
 	me_worker_end_tx();
 	if (r == ME_REGISTRY_KEPT)
