@@ -316,6 +316,13 @@ shut_down(void)
 		me_relay_delete_done();
 	me_relay_keep_queue_at_exit();
 	me_client_disconnect_all();
+
+	/*
+	 * paho acknowledged what the subscriber received before it disconnected:
+	 * keep it, or the broker's session would not have it either.
+	 */
+	if (me_relay_ready())
+		me_inbound_take_news();
 	me_client_destroy_all();
 	me_inflight_forget(false);
 	ereport(LOG, (errmsg("pg_mqtt_emit worker shutting down")));

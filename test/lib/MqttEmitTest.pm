@@ -218,7 +218,9 @@ sub free_port
 =item mqtt_pub($broker, $topic, $payload, %opts)
 
 Publishes one message with mosquitto_pub (QoS C<$opts{qos}>, default 1;
-C<retain =E<gt> 1> for a retained message; C<undef> payload sends an empty one).
+C<retain =E<gt> 1> for a retained message; C<undef> payload sends an empty one;
+C<file =E<gt> $path> sends the bytes of a file instead; C<args =E<gt> [...]> adds
+mosquitto_pub options, such as C<-V 5 -D publish user-property k v>).
 Returns true when mosquitto_pub exited 0. Bounded by C<$opts{timeout}>
 (default 10 s).
 
@@ -232,7 +234,11 @@ sub mqtt_pub
 		'mosquitto_pub', '-h', '127.0.0.1', '-p', $port,
 		'-q', $opts{qos} // 1, '-t', $topic);
 	push @cmd, '-r' if $opts{retain};
-	push @cmd, defined $payload ? ('-m', $payload) : ('-n');
+	push @cmd, @{ $opts{args} } if $opts{args};
+	push @cmd,
+	    defined $opts{file} ? ('-f', $opts{file})
+	  : defined $payload    ? ('-m', $payload)
+	  :                       ('-n');
 	my ($out, $err) = ('', '');
 	my $ok = eval {
 		IPC::Run::run(\@cmd, '<', \undef, '>', \$out, '2>', \$err,
