@@ -85,7 +85,9 @@ typedef struct Handler
 typedef struct HandlerFilter
 {
 	char	   *filter;
-	int			qos;			/* the highest of its handlers' */
+	int			qos;			/* the highest of its handlers' (and of the
+								 * filters it covers) */
+	bool		covered;		/* another filter matches all its topics */
 } HandlerFilter;
 
 #define HANDLERS_QUERY \
@@ -167,6 +169,39 @@ me_filter_matches(const char *f, const char *t, int tlen)
 		if (*fe == '\0')
 			return t > tend;
 		f = fe + 1;
+	}
+}
+
+/*
+ * Does filter a match every topic that filter b matches?  Level by level:
+ * "#" covers the rest, "+" any one level but "#", a name only itself; "a/#"
+ * also covers "a".
+ */
+static bool
+filter_covers(const char *a, const char *b)
+{
+	if (b[0] == '$' && (a[0] == '+' || a[0] == '#'))
+		return false;
+	for (;;)
+	{
+		const char *ae = strchr(a, '/');
+		const char *be = strchr(b, '/');
+
+		if (ae == NULL)
+			ae = a + strlen(a);
+		if (be == NULL)
+			be = b + strlen(b);
+		if (ae - a == 1 && *a == '#')
+			return true;
+		if (be - b == 1 && *b == '#')
+			return false;
+		if (!((ae - a == 1 && *a == '+') ||
+			  (ae - a == be - b && memcmp(a, b, ae - a) == 0)))
+			return false;
+		if (*ae == '\0' || *be == '\0')
+			return *ae == '\0' ? *be == '\0' : strcmp(ae + 1, "#") == 0;
+		a = ae + 1;
+		b = be + 1;
 	}
 }
 
@@ -341,6 +376,28 @@ load_handlers(void)
 		else
 			filters[j].qos = Max(filters[j].qos, qos);
 	}
+
+	/*
+	 * Subscribe only to filters no other filter covers: mosquitto sends a
+	 * message once for each subscription it matches, and a message is to run
+	 * each of its handlers once.  (Filters that overlap without one covering
+	 * the other, like a/+/c and a/b/+, still get such a message twice; see
+	 * README.)
+	 */
+	{
+		int			a,
+					b;
+
+		for (b = 0; b < nfilters; b++)
+			for (a = 0; a < nfilters; a++)
+				if (a != b && !filters[a].covered &&
+					filter_covers(filters[a].filter, filters[b].filter))
+				{
+					filters[b].covered = true;
+					filters[a].qos = Max(filters[a].qos, filters[b].qos);
+					break;
+				}
+	}
 	MemoryContextSwitchTo(old);
 	SPI_finish();
 	return true;
@@ -426,20 +483,40 @@ me_handlers_refresh(void)
 	return result;
 }
 
-/* The distinct topic filters of the handlers, each with its QoS. */
+/*
+ * The topic filters to subscribe to, each with its QoS: the distinct
+ * filters of the handlers that no other one covers.
+ */
 int
 me_handlers_nfilters(void)
 {
-	return nfilters;
+	int			i;
+	int			n = 0;
+
+	for (i = 0; i < nfilters; i++)
+		if (!filters[i].covered)
+			n++;
+	return n;
 }
 
 const char *
 me_handlers_filter(int i, int *qos)
 {
-	Assert(i >= 0 && i < nfilters);
-	if (qos)
-		*qos = filters[i].qos;
-	return filters[i].filter;
+	int			j;
+
+	for (j = 0; j < nfilters; j++)
+	{
+		if (filters[j].covered)
+			continue;
+		if (i-- == 0)
+		{
+			if (qos)
+				*qos = filters[j].qos;
+			return filters[j].filter;
+		}
+	}
+	elog(ERROR, "no handler filter %d", i);
+	return NULL;				/* keep compiler quiet */
 }
 
 /* Does some handler's filter match this topic? */
