@@ -1,6 +1,6 @@
 -- API contracts of pg_mqtt_emit: objects, signatures, privileges, errors.
 BEGIN;
-SELECT plan(58);
+SELECT plan(75);
 
 CREATE EXTENSION IF NOT EXISTS pg_mqtt_emit;
 
@@ -78,6 +78,32 @@ GRANT ALL ON tap_t TO tap_plain;
 SET LOCAL ROLE tap_plain;
 SELECT throws_ok($$SELECT mqtt_emit.watch('tap_t')$$, '42501');
 SELECT throws_ok($$SELECT mqtt_emit.publish('a/b', 'x')$$, '42501');
+RESET ROLE;
+
+-- subscriptions to any topic
+SELECT has_function('mqtt_emit', 'subscribe', ARRAY['text', 'regprocedure', 'integer']);
+SELECT has_function('mqtt_emit', 'unsubscribe', ARRAY['bigint']);
+SELECT has_function('mqtt_emit', 'payload_text', ARRAY['bytea']);
+SELECT has_function('mqtt_emit', 'payload_jsonb', ARRAY['bytea']);
+SELECT function_returns('mqtt_emit', 'subscribe', ARRAY['text', 'regprocedure', 'integer'], 'bigint');
+SELECT trigger_is('mqtt_emit', 'handlers', 'registry_changed', 'mqtt_emit', '_registry_changed',
+                  'every change of the handler registry notifies the workers');
+SELECT ok(has_function_privilege('tap_plain', 'mqtt_emit.subscribe(text,regprocedure,integer)', 'EXECUTE'),
+          'subscribe is callable by any role (it checks the right itself)');
+SELECT ok((SELECT relrowsecurity FROM pg_class WHERE oid = 'mqtt_emit.handlers'::regclass),
+          'row security on mqtt_emit.handlers');
+SELECT ok(NOT has_table_privilege('tap_plain', 'mqtt_emit.handlers', 'INSERT'),
+          'mqtt_emit.handlers is not writable by PUBLIC');
+CREATE FUNCTION tap_handler(topic text, payload bytea) RETURNS void LANGUAGE sql AS $$ SELECT $$;
+SELECT throws_ok($$SELECT mqtt_emit.subscribe('a/b+', 'tap_handler(text, bytea)')$$, '22023');
+SELECT throws_ok($$SELECT mqtt_emit.subscribe('#', 'tap_handler(text, bytea)')$$, '22023');
+SELECT throws_ok($$SELECT mqtt_emit.subscribe('a/#', 'tap_listener(mqtt_emit.event)')$$, '42P13');
+SELECT lives_ok($$SELECT mqtt_emit.subscribe('tap/+/x', 'tap_handler(text, bytea)')$$, 'superuser subscribes');
+SELECT is(mqtt_emit.unsubscribe(-42), false, 'unsubscribe of no subscription');
+SELECT throws_ok($$SELECT mqtt_emit.payload_text('\xff')$$, '22021');
+SELECT is(mqtt_emit.payload_jsonb('{"a": 1}'::bytea), '{"a": 1}'::jsonb, 'payload_jsonb');
+SET LOCAL ROLE tap_plain;
+SELECT throws_ok($$SELECT mqtt_emit.subscribe('a/b', 'tap_handler(text, bytea)')$$, '42501');
 RESET ROLE;
 
 SELECT * FROM finish();

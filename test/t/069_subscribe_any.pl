@@ -266,4 +266,27 @@ note "restart -m fast while publishing: sent $N, run $runs (distinct $distinct),
 is($distinct, $N, 'restart: none of the messages is lost');
 is($runs, $N + $twice, 'restart: every run is one message once, or a counted duplicate');
 
+# ---- README's example: sensor readings land in a table ----
+sqlq(q{
+	CREATE TABLE readings (sensor text, value numeric, at timestamptz DEFAULT now());
+	CREATE FUNCTION on_reading(topic text, payload bytea) RETURNS void
+	LANGUAGE sql AS $$
+	    INSERT INTO readings (sensor, value)
+	    VALUES (split_part(topic, '/', 2), mqtt_emit.payload_text(payload)::numeric)
+	$$;
+	SELECT mqtt_emit.subscribe('sensors/+/temp', 'on_reading(text, bytea)');
+});
+ok( poll_until(
+		sub {
+			mqtt_pub($broker, 'sensors/kitchen/temp', '21.5');
+			sqlq("SELECT count(*) FROM readings") > 0;
+		},
+		$T, 0.5),
+	'README example: a reading arrived');
+ok(mqtt_pub($broker, 'sensors/cellar/temp', '12.25'), 'README example: published a second reading');
+ok(poll_until(sub { sqlq("SELECT count(*) FROM readings WHERE sensor = 'cellar'") > 0 }, $T),
+	'README example: the second reading arrived');
+is(sqlq("SELECT string_agg(DISTINCT sensor || ' ' || value, ', ') FROM readings"),
+	'cellar 12.25, kitchen 21.5', 'README example: the readings are in the table');
+
 done_testing();
