@@ -511,6 +511,20 @@ check_may_subscribe(Oid roleid)
 											   makeString("may_listen_remote")),
 									0, NULL, true);
 	bool		ok;
+	HeapTuple	tup = SearchSysCache1(AUTHOID, ObjectIdGetDatum(roleid));
+	bool		canlogin;
+
+	/* handlers run as the role that subscribes: one that can log in */
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for role %u", roleid);
+	canlogin = ((Form_pg_authid) GETSTRUCT(tup))->rolcanlogin;
+	ReleaseSysCache(tup);
+	if (!canlogin)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("role \"%s\" cannot own subscriptions", GetUserNameFromId(roleid, false)),
+				 errdetail("A handler runs as the role that subscribes, and handlers of roles without LOGIN do not run."),
+				 errhint("Subscribe as a role with LOGIN (not after SET ROLE to a group role).")));
 
 	if (OidIsValid(fn))
 		ok = (me_proc_aclcheck(fn, roleid, ACL_EXECUTE) == ACLCHECK_OK);
@@ -556,7 +570,6 @@ mqtt_emit_subscribe(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("invalid QoS %d", qos),
 				 errhint("The QoS of a subscription is 0, 1 or 2.")));
-	check_may_own_listeners(caller);
 	check_may_subscribe(caller);
 
 	values[0] = PG_GETARG_DATUM(0);
