@@ -155,6 +155,27 @@ is( sqlq("SELECT string_agg(topic, ' ' ORDER BY n) FROM got WHERE tag = 'plus'")
 is(sqlq("SELECT count(*) FROM got WHERE topic IN ('other/a/temp', 'sensorsX/a/temp')"), '0',
 	'other topics reached no handler');
 
+# ---- filters that overlap without one covering the other (README) ----
+sqlq(q{
+	CREATE FUNCTION public.h_ov1(topic text, payload bytea) RETURNS void
+	LANGUAGE sql AS $$ INSERT INTO public.got (tag, topic, payload) VALUES ('ov1', topic, payload) $$;
+	CREATE FUNCTION public.h_ov2(topic text, payload bytea) RETURNS void
+	LANGUAGE sql AS $$ INSERT INTO public.got (tag, topic, payload) VALUES ('ov2', topic, payload) $$;
+	SELECT mqtt_emit.subscribe('ov/+/c', 'public.h_ov1(text, bytea)');
+	SELECT mqtt_emit.subscribe('ov/b/+', 'public.h_ov2(text, bytea)');
+});
+ok(probe('ov/x/c', 'ov1'), 'ov/+/c is in effect');
+ok(probe('ov/b/x', 'ov2'), 'ov/b/+ is in effect');
+ok(mqtt_pub($broker, 'ov/b/c', 'both'), 'published on ov/b/c, which both match');
+ok(mqtt_pub($broker, 'ov/end/c', 'end'), 'published an end mark for ov/+/c');
+ok(poll_until(sub { sqlq("SELECT count(*) FROM got WHERE topic = 'ov/end/c'") > 0 }, $T),
+	'the end mark arrived');
+ok(poll_until(sub { sqlq("SELECT count(*) FROM got WHERE topic = 'ov/b/c'") >= 4 }, $T),
+	'ov/b/c arrived as two copies');
+is( sqlq("SELECT string_agg(tag, ' ' ORDER BY n) FROM got WHERE topic = 'ov/b/c'"),
+	'ov1 ov2 ov1 ov2',
+	'as documented: partly overlapping filters get a message twice, and each handler runs twice');
+
 # ---- a handler that raises ----
 my $dl0 = sqlq("SELECT count(*) FROM mqtt_emit.dead_letters");
 ok(mqtt_pub($broker, 'fail/1', 'ok1'), 'published fail/1');
