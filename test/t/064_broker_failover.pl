@@ -30,7 +30,7 @@
 use strict;
 use warnings;
 
-use MqttEmitTest qw(:DEFAULT stats);
+use MqttEmitTest qw(:DEFAULT stats log_since);
 use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes;
@@ -83,13 +83,14 @@ $l->safe_psql(
 });
 my $l_sub = $l->{mqtt_emit}{client_id} . '-subscriber';
 my $filter = topic_prefix() . "/$MODEL/create";
-ok($brB->wait_for_subscription($l_sub, $filter, $T), 'L subscribed on B (its session there)');
+my $l_filter = topic_prefix() . "/$MODEL/#";    # what L subscribes to
+ok($brB->wait_for_subscription($l_sub, $l_filter, $T), 'L subscribed on B (its session there)');
 $l->safe_psql('postgres', "ALTER SYSTEM SET mqtt_emit.broker_url = '$list'");
 my $l_off = -s $l->logfile;
 $l->reload;
 ok(poll_until(sub { log_since($l, $l_off) =~ /subscriber connected to broker "\Q${\ $brA->url}\E"/ }, $T),
 	'L moved to the first broker of the list, A');
-ok($brA->wait_for_subscription($l_sub, $filter, $T), 'L subscribed on A');
+ok($brA->wait_for_subscription($l_sub, $l_filter, $T), 'L subscribed on A');
 
 ok(poll_until(sub { my $s = stats($w); $s && $s->{connected} }, $T), 'W connected');
 my $s = stats($w);
