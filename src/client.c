@@ -68,6 +68,7 @@ typedef struct ClientSlot
 	uint64		connections;	/* connections made so far */
 	int			url_index;		/* the URL of config.urls tried or in use */
 	int			failed_in_round;	/* URLs failed since the last connection */
+	bool		same_url;		/* reconnect to the same URL (not a failure) */
 	char		last_logged[MQTT_EMIT_MAX_BROKER_URLS][256];	/* per URL */
 } ClientSlot;
 
@@ -176,6 +177,7 @@ reset_schedule(ClientSlot *slot)
 	memset(slot->last_logged, 0, sizeof(slot->last_logged));
 	slot->url_index = 0;
 	slot->failed_in_round = 0;
+	slot->same_url = false;
 	slot->next_attempt = 0;
 	slot->backoff_ms = mqtt_emit_reconnect_min;
 	slot->max_qos = 2;			/* a new broker: nothing known yet */
@@ -223,6 +225,11 @@ next_url(ClientSlot *slot)
 {
 	if (config.nurls <= 1)
 		return;
+	if (slot->same_url)
+	{
+		slot->same_url = false;
+		return;
+	}
 	if (slot->broker)
 	{
 		me_broker_destroy(slot->broker);
@@ -417,6 +424,8 @@ me_client_poll(MeClientRole role, MeBrokerNews *news)
 				 errhint("Set \"mqtt_emit.qos\" to 1, or use a broker that supports QoS 2.")));
 		if (!news->lost)
 		{
+			/* the broker works: stay with it */
+			slot->same_url = true;
 			news->lost = true;
 			strlcpy(news->error, "reconnecting to publish with QoS 1 (the broker does not support QoS 2)",
 					sizeof(news->error));
