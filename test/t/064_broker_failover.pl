@@ -18,7 +18,8 @@
 #   - L's listener ran exactly once for each event (L deduplicates by event
 #     id), none missing.
 # The fail-over time (the broker stopped until the first publish that the
-# other broker acknowledged) is printed, never asserted.
+# other broker acknowledged) is printed, never asserted.  Last, a reload to
+# a list whose first broker is down must connect to the second.
 #
 # Why L misses nothing although the brokers are independent: a subscriber
 # gets from a broker only what is published while its session exists
@@ -196,6 +197,22 @@ is(stats($w)->{broker_url}, $brB->url,
 	'W stays on B while B works (no return to the first of the list by itself)');
 
 round(2, 'B killed (SIGKILL)', $brB, $brA, sub { $brB->kill9 });
+
+# a list whose first broker is down (B, killed above): a reload starts
+# again with the first URL, which fails at once, and W connects to the next
+my $off = -s $w->logfile;
+$w->safe_psql('postgres', "ALTER SYSTEM SET mqtt_emit.broker_url = '" . $brB->url . ', ' . $brA->url . "'");
+$w->reload;
+ok( poll_until(
+		sub { log_since($w, $off) =~ /publisher connected to broker "\Q${\ $brA->url}\E"/ }, $T),
+	'first of the list down: W connects to the next one');
+like(log_since($w, $off), qr/publisher cannot reach broker "\Q${\ $brB->url}\E"/,
+	'first of the list down: the log names the broker that failed');
+is(stats($w)->{broker_url}, $brA->url, 'first of the list down: stats.broker_url names the second');
+$w->safe_psql('postgres', 'INSERT INTO ev (round) VALUES (3)');
+my ($id3) = $w->safe_psql('postgres', 'SELECT id FROM ev WHERE round = 3');
+ok(poll_until(sub { grep { $_ eq $id3 } arrived_ids($subs[-1], $MODEL) }, $T),
+	'first of the list down: an event reaches the subscriber of the second');
 
 $l->stop('fast');
 $w->stop('fast');
