@@ -638,6 +638,7 @@ check_broker_url(char **newval, void **extra, GucSource source)
 	char	   *urls[MQTT_EMIT_MAX_BROKER_URLS];
 	int			n;
 	int			i;
+	bool		ok = true;
 
 	if (*newval == NULL)
 		return true;
@@ -647,17 +648,17 @@ check_broker_url(char **newval, void **extra, GucSource source)
 		GUC_check_errdetail("The list has %d broker URLs; at most %d are allowed.",
 							n, MQTT_EMIT_MAX_BROKER_URLS);
 		GUC_check_errhint("List the nodes of one broker cluster, or a primary and a standby broker.");
-		return false;
+		ok = false;
 	}
-	for (i = 0; i < n; i++)
+	for (i = 0; ok && i < n; i++)
 	{
 		if (n > 1 && urls[i][0] == '\0')
 		{
 			GUC_check_errdetail("Broker URL %d of the list is empty.", i + 1);
 			GUC_check_errhint("Separate the brokers with single commas, with no comma at the start or the end.");
-			return false;
+			ok = false;
 		}
-		if (!broker_url_valid(urls[i], detail, hint, sizeof(detail)))
+		else if (!broker_url_valid(urls[i], detail, hint, sizeof(detail)))
 		{
 			if (n > 1)
 				GUC_check_errdetail("Broker URL %d of the list, \"%s\": %s",
@@ -665,10 +666,13 @@ check_broker_url(char **newval, void **extra, GucSource source)
 			else
 				GUC_check_errdetail("%s", detail);
 			GUC_check_errhint("%s", hint);
-			return false;
+			ok = false;
 		}
 	}
-	return true;
+	/* the postmaster runs this at every reload: leave nothing behind */
+	for (i = 0; i < Min(n, MQTT_EMIT_MAX_BROKER_URLS); i++)
+		pfree(urls[i]);
+	return ok;
 }
 
 static bool
