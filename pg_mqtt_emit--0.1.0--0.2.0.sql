@@ -620,7 +620,9 @@ CREATE FUNCTION mqtt_emit._stats(
     OUT client_id text,
     OUT stats_reset timestamptz,
     OUT oldest_waiting_seconds double precision,
-    OUT depth_exceeded bigint)
+    OUT depth_exceeded bigint,
+    OUT broker_url text,
+    OUT subscriber_broker_url text)
 RETURNS record
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'mqtt_emit_stats';

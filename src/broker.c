@@ -29,7 +29,10 @@
  *
  * Reconnection is driven by the worker, not by paho's automatic reconnect:
  * the worker knows when it wants to back off, resubscribe, or switch
- * brokers after a reload.  This file touches no catalog and reads no
+ * brokers after a reload.  A client connects to one broker URL for its
+ * whole life; failing over to the next broker of mqtt_emit.broker_url
+ * means a new client (client.c), not paho's serverURIs, so that the worker
+ * always knows which broker it is talking to.  This file touches no catalog and reads no
  * setting: the worker hands it a MeBrokerConfig (client.c).
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
@@ -71,25 +74,29 @@ restore_signals(sigset_t *old)
 }
 
 /*
- * Create a client for the current settings.  Returns NULL and fills errbuf
- * when paho refuses (for instance a malformed URL).  A publisher publishes
+ * Create a client of the broker at url (one of cfg->urls) for the current
+ * settings.  Returns NULL and fills errbuf when paho refuses (for instance
+ * a malformed URL).  A publisher publishes
  * with QoS max_qos at most (lowered by a broker that does not support
  * more).  latch is the worker's, the same for every client.
  */
 MeBroker *
-me_broker_create(const MeBrokerConfig *cfg, const char *client_id,
-				 bool subscriber, Latch *latch, int max_qos,
+me_broker_create(const MeBrokerConfig *cfg, const char *broker_url,
+				 const char *client_id, bool subscriber, Latch *latch, int max_qos,
 				 char *errbuf, int errlen)
 {
 	MeBroker   *b = calloc(1, sizeof(MeBroker));
 	MQTTAsync_createOptions copts = MQTTAsync_createOptions_initializer;
 	sigset_t	old;
 	int			rc;
-	const char *url = cfg->url;
+	const char *url = broker_url;
 	char		urlbuf[1024];
 
-	if (b == NULL)
+	if (b != NULL)
+		b->url = strdup(broker_url);
+	if (b == NULL || b->url == NULL)
 	{
+		free(b);
 		snprintf(errbuf, errlen, "out of memory");
 		return NULL;
 	}
@@ -134,10 +141,11 @@ me_broker_create(const MeBrokerConfig *cfg, const char *client_id,
 	if (rc != MQTTASYNC_SUCCESS)
 	{
 		snprintf(errbuf, errlen, "cannot create MQTT client for \"%s\": %s",
-				 cfg->url, MQTTAsync_strerror(rc));
+				 b->url, MQTTAsync_strerror(rc));
 		if (b->client)
 			MQTTAsync_destroy(&b->client);
 		pthread_mutex_destroy(&b->mutex);
+		free(b->url);
 		free(b);
 		return NULL;
 	}
@@ -206,9 +214,10 @@ me_broker_connect(MeBroker *b, char *errbuf, int errlen)
 	if (cfg->password && cfg->password[0])
 		o->password = cfg->password;
 
-	if (strncmp(cfg->url, "ssl://", 6) == 0 ||
-		strncmp(cfg->url, "mqtts://", 8) == 0 ||
-		strncmp(cfg->url, "wss://", 6) == 0)
+	/* the same TLS settings for every broker of the list */
+	if (strncmp(b->url, "ssl://", 6) == 0 ||
+		strncmp(b->url, "mqtts://", 8) == 0 ||
+		strncmp(b->url, "wss://", 6) == 0)
 	{
 		if (cfg->tls_ca_file && cfg->tls_ca_file[0])
 			ssl.trustStore = cfg->tls_ca_file;
@@ -237,7 +246,7 @@ me_broker_connect(MeBroker *b, char *errbuf, int errlen)
 		b->state = BS_DISCONNECTED;
 		pthread_mutex_unlock(&b->mutex);
 		snprintf(errbuf, errlen, "cannot start connecting to \"%s\": %s (code %d)",
-				 b->cfg->url, MQTTAsync_strerror(rc), rc);
+				 b->url, MQTTAsync_strerror(rc), rc);
 		return false;
 	}
 	return true;
@@ -588,6 +597,7 @@ me_broker_destroy(MeBroker *b)
 	free(b->failures);
 	free(b->rejects);
 	pthread_mutex_destroy(&b->mutex);
+	free(b->url);
 	free(b);
 }
 
@@ -595,6 +605,13 @@ void
 me_broker_free_message(MeIncoming *m)
 {
 	free(m);
+}
+
+/* the broker URL the client connects to */
+const char *
+me_broker_url(MeBroker *b)
+{
+	return b->url;
 }
 
 const char *

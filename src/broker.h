@@ -21,7 +21,9 @@ typedef struct MeBroker MeBroker;
  */
 typedef struct MeBrokerConfig
 {
-	char	   *url;
+	char	   *url;			/* mqtt_emit.broker_url: one URL or a list */
+	char	  **urls;			/* its URLs, each a client connects to */
+	int			nurls;
 	char	   *client_id;		/* the publisher's; the subscriber adds a suffix */
 	char	   *username;
 	char	   *password;
@@ -63,7 +65,8 @@ typedef struct MeBrokerNews
 	int			broker_max_qos; /* CONNACK Maximum QoS (MQTT 5), or -1 */
 } MeBrokerNews;
 
-extern MeBroker *me_broker_create(const MeBrokerConfig *cfg, const char *client_id,
+extern MeBroker *me_broker_create(const MeBrokerConfig *cfg, const char *url,
+								  const char *client_id,
 								  bool subscriber, Latch *latch, int max_qos,
 								  char *errbuf, int errlen);
 extern void me_broker_destroy(MeBroker *b);
@@ -80,6 +83,7 @@ extern int	me_broker_unsubscribe(MeBroker *b, const char *filter);
 extern void me_broker_disconnect(MeBroker *b, int timeout_ms);
 extern void me_broker_free_message(MeIncoming *m);
 extern const char *me_broker_strerror(int rc);
+extern const char *me_broker_url(MeBroker *b);
 
 #define ME_BROKER_BACKPRESSURE	(-12)	/* MQTTASYNC_MAX_BUFFERED_MESSAGES */
 

@@ -156,8 +156,8 @@ Datum
 mqtt_emit_stats(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	Datum		values[32];
-	bool		nulls[32];
+	Datum		values[40];
+	bool		nulls[40];
 	int			i = 0;
 	uint64		enq,
 				deq;
@@ -226,6 +226,15 @@ mqtt_emit_stats(PG_FUNCTION_ARGS)
 	else
 		nulls[i++] = true;
 	values[i++] = Int64GetDatum((int64) me_counter_since_reset(ME_STAT_DEPTH_EXCEEDED));
+	/* the broker of each client, one URL of mqtt_emit.broker_url */
+	if (snap.broker_url[0])
+		values[i++] = CStringGetTextDatum(snap.broker_url);
+	else
+		nulls[i++] = true;
+	if (snap.subscriber_broker_url[0])
+		values[i++] = CStringGetTextDatum(snap.subscriber_broker_url);
+	else
+		nulls[i++] = true;
 
 	/*
 	 * The 0.1.0 definition of mqtt_emit._stats() has the first 27 columns
