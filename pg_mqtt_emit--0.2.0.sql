@@ -685,22 +685,26 @@ REVOKE ALL ON SEQUENCE mqtt_emit.dead_letters_id_seq FROM PUBLIC;
 -- Publishing and monitoring
 ------------------------------------------------------------------------
 
-CREATE FUNCTION mqtt_emit.publish(topic text, payload text, qos int DEFAULT NULL)
+CREATE FUNCTION mqtt_emit.publish(topic text, payload text, qos int DEFAULT NULL,
+                                  retain boolean DEFAULT false,
+                                  properties jsonb DEFAULT NULL)
 RETURNS void
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'mqtt_emit_publish';
-COMMENT ON FUNCTION mqtt_emit.publish(text, text, int) IS
-'Publishes a message on a topic when the transaction commits';
-REVOKE ALL ON FUNCTION mqtt_emit.publish(text, text, int) FROM PUBLIC;
+COMMENT ON FUNCTION mqtt_emit.publish(text, text, int, boolean, jsonb) IS
+'Publishes a message on a topic when the transaction commits, retained or not, with MQTT 5 properties';
+REVOKE ALL ON FUNCTION mqtt_emit.publish(text, text, int, boolean, jsonb) FROM PUBLIC;
 
-CREATE FUNCTION mqtt_emit.publish(topic text, payload jsonb, qos int DEFAULT NULL)
+CREATE FUNCTION mqtt_emit.publish(topic text, payload jsonb, qos int DEFAULT NULL,
+                                  retain boolean DEFAULT false,
+                                  properties jsonb DEFAULT NULL)
 RETURNS void
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT mqtt_emit.publish(topic, payload::text, qos) $$;
-COMMENT ON FUNCTION mqtt_emit.publish(text, jsonb, int) IS
-'Publishes a JSON message on a topic when the transaction commits';
-REVOKE ALL ON FUNCTION mqtt_emit.publish(text, jsonb, int) FROM PUBLIC;
+AS $$ SELECT mqtt_emit.publish(topic, payload::text, qos, retain, properties) $$;
+COMMENT ON FUNCTION mqtt_emit.publish(text, jsonb, int, boolean, jsonb) IS
+'Publishes a JSON message on a topic when the transaction commits, retained or not, with MQTT 5 properties';
+REVOKE ALL ON FUNCTION mqtt_emit.publish(text, jsonb, int, boolean, jsonb) FROM PUBLIC;
 
 CREATE FUNCTION mqtt_emit._stats(
     OUT connected boolean,

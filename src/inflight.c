@@ -38,6 +38,7 @@
 
 #include "pg_mqtt_emit.h"
 #include "outbox.h"
+#include "pubprops.h"
 #include "topic.h"
 #include "worker.h"
 
@@ -108,6 +109,26 @@ by_msgno(uint64 msgno)
 }
 
 /*
+ * The event id of a row event's payload, which payload.c writes last:
+ * ...,"eventId":"<36 characters>"}.  Looked up at that place only, which
+ * costs nothing; out stays empty when the payload ends otherwise (a JSON
+ * profile that writes no id).
+ */
+static void
+find_event_id(const char *payload, int len, char *out)
+{
+	static const char key[] = "\"eventId\":\"";
+	int			keylen = sizeof(key) - 1;
+	int			start = len - 2 - MQTT_EMIT_EVENT_ID_LEN;
+
+	if (start - keylen < 0 || payload[len - 1] != '}' || payload[len - 2] != '"' ||
+		memcmp(payload + start - keylen, key, keylen) != 0)
+		return;
+	memcpy(out, payload + start, MQTT_EMIT_EVENT_ID_LEN);
+	out[MQTT_EMIT_EVENT_ID_LEN] = '\0';
+}
+
+/*
  * Send one event (a queue entry ending at end_pos, or an outbox row when
  * outbox_row is set); false when it could not be sent now.  key names the
  * event for the strike count.
@@ -123,7 +144,17 @@ me_inflight_send(const MqttEmitEventHeader *hdr, const char *model,
 	int			pass;
 	uint64		msgno = next_msgno;
 	int			len = (int) hdr->payload_len;
+	const char *props = NULL;
+	int			props_len = 0;
+	char		event_id[MQTT_EMIT_EVENT_ID_LEN + 1];
 	InFlight   *f;
+
+	event_id[0] = '\0';
+	if (hdr->kind == ME_KIND_PUBLISH && (hdr->flags & ME_FLAG_PROPS) &&
+		!me_pubprops_split(&payload, &len, &props, &props_len))
+		props = NULL;			/* malformed (cannot happen): publish it all */
+	else if (hdr->kind == ME_KIND_ROW)
+		find_event_id(payload, len, event_id);
 
 	if (mqtt_emit_signing_key[0] != '\0' &&
 		me_sign_payload(&signbuf, payload, len))
@@ -149,8 +180,10 @@ me_inflight_send(const MqttEmitEventHeader *hdr, const char *model,
 				break;
 			me_build_topic(&topicbuf, hdr, model, pass == 1);
 		}
-		rc = me_broker_publish(pub, topicbuf.data, payload,
-							   len, qos, hdr->kind == ME_KIND_ROW, msgno);
+		rc = me_broker_publish(pub, topicbuf.data, payload, len, qos,
+							   (hdr->flags & ME_FLAG_RETAIN) != 0,
+							   hdr->kind == ME_KIND_ROW, props, props_len,
+							   event_id, msgno);
 		if (rc != 0)
 			break;
 		nmsgs++;
