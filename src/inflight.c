@@ -109,23 +109,57 @@ by_msgno(uint64 msgno)
 }
 
 /*
- * The event id of a row event's payload, which payload.c writes last:
- * ...,"eventId":"<36 characters>"}.  Looked up at that place only, which
- * costs nothing; out stays empty when the payload ends otherwise (a JSON
+ * The event id of a row event's payload: the value of the top-level key
+ * "eventId" (payload.c), which is followed by "old" rows and the origin,
+ * and may be preceded by rows with keys of that name of their own, so the
+ * scan follows the JSON's nesting (strings with their escapes, objects and
+ * arrays) and looks at keys of the outer object only.  One pass over the
+ * payload, stopping at the id.  out stays empty when there is none (a JSON
  * profile that writes no id).
  */
 static void
 find_event_id(const char *payload, int len, char *out)
 {
 	static const char key[] = "\"eventId\":\"";
-	int			keylen = sizeof(key) - 1;
-	int			start = len - 2 - MQTT_EMIT_EVENT_ID_LEN;
+	const int	keylen = sizeof(key) - 1;
+	int			depth = 0;
+	bool		expect_key = false;
+	int			i = 0;
 
-	if (start - keylen < 0 || payload[len - 1] != '}' || payload[len - 2] != '"' ||
-		memcmp(payload + start - keylen, key, keylen) != 0)
-		return;
-	memcpy(out, payload + start, MQTT_EMIT_EVENT_ID_LEN);
-	out[MQTT_EMIT_EVENT_ID_LEN] = '\0';
+	while (i < len)
+	{
+		char		c = payload[i];
+
+		if (c == '"')
+		{
+			if (depth == 1 && expect_key &&
+				len - i >= keylen + MQTT_EMIT_EVENT_ID_LEN + 1 &&
+				memcmp(payload + i, key, keylen) == 0 &&
+				payload[i + keylen + MQTT_EMIT_EVENT_ID_LEN] == '"')
+			{
+				memcpy(out, payload + i + keylen, MQTT_EMIT_EVENT_ID_LEN);
+				out[MQTT_EMIT_EVENT_ID_LEN] = '\0';
+				return;
+			}
+			/* skip the string */
+			for (i++; i < len && payload[i] != '"'; i++)
+			{
+				if (payload[i] == '\\')
+					i++;
+			}
+			expect_key = false;
+		}
+		else if (c == '{' || c == '[')
+		{
+			depth++;
+			expect_key = (c == '{' && depth == 1);
+		}
+		else if (c == '}' || c == ']')
+			depth--;
+		else if (c == ',')
+			expect_key = (depth == 1);
+		i++;
+	}
 }
 
 /*
