@@ -12,7 +12,9 @@
  *	flags	ME_FLAG_PUBLISH (send it), ME_FLAG_LOCAL (its local listeners
  *			have not run yet), ME_FLAG_QUEUED (a durable event whose queue
  *			entry exists too: the queue's copy runs its listeners and is
- *			published; the row is the crash net); in the high byte
+ *			published; the row is the crash net), for ad-hoc publishes
+ *			ME_FLAG_RETAIN and ME_FLAG_PROPS (its MQTT 5 properties lead
+ *			the payload column, pubprops.c); in the high byte
  *			(ME_DEPTH_SHIFT) the event's depth, how many listeners caused
  *			it, so that the limit of mqtt_emit.max_depth holds across the
  *			outbox and no new column is needed
