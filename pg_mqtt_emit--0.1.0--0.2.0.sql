@@ -745,3 +745,29 @@ COMMENT ON TABLE mqtt_emit.dead_letters IS
 'Messages the broker refused for good; kept for inspection; superusers only';
 
 SELECT mqtt_emit._listeners_changed();
+
+-- publish() gains retain and MQTT 5 properties (issue 17).  A changed
+-- signature is a new function: grants made on the old ones are not kept.
+DROP FUNCTION mqtt_emit.publish(text, jsonb, int);
+DROP FUNCTION mqtt_emit.publish(text, text, int);
+
+CREATE FUNCTION mqtt_emit.publish(topic text, payload text, qos int DEFAULT NULL,
+                                  retain boolean DEFAULT false,
+                                  properties jsonb DEFAULT NULL)
+RETURNS void
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'mqtt_emit_publish';
+COMMENT ON FUNCTION mqtt_emit.publish(text, text, int, boolean, jsonb) IS
+'Publishes a message on a topic when the transaction commits, retained or not, with MQTT 5 properties';
+REVOKE ALL ON FUNCTION mqtt_emit.publish(text, text, int, boolean, jsonb) FROM PUBLIC;
+
+CREATE FUNCTION mqtt_emit.publish(topic text, payload jsonb, qos int DEFAULT NULL,
+                                  retain boolean DEFAULT false,
+                                  properties jsonb DEFAULT NULL)
+RETURNS void
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT mqtt_emit.publish(topic, payload::text, qos, retain, properties) $$;
+COMMENT ON FUNCTION mqtt_emit.publish(text, jsonb, int, boolean, jsonb) IS
+'Publishes a JSON message on a topic when the transaction commits, retained or not, with MQTT 5 properties';
+REVOKE ALL ON FUNCTION mqtt_emit.publish(text, jsonb, int, boolean, jsonb) FROM PUBLIC;

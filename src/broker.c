@@ -55,6 +55,7 @@
 
 #include "pg_mqtt_emit.h"
 #include "broker_int.h"
+#include "pubprops.h"
 
 /* ----- main thread API ----- */
 
@@ -483,17 +484,91 @@ me_broker_poll(MeBroker *b, MeBrokerNews *news)
 }
 
 /*
+ * The MQTT 5 properties of an ad-hoc publish (records made by
+ * pubprops.c, props_len bytes at props) added to props.  A record that
+ * cannot be read ends the list.
+ */
+static void
+add_publish_properties(MQTTProperties *mp, const char *props, int props_len)
+{
+	const char *pos = props;
+	const char *end = props + props_len;
+	char		tag;
+	const char *value;
+	int			value_len;
+	const char *name = NULL;
+	int			name_len = 0;
+
+	while (me_pubprops_next(&pos, end, &tag, &value, &value_len))
+	{
+		MQTTProperty prop;
+
+		memset(&prop, 0, sizeof(prop));
+		switch (tag)
+		{
+			case ME_PROP_CONTENT_TYPE:
+				prop.identifier = MQTTPROPERTY_CODE_CONTENT_TYPE;
+				break;
+			case ME_PROP_RESPONSE_TOPIC:
+				prop.identifier = MQTTPROPERTY_CODE_RESPONSE_TOPIC;
+				break;
+			case ME_PROP_CORRELATION:
+				prop.identifier = MQTTPROPERTY_CODE_CORRELATION_DATA;
+				break;
+			case ME_PROP_EXPIRY:
+				{
+					char		num[16];
+
+					if (value_len >= (int) sizeof(num))
+						continue;
+					memcpy(num, value, value_len);
+					num[value_len] = '\0';
+					prop.identifier = MQTTPROPERTY_CODE_MESSAGE_EXPIRY_INTERVAL;
+					prop.value.integer4 = (unsigned int) strtoul(num, NULL, 10);
+					MQTTProperties_add(mp, &prop);
+				}
+				continue;
+			case ME_PROP_USER_NAME:
+				name = value;
+				name_len = value_len;
+				continue;
+			case ME_PROP_USER_VALUE:
+				if (name == NULL)
+					continue;
+				prop.identifier = MQTTPROPERTY_CODE_USER_PROPERTY;
+				prop.value.data.data = (char *) name;
+				prop.value.data.len = name_len;
+				prop.value.value.data = (char *) value;
+				prop.value.value.len = value_len;
+				MQTTProperties_add(mp, &prop);
+				name = NULL;
+				continue;
+			default:
+				continue;
+		}
+		prop.value.data.data = (char *) value;
+		prop.value.data.len = value_len;
+		MQTTProperties_add(mp, &prop);
+	}
+}
+
+/*
  * Publish one message; msgno comes back through me_broker_poll() as an ack or
  * a failure.  Returns 0, ME_BROKER_BACKPRESSURE when paho's buffer is full
- * (retry later), or another paho error code.
+ * (retry later), or another paho error code.  Under MQTT 5 a row event
+ * (is_json) says that it is JSON and carries its event id (when event_id
+ * is not empty) as the user property "event-id"; an ad-hoc publish carries
+ * the properties encoded at props.  Under MQTT 3.1.1 there are none.
  */
 int
 me_broker_publish(MeBroker *b, const char *topic, const char *payload,
-				  int len, int qos, bool is_json, uint64 msgno)
+				  int len, int qos, bool retain, bool is_json,
+				  const char *props, int props_len,
+				  const char *event_id, uint64 msgno)
 {
 	MQTTAsync_responseOptions ropts = MQTTAsync_responseOptions_initializer;
 	MQTTAsync_message msg = MQTTAsync_message_initializer;
-	MQTTProperties props = MQTTProperties_initializer;
+	MQTTProperties mprops = MQTTProperties_initializer;
 	int			rc;
 
 	if (b->version == MQTTVERSION_5)
@@ -517,7 +592,7 @@ me_broker_publish(MeBroker *b, const char *topic, const char *payload,
 	if (b->connack_max_qos >= 0)
 		qos = Min(qos, b->connack_max_qos);
 	msg.qos = Min(qos, b->max_qos);
-	msg.retained = 0;
+	msg.retained = retain ? 1 : 0;
 
 	/* MQTT 5: say what the payload is */
 	if (b->version == MQTTVERSION_5 && is_json)
@@ -526,17 +601,29 @@ me_broker_publish(MeBroker *b, const char *topic, const char *payload,
 
 		prop.identifier = MQTTPROPERTY_CODE_PAYLOAD_FORMAT_INDICATOR;
 		prop.value.byte = 1;	/* UTF-8 */
-		MQTTProperties_add(&props, &prop);
+		MQTTProperties_add(&mprops, &prop);
 		prop.identifier = MQTTPROPERTY_CODE_CONTENT_TYPE;
 		prop.value.data.data = "application/json";
 		prop.value.data.len = 16;
-		MQTTProperties_add(&props, &prop);
-		msg.properties = props;
+		MQTTProperties_add(&mprops, &prop);
+		if (event_id != NULL && event_id[0] != '\0')
+		{
+			prop.identifier = MQTTPROPERTY_CODE_USER_PROPERTY;
+			prop.value.data.data = "event-id";
+			prop.value.data.len = 8;
+			prop.value.value.data = (char *) event_id;
+			prop.value.value.len = strlen(event_id);
+			MQTTProperties_add(&mprops, &prop);
+		}
 	}
+	if (b->version == MQTTVERSION_5 && props != NULL && props_len > 0)
+		add_publish_properties(&mprops, props, props_len);
+	if (mprops.count > 0)
+		msg.properties = mprops;
 
 	rc = MQTTAsync_sendMessage(b->client, topic, &msg, &ropts);
-	if (props.count > 0)
-		MQTTProperties_free(&props);
+	if (mprops.count > 0)
+		MQTTProperties_free(&mprops);
 	return rc;
 }
 

@@ -77,7 +77,9 @@ extern bool me_broker_watch(MeBroker *b, long *timeout_ms);
 extern bool me_broker_stale(MeBroker *b);
 extern void me_broker_poll(MeBroker *b, MeBrokerNews *news);
 extern int	me_broker_publish(MeBroker *b, const char *topic, const char *payload,
-							  int len, int qos, bool is_json, uint64 msgno);
+							  int len, int qos, bool retain, bool is_json,
+							  const char *props, int props_len,
+							  const char *event_id, uint64 msgno);
 extern int	me_broker_subscribe(MeBroker *b, const char *filter, int qos);
 extern int	me_broker_unsubscribe(MeBroker *b, const char *filter);
 extern void me_broker_disconnect(MeBroker *b, int timeout_ms);

@@ -12,7 +12,9 @@
  *	flags	ME_FLAG_PUBLISH (send it), ME_FLAG_LOCAL (its local listeners
  *			have not run yet), ME_FLAG_QUEUED (a durable event whose queue
  *			entry exists too: the queue's copy runs its listeners and is
- *			published; the row is the crash net); in the high byte
+ *			published; the row is the crash net), for ad-hoc publishes
+ *			ME_FLAG_RETAIN and ME_FLAG_PROPS (its MQTT 5 properties lead
+ *			the payload column, pubprops.c); in the high byte
  *			(ME_DEPTH_SHIFT) the event's depth, how many listeners caused
  *			it, so that the limit of mqtt_emit.max_depth holds across the
  *			outbox and no new column is needed
@@ -50,6 +52,7 @@
 
 #include "pg_mqtt_emit.h"
 #include "outbox.h"
+#include "pubprops.h"
 #include "topic.h"
 
 /* the flags as SQL integer literals */
@@ -618,6 +621,22 @@ init_topicbuf(void)
 }
 
 /*
+ * The message of an event as text: its payload without the MQTT 5
+ * properties that an ad-hoc publish may carry in front (pubprops.c).
+ */
+static text *
+message_text(const MqttEmitEventHeader *hdr, const char *payload)
+{
+	int			len = (int) hdr->payload_len;
+	const char *props;
+	int			props_len;
+
+	if (hdr->kind == ME_KIND_PUBLISH && (hdr->flags & ME_FLAG_PROPS))
+		(void) me_pubprops_split(&payload, &len, &props, &props_len);
+	return cstring_to_text_with_len(payload, len);
+}
+
+/*
  * Move an outbox row that the broker keeps refusing to the dead letters.
  */
 void
@@ -637,7 +656,7 @@ me_outbox_dead_letter_row(int64 id, const char *reason)
 		row_from_tuple(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, &row);
 		me_build_dead_letter_topic(&topicbuf, &row.hdr, row.model);
 		insert_dead_letter(topicbuf.data,
-						   cstring_to_text_with_len(row.payload, row.hdr.payload_len),
+						   message_text(&row.hdr, row.payload),
 						   reason, row.created_at);
 		check(SPI_execute_with_args("UPDATE mqtt_emit.outbox SET flags = flags & ~" SQL_PUBLISH
 									" WHERE id = $1",
@@ -666,7 +685,7 @@ me_outbox_dead_letter_entry(const MqttEmitEventHeader *hdr, const char *reason)
 	me_build_dead_letter_topic(&topicbuf, hdr, model);
 	SPI_connect();
 	insert_dead_letter(topicbuf.data,
-					   cstring_to_text_with_len(model + hdr->model_len, hdr->payload_len),
+					   message_text(hdr, model + hdr->model_len),
 					   reason, GetCurrentTransactionStartTimestamp());
 	SPI_finish();
 	ForceSyncCommit();

@@ -106,6 +106,9 @@ typedef struct MqttEmitMarker
 #define ME_FLAG_PUBLISH		1	/* send it to the broker */
 #define ME_FLAG_LOCAL		2	/* run local listeners for it */
 #define ME_FLAG_QUEUED		4	/* outbox row whose event is in the queue too */
+#define ME_FLAG_RETAIN		8	/* ME_KIND_PUBLISH: publish with retain set */
+#define ME_FLAG_PROPS		16	/* ME_KIND_PUBLISH: MQTT 5 properties precede
+								 * the payload (pubprops.c) */
 
 /*
  * The outbox keeps an event's depth in the high byte of its flags column
