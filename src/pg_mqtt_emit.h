@@ -100,6 +100,8 @@ typedef struct MqttEmitMarker
 #define ME_FLAG_PUBLISH		1	/* send it to the broker */
 #define ME_FLAG_LOCAL		2	/* run local listeners for it */
 #define ME_FLAG_QUEUED		4	/* outbox row whose event is in the queue too */
+#define ME_FLAG_HELD		8	/* outbox row whose local listeners wait for the
+								 * relay to reach its place in the queue */
 
 /*
  * The outbox keeps an event's depth in the high byte of its flags column
@@ -249,6 +251,8 @@ extern uint32 me_listeners_version(void);
 extern void me_listeners_version_bump(void);
 extern uint32 me_outbox_version(void);
 extern void me_outbox_version_bump(void);
+extern uint32 me_held_strays_version(void);
+extern void me_held_strays_version_bump(void);
 extern uint64 me_outbox_rows(void);
 extern void me_outbox_rows_add(uint64 n);
 extern void me_outbox_rows_sub(uint64 n);
