@@ -283,10 +283,12 @@ write_outbox(void)
 	 * Their local listeners wait too, until the worker reaches the marker
 	 * (or, without one, the queue position of now): events queued before
 	 * this commit run first, so local listeners see the commit order
-	 * (relay.c).
+	 * (relay.c).  Durable events need not: every one of them runs its
+	 * local listeners from its row, in the order of the rows' ids, which
+	 * were taken at PRE_COMMIT, after whatever this transaction waited for.
 	 */
 	held_rows = false;
-	for (i = 0; i < npending; i++)
+	for (i = 0; mqtt_emit_delivery != ME_DELIVERY_DURABLE && i < npending; i++)
 	{
 		MqttEmitEventHeader *h = (MqttEmitEventHeader *) pending[i];
 
