@@ -448,7 +448,8 @@ release_held(const char *where, int nargs, Oid *types, Datum *args)
 					 " c AS ("
 					 " INSERT INTO mqtt_emit.outbox"
 					 "  (kind, flags, op, qos, model, payload, batch, marked, relid, created_at)"
-					 " SELECT kind, (flags & ~255) | " SQL_LOCAL ", op, qos, model, payload, 0, true, relid, created_at"
+					 " SELECT kind, (flags & ~(" SQL_PUBLISH " | " SQL_QUEUED " | " SQL_HELD ")) | " SQL_LOCAL ","
+					 "  op, qos, model, payload, 0, true, relid, created_at"
 					 "  FROM h ORDER BY id"
 					 " RETURNING 1)"
 					 " SELECT count(*) FROM c", where);

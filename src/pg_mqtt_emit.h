@@ -100,7 +100,7 @@ typedef struct MqttEmitMarker
 #define ME_FLAG_PUBLISH		1	/* send it to the broker */
 #define ME_FLAG_LOCAL		2	/* run local listeners for it */
 #define ME_FLAG_QUEUED		4	/* outbox row whose event is in the queue too */
-#define ME_FLAG_HELD		8	/* outbox row whose local listeners wait for the
+#define ME_FLAG_HELD		32	/* outbox row whose local listeners wait for the
 								 * relay to reach its place in the queue */
 
 /*
