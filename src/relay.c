@@ -318,14 +318,14 @@ process_queue(uint64 tail, int *new_entries)
 				if (me_outbox_release_batch(&mk) > 0)
 					handed = true;
 			}
-			else if (need_local)
+			else if (need_local && wants_local_row(h, model))
 			{
-				if (wants_local_row(h, model))
-				{
-					local[nlocal] = palloc(h->total_len);
-					memcpy(local[nlocal], h, h->total_len);
-					nlocal++;
-				}
+				local[nlocal] = palloc(h->total_len);
+				memcpy(local[nlocal], h, h->total_len);
+				nlocal++;
+			}
+			if (need_local)
+			{
 				local_pos = end;
 				(*new_entries)++;
 			}
