@@ -219,7 +219,7 @@ process_queue(uint64 tail, int *new_entries)
 	 * Held rows without a marker (see me_outbox_release_strays): look for
 	 * them only after a backend wrote some.
 	 */
-	if (held_probe || held_version != held_seen_version)
+	if (extension_ready && (held_probe || held_version != held_seen_version))
 	{
 		if (!in_tx)
 		{
@@ -302,7 +302,7 @@ process_queue(uint64 tail, int *new_entries)
 					handed = true;
 				next_held = me_outbox_next_held_stray();
 			}
-			if (need_local && h->kind == ME_KIND_MARKER)
+			if (need_local && h->kind == ME_KIND_MARKER && extension_ready)
 			{
 				MqttEmitMarker mk;
 
