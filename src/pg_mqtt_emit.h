@@ -109,6 +109,8 @@ typedef struct MqttEmitMarker
 #define ME_FLAG_RETAIN		8	/* ME_KIND_PUBLISH: publish with retain set */
 #define ME_FLAG_PROPS		16	/* ME_KIND_PUBLISH: MQTT 5 properties precede
 								 * the payload (pubprops.c) */
+#define ME_FLAG_HELD		32	/* outbox row whose local listeners wait for the
+								 * relay to reach its place in the queue */
 
 /*
  * The outbox keeps an event's depth in the high byte of its flags column
@@ -262,6 +264,8 @@ extern uint32 me_listeners_version(void);
 extern void me_listeners_version_bump(void);
 extern uint32 me_outbox_version(void);
 extern void me_outbox_version_bump(void);
+extern uint32 me_held_strays_version(void);
+extern void me_held_strays_version_bump(void);
 extern uint64 me_outbox_rows(void);
 extern void me_outbox_rows_add(uint64 n);
 extern void me_outbox_rows_sub(uint64 n);

@@ -41,8 +41,9 @@
  *	- urllock (spinlock) protects broker_url, the broker each of the
  *	  worker's two clients is connected to, written by the worker only.
  *	- counters (and their reset base and time), event_seq,
- *	  listeners_version, outbox_version, outbox_rows, outbox_oldest,
- *	  worker_napping and the connection flags are atomics and need no lock.
+ *	  listeners_version, outbox_version, held_strays_version, outbox_rows,
+ *	  outbox_oldest, worker_napping and the connection flags are atomics
+ *	  and need no lock.
  *	  outbox_rows is approximate (see relay.c).
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
@@ -96,6 +97,8 @@ typedef struct MqttEmitShared
 	pg_atomic_uint32 subscriber_connected;
 	pg_atomic_uint32 subscriptions; /* topic filters wanted */
 	pg_atomic_uint32 outbox_version;	/* bumped when backends add rows */
+	pg_atomic_uint32 held_strays_version;	/* bumped when backends add held
+											 * rows without a marker */
 	pg_atomic_uint64 outbox_rows;	/* rows in the outbox (approximate) */
 	pg_atomic_uint64 outbox_oldest; /* created_at of the oldest row, or 0 */
 	pg_atomic_uint32 worker_napping;	/* the worker will look again soon */
@@ -177,6 +180,7 @@ me_shmem_startup(void)
 		pg_atomic_init_u32(&me_shared->subscriber_connected, 0);
 		pg_atomic_init_u32(&me_shared->subscriptions, 0);
 		pg_atomic_init_u32(&me_shared->outbox_version, 0);
+		pg_atomic_init_u32(&me_shared->held_strays_version, 0);
 		pg_atomic_init_u64(&me_shared->outbox_rows, 0);
 		pg_atomic_init_u64(&me_shared->outbox_oldest, 0);
 		pg_atomic_init_u32(&me_shared->worker_napping, 0);
@@ -537,6 +541,18 @@ void
 me_outbox_version_bump(void)
 {
 	pg_atomic_fetch_add_u32(&me_shared->outbox_version, 1);
+}
+
+uint32
+me_held_strays_version(void)
+{
+	return pg_atomic_read_u32(&me_shared->held_strays_version);
+}
+
+void
+me_held_strays_version_bump(void)
+{
+	pg_atomic_fetch_add_u32(&me_shared->held_strays_version, 1);
 }
 
 uint64
