@@ -638,7 +638,8 @@ COMMENT ON FUNCTION mqtt_emit.unlisten(bigint) IS
 -- (moved here by the worker).  A row leaves when the broker has
 -- acknowledged it.  flags: 1 = still to publish, 2 = local listeners still
 -- to run, 4 = queued too, 8 = retained (ad-hoc publishes), 16 = MQTT 5
--- properties lead the payload (ad-hoc publishes, src/pubprops.c); the high byte (flags >> 8) is the event's depth,
+-- properties lead the payload (ad-hoc publishes, src/pubprops.c), 32 = local
+-- listeners wait for the worker to reach the row's place in the queue; the high byte (flags >> 8) is the event's depth,
 -- how many listeners in a row caused it (mqtt_emit.max_depth).  model holds the topic for ad-hoc publishes (kind 2).
 -- seq is the publishing order, given by the worker in commit order: rows a
 -- backend writes carry the transaction's batch number, and a marker in the
