@@ -4,6 +4,7 @@ MODULE_big = pg_mqtt_emit
 OBJS = \
 	src/pg_mqtt_emit.o \
 	src/shmem.o \
+	src/pubprops.o \
 	src/capture.o \
 	src/pending.o \
 	src/payload.o \
@@ -52,6 +53,7 @@ src/listeners.o src/rowsec.o: src/rowsec.h
 src/worker.o src/relay.o src/inbound.o src/listeners.o src/remote.o src/listener_worker.o: src/listeners.h
 src/capture.o src/pending.o src/outbox.o src/relay.o src/inflight.o src/worker.o src/inbound.o src/listener_worker.o: src/outbox.h
 src/topic.o src/outbox.o src/relay.o src/inflight.o src/inbound.o src/listeners.o src/remote.o: src/topic.h
+src/pubprops.o src/sql_api.o src/inflight.o src/outbox.o src/broker.o: src/pubprops.h
 
 .PHONY: regress-broker
 regress-broker:

@@ -620,7 +620,9 @@ CREATE FUNCTION mqtt_emit._stats(
     OUT client_id text,
     OUT stats_reset timestamptz,
     OUT oldest_waiting_seconds double precision,
-    OUT depth_exceeded bigint)
+    OUT depth_exceeded bigint,
+    OUT broker_url text,
+    OUT subscriber_broker_url text)
 RETURNS record
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'mqtt_emit_stats';
@@ -908,3 +910,29 @@ COMMENT ON FUNCTION mqtt_emit.payload_jsonb(bytea) IS
 GRANT EXECUTE ON FUNCTION mqtt_emit.payload_jsonb(bytea) TO PUBLIC;
 
 SELECT mqtt_emit._listeners_changed();
+
+-- publish() gains retain and MQTT 5 properties (issue 17).  A changed
+-- signature is a new function: grants made on the old ones are not kept.
+DROP FUNCTION mqtt_emit.publish(text, jsonb, int);
+DROP FUNCTION mqtt_emit.publish(text, text, int);
+
+CREATE FUNCTION mqtt_emit.publish(topic text, payload text, qos int DEFAULT NULL,
+                                  retain boolean DEFAULT false,
+                                  properties jsonb DEFAULT NULL)
+RETURNS void
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'mqtt_emit_publish';
+COMMENT ON FUNCTION mqtt_emit.publish(text, text, int, boolean, jsonb) IS
+'Publishes a message on a topic when the transaction commits, retained or not, with MQTT 5 properties';
+REVOKE ALL ON FUNCTION mqtt_emit.publish(text, text, int, boolean, jsonb) FROM PUBLIC;
+
+CREATE FUNCTION mqtt_emit.publish(topic text, payload jsonb, qos int DEFAULT NULL,
+                                  retain boolean DEFAULT false,
+                                  properties jsonb DEFAULT NULL)
+RETURNS void
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT mqtt_emit.publish(topic, payload::text, qos, retain, properties) $$;
+COMMENT ON FUNCTION mqtt_emit.publish(text, jsonb, int, boolean, jsonb) IS
+'Publishes a JSON message on a topic when the transaction commits, retained or not, with MQTT 5 properties';
+REVOKE ALL ON FUNCTION mqtt_emit.publish(text, jsonb, int, boolean, jsonb) FROM PUBLIC;

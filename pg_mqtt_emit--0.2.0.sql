@@ -637,7 +637,9 @@ COMMENT ON FUNCTION mqtt_emit.unlisten(bigint) IS
 -- full (mqtt_emit.overflow = spill), and while the broker is unreachable
 -- (moved here by the worker).  A row leaves when the broker has
 -- acknowledged it.  flags: 1 = still to publish, 2 = local listeners still
--- to run, 4 = queued too; the high byte (flags >> 8) is the event's depth,
+-- to run, 4 = queued too, 8 = retained (ad-hoc publishes), 16 = MQTT 5
+-- properties lead the payload (ad-hoc publishes, src/pubprops.c), 32 = local
+-- listeners wait for the worker to reach the row's place in the queue; the high byte (flags >> 8) is the event's depth,
 -- how many listeners in a row caused it (mqtt_emit.max_depth).  model holds the topic for ad-hoc publishes (kind 2).
 -- seq is the publishing order, given by the worker in commit order: rows a
 -- backend writes carry the transaction's batch number, and a marker in the
@@ -685,22 +687,26 @@ REVOKE ALL ON SEQUENCE mqtt_emit.dead_letters_id_seq FROM PUBLIC;
 -- Publishing and monitoring
 ------------------------------------------------------------------------
 
-CREATE FUNCTION mqtt_emit.publish(topic text, payload text, qos int DEFAULT NULL)
+CREATE FUNCTION mqtt_emit.publish(topic text, payload text, qos int DEFAULT NULL,
+                                  retain boolean DEFAULT false,
+                                  properties jsonb DEFAULT NULL)
 RETURNS void
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'mqtt_emit_publish';
-COMMENT ON FUNCTION mqtt_emit.publish(text, text, int) IS
-'Publishes a message on a topic when the transaction commits';
-REVOKE ALL ON FUNCTION mqtt_emit.publish(text, text, int) FROM PUBLIC;
+COMMENT ON FUNCTION mqtt_emit.publish(text, text, int, boolean, jsonb) IS
+'Publishes a message on a topic when the transaction commits, retained or not, with MQTT 5 properties';
+REVOKE ALL ON FUNCTION mqtt_emit.publish(text, text, int, boolean, jsonb) FROM PUBLIC;
 
-CREATE FUNCTION mqtt_emit.publish(topic text, payload jsonb, qos int DEFAULT NULL)
+CREATE FUNCTION mqtt_emit.publish(topic text, payload jsonb, qos int DEFAULT NULL,
+                                  retain boolean DEFAULT false,
+                                  properties jsonb DEFAULT NULL)
 RETURNS void
 LANGUAGE sql VOLATILE
 SET search_path = pg_catalog, pg_temp
-AS $$ SELECT mqtt_emit.publish(topic, payload::text, qos) $$;
-COMMENT ON FUNCTION mqtt_emit.publish(text, jsonb, int) IS
-'Publishes a JSON message on a topic when the transaction commits';
-REVOKE ALL ON FUNCTION mqtt_emit.publish(text, jsonb, int) FROM PUBLIC;
+AS $$ SELECT mqtt_emit.publish(topic, payload::text, qos, retain, properties) $$;
+COMMENT ON FUNCTION mqtt_emit.publish(text, jsonb, int, boolean, jsonb) IS
+'Publishes a JSON message on a topic when the transaction commits, retained or not, with MQTT 5 properties';
+REVOKE ALL ON FUNCTION mqtt_emit.publish(text, jsonb, int, boolean, jsonb) FROM PUBLIC;
 
 CREATE FUNCTION mqtt_emit._stats(
     OUT connected boolean,
@@ -732,7 +738,9 @@ CREATE FUNCTION mqtt_emit._stats(
     OUT client_id text,
     OUT stats_reset timestamptz,
     OUT oldest_waiting_seconds double precision,
-    OUT depth_exceeded bigint)
+    OUT depth_exceeded bigint,
+    OUT broker_url text,
+    OUT subscriber_broker_url text)
 RETURNS record
 LANGUAGE c VOLATILE
 AS 'MODULE_PATHNAME', 'mqtt_emit_stats';

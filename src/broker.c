@@ -29,7 +29,10 @@
  *
  * Reconnection is driven by the worker, not by paho's automatic reconnect:
  * the worker knows when it wants to back off, resubscribe, or switch
- * brokers after a reload.  This file touches no catalog and reads no
+ * brokers after a reload.  A client connects to one broker URL for its
+ * whole life; failing over to the next broker of mqtt_emit.broker_url
+ * means a new client (client.c), not paho's serverURIs, so that the worker
+ * always knows which broker it is talking to.  This file touches no catalog and reads no
  * setting: the worker hands it a MeBrokerConfig (client.c).
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
@@ -52,6 +55,7 @@
 
 #include "pg_mqtt_emit.h"
 #include "broker_int.h"
+#include "pubprops.h"
 
 /* ----- main thread API ----- */
 
@@ -71,25 +75,29 @@ restore_signals(sigset_t *old)
 }
 
 /*
- * Create a client for the current settings.  Returns NULL and fills errbuf
- * when paho refuses (for instance a malformed URL).  A publisher publishes
+ * Create a client of the broker at url (one of cfg->urls) for the current
+ * settings.  Returns NULL and fills errbuf when paho refuses (for instance
+ * a malformed URL).  A publisher publishes
  * with QoS max_qos at most (lowered by a broker that does not support
  * more).  latch is the worker's, the same for every client.
  */
 MeBroker *
-me_broker_create(const MeBrokerConfig *cfg, const char *client_id,
-				 bool subscriber, Latch *latch, int max_qos,
+me_broker_create(const MeBrokerConfig *cfg, const char *broker_url,
+				 const char *client_id, bool subscriber, Latch *latch, int max_qos,
 				 char *errbuf, int errlen)
 {
 	MeBroker   *b = calloc(1, sizeof(MeBroker));
 	MQTTAsync_createOptions copts = MQTTAsync_createOptions_initializer;
 	sigset_t	old;
 	int			rc;
-	const char *url = cfg->url;
+	const char *url = broker_url;
 	char		urlbuf[1024];
 
-	if (b == NULL)
+	if (b != NULL)
+		b->url = strdup(broker_url);
+	if (b == NULL || b->url == NULL)
 	{
+		free(b);
 		snprintf(errbuf, errlen, "out of memory");
 		return NULL;
 	}
@@ -134,10 +142,11 @@ me_broker_create(const MeBrokerConfig *cfg, const char *client_id,
 	if (rc != MQTTASYNC_SUCCESS)
 	{
 		snprintf(errbuf, errlen, "cannot create MQTT client for \"%s\": %s",
-				 cfg->url, MQTTAsync_strerror(rc));
+				 b->url, MQTTAsync_strerror(rc));
 		if (b->client)
 			MQTTAsync_destroy(&b->client);
 		pthread_mutex_destroy(&b->mutex);
+		free(b->url);
 		free(b);
 		return NULL;
 	}
@@ -206,9 +215,10 @@ me_broker_connect(MeBroker *b, char *errbuf, int errlen)
 	if (cfg->password && cfg->password[0])
 		o->password = cfg->password;
 
-	if (strncmp(cfg->url, "ssl://", 6) == 0 ||
-		strncmp(cfg->url, "mqtts://", 8) == 0 ||
-		strncmp(cfg->url, "wss://", 6) == 0)
+	/* the same TLS settings for every broker of the list */
+	if (strncmp(b->url, "ssl://", 6) == 0 ||
+		strncmp(b->url, "mqtts://", 8) == 0 ||
+		strncmp(b->url, "wss://", 6) == 0)
 	{
 		if (cfg->tls_ca_file && cfg->tls_ca_file[0])
 			ssl.trustStore = cfg->tls_ca_file;
@@ -237,7 +247,7 @@ me_broker_connect(MeBroker *b, char *errbuf, int errlen)
 		b->state = BS_DISCONNECTED;
 		pthread_mutex_unlock(&b->mutex);
 		snprintf(errbuf, errlen, "cannot start connecting to \"%s\": %s (code %d)",
-				 b->cfg->url, MQTTAsync_strerror(rc), rc);
+				 b->url, MQTTAsync_strerror(rc), rc);
 		return false;
 	}
 	return true;
@@ -474,17 +484,91 @@ me_broker_poll(MeBroker *b, MeBrokerNews *news)
 }
 
 /*
+ * The MQTT 5 properties of an ad-hoc publish (records made by
+ * pubprops.c, props_len bytes at props) added to props.  A record that
+ * cannot be read ends the list.
+ */
+static void
+add_publish_properties(MQTTProperties *mp, const char *props, int props_len)
+{
+	const char *pos = props;
+	const char *end = props + props_len;
+	char		tag;
+	const char *value;
+	int			value_len;
+	const char *name = NULL;
+	int			name_len = 0;
+
+	while (me_pubprops_next(&pos, end, &tag, &value, &value_len))
+	{
+		MQTTProperty prop;
+
+		memset(&prop, 0, sizeof(prop));
+		switch (tag)
+		{
+			case ME_PROP_CONTENT_TYPE:
+				prop.identifier = MQTTPROPERTY_CODE_CONTENT_TYPE;
+				break;
+			case ME_PROP_RESPONSE_TOPIC:
+				prop.identifier = MQTTPROPERTY_CODE_RESPONSE_TOPIC;
+				break;
+			case ME_PROP_CORRELATION:
+				prop.identifier = MQTTPROPERTY_CODE_CORRELATION_DATA;
+				break;
+			case ME_PROP_EXPIRY:
+				{
+					char		num[16];
+
+					if (value_len >= (int) sizeof(num))
+						continue;
+					memcpy(num, value, value_len);
+					num[value_len] = '\0';
+					prop.identifier = MQTTPROPERTY_CODE_MESSAGE_EXPIRY_INTERVAL;
+					prop.value.integer4 = (unsigned int) strtoul(num, NULL, 10);
+					MQTTProperties_add(mp, &prop);
+				}
+				continue;
+			case ME_PROP_USER_NAME:
+				name = value;
+				name_len = value_len;
+				continue;
+			case ME_PROP_USER_VALUE:
+				if (name == NULL)
+					continue;
+				prop.identifier = MQTTPROPERTY_CODE_USER_PROPERTY;
+				prop.value.data.data = (char *) name;
+				prop.value.data.len = name_len;
+				prop.value.value.data = (char *) value;
+				prop.value.value.len = value_len;
+				MQTTProperties_add(mp, &prop);
+				name = NULL;
+				continue;
+			default:
+				continue;
+		}
+		prop.value.data.data = (char *) value;
+		prop.value.data.len = value_len;
+		MQTTProperties_add(mp, &prop);
+	}
+}
+
+/*
  * Publish one message; msgno comes back through me_broker_poll() as an ack or
  * a failure.  Returns 0, ME_BROKER_BACKPRESSURE when paho's buffer is full
- * (retry later), or another paho error code.
+ * (retry later), or another paho error code.  Under MQTT 5 a row event
+ * (is_json) says that it is JSON and carries its event id (when event_id
+ * is not empty) as the user property "event-id"; an ad-hoc publish carries
+ * the properties encoded at props.  Under MQTT 3.1.1 there are none.
  */
 int
 me_broker_publish(MeBroker *b, const char *topic, const char *payload,
-				  int len, int qos, bool is_json, uint64 msgno)
+				  int len, int qos, bool retain, bool is_json,
+				  const char *props, int props_len,
+				  const char *event_id, uint64 msgno)
 {
 	MQTTAsync_responseOptions ropts = MQTTAsync_responseOptions_initializer;
 	MQTTAsync_message msg = MQTTAsync_message_initializer;
-	MQTTProperties props = MQTTProperties_initializer;
+	MQTTProperties mprops = MQTTProperties_initializer;
 	int			rc;
 
 	if (b->version == MQTTVERSION_5)
@@ -508,7 +592,7 @@ me_broker_publish(MeBroker *b, const char *topic, const char *payload,
 	if (b->connack_max_qos >= 0)
 		qos = Min(qos, b->connack_max_qos);
 	msg.qos = Min(qos, b->max_qos);
-	msg.retained = 0;
+	msg.retained = retain ? 1 : 0;
 
 	/* MQTT 5: say what the payload is */
 	if (b->version == MQTTVERSION_5 && is_json)
@@ -517,17 +601,29 @@ me_broker_publish(MeBroker *b, const char *topic, const char *payload,
 
 		prop.identifier = MQTTPROPERTY_CODE_PAYLOAD_FORMAT_INDICATOR;
 		prop.value.byte = 1;	/* UTF-8 */
-		MQTTProperties_add(&props, &prop);
+		MQTTProperties_add(&mprops, &prop);
 		prop.identifier = MQTTPROPERTY_CODE_CONTENT_TYPE;
 		prop.value.data.data = "application/json";
 		prop.value.data.len = 16;
-		MQTTProperties_add(&props, &prop);
-		msg.properties = props;
+		MQTTProperties_add(&mprops, &prop);
+		if (event_id != NULL && event_id[0] != '\0')
+		{
+			prop.identifier = MQTTPROPERTY_CODE_USER_PROPERTY;
+			prop.value.data.data = "event-id";
+			prop.value.data.len = 8;
+			prop.value.value.data = (char *) event_id;
+			prop.value.value.len = strlen(event_id);
+			MQTTProperties_add(&mprops, &prop);
+		}
 	}
+	if (b->version == MQTTVERSION_5 && props != NULL && props_len > 0)
+		add_publish_properties(&mprops, props, props_len);
+	if (mprops.count > 0)
+		msg.properties = mprops;
 
 	rc = MQTTAsync_sendMessage(b->client, topic, &msg, &ropts);
-	if (props.count > 0)
-		MQTTProperties_free(&props);
+	if (mprops.count > 0)
+		MQTTProperties_free(&mprops);
 	return rc;
 }
 
@@ -588,6 +684,7 @@ me_broker_destroy(MeBroker *b)
 	free(b->failures);
 	free(b->rejects);
 	pthread_mutex_destroy(&b->mutex);
+	free(b->url);
 	free(b);
 }
 
@@ -595,6 +692,13 @@ void
 me_broker_free_message(MeIncoming *m)
 {
 	free(m);
+}
+
+/* the broker URL the client connects to */
+const char *
+me_broker_url(MeBroker *b)
+{
+	return b->url;
 }
 
 const char *

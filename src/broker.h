@@ -21,7 +21,9 @@ typedef struct MeBroker MeBroker;
  */
 typedef struct MeBrokerConfig
 {
-	char	   *url;
+	char	   *url;			/* mqtt_emit.broker_url: one URL or a list */
+	char	  **urls;			/* its URLs, each a client connects to */
+	int			nurls;
 	char	   *client_id;		/* the publisher's; the subscriber adds a suffix */
 	char	   *username;
 	char	   *password;
@@ -43,7 +45,7 @@ typedef struct MeIncoming
 	char	   *payload;
 	int			payload_len;
 	int			topic_len;
-	char	   *props;			/* MQTT 5 properties (ME_PROP_* records), or NULL */
+	char	   *props;			/* MQTT 5 properties (ME_INPROP_* records), or NULL */
 	int			props_len;
 } MeIncoming;
 
@@ -54,11 +56,11 @@ typedef struct MeIncoming
  * property's value, empty otherwise; the payload format indicator is its
  * one byte.
  */
-#define ME_PROP_PAYLOAD_FORMAT	1	/* MQTTPROPERTY_CODE_PAYLOAD_FORMAT_INDICATOR */
-#define ME_PROP_CONTENT_TYPE	3
-#define ME_PROP_RESPONSE_TOPIC	8
-#define ME_PROP_CORRELATION		9
-#define ME_PROP_USER			38
+#define ME_INPROP_PAYLOAD_FORMAT	1	/* MQTTPROPERTY_CODE_PAYLOAD_FORMAT_INDICATOR */
+#define ME_INPROP_CONTENT_TYPE	3
+#define ME_INPROP_RESPONSE_TOPIC	8
+#define ME_INPROP_CORRELATION		9
+#define ME_INPROP_USER			38
 
 /* What happened on the paho threads since the last me_broker_poll(). */
 typedef struct MeBrokerNews
@@ -78,7 +80,8 @@ typedef struct MeBrokerNews
 	int			broker_max_qos; /* CONNACK Maximum QoS (MQTT 5), or -1 */
 } MeBrokerNews;
 
-extern MeBroker *me_broker_create(const MeBrokerConfig *cfg, const char *client_id,
+extern MeBroker *me_broker_create(const MeBrokerConfig *cfg, const char *url,
+								  const char *client_id,
 								  bool subscriber, Latch *latch, int max_qos,
 								  char *errbuf, int errlen);
 extern void me_broker_destroy(MeBroker *b);
@@ -89,12 +92,15 @@ extern bool me_broker_watch(MeBroker *b, long *timeout_ms);
 extern bool me_broker_stale(MeBroker *b);
 extern void me_broker_poll(MeBroker *b, MeBrokerNews *news);
 extern int	me_broker_publish(MeBroker *b, const char *topic, const char *payload,
-							  int len, int qos, bool is_json, uint64 msgno);
+							  int len, int qos, bool retain, bool is_json,
+							  const char *props, int props_len,
+							  const char *event_id, uint64 msgno);
 extern int	me_broker_subscribe(MeBroker *b, const char *filter, int qos);
 extern int	me_broker_unsubscribe(MeBroker *b, const char *filter);
 extern void me_broker_disconnect(MeBroker *b, int timeout_ms);
 extern void me_broker_free_message(MeIncoming *m);
 extern const char *me_broker_strerror(int rc);
+extern const char *me_broker_url(MeBroker *b);
 
 #define ME_BROKER_BACKPRESSURE	(-12)	/* MQTTASYNC_MAX_BUFFERED_MESSAGES */
 

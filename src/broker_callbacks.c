@@ -297,7 +297,7 @@ me_cb_probe_failure5(void *context, MQTTAsync_failureData5 *response)
 	probe_answered((MeBroker *) context, false);
 }
 
-/* is this one of the properties that handlers get (ME_PROP_*)? */
+/* is this one of the properties that handlers get (ME_INPROP_*)? */
 static bool
 prop_kept(const MQTTProperty *p)
 {
@@ -314,7 +314,7 @@ prop_kept(const MQTTProperty *p)
 	}
 }
 
-/* bytes the kept properties take as ME_PROP_* records (0: none) */
+/* bytes the kept properties take as ME_INPROP_* records (0: none) */
 static size_t
 props_size(const MQTTProperties *props)
 {

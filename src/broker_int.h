@@ -62,6 +62,7 @@ struct MeBroker
 	MQTTAsync	client;
 	bool		subscriber;
 	const MeBrokerConfig *cfg;
+	char	   *url;			/* the one URL of cfg's list it connects to */
 	int			version;		/* MQTTVERSION_3_1_1 or MQTTVERSION_5 */
 	int			max_qos;		/* highest QoS to publish with on this client */
 

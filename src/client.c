@@ -13,6 +13,18 @@
  * differ, destroys both clients and takes a new snapshot.  Problems are
  * logged once at LOG while they repeat, then at DEBUG1.
  *
+ * mqtt_emit.broker_url may list several brokers (the nodes of one cluster,
+ * or a primary and a standby).  Each slot walks the list on its own: it
+ * connects to one URL at a time, and when that connect fails or the
+ * connection is lost it destroys the client and tries the next URL at
+ * once; only after a whole round of the list failed does it wait out the
+ * backoff.  A slot stays with a broker that works: it does not go back to
+ * the first of the list by itself.  paho's own list (serverURIs) is not
+ * used: it starts from the first URL at every connect and reports only the
+ * last failure, and here the worker knows which broker each client is on
+ * (mqtt_emit.stats shows it).  While no broker answers, events wait in the
+ * queue and the outbox as for a single broker.
+ *
  * A publisher whose connection is lost is destroyed at once: paho would
  * otherwise send what it still buffers ahead of the unacknowledged events
  * that are sent again from the oldest one, out of order.  So is a client
@@ -37,6 +49,7 @@
 #include "postgres.h"
 
 #include "miscadmin.h"
+#include "storage/latch.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -53,7 +66,10 @@ typedef struct ClientSlot
 	bool		was_connected;
 	int			max_qos;		/* highest QoS the broker supports, as far as known */
 	uint64		connections;	/* connections made so far */
-	char		last_logged[256];
+	int			url_index;		/* the URL of config.urls tried or in use */
+	int			failed_in_round;	/* URLs failed since the last connection */
+	bool		same_url;		/* reconnect to the same URL (not a failure) */
+	char		last_logged[MQTT_EMIT_MAX_BROKER_URLS][256];	/* per URL */
 } ClientSlot;
 
 static ClientSlot slots[2] = {{NULL, false}, {NULL, true}};
@@ -72,10 +88,33 @@ dup_setting(char *old, const char *val)
 	return MemoryContextStrdup(TopMemoryContext, val ? val : "");
 }
 
+/*
+ * Split config.url into config.urls, in TopMemoryContext.  The setting's
+ * check hook made sure that the list is short and every URL valid.
+ */
+static void
+take_url_list(void)
+{
+	MemoryContext old;
+	int			i;
+
+	if (config.urls == NULL)
+		config.urls = MemoryContextAllocZero(TopMemoryContext,
+											 sizeof(char *) * MQTT_EMIT_MAX_BROKER_URLS);
+	for (i = 0; i < config.nurls; i++)
+		pfree(config.urls[i]);
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	config.nurls = Min(me_broker_url_list(config.url, config.urls,
+										  MQTT_EMIT_MAX_BROKER_URLS),
+					   MQTT_EMIT_MAX_BROKER_URLS);
+	MemoryContextSwitchTo(old);
+}
+
 static void
 take_settings(void)
 {
 	config.url = dup_setting(config.url, mqtt_emit_broker_url);
+	take_url_list();
 	config.client_id = dup_setting(config.client_id, me_client_id());
 	config.username = dup_setting(config.username, mqtt_emit_username);
 	config.password = dup_setting(config.password, mqtt_emit_password);
@@ -135,7 +174,10 @@ me_client_settings_changed(void)
 static void
 reset_schedule(ClientSlot *slot)
 {
-	slot->last_logged[0] = '\0';
+	memset(slot->last_logged, 0, sizeof(slot->last_logged));
+	slot->url_index = 0;
+	slot->failed_in_round = 0;
+	slot->same_url = false;
 	slot->next_attempt = 0;
 	slot->backoff_ms = mqtt_emit_reconnect_min;
 	slot->max_qos = 2;			/* a new broker: nothing known yet */
@@ -165,6 +207,45 @@ me_client_restart(void)
 	reset_schedule(&slots[ME_CLIENT_SUBSCRIBER]);
 }
 
+/* the URL the slot tries or uses */
+static const char *
+slot_url(ClientSlot *slot)
+{
+	return config.nurls > 0 ? config.urls[slot->url_index] : config.url;
+}
+
+/*
+ * The slot's broker failed (a connect failed, or the connection was lost):
+ * with a list, drop the client, which is bound to its URL, and move on to
+ * the next URL, at once unless the whole list failed in this round (then
+ * the backoff already scheduled stands).
+ */
+static void
+next_url(ClientSlot *slot)
+{
+	if (config.nurls <= 1)
+		return;
+	if (slot->same_url)
+	{
+		slot->same_url = false;
+		return;
+	}
+	if (slot->broker)
+	{
+		me_broker_destroy(slot->broker);
+		slot->broker = NULL;
+	}
+	slot->url_index = (slot->url_index + 1) % config.nurls;
+	if (++slot->failed_in_round < config.nurls)
+	{
+		/* the loop may have computed its wait already: come back at once */
+		slot->next_attempt = 0;
+		SetLatch(MyLatch);
+	}
+	else
+		slot->failed_in_round = 0;
+}
+
 /*
  * Log a broker problem: at LOG the first time it is seen, then at DEBUG1
  * while the same message repeats, so that an absent broker does not flood
@@ -174,15 +255,22 @@ static void
 report_problem(ClientSlot *slot, const char *msg)
 {
 	const char *who = slot->subscriber ? "subscriber" : "publisher";
+	char	   *logged = slot->last_logged[slot->url_index];
 
 	me_set_last_error("%s: %s", who, msg);
-	if (strcmp(slot->last_logged, msg) != 0)
+	if (strcmp(logged, msg) != 0)
 	{
-		ereport(LOG,
-				(errmsg("pg_mqtt_emit %s cannot reach broker \"%s\": %s",
-						who, config.url, msg),
-				 errhint("Events wait in the queue and are published when the broker is back.")));
-		strlcpy(slot->last_logged, msg, sizeof(slot->last_logged));
+		if (config.nurls > 1)
+			ereport(LOG,
+					(errmsg("pg_mqtt_emit %s cannot reach broker \"%s\": %s",
+							who, slot_url(slot), msg),
+					 errhint("The next broker of \"mqtt_emit.broker_url\" is tried; events wait in the queue until one answers.")));
+		else
+			ereport(LOG,
+					(errmsg("pg_mqtt_emit %s cannot reach broker \"%s\": %s",
+							who, slot_url(slot), msg),
+					 errhint("Events wait in the queue and are published when the broker is back.")));
+		strlcpy(logged, msg, sizeof(slot->last_logged[0]));
 	}
 	else
 		ereport(DEBUG1,
@@ -221,24 +309,29 @@ me_client_service(MeClientRole role, TimestampTz now, long *timeout)
 			snprintf(cid, sizeof(cid), "%s-subscriber", config.client_id);
 		else
 			strlcpy(cid, config.client_id, sizeof(cid));
-		slot->broker = me_broker_create(&config, cid, slot->subscriber, MyLatch,
+		slot->broker = me_broker_create(&config, slot_url(slot), cid,
+										slot->subscriber, MyLatch,
 										slot->max_qos, err, sizeof(err));
 		if (slot->broker == NULL)
 		{
 			report_problem(slot, err);
 			slot->next_attempt = now + (TimestampTz) mqtt_emit_reconnect_max * 1000;
 			*timeout = Min(*timeout, mqtt_emit_reconnect_max);
+			next_url(slot);
 			return;
 		}
 	}
-
-	if (!me_broker_connect(slot->broker, err, sizeof(err)))
-		report_problem(slot, err);
 
 	/* schedule the next attempt in case this one fails */
 	slot->next_attempt = now + (TimestampTz) slot->backoff_ms * 1000;
 	*timeout = Min(*timeout, slot->backoff_ms);
 	slot->backoff_ms = Min(slot->backoff_ms * 2, mqtt_emit_reconnect_max);
+
+	if (!me_broker_connect(slot->broker, err, sizeof(err)))
+	{
+		report_problem(slot, err);
+		next_url(slot);
+	}
 }
 
 MeBroker *
@@ -278,15 +371,25 @@ me_client_poll(MeClientRole role, MeBrokerNews *news)
 	me_broker_poll(slot->broker, news);
 	if (news->connected && me_broker_connected(slot->broker))
 	{
-		ereport(LOG,
-				(errmsg("pg_mqtt_emit %s connected to broker \"%s\"",
-						slot->subscriber ? "subscriber" : "publisher",
-						config.url)));
+		if (config.nurls > 1)
+			ereport(LOG,
+					(errmsg("pg_mqtt_emit %s connected to broker \"%s\"",
+							slot->subscriber ? "subscriber" : "publisher",
+							slot_url(slot)),
+					 errdetail("Broker %d of %d in \"mqtt_emit.broker_url\".",
+							   slot->url_index + 1, config.nurls)));
+		else
+			ereport(LOG,
+					(errmsg("pg_mqtt_emit %s connected to broker \"%s\"",
+							slot->subscriber ? "subscriber" : "publisher",
+							slot_url(slot))));
 		slot->backoff_ms = mqtt_emit_reconnect_min;
 		slot->was_connected = true;
-		slot->last_logged[0] = '\0';
+		slot->failed_in_round = 0;
+		memset(slot->last_logged, 0, sizeof(slot->last_logged));
 		me_count(ME_STAT_CONNECTS, 1);
 		me_set_connected(slot->subscriber, true);
+		me_set_broker_url(slot->subscriber, slot_url(slot));
 		slot->connections++;
 	}
 	if (slot->subscriber)
@@ -299,7 +402,7 @@ me_client_poll(MeClientRole role, MeBrokerNews *news)
 		if (mqtt_emit_qos > slot->max_qos)
 			ereport(WARNING,
 					(errmsg("pg_mqtt_emit publishes with QoS %d: broker \"%s\" supports QoS %d at most",
-							slot->max_qos, config.url, slot->max_qos),
+							slot->max_qos, slot_url(slot), slot->max_qos),
 					 errdetail("The broker's CONNACK says Maximum QoS %d; \"mqtt_emit.qos\" is %d.",
 							   slot->max_qos, mqtt_emit_qos),
 					 errhint("Set \"mqtt_emit.qos\" to %d, or use a broker that supports QoS %d.",
@@ -316,11 +419,13 @@ me_client_poll(MeClientRole role, MeBrokerNews *news)
 		slot->max_qos = 1;
 		ereport(WARNING,
 				(errmsg("pg_mqtt_emit publishes with QoS 1: broker \"%s\" does not support QoS 2",
-						config.url),
+						slot_url(slot)),
 				 errdetail("The broker acknowledged a QoS 2 message with PUBACK, as for QoS 1. The publisher reconnects and publishes with QoS 1 until the broker settings change."),
 				 errhint("Set \"mqtt_emit.qos\" to 1, or use a broker that supports QoS 2.")));
 		if (!news->lost)
 		{
+			/* the broker works: stay with it */
+			slot->same_url = true;
 			news->lost = true;
 			strlcpy(news->error, "reconnecting to publish with QoS 1 (the broker does not support QoS 2)",
 					sizeof(news->error));
@@ -340,6 +445,7 @@ me_client_lost(MeClientRole role, const char *why)
 	ClientSlot *slot = &slots[role];
 
 	me_set_connected(slot->subscriber, false);
+	me_set_broker_url(slot->subscriber, NULL);
 	report_problem(slot, why);
 	if (slot->was_connected)
 	{
@@ -353,6 +459,7 @@ me_client_lost(MeClientRole role, const char *why)
 		me_broker_destroy(slot->broker);
 		slot->broker = NULL;
 	}
+	next_url(slot);
 }
 
 /*
@@ -370,6 +477,7 @@ me_client_drop(MeClientRole role, int disconnect_ms)
 	me_broker_destroy(slot->broker);
 	slot->broker = NULL;
 	me_set_connected(slot->subscriber, false);
+	me_set_broker_url(slot->subscriber, NULL);
 }
 
 /* at shutdown: say goodbye to the broker */
@@ -395,5 +503,6 @@ me_client_destroy_all(void)
 			slots[i].broker = NULL;
 		}
 		me_set_connected(slots[i].subscriber, false);
+		me_set_broker_url(slots[i].subscriber, NULL);
 	}
 }

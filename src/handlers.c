@@ -554,7 +554,7 @@ append_json_bytes(StringInfo buf, const char *key, const char *data, int len, bo
 
 /*
  * The text of an ME_KIND_MESSAGE outbox row: "\x" and the payload in hex,
- * then, when there are properties (ME_PROP_* records from broker.c), a
+ * then, when there are properties (ME_INPROP_* records from broker.c), a
  * newline and a JSON object of them: content_type, response_topic,
  * correlation_data (hex), payload_format (0 or 1), user_properties (an
  * array of [name, value] pairs, in the order received).
@@ -599,19 +599,19 @@ me_handlers_encode(StringInfo buf, const char *payload, int payload_len,
 			break;
 		switch (code)
 		{
-			case ME_PROP_PAYLOAD_FORMAT:
+			case ME_INPROP_PAYLOAD_FORMAT:
 				if (!first)
 					appendStringInfoChar(buf, ',');
 				first = false;
 				appendStringInfo(buf, "\"payload_format\":%d", len1 > 0 ? (unsigned char) d1[0] : 0);
 				break;
-			case ME_PROP_CONTENT_TYPE:
+			case ME_INPROP_CONTENT_TYPE:
 				append_json_bytes(buf, "content_type", d1, len1, &first);
 				break;
-			case ME_PROP_RESPONSE_TOPIC:
+			case ME_INPROP_RESPONSE_TOPIC:
 				append_json_bytes(buf, "response_topic", d1, len1, &first);
 				break;
-			case ME_PROP_CORRELATION:
+			case ME_INPROP_CORRELATION:
 				{
 					char	   *hex = palloc(len1 * 2 + 1);
 
@@ -620,7 +620,7 @@ me_handlers_encode(StringInfo buf, const char *payload, int payload_len,
 					pfree(hex);
 				}
 				break;
-			case ME_PROP_USER:
+			case ME_INPROP_USER:
 				if ((int) strnlen(d1, len1) == len1 && pg_verifymbstr(d1, len1, true) &&
 					(int) strnlen(d2, len2) == len2 && pg_verifymbstr(d2, len2, true))
 				{

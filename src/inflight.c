@@ -38,6 +38,7 @@
 
 #include "pg_mqtt_emit.h"
 #include "outbox.h"
+#include "pubprops.h"
 #include "topic.h"
 #include "worker.h"
 
@@ -108,6 +109,60 @@ by_msgno(uint64 msgno)
 }
 
 /*
+ * The event id of a row event's payload: the value of the top-level key
+ * "eventId" (payload.c), which is followed by "old" rows and the origin,
+ * and may be preceded by rows with keys of that name of their own, so the
+ * scan follows the JSON's nesting (strings with their escapes, objects and
+ * arrays) and looks at keys of the outer object only.  One pass over the
+ * payload, stopping at the id.  out stays empty when there is none (a JSON
+ * profile that writes no id).
+ */
+static void
+find_event_id(const char *payload, int len, char *out)
+{
+	static const char key[] = "\"eventId\":\"";
+	const int	keylen = sizeof(key) - 1;
+	int			depth = 0;
+	bool		expect_key = false;
+	int			i = 0;
+
+	while (i < len)
+	{
+		char		c = payload[i];
+
+		if (c == '"')
+		{
+			if (depth == 1 && expect_key &&
+				len - i >= keylen + MQTT_EMIT_EVENT_ID_LEN + 1 &&
+				memcmp(payload + i, key, keylen) == 0 &&
+				payload[i + keylen + MQTT_EMIT_EVENT_ID_LEN] == '"')
+			{
+				memcpy(out, payload + i + keylen, MQTT_EMIT_EVENT_ID_LEN);
+				out[MQTT_EMIT_EVENT_ID_LEN] = '\0';
+				return;
+			}
+			/* skip the string */
+			for (i++; i < len && payload[i] != '"'; i++)
+			{
+				if (payload[i] == '\\')
+					i++;
+			}
+			expect_key = false;
+		}
+		else if (c == '{' || c == '[')
+		{
+			depth++;
+			expect_key = (c == '{' && depth == 1);
+		}
+		else if (c == '}' || c == ']')
+			depth--;
+		else if (c == ',')
+			expect_key = (depth == 1);
+		i++;
+	}
+}
+
+/*
  * Send one event (a queue entry ending at end_pos, or an outbox row when
  * outbox_row is set); false when it could not be sent now.  key names the
  * event for the strike count.
@@ -123,7 +178,17 @@ me_inflight_send(const MqttEmitEventHeader *hdr, const char *model,
 	int			pass;
 	uint64		msgno = next_msgno;
 	int			len = (int) hdr->payload_len;
+	const char *props = NULL;
+	int			props_len = 0;
+	char		event_id[MQTT_EMIT_EVENT_ID_LEN + 1];
 	InFlight   *f;
+
+	event_id[0] = '\0';
+	if (hdr->kind == ME_KIND_PUBLISH && (hdr->flags & ME_FLAG_PROPS) &&
+		!me_pubprops_split(&payload, &len, &props, &props_len))
+		props = NULL;			/* malformed (cannot happen): publish it all */
+	else if (hdr->kind == ME_KIND_ROW)
+		find_event_id(payload, len, event_id);
 
 	if (mqtt_emit_signing_key[0] != '\0' &&
 		me_sign_payload(&signbuf, payload, len))
@@ -149,8 +214,10 @@ me_inflight_send(const MqttEmitEventHeader *hdr, const char *model,
 				break;
 			me_build_topic(&topicbuf, hdr, model, pass == 1);
 		}
-		rc = me_broker_publish(pub, topicbuf.data, payload,
-							   len, qos, hdr->kind == ME_KIND_ROW, msgno);
+		rc = me_broker_publish(pub, topicbuf.data, payload, len, qos,
+							   (hdr->flags & ME_FLAG_RETAIN) != 0,
+							   hdr->kind == ME_KIND_ROW, props, props_len,
+							   event_id, msgno);
 		if (rc != 0)
 			break;
 		nmsgs++;

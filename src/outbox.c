@@ -12,7 +12,14 @@
  *	flags	ME_FLAG_PUBLISH (send it), ME_FLAG_LOCAL (its local listeners
  *			have not run yet), ME_FLAG_QUEUED (a durable event whose queue
  *			entry exists too: the queue's copy runs its listeners and is
- *			published; the row is the crash net); in the high byte
+ *			published; the row is the crash net), for ad-hoc publishes
+ *			ME_FLAG_RETAIN and ME_FLAG_PROPS (its MQTT 5 properties lead
+ *			the payload column, pubprops.c), ME_FLAG_HELD (its local
+ *			listeners are due once the worker's local cursor reaches its
+ *			place in the queue: me_outbox_release_batch and
+ *			me_outbox_release_strays copy it then as a row with only
+ *			ME_FLAG_LOCAL, so that local listeners run in the queue's
+ *			order, which is the commit order); in the high byte
  *			(ME_DEPTH_SHIFT) the event's depth, how many listeners caused
  *			it, so that the limit of mqtt_emit.max_depth holds across the
  *			outbox and no new column is needed
@@ -50,12 +57,14 @@
 
 #include "pg_mqtt_emit.h"
 #include "outbox.h"
+#include "pubprops.h"
 #include "topic.h"
 
 /* the flags as SQL integer literals */
 #define SQL_PUBLISH		CppAsString2(ME_FLAG_PUBLISH)
 #define SQL_LOCAL		CppAsString2(ME_FLAG_LOCAL)
 #define SQL_QUEUED		CppAsString2(ME_FLAG_QUEUED)
+#define SQL_HELD		CppAsString2(ME_FLAG_HELD)
 
 /*
  * A row is finished when it need neither be published nor handed to the
@@ -65,7 +74,7 @@
  * other's change (READ COMMITTED re-checks a row updated concurrently) and
  * deletes it.
  */
-#define SQL_UNFINISHED	"(flags & (" SQL_PUBLISH " | " SQL_LOCAL "))"
+#define SQL_UNFINISHED	"(flags & (" SQL_PUBLISH " | " SQL_LOCAL " | " SQL_HELD "))"
 
 /*
  * A row written without a marker carries -(queue position + 1) as its
@@ -338,6 +347,7 @@ me_outbox_start(bool fresh)
 									1, &type, &epoch, NULL, false, 0),
 			  SPI_OK_UPDATE, "update mqtt_emit.outbox");
 		me_outbox_place_strays(true, 0);
+		me_outbox_release_strays(true, 0);
 	}
 	SPI_finish();
 }
@@ -416,6 +426,113 @@ me_outbox_place_strays(bool all, uint64 upto)
 		  SPI_OK_UPDATE, "order outbox rows");
 	next_order += SPI_processed;
 	SPI_finish();
+}
+
+/*
+ * The local listeners of held rows are due now: copy them, in id order, as
+ * rows with only ME_FLAG_LOCAL (the listener worker runs rows in id order,
+ * so they run after everything handed to it before and before everything
+ * handed after), clear their ME_FLAG_HELD and delete those that are done.
+ * where: the SQL condition on the held rows, with args; returns how many
+ * rows were copied.
+ */
+static uint64
+release_held(const char *where, int nargs, Oid *types, Datum *args)
+{
+	StringInfoData sql;
+	uint64		copied;
+
+	initStringInfo(&sql);
+	appendStringInfo(&sql,
+					 "WITH h AS ("
+					 " UPDATE mqtt_emit.outbox SET flags = flags & ~" SQL_HELD
+					 " WHERE (flags & " SQL_HELD ") <> 0 AND %s"
+					 " RETURNING id, kind, flags, op, qos, model, payload, relid, created_at),"
+					 " c AS ("
+					 " INSERT INTO mqtt_emit.outbox"
+					 "  (kind, flags, op, qos, model, payload, batch, marked, relid, created_at)"
+					 " SELECT kind, (flags & ~(" SQL_PUBLISH " | " SQL_QUEUED " | " SQL_HELD ")) | " SQL_LOCAL ","
+					 "  op, qos, model, payload, 0, true, relid, created_at"
+					 "  FROM h ORDER BY id"
+					 " RETURNING 1)"
+					 " SELECT count(*) FROM c", where);
+	check(SPI_execute_with_args(sql.data, nargs, types, args, NULL, false, 0),
+		  SPI_OK_SELECT, "release held outbox rows");
+	copied = (uint64) first_int8(1);
+	if (copied > 0)
+	{
+		me_outbox_rows_add(copied);
+		resetStringInfo(&sql);
+		appendStringInfo(&sql, "DELETE FROM mqtt_emit.outbox WHERE " SQL_UNFINISHED " = 0 AND %s", where);
+		check(SPI_execute_with_args(sql.data, nargs, types, args, NULL, false, 0),
+			  SPI_OK_DELETE, "delete from mqtt_emit.outbox");
+		me_outbox_rows_sub(SPI_processed);
+	}
+	pfree(sql.data);
+	return copied;
+}
+
+/*
+ * The local cursor reached a committed transaction's marker: its held rows'
+ * local listeners are due.  Returns how many rows were handed over.
+ */
+uint64
+me_outbox_release_batch(const MqttEmitMarker *mk)
+{
+	Datum		args[3];
+	Oid			types[3] = {INT8OID, INT8OID, INT8OID};
+	uint64		n;
+
+	args[0] = Int64GetDatum(mk->batch);
+	args[1] = Int64GetDatum(mk->min_id);
+	args[2] = Int64GetDatum(mk->max_id);
+	SPI_connect();
+	n = release_held("id BETWEEN $2 AND $3 AND batch = $1", 3, types, args);
+	SPI_finish();
+	return n;
+}
+
+/*
+ * Held rows that no marker will release (see me_outbox_place_strays, whose
+ * rules these follow): those written when the queue's tail was at or
+ * before upto, the local cursor being there; with all, every held row
+ * written before the shared memory was set up.  Returns how many rows were
+ * handed over.
+ */
+uint64
+me_outbox_release_strays(bool all, uint64 upto)
+{
+	Datum		arg;
+	Oid			type = INT8OID;
+	uint64		n;
+
+	arg = Int64GetDatum(all ? (int64) me_shmem_epoch_seq() : (int64) upto);
+	SPI_connect();
+	n = release_held(all ? "batch < $1" : "NOT marked AND batch < 0 AND batch >= -$1 - 1",
+					 1, &type, &arg);
+	SPI_finish();
+	return n;
+}
+
+/*
+ * The lowest queue position at which a held row without a marker was
+ * written, or -1 when there is none.  Scans the outbox: called only after
+ * a backend wrote such rows (me_held_strays_version).
+ */
+int64
+me_outbox_next_held_stray(void)
+{
+	int64		batch;
+	bool		isnull;
+
+	SPI_connect();
+	check(SPI_execute("SELECT max(batch) FROM mqtt_emit.outbox"
+					  " WHERE (flags & " SQL_HELD ") <> 0 AND NOT marked AND batch < 0",
+					  false, 1),
+		  SPI_OK_SELECT, "read mqtt_emit.outbox");
+	batch = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	SPI_finish();
+	return isnull ? -1 : -batch - 1;
 }
 
 /*
@@ -565,7 +682,7 @@ me_outbox_delete_done(void)
 		Oid			argtype = INT8ARRAYOID;
 
 		clear_plan = SPI_prepare("UPDATE mqtt_emit.outbox SET flags = flags & ~" SQL_PUBLISH
-								 " WHERE id = ANY ($1) AND (flags & " SQL_LOCAL ") <> 0",
+								 " WHERE id = ANY ($1) AND (flags & (" SQL_LOCAL " | " SQL_HELD ")) <> 0",
 								 1, &argtype);
 		delete_plan = SPI_prepare("DELETE FROM mqtt_emit.outbox"
 								  " WHERE id = ANY ($1) AND " SQL_UNFINISHED " IN (0, " SQL_PUBLISH ")",
@@ -618,6 +735,22 @@ init_topicbuf(void)
 }
 
 /*
+ * The message of an event as text: its payload without the MQTT 5
+ * properties that an ad-hoc publish may carry in front (pubprops.c).
+ */
+static text *
+message_text(const MqttEmitEventHeader *hdr, const char *payload)
+{
+	int			len = (int) hdr->payload_len;
+	const char *props;
+	int			props_len;
+
+	if (hdr->kind == ME_KIND_PUBLISH && (hdr->flags & ME_FLAG_PROPS))
+		(void) me_pubprops_split(&payload, &len, &props, &props_len);
+	return cstring_to_text_with_len(payload, len);
+}
+
+/*
  * Move an outbox row that the broker keeps refusing to the dead letters.
  */
 void
@@ -637,7 +770,7 @@ me_outbox_dead_letter_row(int64 id, const char *reason)
 		row_from_tuple(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, &row);
 		me_build_dead_letter_topic(&topicbuf, &row.hdr, row.model);
 		insert_dead_letter(topicbuf.data,
-						   cstring_to_text_with_len(row.payload, row.hdr.payload_len),
+						   message_text(&row.hdr, row.payload),
 						   reason, row.created_at);
 		check(SPI_execute_with_args("UPDATE mqtt_emit.outbox SET flags = flags & ~" SQL_PUBLISH
 									" WHERE id = $1",
@@ -666,7 +799,7 @@ me_outbox_dead_letter_entry(const MqttEmitEventHeader *hdr, const char *reason)
 	me_build_dead_letter_topic(&topicbuf, hdr, model);
 	SPI_connect();
 	insert_dead_letter(topicbuf.data,
-					   cstring_to_text_with_len(model + hdr->model_len, hdr->payload_len),
+					   message_text(hdr, model + hdr->model_len),
 					   reason, GetCurrentTransactionStartTimestamp());
 	SPI_finish();
 	ForceSyncCommit();

@@ -77,6 +77,7 @@ static MqttEmitMarker marker;
 #define ME_MARKER_ENTRY_SIZE (sizeof(MqttEmitEventHeader) + sizeof(MqttEmitMarker))
 static bool spilled = false;
 static bool local_rows = false;		/* outbox rows for local listeners */
+static bool held_rows = false;		/* ... that wait for the worker (relay.c) */
 static bool listeners_changed = false;
 static int	capture_depth = 0;		/* depth of the events captured now */
 
@@ -211,6 +212,7 @@ reset_pending(void)
 	queued = false;
 	spilled = false;
 	local_rows = false;
+	held_rows = false;
 }
 
 /*
@@ -276,6 +278,27 @@ write_outbox(void)
 	if (marker_reserved)
 		reserved_bytes = ME_MARKER_ENTRY_SIZE;
 	marker.batch = (int64) me_next_event_seq();
+
+	/*
+	 * Their local listeners wait too, until the worker reaches the marker
+	 * (or, without one, the queue position of now): events queued before
+	 * this commit run first, so local listeners see the commit order
+	 * (relay.c).  Durable events need not: every one of them runs its
+	 * local listeners from its row, in the order of the rows' ids, which
+	 * were taken at PRE_COMMIT, after whatever this transaction waited for.
+	 */
+	held_rows = false;
+	for (i = 0; mqtt_emit_delivery != ME_DELIVERY_DURABLE && i < npending; i++)
+	{
+		MqttEmitEventHeader *h = (MqttEmitEventHeader *) pending[i];
+
+		if (h->flags & ME_FLAG_LOCAL)
+		{
+			h->flags = (h->flags & ~ME_FLAG_LOCAL) | ME_FLAG_HELD;
+			held_rows = true;
+		}
+	}
+	local_rows = false;
 	/*
 	 * Without a marker the rows are placed once everything queued before
 	 * now is: what commits into the queue after this point cannot have
@@ -351,6 +374,8 @@ capture_xact_callback(XactEvent event, void *arg)
 			{
 				me_outbox_rows_add(outboxed);
 				me_outbox_version_bump();
+				if (held_rows && !marker_reserved)
+					me_held_strays_version_bump();
 				if (spilled)
 					me_count(ME_STAT_SPILLED, outboxed);
 				me_wake_worker();

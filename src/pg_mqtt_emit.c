@@ -127,8 +127,8 @@ _PG_init(void)
 		return;
 
 	DefineCustomStringVariable("mqtt_emit.broker_url",
-							   "Sets the URL of the MQTT broker.",
-							   "One URL: tcp://host:port or mqtt://host:port, ssl://host:port or mqtts://host:port (TLS), ws:// or wss://host:port/path (WebSocket).",
+							   "Sets the URL of the MQTT broker, or a comma-separated list of brokers to fail over between.",
+							   "Each URL: tcp://host:port or mqtt://host:port, ssl://host:port or mqtts://host:port (TLS), ws:// or wss://host:port/path (WebSocket).",
 							   &mqtt_emit_broker_url,
 							   "tcp://localhost:1883",
 							   PGC_SIGHUP, 0,
@@ -480,7 +480,8 @@ me_client_id(void)
 /*
  * Is url one broker URL that paho can connect to: scheme://host[:port],
  * and a path for WebSocket?  If not, fill detail and hint.  This checks one
- * URL: a list of brokers would be split first and each element checked.
+ * URL: a list of brokers is split first (me_broker_url_list) and each
+ * element checked.
  */
 static bool
 broker_url_valid(const char *url, char *detail, char *hint, size_t len)
@@ -498,10 +499,10 @@ broker_url_valid(const char *url, char *detail, char *hint, size_t len)
 	bool		lower = false;
 	int			i;
 
-	if (strpbrk(url, ", \t\r\n;") != NULL)
+	if (strpbrk(url, " \t\r\n;") != NULL)
 	{
-		snprintf(detail, len, "\"mqtt_emit.broker_url\" takes one URL, not a list and no spaces.");
-		snprintf(hint, len, "Give one broker, for example tcp://broker.example.com:1883.");
+		snprintf(detail, len, "A broker URL must not contain spaces or semicolons.");
+		snprintf(hint, len, "Separate the brokers of a list with commas, for example tcp://a.example.com:1883, tcp://b.example.com:1883.");
 		return false;
 	}
 	if (sep == NULL)
@@ -592,21 +593,86 @@ broker_url_valid(const char *url, char *detail, char *hint, size_t len)
 	return true;
 }
 
+/*
+ * Split the value of mqtt_emit.broker_url into its URLs: commas separate
+ * them, spaces and tabs around each are dropped.  Fills urls (palloc'd in
+ * the current memory context) with at most max elements and returns how
+ * many the value has, which may be more than max.  An element may be empty
+ * (",," or a comma at the end); the caller checks each.
+ */
+int
+me_broker_url_list(const char *value, char **urls, int max)
+{
+	const char *p = value;
+	int			n = 0;
+
+	for (;;)
+	{
+		const char *end = strchr(p, ',');
+		const char *stop = end ? end : p + strlen(p);
+
+		while (p < stop && (*p == ' ' || *p == '\t'))
+			p++;
+		while (stop > p && (stop[-1] == ' ' || stop[-1] == '\t'))
+			stop--;
+		if (n < max)
+			urls[n] = pnstrdup(p, stop - p);
+		n++;
+		if (end == NULL)
+			break;
+		p = end + 1;
+	}
+	return n;
+}
+
+/*
+ * mqtt_emit.broker_url: one URL, or a list of at most
+ * MQTT_EMIT_MAX_BROKER_URLS, each checked by broker_url_valid.  An error
+ * in a list names the element.
+ */
 static bool
 check_broker_url(char **newval, void **extra, GucSource source)
 {
 	char		detail[256];
 	char		hint[256];
+	char	   *urls[MQTT_EMIT_MAX_BROKER_URLS];
+	int			n;
+	int			i;
+	bool		ok = true;
 
 	if (*newval == NULL)
 		return true;
-	if (!broker_url_valid(*newval, detail, hint, sizeof(detail)))
+	n = me_broker_url_list(*newval, urls, MQTT_EMIT_MAX_BROKER_URLS);
+	if (n > MQTT_EMIT_MAX_BROKER_URLS)
 	{
-		GUC_check_errdetail("%s", detail);
-		GUC_check_errhint("%s", hint);
-		return false;
+		GUC_check_errdetail("The list has %d broker URLs; at most %d are allowed.",
+							n, MQTT_EMIT_MAX_BROKER_URLS);
+		GUC_check_errhint("List the nodes of one broker cluster, or a primary and a standby broker.");
+		ok = false;
 	}
-	return true;
+	for (i = 0; ok && i < n; i++)
+	{
+		if (n > 1 && urls[i][0] == '\0')
+		{
+			GUC_check_errdetail("Broker URL %d of the list is empty.", i + 1);
+			GUC_check_errhint("Separate the brokers with single commas, with no comma at the start or the end.");
+			ok = false;
+		}
+		else if (!broker_url_valid(urls[i], detail, hint, sizeof(detail)))
+		{
+			if (n > 1)
+				GUC_check_errdetail("Broker URL %d of the list, \"%s\": %s",
+									i + 1, urls[i], detail);
+			else
+				GUC_check_errdetail("%s", detail);
+			GUC_check_errhint("%s", hint);
+			ok = false;
+		}
+	}
+	/* the postmaster runs this at every reload: leave nothing behind */
+	for (i = 0; i < Min(n, MQTT_EMIT_MAX_BROKER_URLS); i++)
+		pfree(urls[i]);
+	return ok;
 }
 
 static bool

@@ -27,6 +27,12 @@
 #define MQTT_EMIT_SCHEMA			"mqtt_emit"
 #define MQTT_EMIT_EXTENSION			"pg_mqtt_emit"
 #define MQTT_EMIT_MAX_ERROR_LEN		256
+
+/* mqtt_emit.broker_url: at most this many brokers in the list */
+#define MQTT_EMIT_MAX_BROKER_URLS	16
+
+/* room for one broker URL in shared memory (mqtt_emit.stats) */
+#define MQTT_EMIT_MAX_URL_LEN		256
 #define MQTT_EMIT_EVENT_ID_LEN		36	/* UUID text form, without NUL */
 #define MQTT_EMIT_MAX_MODEL_LEN		200
 
@@ -102,6 +108,11 @@ typedef struct MqttEmitMarker
 #define ME_FLAG_PUBLISH		1	/* send it to the broker */
 #define ME_FLAG_LOCAL		2	/* run local listeners for it */
 #define ME_FLAG_QUEUED		4	/* outbox row whose event is in the queue too */
+#define ME_FLAG_RETAIN		8	/* ME_KIND_PUBLISH: publish with retain set */
+#define ME_FLAG_PROPS		16	/* ME_KIND_PUBLISH: MQTT 5 properties precede
+								 * the payload (pubprops.c) */
+#define ME_FLAG_HELD		32	/* outbox row whose local listeners wait for the
+								 * relay to reach its place in the queue */
 
 /*
  * The outbox keeps an event's depth in the high byte of its flags column
@@ -167,6 +178,8 @@ typedef struct MqttEmitSnapshot
 	TimestampTz stats_reset;	/* when mqtt_emit.stats_reset() ran last */
 	TimestampTz last_error_time;
 	char		last_error[MQTT_EMIT_MAX_ERROR_LEN];
+	char		broker_url[MQTT_EMIT_MAX_URL_LEN];	/* "" when not connected */
+	char		subscriber_broker_url[MQTT_EMIT_MAX_URL_LEN];
 } MqttEmitSnapshot;
 
 /* GUC variables (pg_mqtt_emit.c) */
@@ -214,6 +227,7 @@ extern bool mqtt_emit_preloaded;
 /* pg_mqtt_emit.c */
 extern void me_check_preloaded(void);
 extern const char *me_client_id(void);
+extern int	me_broker_url_list(const char *value, char **urls, int max);
 
 /* shmem.c: all shared state is read and written through these */
 extern Size me_shmem_size(void);
@@ -246,11 +260,14 @@ extern bool me_worker_take_fresh(void);
 extern uint64 me_shmem_epoch_seq(void);
 extern void me_worker_set_napping(bool napping);
 extern void me_set_connected(bool subscriber, bool connected);
+extern void me_set_broker_url(bool subscriber, const char *url);
 extern void me_set_subscriptions(uint32 n);
 extern uint32 me_listeners_version(void);
 extern void me_listeners_version_bump(void);
 extern uint32 me_outbox_version(void);
 extern void me_outbox_version_bump(void);
+extern uint32 me_held_strays_version(void);
+extern void me_held_strays_version_bump(void);
 extern uint64 me_outbox_rows(void);
 extern void me_outbox_rows_add(uint64 n);
 extern void me_outbox_rows_sub(uint64 n);

@@ -57,6 +57,9 @@ static bool extension_ready = false;	/* the outbox and registry exist */
 static bool outbox_mode = true;
 static uint32 outbox_seen_version = 0;
 static TimestampTz last_recount = 0;	/* of the outbox's rows, when idle */
+static uint32 held_seen_version = 0;	/* me_held_strays_version looked at */
+static bool held_probe = true;	/* look for held rows without a marker */
+static int64 next_held = -1;	/* the lowest queue position of those */
 
 static StringInfoData topicbuf;
 static char *entrybuf = NULL;
@@ -149,6 +152,25 @@ place_strays(uint64 pos)
 }
 
 /*
+ * Hand the local rows collected so far to the listener worker (inside the
+ * caller's transaction).
+ */
+static void
+flush_local(char **local, int *nlocal, bool *handed)
+{
+	if (*nlocal > 0)
+	{
+		int64	   *ids = palloc(sizeof(int64) * *nlocal);
+
+		me_outbox_insert(local, *nlocal, ME_FLAG_LOCAL, 0, true, 0, ids);
+		me_outbox_rows_add(*nlocal);
+		pfree(ids);
+		*nlocal = 0;
+		*handed = true;
+	}
+}
+
+/*
  * Hand queued events to the local listeners (the listener worker runs
  * them from rows of the outbox that carry only ME_FLAG_LOCAL), and publish
  * them (or, in outbox mode, move them into the outbox) as far as the
@@ -171,6 +193,8 @@ process_queue(uint64 tail, int *new_entries)
 	int64		next_stray = -1;
 	bool		cut_short = false;
 	bool		pub_blocked = false;	/* publishing stopped in this round */
+	bool		handed = false; /* rows for the listener worker written */
+	uint32		held_version = me_held_strays_version();
 
 	can_publish = !outbox_mode && me_inflight_from_outbox() == 0 &&
 		me_client_connected(ME_CLIENT_PUBLISHER);
@@ -189,6 +213,23 @@ process_queue(uint64 tail, int *new_entries)
 		me_worker_begin_tx("moving events to the outbox");
 		in_tx = true;
 		next_stray = me_outbox_next_stray();
+	}
+
+	/*
+	 * Held rows without a marker (see me_outbox_release_strays): look for
+	 * them only after a backend wrote some.
+	 */
+	if (extension_ready && (held_probe || held_version != held_seen_version))
+	{
+		if (!in_tx)
+		{
+			me_worker_begin_tx("handing events to the local listeners");
+			me_worker_commit_async();
+			in_tx = true;
+		}
+		held_seen_version = held_version;
+		held_probe = false;
+		next_held = me_outbox_next_held_stray();
 	}
 
 	*new_entries = 0;
@@ -247,14 +288,44 @@ process_queue(uint64 tail, int *new_entries)
 			MqttEmitEventHeader *h = read_entry(pos);
 			const char *model = entrybuf + sizeof(MqttEmitEventHeader);
 
+			if (need_local && next_held >= 0 && (uint64) next_held <= pos)
+			{
+				/* everything queued before they were written is handed */
+				if (!in_tx)
+				{
+					me_worker_begin_tx("handing events to the local listeners");
+					me_worker_commit_async();
+					in_tx = true;
+				}
+				flush_local(local, &nlocal, &handed);
+				if (me_outbox_release_strays(false, pos) > 0)
+					handed = true;
+				next_held = me_outbox_next_held_stray();
+			}
+			if (need_local && h->kind == ME_KIND_MARKER && extension_ready)
+			{
+				MqttEmitMarker mk;
+
+				/* a spilled transaction's local listeners come here */
+				memcpy(&mk, model, sizeof(mk));
+				if (!in_tx)
+				{
+					me_worker_begin_tx("handing events to the local listeners");
+					me_worker_commit_async();
+					in_tx = true;
+				}
+				flush_local(local, &nlocal, &handed);
+				if (me_outbox_release_batch(&mk) > 0)
+					handed = true;
+			}
+			else if (need_local && wants_local_row(h, model))
+			{
+				local[nlocal] = palloc(h->total_len);
+				memcpy(local[nlocal], h, h->total_len);
+				nlocal++;
+			}
 			if (need_local)
 			{
-				if (wants_local_row(h, model))
-				{
-					local[nlocal] = palloc(h->total_len);
-					memcpy(local[nlocal], h, h->total_len);
-					nlocal++;
-				}
 				local_pos = end;
 				(*new_entries)++;
 			}
@@ -315,7 +386,8 @@ process_queue(uint64 tail, int *new_entries)
 		nmoved = 0;
 		next_stray = place_strays(pos);
 	}
-	if (nmoved > 0 || nlocal > 0)
+	if (nmoved > 0 || nlocal > 0 ||
+		(next_held >= 0 && (uint64) next_held <= local_pos))
 	{
 		if (!in_tx)
 		{
@@ -326,17 +398,17 @@ process_queue(uint64 tail, int *new_entries)
 				me_worker_commit_async();
 		}
 		me_outbox_move(moved, nmoved);
-		if (nlocal > 0)
+		flush_local(local, &nlocal, &handed);
+		if (next_held >= 0 && (uint64) next_held <= local_pos)
 		{
-			int64	   *ids = palloc(sizeof(int64) * nlocal);
-
-			me_outbox_insert(local, nlocal, ME_FLAG_LOCAL, 0, true, 0, ids);
-			me_outbox_rows_add(nlocal);
+			if (me_outbox_release_strays(false, local_pos) > 0)
+				handed = true;
+			next_held = me_outbox_next_held_stray();
 		}
 	}
 	if (in_tx)
 		me_worker_end_tx();
-	if (nlocal > 0)
+	if (handed)
 		me_wake_listener();
 	if (moved_end > 0)
 	{

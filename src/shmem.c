@@ -38,9 +38,12 @@
  *	- capacity and epoch_seq are set when the memory is created and never
  *	  change: read without a lock.
  *	- errlock (spinlock) protects last_error and last_error_time.
+ *	- urllock (spinlock) protects broker_url, the broker each of the
+ *	  worker's two clients is connected to, written by the worker only.
  *	- counters (and their reset base and time), event_seq,
- *	  listeners_version, outbox_version, outbox_rows, outbox_oldest,
- *	  worker_napping and the connection flags are atomics and need no lock.
+ *	  listeners_version, outbox_version, held_strays_version, outbox_rows,
+ *	  outbox_oldest, worker_napping and the connection flags are atomics
+ *	  and need no lock.
  *	  outbox_rows is approximate (see relay.c).
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
@@ -94,6 +97,8 @@ typedef struct MqttEmitShared
 	pg_atomic_uint32 subscriber_connected;
 	pg_atomic_uint32 subscriptions; /* topic filters wanted */
 	pg_atomic_uint32 outbox_version;	/* bumped when backends add rows */
+	pg_atomic_uint32 held_strays_version;	/* bumped when backends add held
+											 * rows without a marker */
 	pg_atomic_uint64 outbox_rows;	/* rows in the outbox (approximate) */
 	pg_atomic_uint64 outbox_oldest; /* created_at of the oldest row, or 0 */
 	pg_atomic_uint32 worker_napping;	/* the worker will look again soon */
@@ -101,6 +106,11 @@ typedef struct MqttEmitShared
 	slock_t		errlock;
 	TimestampTz last_error_time;	/* errlock */
 	char		last_error[MQTT_EMIT_MAX_ERROR_LEN];	/* errlock */
+
+	slock_t		urllock;
+	char		broker_url[2][MQTT_EMIT_MAX_URL_LEN];	/* urllock: publisher,
+														 * subscriber; "" when
+														 * not connected */
 
 	char		data[FLEXIBLE_ARRAY_MEMBER];
 } MqttEmitShared;
@@ -170,6 +180,7 @@ me_shmem_startup(void)
 		pg_atomic_init_u32(&me_shared->subscriber_connected, 0);
 		pg_atomic_init_u32(&me_shared->subscriptions, 0);
 		pg_atomic_init_u32(&me_shared->outbox_version, 0);
+		pg_atomic_init_u32(&me_shared->held_strays_version, 0);
 		pg_atomic_init_u64(&me_shared->outbox_rows, 0);
 		pg_atomic_init_u64(&me_shared->outbox_oldest, 0);
 		pg_atomic_init_u32(&me_shared->worker_napping, 0);
@@ -177,6 +188,9 @@ me_shmem_startup(void)
 		SpinLockInit(&me_shared->errlock);
 		me_shared->last_error_time = 0;
 		me_shared->last_error[0] = '\0';
+		SpinLockInit(&me_shared->urllock);
+		me_shared->broker_url[0][0] = '\0';
+		me_shared->broker_url[1][0] = '\0';
 	}
 	LWLockRelease(AddinShmemInitLock);
 }
@@ -432,6 +446,8 @@ me_worker_release(void)
 	pg_atomic_write_u32(&me_shared->publisher_connected, 0);
 	pg_atomic_write_u32(&me_shared->subscriber_connected, 0);
 	pg_atomic_write_u32(&me_shared->subscriptions, 0);
+	me_set_broker_url(false, NULL);
+	me_set_broker_url(true, NULL);
 	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
 	if (me_shared->worker_pid == MyProcPid)
 	{
@@ -483,6 +499,19 @@ me_set_connected(bool subscriber, bool connected)
 						&me_shared->publisher_connected, connected ? 1 : 0);
 }
 
+/*
+ * The broker a client of the worker is connected to now (one URL of
+ * mqtt_emit.broker_url), or NULL when it is not connected.
+ */
+void
+me_set_broker_url(bool subscriber, const char *url)
+{
+	SpinLockAcquire(&me_shared->urllock);
+	strlcpy(me_shared->broker_url[subscriber ? 1 : 0], url ? url : "",
+			MQTT_EMIT_MAX_URL_LEN);
+	SpinLockRelease(&me_shared->urllock);
+}
+
 void
 me_set_subscriptions(uint32 n)
 {
@@ -512,6 +541,18 @@ void
 me_outbox_version_bump(void)
 {
 	pg_atomic_fetch_add_u32(&me_shared->outbox_version, 1);
+}
+
+uint32
+me_held_strays_version(void)
+{
+	return pg_atomic_read_u32(&me_shared->held_strays_version);
+}
+
+void
+me_held_strays_version_bump(void)
+{
+	pg_atomic_fetch_add_u32(&me_shared->held_strays_version, 1);
 }
 
 uint64
@@ -568,6 +609,11 @@ me_shared_snapshot(MqttEmitSnapshot *snap)
 	strlcpy(snap->last_error, me_shared->last_error, sizeof(snap->last_error));
 	snap->last_error_time = me_shared->last_error_time;
 	SpinLockRelease(&me_shared->errlock);
+	SpinLockAcquire(&me_shared->urllock);
+	strlcpy(snap->broker_url, me_shared->broker_url[0], sizeof(snap->broker_url));
+	strlcpy(snap->subscriber_broker_url, me_shared->broker_url[1],
+			sizeof(snap->subscriber_broker_url));
+	SpinLockRelease(&me_shared->urllock);
 	snap->stats_reset = (TimestampTz) pg_atomic_read_u64(&me_shared->stats_reset);
 }
 

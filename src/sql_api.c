@@ -43,6 +43,7 @@
 #include "utils/timestamp.h"
 
 #include "pg_mqtt_emit.h"
+#include "pubprops.h"
 #include "topic.h"
 
 PG_FUNCTION_INFO_V1(mqtt_emit_install_check);
@@ -88,8 +89,9 @@ mqtt_emit_install_check(PG_FUNCTION_ARGS)
 }
 
 /*
- * mqtt_emit.publish(topic text, payload text, qos int): publish a message
- * when the calling transaction commits.
+ * mqtt_emit.publish(topic text, payload text, qos int, retain boolean,
+ * properties jsonb): publish a message when the calling transaction
+ * commits.  The 0.1.0 definition has the first three arguments only.
  */
 Datum
 mqtt_emit_publish(PG_FUNCTION_ARGS)
@@ -99,6 +101,9 @@ mqtt_emit_publish(PG_FUNCTION_ARGS)
 	int			qos = mqtt_emit_qos;
 	char	   *topic;
 	int			topic_len;
+	uint8		flags = ME_FLAG_PUBLISH;
+	const char *payload;
+	int			payload_len;
 
 	me_check_preloaded();
 	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
@@ -107,6 +112,8 @@ mqtt_emit_publish(PG_FUNCTION_ARGS)
 				 errmsg("topic and payload must not be null")));
 	topic_t = PG_GETARG_TEXT_PP(0);
 	payload_t = PG_GETARG_TEXT_PP(1);
+	payload = VARDATA_ANY(payload_t);
+	payload_len = VARSIZE_ANY_EXHDR(payload_t);
 	if (!PG_ARGISNULL(2))
 	{
 		qos = PG_GETARG_INT32(2);
@@ -131,10 +138,36 @@ mqtt_emit_publish(PG_FUNCTION_ARGS)
 	me_check_topic_text(topic, topic_len, "topic",
 						"Publish to a topic without this character.");
 
-	me_capture_add_event(ME_KIND_PUBLISH, ME_FLAG_PUBLISH, ME_OP_OTHER,
+	if (PG_NARGS() > 3 && !PG_ARGISNULL(3) && PG_GETARG_BOOL(3))
+		flags |= ME_FLAG_RETAIN;
+	if (PG_NARGS() > 4 && !PG_ARGISNULL(4))
+	{
+		StringInfoData props;
+		StringInfoData buf;
+
+		initStringInfo(&props);
+		if (me_pubprops_encode(PG_GETARG_JSONB_P(4), &props))
+		{
+			if (mqtt_emit_mqtt_version != 5)
+				ereport(ERROR,
+						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						 errmsg("MQTT properties need MQTT 5"),
+						 errdetail("\"mqtt_emit.mqtt_version\" is 3.1.1, which has no message properties."),
+						 errhint("Set \"mqtt_emit.mqtt_version\" to 5, or publish without properties.")));
+			/* "<n>:", the records, the payload (pubprops.c) */
+			initStringInfo(&buf);
+			appendStringInfo(&buf, "%d:", props.len);
+			appendBinaryStringInfo(&buf, props.data, props.len);
+			appendBinaryStringInfo(&buf, payload, payload_len);
+			payload = buf.data;
+			payload_len = buf.len;
+			flags |= ME_FLAG_PROPS;
+		}
+	}
+
+	me_capture_add_event(ME_KIND_PUBLISH, flags, ME_OP_OTHER,
 						 InvalidOid, topic, topic_len,
-						 VARDATA_ANY(payload_t), VARSIZE_ANY_EXHDR(payload_t),
-						 qos);
+						 payload, payload_len, qos);
 	PG_RETURN_VOID();
 }
 
@@ -158,8 +191,8 @@ Datum
 mqtt_emit_stats(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	Datum		values[32];
-	bool		nulls[32];
+	Datum		values[40];
+	bool		nulls[40];
 	int			i = 0;
 	uint64		enq,
 				deq;
@@ -228,6 +261,15 @@ mqtt_emit_stats(PG_FUNCTION_ARGS)
 	else
 		nulls[i++] = true;
 	values[i++] = Int64GetDatum((int64) me_counter_since_reset(ME_STAT_DEPTH_EXCEEDED));
+	/* the broker of each client, one URL of mqtt_emit.broker_url */
+	if (snap.broker_url[0])
+		values[i++] = CStringGetTextDatum(snap.broker_url);
+	else
+		nulls[i++] = true;
+	if (snap.subscriber_broker_url[0])
+		values[i++] = CStringGetTextDatum(snap.subscriber_broker_url);
+	else
+		nulls[i++] = true;
 
 	/*
 	 * The 0.1.0 definition of mqtt_emit._stats() has the first 27 columns

@@ -9,8 +9,8 @@ SELECT has_function('mqtt_emit', 'watch', ARRAY['regclass', 'boolean', 'text[]',
 SELECT has_function('mqtt_emit', 'unwatch', ARRAY['regclass']);
 SELECT has_function('mqtt_emit', 'listen', ARRAY['text', 'regprocedure', 'boolean', 'boolean', 'jsonb', 'text[]']);
 SELECT has_function('mqtt_emit', 'unlisten', ARRAY['bigint']);
-SELECT has_function('mqtt_emit', 'publish', ARRAY['text', 'text', 'integer']);
-SELECT has_function('mqtt_emit', 'publish', ARRAY['text', 'jsonb', 'integer']);
+SELECT has_function('mqtt_emit', 'publish', ARRAY['text', 'text', 'integer', 'boolean', 'jsonb']);
+SELECT has_function('mqtt_emit', 'publish', ARRAY['text', 'jsonb', 'integer', 'boolean', 'jsonb']);
 SELECT function_returns('mqtt_emit', 'listen', ARRAY['text', 'regprocedure', 'boolean', 'boolean', 'jsonb', 'text[]'], 'bigint');
 SELECT has_type('mqtt_emit', 'event', 'type mqtt_emit.event exists');
 SELECT columns_are('mqtt_emit', 'event', ARRAY['event_id', 'model', 'operation', 'source', 'result',
@@ -41,9 +41,9 @@ SELECT trigger_is('mqtt_emit', 'listeners', 'registry_changed', 'mqtt_emit', '_r
 
 -- privileges
 CREATE ROLE tap_plain;
-SELECT ok(NOT has_function_privilege('tap_plain', 'mqtt_emit.publish(text,text,integer)', 'EXECUTE'),
+SELECT ok(NOT has_function_privilege('tap_plain', 'mqtt_emit.publish(text,text,integer,boolean,jsonb)', 'EXECUTE'),
           'publish(text) is not granted to PUBLIC');
-SELECT ok(NOT has_function_privilege('tap_plain', 'mqtt_emit.publish(text,jsonb,integer)', 'EXECUTE'),
+SELECT ok(NOT has_function_privilege('tap_plain', 'mqtt_emit.publish(text,jsonb,integer,boolean,jsonb)', 'EXECUTE'),
           'publish(jsonb) is not granted to PUBLIC');
 SELECT ok(NOT has_table_privilege('tap_plain', 'mqtt_emit.outbox', 'SELECT'), 'outbox is not readable by PUBLIC');
 SELECT ok(NOT has_table_privilege('tap_plain', 'mqtt_emit.dead_letters', 'SELECT'), 'dead_letters is not readable by PUBLIC');

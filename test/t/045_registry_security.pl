@@ -275,7 +275,7 @@ sq("DELETE FROM mqtt_emit.listeners WHERE id IN ($missing_id, $temp_id, $big_id)
 	reload();
 	$id = event_seen();
 	is(sq("SELECT count(*) FROM ran WHERE who = 'pubfn' AND id = $id"), '0', 'nor after a reload');
-	like(log_since($node, $off), qr/listener \d+ \((public\.)?pubfn\(mqtt_emit\.event\) of role $bob\): its role no longer exists/,
+	ok(poll_until(sub { log_since($node, $off) =~ /listener \d+ \((public\.)?pubfn\(mqtt_emit\.event\) of role $bob\): its role no longer exists/ }, $T),
 		'logged: its role no longer exists');
 }
 
@@ -288,7 +288,7 @@ sq("DELETE FROM mqtt_emit.listeners WHERE id IN ($missing_id, $temp_id, $big_id)
 	reload();
 	$id = event_seen();
 	is(sq("SELECT count(*) FROM ran WHERE who = 'carol' AND id = $id"), '0', 'nor after a reload');
-	like(log_since($node, $off), qr/its role cannot log in/, 'logged: its role cannot log in');
+	ok(poll_until(sub { log_since($node, $off) =~ /its role cannot log in/ }, $T), 'logged: its role cannot log in');
 	sq('ALTER ROLE carol LOGIN');
 	reload();
 	ok(poll_until(sub {
@@ -357,7 +357,8 @@ sq(q{REVOKE EXECUTE ON FUNCTION mqtt_emit.may_listen_remote() FROM alice});
 is(remote_seen(), '0', 'after REVOKE it does not (checked before the call)');
 reload();
 is(remote_seen(), '0', 'nor after a reload');
-like(log_since($node, $off), qr/its role may not receive remote events/, 'logged: its role may not receive remote events');
+ok(poll_until(sub { log_since($node, $off) =~ /its role may not receive remote events/ }, $T),
+	'logged: its role may not receive remote events');
 is(pids(), $pids0, 'no worker exited during the whole test');
 
 $node->stop;

@@ -4,10 +4,12 @@
 # the setting and the fix, not as a connection failure that repeats forever
 # (doc/DESIGN.md 7).
 #
-#   - mqtt_emit.broker_url: a list (commas, spaces), an unknown or missing
-#     scheme, no host, a bad port, a path, credentials in the URL are
-#     refused by ALTER SYSTEM (SQLSTATE 22023, DETAIL and HINT) and by a
-#     reload (the worker stays on its broker); good URLs are accepted
+#   - mqtt_emit.broker_url: spaces or semicolons in a URL, an unknown or
+#     missing scheme, no host, a bad port, a path, credentials in the URL,
+#     and in a list an empty or bad element (the DETAIL names it) or more
+#     than 16 URLs are refused by ALTER SYSTEM (SQLSTATE 22023, DETAIL and
+#     HINT) and by a reload (the worker stays on its broker); good URLs and
+#     comma-separated lists of them are accepted
 #   - mqtt_emit.password without mqtt_emit.username (MQTT 3.1.1 forbids it):
 #     one WARNING naming both settings with a hint, last_error says so, and
 #     the worker does not connect at all (the broker logs no connection);
@@ -42,8 +44,13 @@ ok(poll_until(sub { (stat_of($node, 'connected') // '') eq 't' }, $T), 'connecte
 
 # [value, what, expected DETAIL]
 my @bad = (
-	[ 'tcp://a.example:1883,tcp://b.example:1883', 'a comma-separated list', qr/takes one URL, not a list/ ],
-	[ 'tcp://a.example:1883 tcp://b.example:1883', 'a space-separated list', qr/takes one URL, not a list/ ],
+	[ 'tcp://a.example:1883 tcp://b.example:1883', 'a space-separated list', qr/must not contain spaces/ ],
+	[ 'tcp://a.example:1883;tcp://b.example:1883', 'a semicolon-separated list', qr/must not contain spaces or semicolons/ ],
+	[ 'tcp://a.example:1883, http://b.example:80', 'a list with a bad second URL',
+	  qr/Broker URL 2 of the list, "http:\/\/b.example:80": Unknown scheme "http:\/\/"/ ],
+	[ 'tcp://a.example:1883,,tcp://b.example:1883', 'a list with an empty element', qr/Broker URL 2 of the list is empty/ ],
+	[ 'tcp://a.example:1883,', 'a list ending in a comma', qr/Broker URL 2 of the list is empty/ ],
+	[ join(',', map { "tcp://b$_.example:1883" } 1 .. 17), 'a list of 17', qr/has 17 broker URLs; at most 16/ ],
 	[ 'http://example.invalid:80', 'an unknown scheme', qr/Unknown scheme "http:\/\/"/ ],
 	[ 'broker.example:1883', 'no scheme', qr/has no scheme/ ],
 	[ 'TCP://broker.example:1883', 'an upper-case scheme', qr/lower case/ ],
@@ -69,28 +76,30 @@ for my $case (@bad)
 }
 for my $url ('tcp://127.0.0.1:1883', 'mqtt://broker.example', 'ssl://broker.example:8883',
 	'mqtts://broker.example:8883', 'ws://broker.example:9001/mqtt', 'wss://broker.example',
-	'tcp://[::1]:1883')
+	'tcp://[::1]:1883', 'tcp://a.example:1883,tcp://b.example:1883',
+	'tcp://a.example:1883, ssl://b.example:8883,  mqtt://[::1]:1883',
+	join(', ', map { "tcp://b$_.example:1883" } 1 .. 16))
 {
 	my ($rc, $out, $err) = $node->psql('postgres', "ALTER SYSTEM SET mqtt_emit.broker_url = '$url'");
 	is($rc, 0, "broker_url $url: accepted") or diag($err);
 }
 sq($node, 'ALTER SYSTEM RESET mqtt_emit.broker_url');
 
-# a list in postgresql.conf: the reload keeps the old value, the worker its broker
+# a bad list in postgresql.conf: the reload keeps the old value, the worker its broker
 my $off = -s $node->logfile;
 $node->append_conf('postgresql.conf',
-	"mqtt_emit.broker_url = '" . $broker->url . "," . $broker->url . "'\n");
+	"mqtt_emit.broker_url = '" . $broker->url . ", tcp://a b:1883'\n");
 $node->reload;
 ok( poll_until(
 		sub {
 			log_since($node, $off) =~
-			  /invalid value for parameter "mqtt_emit\.broker_url".*\n.*DETAIL:  .*takes one URL/;
+			  /invalid value for parameter "mqtt_emit\.broker_url".*\n.*DETAIL:  Broker URL 2 of the list, "tcp:\/\/a b:1883": .*must not contain spaces/;
 		},
 		$T),
-	'reload with a list in broker_url: the server log names the setting and why');
-is(sq($node, 'SHOW mqtt_emit.broker_url'), $broker->url, 'reload with a list: the old URL stays');
-unlike(log_since($node, $off), qr/broker settings changed/, 'reload with a list: the worker did not reconnect');
-is(stat_of($node, 'connected'), 't', 'reload with a list: still connected');
+	'reload with a bad list in broker_url: the server log names the setting, the element and why');
+is(sq($node, 'SHOW mqtt_emit.broker_url'), $broker->url, 'reload with a bad list: the old URL stays');
+unlike(log_since($node, $off), qr/broker settings changed/, 'reload with a bad list: the worker did not reconnect');
+is(stat_of($node, 'connected'), 't', 'reload with a bad list: still connected');
 $node->append_conf('postgresql.conf', "mqtt_emit.broker_url = '" . $broker->url . "'\n");
 $node->reload;
 $node->stop;
