@@ -297,6 +297,93 @@ me_cb_probe_failure5(void *context, MQTTAsync_failureData5 *response)
 	probe_answered((MeBroker *) context, false);
 }
 
+/*
+ * The SUBACK of a tracked SUBSCRIBE (me_broker_subscribe_tracked), or its
+ * failure: recorded by token for the worker, which knows the filter.  A
+ * SUBACK is an answer from the broker, so it counts for the watchdog.
+ */
+static void
+record_subscribe_outcome(MeBroker *b, int token, int granted, int code, bool answered)
+{
+	pthread_mutex_lock(&b->mutex);
+	if (b->nsubacks >= b->maxsubacks)
+	{
+		int			newmax = b->maxsubacks ? b->maxsubacks * 2 : 64;
+		MeSubOutcome *p = realloc(b->subacks, sizeof(MeSubOutcome) * newmax);
+
+		if (p != NULL)
+		{
+			b->subacks = p;
+			b->maxsubacks = newmax;
+		}
+	}
+	/* without memory the state stays "requested"; a reconnect repeats it */
+	if (b->nsubacks < b->maxsubacks)
+	{
+		b->subacks[b->nsubacks].token = token;
+		b->subacks[b->nsubacks].granted = granted;
+		b->subacks[b->nsubacks].code = code;
+		b->nsubacks++;
+	}
+	if (answered)
+		b->last_heard = me_broker_mono_ms();
+	pthread_mutex_unlock(&b->mutex);
+	me_broker_wake_worker();
+}
+
+/* 3.1.1: paho calls onSuccess with the granted QoS... */
+void
+me_cb_subscribe_success(void *context, MQTTAsync_successData *response)
+{
+	int			qos = response ? response->alt.qos : 0;
+
+	if (qos >= 0x80)
+		record_subscribe_outcome((MeBroker *) context, response->token, -1, qos, true);
+	else
+		record_subscribe_outcome((MeBroker *) context, response ? response->token : 0,
+								 qos, 0, true);
+}
+
+/*
+ * ... and onFailure for a SUBACK of 0x80, with that in code (paho 1.3.12
+ * sets only token and code then), or when the request was not answered.
+ */
+void
+me_cb_subscribe_failure(void *context, MQTTAsync_failureData *response)
+{
+	int			code = response ? response->code : MQTTASYNC_FAILURE;
+
+	record_subscribe_outcome((MeBroker *) context, response ? response->token : 0,
+							 -1, code, code >= 0x80);
+}
+
+/* MQTT 5: the SUBACK's reason code is the granted QoS, or >= 0x80 */
+void
+me_cb_subscribe_success5(void *context, MQTTAsync_successData5 *response)
+{
+	int			rc = response ? (int) response->reasonCode : 0;
+
+	if (response && response->alt.sub.reasonCodeCount == 1 &&
+		response->alt.sub.reasonCodes)
+		rc = (int) response->alt.sub.reasonCodes[0];
+	if (rc >= 0x80)
+		record_subscribe_outcome((MeBroker *) context, response->token, -1, rc, true);
+	else
+		record_subscribe_outcome((MeBroker *) context, response ? response->token : 0,
+								 rc, 0, true);
+}
+
+void
+me_cb_subscribe_failure5(void *context, MQTTAsync_failureData5 *response)
+{
+	int			code = !response ? MQTTASYNC_FAILURE :
+		((int) response->reasonCode >= 0x80) ? (int) response->reasonCode :
+		response->code;
+
+	record_subscribe_outcome((MeBroker *) context, response ? response->token : 0,
+							 -1, code, code >= 0x80);
+}
+
 int
 me_cb_message_arrived(void *context, char *topicName, int topicLen,
 				   MQTTAsync_message *message)

@@ -48,6 +48,7 @@
 PG_FUNCTION_INFO_V1(mqtt_emit_install_check);
 PG_FUNCTION_INFO_V1(mqtt_emit_publish);
 PG_FUNCTION_INFO_V1(mqtt_emit_stats);
+PG_FUNCTION_INFO_V1(mqtt_emit_subscription_states);
 PG_FUNCTION_INFO_V1(mqtt_emit_listeners_changed);
 PG_FUNCTION_INFO_V1(mqtt_emit_trigger_args);
 PG_FUNCTION_INFO_V1(mqtt_emit_stats_reset);
@@ -495,4 +496,47 @@ mqtt_emit_unlisten(PG_FUNCTION_ARGS)
 				 errmsg("listener " INT64_FORMAT " does not exist", id),
 				 errhint("Table mqtt_emit.listeners shows the listeners of the current role.")));
 	PG_RETURN_VOID();
+}
+
+/*
+ * mqtt_emit._subscription_states(): the subscriber's subscriptions as the
+ * worker last saw them (shmem.c): topic_filter, state, granted_qos,
+ * reason, since.  The view mqtt_emit.subscriptions joins it with the
+ * filters the registry asks for.  No rows without the library preloaded,
+ * so that the view still shows those.
+ */
+Datum
+mqtt_emit_subscription_states(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	static const char *const names[] = {"pending", "requested", "acknowledged", "refused"};
+	MeSubStatus *subs;
+	int			n;
+	int			i;
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (!mqtt_emit_preloaded || !me_shmem_ready())
+		return (Datum) 0;
+	subs = palloc(sizeof(MeSubStatus) * ME_SUBS_MAX);
+	n = me_subs_snapshot(subs, ME_SUBS_MAX);
+	for (i = 0; i < n; i++)
+	{
+		Datum		values[5];
+		bool		nulls[5] = {false, false, false, false, false};
+
+		values[0] = CStringGetTextDatum(subs[i].filter);
+		values[1] = CStringGetTextDatum(names[subs[i].state]);
+		if (subs[i].granted_qos >= 0)
+			values[2] = Int32GetDatum(subs[i].granted_qos);
+		else
+			nulls[2] = true;
+		if (subs[i].reason[0])
+			values[3] = CStringGetTextDatum(subs[i].reason);
+		else
+			nulls[3] = true;
+		values[4] = TimestampTzGetDatum(subs[i].since);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	pfree(subs);
+	return (Datum) 0;
 }
