@@ -129,6 +129,9 @@ me_broker_create(const MeBrokerConfig *cfg, const char *client_id,
 									me_cb_message_arrived, NULL);
 	else if (rc == MQTTASYNC_SUCCESS)
 		rc = MQTTAsync_setConnectionLostCallback(b->client, b, me_cb_connection_lost);
+	/* MQTT 5: a broker may say goodbye with a DISCONNECT (see the callback) */
+	if (rc == MQTTASYNC_SUCCESS && b->version == MQTTVERSION_5)
+		rc = MQTTAsync_setDisconnected(b->client, b, me_cb_disconnected5);
 	restore_signals(&old);
 
 	if (rc != MQTTASYNC_SUCCESS)

@@ -76,6 +76,32 @@ me_cb_connection_lost(void *context, char *cause)
 	record_lost((MeBroker *) context, cause ? cause : "connection lost");
 }
 
+/*
+ * MQTT 5: the broker sent DISCONNECT (mosquitto does when an administrator
+ * changes a client's rights, or another client takes over its id).  paho
+ * 1.3.12 calls only this, not connectionLost, and goes on taking the
+ * connection for open: without this the watchdog noticed it 1.5 x
+ * keepalive later.  Give the client up as the watchdog does (stale: the
+ * worker destroys it and makes a new one).
+ */
+void
+me_cb_disconnected5(void *context, MQTTProperties *properties,
+					enum MQTTReasonCodes reasonCode)
+{
+	MeBroker   *b = (MeBroker *) context;
+	const char *what = MQTTReasonCode_toString(reasonCode);
+
+	pthread_mutex_lock(&b->mutex);
+	b->state = BS_DISCONNECTED;
+	b->news_lost = true;
+	b->stale = true;
+	snprintf(b->news_error, sizeof(b->news_error),
+			 "the broker closed the connection: %s (DISCONNECT reason code %d)",
+			 what ? what : "unknown reason", (int) reasonCode);
+	pthread_mutex_unlock(&b->mutex);
+	me_broker_wake_worker();
+}
+
 void
 me_cb_connect_success(void *context, MQTTAsync_successData *response)
 {
@@ -357,15 +383,16 @@ me_cb_subscribe_failure(void *context, MQTTAsync_failureData *response)
 							 -1, code, code >= 0x80);
 }
 
-/* MQTT 5: the SUBACK's reason code is the granted QoS, or >= 0x80 */
+/*
+ * MQTT 5: the SUBACK's reason code is the granted QoS (paho calls
+ * onFailure5 for one >= 0x80, but take it here too).  For one filter paho
+ * sets only reasonCode: alt.sub.reasonCodes is then not initialised.
+ */
 void
 me_cb_subscribe_success5(void *context, MQTTAsync_successData5 *response)
 {
 	int			rc = response ? (int) response->reasonCode : 0;
 
-	if (response && response->alt.sub.reasonCodeCount == 1 &&
-		response->alt.sub.reasonCodes)
-		rc = (int) response->alt.sub.reasonCodes[0];
 	if (rc >= 0x80)
 		record_subscribe_outcome((MeBroker *) context, response->token, -1, rc, true);
 	else

@@ -103,6 +103,8 @@ extern void me_cb_connect_failure5(void *context, MQTTAsync_failureData5 *respon
 extern void me_cb_connect_success(void *context, MQTTAsync_successData *response);
 extern void me_cb_connect_success5(void *context, MQTTAsync_successData5 *response);
 extern void me_cb_connection_lost(void *context, char *cause);
+extern void me_cb_disconnected5(void *context, MQTTProperties *properties,
+								enum MQTTReasonCodes reasonCode);
 extern int me_cb_message_arrived(void *context, char *topicName, int topicLen, MQTTAsync_message *message);
 extern void me_cb_probe_failure(void *context, MQTTAsync_failureData *response);
 extern void me_cb_probe_failure5(void *context, MQTTAsync_failureData5 *response);
