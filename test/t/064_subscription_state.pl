@@ -189,6 +189,27 @@ for my $k (sort keys %nodes)
 	unlike($log, qr/refused the subscription to "\Q$prefix\E\/open/, "$k: open is not reported refused");
 }
 
+# a role that is not a superuser sees the state of its own subscription only
+{
+	my $na = $nodes{a};
+	sq($na, q{
+		CREATE ROLE plain LOGIN;
+		GRANT EXECUTE ON FUNCTION mqtt_emit.may_listen_remote() TO plain;
+		CREATE FUNCTION plain_l(e mqtt_emit.event) RETURNS void LANGUAGE plpgsql AS $$ BEGIN END $$;
+	});
+	$na->safe_psql('postgres',
+		q{SELECT mqtt_emit.listen('mine', 'plain_l(mqtt_emit.event)', allow_remote => true)},
+		extra_params => [ '-U', 'plain' ]);
+	my $view = sub {
+		$na->safe_psql('postgres',
+			q{SELECT string_agg(topic_filter || '|' || state || '|' || coalesce(granted_qos::text, ''), ',' ORDER BY 1) FROM mqtt_emit.subscriptions},
+			extra_params => [ '-U', 'plain' ]);
+	};
+	ok(poll_until(sub { $view->() eq "$prefix/mine/#|acknowledged|1" }, $T),
+		'a: a plain role sees its own filter acknowledged, and no other filter')
+	  or diag($view->());
+}
+
 # an event on open runs the listeners; nothing comes for secret (not subscribed)
 ok(mqtt_pub($broker, "$prefix/open/create", event_json('open', 1)), 'published an event on open');
 ok(mqtt_pub($broker, "$prefix/secret/create", event_json('secret', 2)), 'published an event on secret (refused)');
