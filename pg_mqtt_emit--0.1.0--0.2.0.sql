@@ -909,6 +909,52 @@ COMMENT ON FUNCTION mqtt_emit.payload_jsonb(bytea) IS
 'A message payload as jsonb; raises an error when it is not UTF-8 JSON';
 GRANT EXECUTE ON FUNCTION mqtt_emit.payload_jsonb(bytea) TO PUBLIC;
 
+------------------------------------------------------------------------
+-- 0.2.0: the state of each subscription (SUBACK tracking)
+------------------------------------------------------------------------
+
+-- The states of the named subscription filters, as the worker last saw
+-- them (shared memory): requested, acknowledged (granted_qos), refused
+-- (reason); nothing for a filter it does not have.  PUBLIC may call it:
+-- functions in a view run with the caller's rights, and the view passes
+-- only the caller's own filters.  A role learns only about filters it
+-- names (model names are not secret: mqtt_emit.models is readable by all).
+CREATE FUNCTION mqtt_emit._subscription_states(
+    filters text[],
+    OUT topic_filter text,
+    OUT state text,
+    OUT granted_qos int,
+    OUT reason text,
+    OUT since timestamptz)
+RETURNS SETOF record
+LANGUAGE c VOLATILE STRICT
+AS 'MODULE_PATHNAME', 'mqtt_emit_subscription_states';
+
+-- The filters the registry asks for (as before), with their state;
+-- 'pending' while the worker has not sent SUBSCRIBE (not connected, not
+-- running, or the filter is longer than 511 bytes and not tracked).
+CREATE OR REPLACE VIEW mqtt_emit.subscriptions AS
+WITH w AS (
+    SELECT DISTINCT f.topic_filter
+      FROM mqtt_emit.listeners l
+      JOIN pg_catalog.pg_proc p ON p.oid = l.listener::oid
+      JOIN pg_catalog.pg_roles r ON r.oid = l.owner::oid AND r.rolcanlogin,
+           LATERAL (VALUES (mqtt_emit._topic_filter(l.model, false)),
+                           (mqtt_emit._topic_filter(l.model, true))) AS f(topic_filter)
+     WHERE l.allow_remote
+       AND pg_catalog.pg_has_role(current_user, l.owner, 'MEMBER')
+       AND pg_catalog.has_function_privilege(l.owner, 'mqtt_emit.may_listen_remote()'::regprocedure, 'EXECUTE'))
+SELECT w.topic_filter,
+       COALESCE(s.state, 'pending') AS state,
+       s.granted_qos,
+       s.reason,
+       s.since
+  FROM w
+  LEFT JOIN mqtt_emit._subscription_states(ARRAY(SELECT w.topic_filter FROM w)) s
+         ON s.topic_filter OPERATOR(pg_catalog.=) w.topic_filter;
+COMMENT ON VIEW mqtt_emit.subscriptions IS
+'Topic filters the worker subscribes to (per model with a remote listener, as registered and in lower case), with their state: pending, requested, acknowledged (granted_qos) or refused (reason)';
+
 SELECT mqtt_emit._listeners_changed();
 
 -- publish() gains retain and MQTT 5 properties (issue 17).  A changed

@@ -8,7 +8,8 @@
 # Sections: trigger (pgbench single-row INSERT overhead), throughput (commit ->
 # subscriber vs a bare paho publisher, and against batch size), latency
 # (commit on node A -> listener on node B at 1,000 events/s), memory (worker
-# RSS after 100k and 1M events), profile (perf of a backend and of the worker;
+# RSS after 100k and 1M events), subscribe (listen() commit -> SUBACK, worker
+# start -> both clients ready), profile (perf of a backend and of the worker;
 # only when named or with BENCH_PROFILE=1).
 #
 # As root: installs the packages (scripts/install-deps.sh, gnuplot-nox), copies
@@ -36,7 +37,7 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$SCRIPT_DIR/.." && pwd)"
 export PG_CONFIG="${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}"
 
-ALL_SECTIONS=(trigger throughput latency memory)
+ALL_SECTIONS=(trigger throughput latency memory subscribe)
 
 # ---------------------------------------------------------------------------
 # Inner phase, as postgres: servers and measurements.
@@ -58,9 +59,9 @@ fi
 sections=()
 for arg in "$@"; do
 	case "$arg" in
-		trigger | throughput | latency | memory | profile) sections+=("$arg") ;;
+		trigger | throughput | latency | memory | subscribe | profile) sections+=("$arg") ;;
 		-h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; exit 0 ;;
-		*) echo "unknown section \"$arg\" (trigger, throughput, latency, memory, profile)" >&2; exit 2 ;;
+		*) echo "unknown section \"$arg\" (trigger, throughput, latency, memory, subscribe, profile)" >&2; exit 2 ;;
 	esac
 done
 if ((${#sections[@]} == 0)); then

@@ -34,6 +34,10 @@ SELECT model, listener, allow_remote, remote_only, filter, operations, owner
 SELECT topic_filter LIKE 'test/regress-%/item/#' OR topic_filter LIKE 'test/regress-%/Item/#' AS filter_ok
   FROM mqtt_emit.subscriptions ORDER BY 1;
 SELECT wait_until('SELECT subscriptions = 2 FROM mqtt_emit.stats') AS subscribed;
+-- the broker acknowledged both, with QoS 1
+SELECT wait_until($$SELECT count(*) = 2 FROM mqtt_emit.subscriptions
+                    WHERE state = 'acknowledged' AND granted_qos = 1 AND reason IS NULL
+                      AND since <= clock_timestamp()$$) AS acknowledged;
 
 -- local events: default and allow_remote run, remote_only does not;
 -- a failing and a timed-out listener do not stop the others

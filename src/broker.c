@@ -137,6 +137,9 @@ me_broker_create(const MeBrokerConfig *cfg, const char *broker_url,
 									me_cb_message_arrived, NULL);
 	else if (rc == MQTTASYNC_SUCCESS)
 		rc = MQTTAsync_setConnectionLostCallback(b->client, b, me_cb_connection_lost);
+	/* MQTT 5: a broker may say goodbye with a DISCONNECT (see the callback) */
+	if (rc == MQTTASYNC_SUCCESS && b->version == MQTTVERSION_5)
+		rc = MQTTAsync_setDisconnected(b->client, b, me_cb_disconnected5);
 	restore_signals(&old);
 
 	if (rc != MQTTASYNC_SUCCESS)
@@ -394,6 +397,8 @@ me_broker_poll(MeBroker *b, MeBrokerNews *news)
 				nfails,
 				nrejs;
 	int			qos2_token;
+	int			nsubs;
+	MeSubOutcome *subs = NULL;
 
 	memset(news, 0, sizeof(*news));
 	news->broker_max_qos = -1;
@@ -403,7 +408,10 @@ me_broker_poll(MeBroker *b, MeBrokerNews *news)
 	nacks = b->nacks;
 	nfails = b->nfailures;
 	nrejs = b->nrejects;
+	nsubs = b->nsubacks;
 	pthread_mutex_unlock(&b->mutex);
+	if (nsubs > 0)
+		subs = palloc(sizeof(MeSubOutcome) * (nsubs + 64));
 	if (nacks > 0)
 		acks = palloc(sizeof(uint64) * (nacks + 1024));
 	if (nfails > 0)
@@ -447,6 +455,15 @@ me_broker_poll(MeBroker *b, MeBrokerNews *news)
 		b->nrejects -= news->nrejects;
 		news->rejects = rejs;
 	}
+	if (subs && b->nsubacks > 0)
+	{
+		news->nsubacks = Min(b->nsubacks, nsubs + 64);
+		memcpy(subs, b->subacks, sizeof(MeSubOutcome) * news->nsubacks);
+		memmove(b->subacks, b->subacks + news->nsubacks,
+				sizeof(MeSubOutcome) * (b->nsubacks - news->nsubacks));
+		b->nsubacks -= news->nsubacks;
+		news->subacks = subs;
+	}
 	news->incoming = b->in_head;
 	b->in_head = b->in_tail = NULL;
 	b->in_bytes = 0;
@@ -479,7 +496,8 @@ me_broker_poll(MeBroker *b, MeBrokerNews *news)
 	}
 
 	/* someone may have been left with more; make sure we come back */
-	if (news->nacks == nacks + 1024 || news->nfailures == nfails + 1024)
+	if (news->nacks == nacks + 1024 || news->nfailures == nfails + 1024 ||
+		(subs && news->nsubacks == nsubs + 64))
 		me_broker_wake_worker();
 }
 
@@ -635,6 +653,48 @@ me_broker_subscribe(MeBroker *b, const char *filter, int qos)
 	return MQTTAsync_subscribe(b->client, filter, qos, &ropts);
 }
 
+/*
+ * Subscribe, and have the broker's answer come back through
+ * me_broker_poll() (news->subacks) with *token, which this sets.  Returns
+ * 0 or paho's error code (nothing comes back then).
+ */
+int
+me_broker_subscribe_tracked(MeBroker *b, const char *filter, int qos, int *token)
+{
+	MQTTAsync_responseOptions ropts = MQTTAsync_responseOptions_initializer;
+	int			rc;
+
+	ropts.context = b;
+	if (b->version == MQTTVERSION_5)
+	{
+		ropts.onSuccess5 = me_cb_subscribe_success5;
+		ropts.onFailure5 = me_cb_subscribe_failure5;
+	}
+	else
+	{
+		ropts.onSuccess = me_cb_subscribe_success;
+		ropts.onFailure = me_cb_subscribe_failure;
+	}
+	rc = MQTTAsync_subscribe(b->client, filter, qos, &ropts);
+	*token = (rc == MQTTASYNC_SUCCESS) ? ropts.token : 0;
+	return rc;
+}
+
+/*
+ * What a refusing SUBACK code means: MQTT 5's reason codes by paho's
+ * names, 3.1.1's only failure code 0x80 as the standard calls it.
+ */
+const char *
+me_broker_reason_text(MeBroker *b, int code)
+{
+	const char *s;
+
+	if (b->version != MQTTVERSION_5)
+		return code == 0x80 ? "Failure" : "Unknown return code";
+	s = MQTTReasonCode_toString((enum MQTTReasonCodes) code);
+	return s ? s : "Unknown reason code";
+}
+
 int
 me_broker_unsubscribe(MeBroker *b, const char *filter)
 {
@@ -683,6 +743,7 @@ me_broker_destroy(MeBroker *b)
 	free(b->acks);
 	free(b->failures);
 	free(b->rejects);
+	free(b->subacks);
 	pthread_mutex_destroy(&b->mutex);
 	free(b->url);
 	free(b);

@@ -62,6 +62,20 @@ typedef struct MeIncoming
 #define ME_INPROP_CORRELATION		9
 #define ME_INPROP_USER			38
 
+/*
+ * The broker's answer to one SUBSCRIBE (me_broker_subscribe_tracked), by
+ * the token that call returned.  granted is the QoS granted (0 to 2), or
+ * -1: refused when code >= 0x80 (the SUBACK's return code in 3.1.1, 0x80,
+ * or its reason code in MQTT 5), else not answered (the connection went;
+ * code is paho's error code).
+ */
+typedef struct MeSubOutcome
+{
+	int			token;
+	int			granted;
+	int			code;
+} MeSubOutcome;
+
 /* What happened on the paho threads since the last me_broker_poll(). */
 typedef struct MeBrokerNews
 {
@@ -78,6 +92,8 @@ typedef struct MeBrokerNews
 	uint64		incoming_dropped;	/* dropped for lack of buffer space */
 	bool		qos_downgraded; /* a QoS 2 message was acknowledged with PUBACK */
 	int			broker_max_qos; /* CONNACK Maximum QoS (MQTT 5), or -1 */
+	MeSubOutcome *subacks;		/* answers to SUBSCRIBE (palloc'd) */
+	int			nsubacks;
 } MeBrokerNews;
 
 extern MeBroker *me_broker_create(const MeBrokerConfig *cfg, const char *url,
@@ -96,6 +112,9 @@ extern int	me_broker_publish(MeBroker *b, const char *topic, const char *payload
 							  const char *props, int props_len,
 							  const char *event_id, uint64 msgno);
 extern int	me_broker_subscribe(MeBroker *b, const char *filter, int qos);
+extern int	me_broker_subscribe_tracked(MeBroker *b, const char *filter, int qos,
+										int *token);
+extern const char *me_broker_reason_text(MeBroker *b, int code);
 extern int	me_broker_unsubscribe(MeBroker *b, const char *filter);
 extern void me_broker_disconnect(MeBroker *b, int timeout_ms);
 extern void me_broker_free_message(MeIncoming *m);

@@ -76,6 +76,32 @@ me_cb_connection_lost(void *context, char *cause)
 	record_lost((MeBroker *) context, cause ? cause : "connection lost");
 }
 
+/*
+ * MQTT 5: the broker sent DISCONNECT (mosquitto does when an administrator
+ * changes a client's rights, or another client takes over its id).  paho
+ * 1.3.12 calls only this, not connectionLost, and goes on taking the
+ * connection for open: without this the watchdog noticed it 1.5 x
+ * keepalive later.  Give the client up as the watchdog does (stale: the
+ * worker destroys it and makes a new one).
+ */
+void
+me_cb_disconnected5(void *context, MQTTProperties *properties,
+					enum MQTTReasonCodes reasonCode)
+{
+	MeBroker   *b = (MeBroker *) context;
+	const char *what = MQTTReasonCode_toString(reasonCode);
+
+	pthread_mutex_lock(&b->mutex);
+	b->state = BS_DISCONNECTED;
+	b->news_lost = true;
+	b->stale = true;
+	snprintf(b->news_error, sizeof(b->news_error),
+			 "the broker closed the connection: %s (DISCONNECT reason code %d)",
+			 what ? what : "unknown reason", (int) reasonCode);
+	pthread_mutex_unlock(&b->mutex);
+	me_broker_wake_worker();
+}
+
 void
 me_cb_connect_success(void *context, MQTTAsync_successData *response)
 {
@@ -378,6 +404,94 @@ props_copy(const MQTTProperties *props, char *dst)
 		}
 	}
 	return dst - start;
+}
+
+/*
+ * The SUBACK of a tracked SUBSCRIBE (me_broker_subscribe_tracked), or its
+ * failure: recorded by token for the worker, which knows the filter.  A
+ * SUBACK is an answer from the broker, so it counts for the watchdog.
+ */
+static void
+record_subscribe_outcome(MeBroker *b, int token, int granted, int code, bool answered)
+{
+	pthread_mutex_lock(&b->mutex);
+	if (b->nsubacks >= b->maxsubacks)
+	{
+		int			newmax = b->maxsubacks ? b->maxsubacks * 2 : 64;
+		MeSubOutcome *p = realloc(b->subacks, sizeof(MeSubOutcome) * newmax);
+
+		if (p != NULL)
+		{
+			b->subacks = p;
+			b->maxsubacks = newmax;
+		}
+	}
+	/* without memory the state stays "requested"; a reconnect repeats it */
+	if (b->nsubacks < b->maxsubacks)
+	{
+		b->subacks[b->nsubacks].token = token;
+		b->subacks[b->nsubacks].granted = granted;
+		b->subacks[b->nsubacks].code = code;
+		b->nsubacks++;
+	}
+	if (answered)
+		b->last_heard = me_broker_mono_ms();
+	pthread_mutex_unlock(&b->mutex);
+	me_broker_wake_worker();
+}
+
+/* 3.1.1: paho calls onSuccess with the granted QoS... */
+void
+me_cb_subscribe_success(void *context, MQTTAsync_successData *response)
+{
+	int			qos = response ? response->alt.qos : 0;
+
+	if (qos >= 0x80)
+		record_subscribe_outcome((MeBroker *) context, response->token, -1, qos, true);
+	else
+		record_subscribe_outcome((MeBroker *) context, response ? response->token : 0,
+								 qos, 0, true);
+}
+
+/*
+ * ... and onFailure for a SUBACK of 0x80, with that in code (paho 1.3.12
+ * sets only token and code then), or when the request was not answered.
+ */
+void
+me_cb_subscribe_failure(void *context, MQTTAsync_failureData *response)
+{
+	int			code = response ? response->code : MQTTASYNC_FAILURE;
+
+	record_subscribe_outcome((MeBroker *) context, response ? response->token : 0,
+							 -1, code, code >= 0x80);
+}
+
+/*
+ * MQTT 5: the SUBACK's reason code is the granted QoS (paho calls
+ * onFailure5 for one >= 0x80, but take it here too).  For one filter paho
+ * sets only reasonCode: alt.sub.reasonCodes is then not initialised.
+ */
+void
+me_cb_subscribe_success5(void *context, MQTTAsync_successData5 *response)
+{
+	int			rc = response ? (int) response->reasonCode : 0;
+
+	if (rc >= 0x80)
+		record_subscribe_outcome((MeBroker *) context, response->token, -1, rc, true);
+	else
+		record_subscribe_outcome((MeBroker *) context, response ? response->token : 0,
+								 rc, 0, true);
+}
+
+void
+me_cb_subscribe_failure5(void *context, MQTTAsync_failureData5 *response)
+{
+	int			code = !response ? MQTTASYNC_FAILURE :
+		((int) response->reasonCode >= 0x80) ? (int) response->reasonCode :
+		response->code;
+
+	record_subscribe_outcome((MeBroker *) context, response ? response->token : 0,
+							 -1, code, code >= 0x80);
 }
 
 int

@@ -88,6 +88,9 @@ struct MeBroker
 	uint64	   *rejects;
 	int			nrejects;
 	int			maxrejects;
+	MeSubOutcome *subacks;		/* answers to SUBSCRIBE, oldest first */
+	int			nsubacks;
+	int			maxsubacks;
 	MeIncoming *in_head;
 	MeIncoming *in_tail;
 	size_t		in_bytes;
@@ -101,6 +104,8 @@ extern void me_cb_connect_failure5(void *context, MQTTAsync_failureData5 *respon
 extern void me_cb_connect_success(void *context, MQTTAsync_successData *response);
 extern void me_cb_connect_success5(void *context, MQTTAsync_successData5 *response);
 extern void me_cb_connection_lost(void *context, char *cause);
+extern void me_cb_disconnected5(void *context, MQTTProperties *properties,
+								enum MQTTReasonCodes reasonCode);
 extern int me_cb_message_arrived(void *context, char *topicName, int topicLen, MQTTAsync_message *message);
 extern void me_cb_probe_failure(void *context, MQTTAsync_failureData *response);
 extern void me_cb_probe_failure5(void *context, MQTTAsync_failureData5 *response);
@@ -110,6 +115,10 @@ extern void me_cb_publish_failure(void *context, MQTTAsync_failureData *response
 extern void me_cb_publish_failure5(void *context, MQTTAsync_failureData5 *response);
 extern void me_cb_publish_success(void *context, MQTTAsync_successData *response);
 extern void me_cb_publish_success5(void *context, MQTTAsync_successData5 *response);
+extern void me_cb_subscribe_failure(void *context, MQTTAsync_failureData *response);
+extern void me_cb_subscribe_failure5(void *context, MQTTAsync_failureData5 *response);
+extern void me_cb_subscribe_success(void *context, MQTTAsync_successData *response);
+extern void me_cb_subscribe_success5(void *context, MQTTAsync_successData5 *response);
 extern void me_broker_wake_worker(void);
 
 #endif							/* MQTT_EMIT_BROKER_INT_H */

@@ -13,6 +13,14 @@
  * of handlers (mqtt_emit.subscribe, handlers.c) are subscribed too, each
  * with the highest QoS its handlers ask for.
  *
+ * Each filter's state (pending, requested, acknowledged with the QoS
+ * granted, refused with the broker's reason) follows the broker's SUBACKs
+ * (paho's subscribe callbacks record them by token, broker_callbacks.c)
+ * and is copied to shared memory for the mqtt_emit.subscriptions view.  A
+ * refusal is logged once per reason and asked for again with backoff (1 s
+ * doubling to 60 s), so a broker whose access rules are fixed later grants
+ * it without a reconnection.
+ *
  * Received messages are kept as rows of mqtt_emit.outbox (kind
  * ME_KIND_REMOTE), up to 1000 in one transaction, for the listener worker,
  * which checks them and runs their listeners (remote.c,
@@ -33,6 +41,7 @@
 #include "nodes/pg_list.h"
 #include "nodes/value.h"
 #include "utils/memutils.h"
+#include "utils/timestamp.h"
 
 #include "pg_mqtt_emit.h"
 #include "handlers.h"
@@ -43,7 +52,36 @@
 
 #define INBOX_BATCH		1000	/* received messages kept in one transaction */
 
-static List *subscribed = NIL;	/* topic filters (String), in TopMemoryContext */
+/* a refused subscription is asked for again after 1 s, 2 s, ... 60 s */
+#define SUB_RETRY_MIN_MS	1000
+#define SUB_RETRY_MAX_MS	60000
+
+/*
+ * One topic filter the subscriber wants, and what the broker said to it.
+ *
+ * A SUBSCRIBE puts it into ME_SUB_REQUESTED, its SUBACK into
+ * ME_SUB_ACKNOWLEDGED (with the QoS granted) or ME_SUB_REFUSED (with the
+ * return or reason code).  A refused filter stays refused while it is
+ * asked for again (with backoff, retry_at) until a SUBACK grants it; its
+ * refusal is logged once per reason.  A SUBSCRIBE that was not answered
+ * (the connection went) leaves it ME_SUB_PENDING: every (re)connection
+ * subscribes to everything again.
+ */
+typedef struct InboundSub
+{
+	char	   *filter;			/* in TopMemoryContext */
+	MeSubState	state;
+	int			token;			/* paho token of the SUBSCRIBE out, or 0 */
+	int			granted_qos;	/* acknowledged: the QoS granted */
+	int			reason_code;	/* refused: the SUBACK's code */
+	TimestampTz since;			/* when it got into this state */
+	TimestampTz retry_at;		/* when to send SUBSCRIBE again, or 0 */
+	int			backoff_ms;		/* the wait after the next refusal */
+	int			logged_code;	/* the refusal last logged, or -1 */
+} InboundSub;
+
+static List *subscribed = NIL;	/* InboundSub *, in TopMemoryContext */
+static bool states_changed = false; /* shmem's copy is out of date */
 static StringInfoData msgbuf;	/* encoded messages for handlers */
 
 /* the QoS to subscribe to a filter with: its handlers', else 1 (events) */
@@ -66,6 +104,158 @@ me_inbound_wanted(void)
 	return subscribed != NIL || me_client_broker(ME_CLIENT_SUBSCRIBER) != NULL;
 }
 
+static void
+set_state(InboundSub *s, MeSubState state)
+{
+	if (s->state != state)
+	{
+		s->state = state;
+		s->since = GetCurrentTimestamp();
+	}
+	states_changed = true;
+}
+
+/*
+ * Copy the states to shared memory for the mqtt_emit.subscriptions view,
+ * if they changed.
+ */
+static void
+publish_states(void)
+{
+	MeSubStatus *out;
+	int			n = 0;
+	ListCell   *lc;
+
+	if (!states_changed)
+		return;
+	states_changed = false;
+	out = palloc0(sizeof(MeSubStatus) * Max(Min(list_length(subscribed), ME_SUBS_MAX), 1));
+	foreach(lc, subscribed)
+	{
+		InboundSub *s = (InboundSub *) lfirst(lc);
+		MeSubStatus *o = &out[n];
+
+		if (n >= ME_SUBS_MAX)
+			break;
+		if (strlen(s->filter) >= ME_SUB_FILTER_LEN)
+			continue;			/* not shown: the view cannot match a prefix */
+		strlcpy(o->filter, s->filter, sizeof(o->filter));
+		o->state = s->state;
+		o->granted_qos = s->state == ME_SUB_ACKNOWLEDGED ? s->granted_qos : -1;
+		o->reason_code = s->state == ME_SUB_REFUSED ? s->reason_code : -1;
+		if (s->state == ME_SUB_REFUSED)
+			snprintf(o->reason, sizeof(o->reason), "%s (0x%02X)",
+					 me_client_broker(ME_CLIENT_SUBSCRIBER) ?
+					 me_broker_reason_text(me_client_broker(ME_CLIENT_SUBSCRIBER),
+										   s->reason_code) : "refused",
+					 s->reason_code);
+		o->since = s->since;
+		n++;
+	}
+	me_subs_publish(out, n);
+	pfree(out);
+}
+
+/*
+ * Send SUBSCRIBE for s.  A refused filter stays refused until a SUBACK
+ * grants it.  When paho does not take the request, try again later.
+ */
+static void
+send_subscribe(MeBroker *sub, InboundSub *s)
+{
+	int			token = 0;
+	int			rc = me_broker_subscribe_tracked(sub, s->filter, filter_qos(s->filter), &token);
+
+	s->retry_at = 0;
+	if (rc != 0)
+	{
+		ereport(LOG,
+				(errmsg("pg_mqtt_emit cannot subscribe to \"%s\": %s",
+						s->filter, me_broker_strerror(rc))));
+		s->token = 0;
+		if (s->state != ME_SUB_REFUSED)
+			set_state(s, ME_SUB_PENDING);
+		s->retry_at = GetCurrentTimestamp() + (int64) s->backoff_ms * 1000;
+		s->backoff_ms = Min(s->backoff_ms * 2, SUB_RETRY_MAX_MS);
+		return;
+	}
+	ereport(DEBUG1,
+			(errmsg("pg_mqtt_emit subscribing to \"%s\"", s->filter)));
+	s->token = token;
+	if (s->state != ME_SUB_REFUSED)
+		set_state(s, ME_SUB_REQUESTED);
+}
+
+/*
+ * Take the broker's answers to SUBSCRIBE.
+ */
+static void
+take_subacks(MeBroker *sub, MeSubOutcome *acks, int n)
+{
+	int			i;
+
+	for (i = 0; i < n; i++)
+	{
+		InboundSub *s = NULL;
+		ListCell   *lc;
+
+		if (acks[i].token == 0)
+			continue;
+		foreach(lc, subscribed)
+		{
+			if (((InboundSub *) lfirst(lc))->token == acks[i].token)
+			{
+				s = (InboundSub *) lfirst(lc);
+				break;
+			}
+		}
+		if (s == NULL)
+			continue;			/* unsubscribed meanwhile */
+		s->token = 0;
+		if (acks[i].granted >= 0)
+		{
+			if (s->logged_code >= 0)
+				ereport(LOG,
+						(errmsg("pg_mqtt_emit subscription to \"%s\" acknowledged with QoS %d",
+								s->filter, acks[i].granted)));
+			s->granted_qos = acks[i].granted;
+			s->logged_code = -1;
+			s->backoff_ms = SUB_RETRY_MIN_MS;
+			set_state(s, ME_SUB_ACKNOWLEDGED);
+			ereport(DEBUG1,
+					(errmsg("pg_mqtt_emit subscribed to \"%s\" with QoS %d",
+							s->filter, acks[i].granted)));
+		}
+		else if (acks[i].code >= 0x80)
+		{
+			if (s->logged_code != acks[i].code)
+				ereport(LOG,
+						(errmsg("pg_mqtt_emit: the broker refused the subscription to \"%s\": %s (SUBACK code 0x%02X)",
+								s->filter, me_broker_reason_text(sub, acks[i].code),
+								acks[i].code),
+						 errdetail("The subscription is requested again, with backoff up to %d s.",
+								   SUB_RETRY_MAX_MS / 1000),
+						 errhint("Check the broker's access control for the subscriber's user.")));
+			s->logged_code = acks[i].code;
+			/* since: the first refusal of this reason */
+			if (s->state != ME_SUB_REFUSED || s->reason_code != acks[i].code)
+			{
+				s->state = ME_SUB_REFUSED;
+				s->reason_code = acks[i].code;
+				s->since = GetCurrentTimestamp();
+				states_changed = true;
+			}
+			s->retry_at = GetCurrentTimestamp() + (int64) s->backoff_ms * 1000;
+			s->backoff_ms = Min(s->backoff_ms * 2, SUB_RETRY_MAX_MS);
+		}
+		else if (s->state != ME_SUB_REFUSED)
+		{
+			/* not answered (the connection went): a reconnection repeats it */
+			set_state(s, ME_SUB_PENDING);
+		}
+	}
+}
+
 /*
  * Bring the broker's subscriptions in line with the listeners that accept
  * remote events.  With all, subscribe to everything again (after a
@@ -82,7 +272,6 @@ me_inbound_sync(bool all)
 	MeBroker   *sub = me_client_broker(ME_CLIENT_SUBSCRIBER);
 	bool		connected = me_client_connected(ME_CLIENT_SUBSCRIBER);
 
-	old = MemoryContextSwitchTo(TopMemoryContext);
 	foreach(lc, models)
 	{
 		StringInfoData f;
@@ -100,47 +289,119 @@ me_inbound_sync(bool all)
 			want = list_append_unique(want,
 									  makeString(pstrdup(me_handlers_filter(i, NULL))));
 	}
-	MemoryContextSwitchTo(old);
 
 	/* unsubscribe what is no longer wanted */
 	foreach(lc, subscribed)
 	{
-		if (list_member(want, lfirst(lc)))
-			keep = lappend(keep, lfirst(lc));
-		else if (connected)
-			me_broker_unsubscribe(sub, strVal(lfirst(lc)));
+		InboundSub *s = (InboundSub *) lfirst(lc);
+		ListCell   *wc;
+		bool		wanted = false;
+
+		foreach(wc, want)
+		{
+			if (strcmp(strVal(lfirst(wc)), s->filter) == 0)
+			{
+				wanted = true;
+				break;
+			}
+		}
+		if (wanted)
+			keep = lappend(keep, s);
+		else
+		{
+			if (connected)
+				me_broker_unsubscribe(sub, s->filter);
+			pfree(s->filter);
+			pfree(s);
+			states_changed = true;
+		}
 	}
+	list_free(subscribed);
+	subscribed = NIL;
 
 	if (want == NIL)
 	{
 		/* nobody listens for remote events: no subscriber connection */
 		me_client_drop(ME_CLIENT_SUBSCRIBER, 100);
-		subscribed = NIL;
+		list_free(keep);
 		me_set_subscriptions(0);
+		states_changed = true;
+		publish_states();
 		return;
 	}
 
-	if (connected)
+	/* in the order wanted, new filters pending */
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	foreach(lc, want)
 	{
-		foreach(lc, want)
-		{
-			if (all || !list_member(keep, lfirst(lc)))
-			{
-				int			rc = me_broker_subscribe(sub, strVal(lfirst(lc)),
-													 filter_qos(strVal(lfirst(lc))));
+		InboundSub *s = NULL;
+		ListCell   *kc;
 
-				if (rc != 0)
-					ereport(LOG,
-							(errmsg("pg_mqtt_emit cannot subscribe to \"%s\": %s",
-									strVal(lfirst(lc)), me_broker_strerror(rc))));
-				else
-					ereport(DEBUG1,
-							(errmsg("pg_mqtt_emit subscribed to \"%s\"", strVal(lfirst(lc)))));
+		foreach(kc, keep)
+		{
+			if (strcmp(((InboundSub *) lfirst(kc))->filter, strVal(lfirst(lc))) == 0)
+			{
+				s = (InboundSub *) lfirst(kc);
+				break;
 			}
 		}
+		if (s == NULL)
+		{
+			s = palloc0(sizeof(InboundSub));
+			s->filter = pstrdup(strVal(lfirst(lc)));
+			s->state = ME_SUB_PENDING;
+			s->since = GetCurrentTimestamp();
+			s->backoff_ms = SUB_RETRY_MIN_MS;
+			s->logged_code = -1;
+			s->reason_code = -1;
+			s->granted_qos = -1;
+			states_changed = true;
+			if (connected)
+				s->token = -1;	/* new: subscribe below */
+		}
+		subscribed = lappend(subscribed, s);
 	}
-	subscribed = want;
-	me_set_subscriptions(list_length(want));
+	MemoryContextSwitchTo(old);
+	list_free(keep);
+
+	if (connected)
+	{
+		foreach(lc, subscribed)
+		{
+			InboundSub *s = (InboundSub *) lfirst(lc);
+
+			if (all || s->token == -1)
+				send_subscribe(sub, s);
+		}
+	}
+	me_set_subscriptions(list_length(subscribed));
+	publish_states();
+}
+
+/*
+ * Ask again for the subscriptions whose time has come (refused ones, or
+ * ones paho did not take), and lower *timeout to the next such time.
+ */
+void
+me_inbound_retry(TimestampTz now, long *timeout)
+{
+	ListCell   *lc;
+	MeBroker   *sub = me_client_broker(ME_CLIENT_SUBSCRIBER);
+
+	if (!me_client_connected(ME_CLIENT_SUBSCRIBER))
+		return;
+	foreach(lc, subscribed)
+	{
+		InboundSub *s = (InboundSub *) lfirst(lc);
+
+		if (s->retry_at == 0)
+			continue;
+		if (s->retry_at <= now)
+			send_subscribe(sub, s);
+		if (s->retry_at != 0)
+			*timeout = Min(*timeout, (long) ((s->retry_at - now) / 1000) + 1);
+	}
+	publish_states();
 }
 
 /*
@@ -155,6 +416,25 @@ me_inbound_take_news(void)
 
 	if (!me_client_poll(ME_CLIENT_SUBSCRIBER, &news))
 		return;
+
+	if (news.nsubacks > 0)
+		take_subacks(me_client_broker(ME_CLIENT_SUBSCRIBER), news.subacks, news.nsubacks);
+	if (news.lost)
+	{
+		ListCell   *lc;
+
+		/* what was asked for is not answered now */
+		foreach(lc, subscribed)
+		{
+			InboundSub *s = (InboundSub *) lfirst(lc);
+
+			s->token = 0;
+			s->retry_at = 0;
+			if (s->state == ME_SUB_REQUESTED)
+				set_state(s, ME_SUB_PENDING);
+		}
+	}
+	publish_states();
 
 	/* a clean session forgets subscriptions: make them all again */
 	if (news.connected && me_client_connected(ME_CLIENT_SUBSCRIBER))

@@ -182,6 +182,32 @@ typedef struct MqttEmitSnapshot
 	char		subscriber_broker_url[MQTT_EMIT_MAX_URL_LEN];
 } MqttEmitSnapshot;
 
+/*
+ * The state of one subscription of the subscriber, as the worker last saw
+ * it (shmem.c keeps a copy for the mqtt_emit.subscriptions view).
+ */
+#define ME_SUBS_MAX				1024	/* subscriptions shown, at most */
+#define ME_SUB_FILTER_LEN		512		/* longer filters are not shown */
+#define ME_SUB_REASON_LEN		96
+
+typedef enum MeSubState
+{
+	ME_SUB_PENDING = 0,			/* wanted, SUBSCRIBE not sent (not connected) */
+	ME_SUB_REQUESTED,			/* SUBSCRIBE sent, no SUBACK yet */
+	ME_SUB_ACKNOWLEDGED,		/* SUBACK granted granted_qos */
+	ME_SUB_REFUSED				/* SUBACK refused: reason_code, reason */
+} MeSubState;
+
+typedef struct MeSubStatus
+{
+	char		filter[ME_SUB_FILTER_LEN];
+	MeSubState	state;
+	int			granted_qos;	/* ME_SUB_ACKNOWLEDGED, else -1 */
+	int			reason_code;	/* ME_SUB_REFUSED (0x80..0xFF), else -1 */
+	char		reason[ME_SUB_REASON_LEN];	/* ME_SUB_REFUSED, else "" */
+	TimestampTz since;			/* when it got into this state */
+} MeSubStatus;
+
 /* GUC variables (pg_mqtt_emit.c) */
 extern char *mqtt_emit_broker_url;
 extern char *mqtt_emit_topic_prefix;
@@ -262,6 +288,8 @@ extern void me_worker_set_napping(bool napping);
 extern void me_set_connected(bool subscriber, bool connected);
 extern void me_set_broker_url(bool subscriber, const char *url);
 extern void me_set_subscriptions(uint32 n);
+extern void me_subs_publish(const MeSubStatus *subs, int n);
+extern int	me_subs_snapshot(MeSubStatus *out, int max);
 extern uint32 me_listeners_version(void);
 extern void me_listeners_version_bump(void);
 extern uint32 me_outbox_version(void);

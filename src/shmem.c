@@ -45,6 +45,11 @@
  *	  outbox_oldest, worker_napping and the connection flags are atomics
  *	  and need no lock.
  *	  outbox_rows is approximate (see relay.c).
+ *	- The subscription states (MeSubTable, a shared struct of its own) are
+ *	  protected by the named LWLock "pg_mqtt_emit subscriptions": the worker
+ *	  replaces the whole table under it in exclusive mode when a state
+ *	  changes (rarely: a SUBSCRIBE, a SUBACK, a reconnection); the
+ *	  mqtt_emit.subscriptions view copies it out in shared mode.
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
@@ -117,11 +122,19 @@ typedef struct MqttEmitShared
 
 static MqttEmitShared *me_shared = NULL;
 
-/*
- * Size of the shared state, used both to request and to create it.
- */
-Size
-me_shmem_size(void)
+/* The subscriber's subscriptions, as the worker last saw them. */
+typedef struct MeSubTable
+{
+	LWLock	   *lock;
+	int			n;				/* lock: entries in use */
+	MeSubStatus subs[ME_SUBS_MAX];	/* lock */
+} MeSubTable;
+
+static MeSubTable *me_subs = NULL;
+
+/* Size of MqttEmitShared with its ring. */
+static Size
+queue_struct_size(void)
 {
 	Size		size = offsetof(MqttEmitShared, data);
 
@@ -129,11 +142,21 @@ me_shmem_size(void)
 	return MAXALIGN(size);
 }
 
+/*
+ * Size of the shared state, used both to request and to create it.
+ */
+Size
+me_shmem_size(void)
+{
+	return add_size(queue_struct_size(), MAXALIGN(sizeof(MeSubTable)));
+}
+
 void
 me_shmem_request(void)
 {
 	RequestAddinShmemSpace(me_shmem_size());
 	RequestNamedLWLockTranche("pg_mqtt_emit", 1);
+	RequestNamedLWLockTranche("pg_mqtt_emit subscriptions", 1);
 }
 
 void
@@ -143,7 +166,15 @@ me_shmem_startup(void)
 
 	me_shared = NULL;
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
-	me_shared = (MqttEmitShared *) ShmemInitStruct("pg_mqtt_emit", me_shmem_size(), &found);
+	me_subs = (MeSubTable *) ShmemInitStruct("pg_mqtt_emit subscriptions",
+											 sizeof(MeSubTable), &found);
+	if (!found)
+	{
+		me_subs->lock = &(GetNamedLWLockTranche("pg_mqtt_emit subscriptions"))->lock;
+		me_subs->n = 0;
+	}
+	me_shared = (MqttEmitShared *) ShmemInitStruct("pg_mqtt_emit",
+												   queue_struct_size(), &found);
 	if (!found)
 	{
 		int			i;
@@ -516,6 +547,37 @@ void
 me_set_subscriptions(uint32 n)
 {
 	pg_atomic_write_u32(&me_shared->subscriptions, n);
+}
+
+/*
+ * The worker: the subscriptions are now subs[0..n-1] (those beyond
+ * ME_SUBS_MAX are not shown).
+ */
+void
+me_subs_publish(const MeSubStatus *subs, int n)
+{
+	n = Min(n, ME_SUBS_MAX);
+	LWLockAcquire(me_subs->lock, LW_EXCLUSIVE);
+	if (n > 0)
+		memcpy(me_subs->subs, subs, sizeof(MeSubStatus) * n);
+	me_subs->n = n;
+	LWLockRelease(me_subs->lock);
+}
+
+/*
+ * Copy up to max subscription states into out; returns how many.
+ */
+int
+me_subs_snapshot(MeSubStatus *out, int max)
+{
+	int			n;
+
+	LWLockAcquire(me_subs->lock, LW_SHARED);
+	n = Min(me_subs->n, max);
+	if (n > 0)
+		memcpy(out, me_subs->subs, sizeof(MeSubStatus) * n);
+	LWLockRelease(me_subs->lock);
+	return n;
 }
 
 uint32

@@ -49,6 +49,7 @@
 PG_FUNCTION_INFO_V1(mqtt_emit_install_check);
 PG_FUNCTION_INFO_V1(mqtt_emit_publish);
 PG_FUNCTION_INFO_V1(mqtt_emit_stats);
+PG_FUNCTION_INFO_V1(mqtt_emit_subscription_states);
 PG_FUNCTION_INFO_V1(mqtt_emit_listeners_changed);
 PG_FUNCTION_INFO_V1(mqtt_emit_trigger_args);
 PG_FUNCTION_INFO_V1(mqtt_emit_stats_reset);
@@ -665,4 +666,69 @@ mqtt_emit_unsubscribe(PG_FUNCTION_ARGS)
 	removed = SPI_processed;
 	end_as_registry_owner(nestlevel, save_userid, save_sec);
 	PG_RETURN_BOOL(removed > 0);
+}
+
+/*
+ * mqtt_emit._subscription_states(filters text[]): the states of those of
+ * the subscriber's subscriptions that are named in filters, as the worker
+ * last saw them (shmem.c): topic_filter, state, granted_qos, reason, since.
+ * The view mqtt_emit.subscriptions passes the caller's own filters.  No
+ * rows without the library preloaded, so that the view still shows them.
+ */
+Datum
+mqtt_emit_subscription_states(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	ArrayType  *arr = PG_GETARG_ARRAYTYPE_P(0);
+	static const char *const names[] = {"pending", "requested", "acknowledged", "refused"};
+	Datum	   *elems;
+	bool	   *elem_nulls;
+	int			nelems;
+	MeSubStatus *subs;
+	int			n;
+	int			i;
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (!mqtt_emit_preloaded || !me_shmem_ready())
+		return (Datum) 0;
+	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT,
+					  &elems, &elem_nulls, &nelems);
+	if (nelems == 0)
+		return (Datum) 0;
+	subs = palloc(sizeof(MeSubStatus) * ME_SUBS_MAX);
+	n = me_subs_snapshot(subs, ME_SUBS_MAX);
+	for (i = 0; i < n; i++)
+	{
+		Datum		values[5];
+		bool		nulls[5] = {false, false, false, false, false};
+		bool		named = false;
+		int			j;
+
+		for (j = 0; j < nelems && !named; j++)
+		{
+			char	   *f;
+
+			if (elem_nulls[j])
+				continue;
+			f = TextDatumGetCString(elems[j]);
+			named = (strcmp(f, subs[i].filter) == 0);
+			pfree(f);
+		}
+		if (!named)
+			continue;
+		values[0] = CStringGetTextDatum(subs[i].filter);
+		values[1] = CStringGetTextDatum(names[subs[i].state]);
+		if (subs[i].granted_qos >= 0)
+			values[2] = Int32GetDatum(subs[i].granted_qos);
+		else
+			nulls[2] = true;
+		if (subs[i].reason[0])
+			values[3] = CStringGetTextDatum(subs[i].reason);
+		else
+			nulls[3] = true;
+		values[4] = TimestampTzGetDatum(subs[i].since);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	pfree(subs);
+	return (Datum) 0;
 }

@@ -174,6 +174,7 @@ mqtt_emit_worker_main(Datum main_arg)
 		{
 			me_client_service(ME_CLIENT_SUBSCRIBER, now, &timeout);
 			me_inbound_take_news();
+			me_inbound_retry(now, &timeout);
 		}
 
 		more = me_relay_step(&tail, &new_entries, &timeout);

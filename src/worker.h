@@ -90,5 +90,6 @@ extern void me_relay_keep_queue_at_exit(void);
 extern void me_inbound_sync(bool all);
 extern bool me_inbound_wanted(void);
 extern void me_inbound_take_news(void);
+extern void me_inbound_retry(TimestampTz now, long *timeout);
 
 #endif							/* MQTT_EMIT_WORKER_H */

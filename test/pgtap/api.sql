@@ -1,6 +1,6 @@
 -- API contracts of pg_mqtt_emit: objects, signatures, privileges, errors.
 BEGIN;
-SELECT plan(75);
+SELECT plan(78);
 
 CREATE EXTENSION IF NOT EXISTS pg_mqtt_emit;
 
@@ -18,6 +18,10 @@ SELECT columns_are('mqtt_emit', 'event', ARRAY['event_id', 'model', 'operation',
 SELECT has_view('mqtt_emit', 'stats', 'view mqtt_emit.stats exists');
 SELECT has_view('mqtt_emit', 'watched_tables', 'view mqtt_emit.watched_tables exists');
 SELECT has_view('mqtt_emit', 'subscriptions', 'view mqtt_emit.subscriptions exists');
+SELECT columns_are('mqtt_emit', 'subscriptions',
+                   ARRAY['topic_filter', 'state', 'granted_qos', 'reason', 'since']);
+SELECT col_type_is('mqtt_emit', 'subscriptions', 'since', 'timestamp with time zone',
+                   'subscriptions.since is a timestamptz');
 SELECT has_table('mqtt_emit', 'listeners', 'table mqtt_emit.listeners exists');
 SELECT has_table('mqtt_emit', 'outbox', 'table mqtt_emit.outbox exists');
 SELECT has_table('mqtt_emit', 'dead_letters', 'table mqtt_emit.dead_letters exists');
@@ -49,6 +53,8 @@ SELECT ok(NOT has_table_privilege('tap_plain', 'mqtt_emit.outbox', 'SELECT'), 'o
 SELECT ok(NOT has_table_privilege('tap_plain', 'mqtt_emit.dead_letters', 'SELECT'), 'dead_letters is not readable by PUBLIC');
 SELECT ok(NOT has_table_privilege('tap_plain', 'mqtt_emit.stats', 'SELECT'), 'stats is not readable by PUBLIC');
 SELECT ok(has_table_privilege('pg_monitor', 'mqtt_emit.stats', 'SELECT'), 'stats is readable by pg_monitor');
+SELECT ok(has_function_privilege('tap_plain', 'mqtt_emit._subscription_states(text[])', 'EXECUTE'),
+          '_subscription_states(text[]) is callable by PUBLIC (the view runs it as the caller)');
 SELECT ok(NOT has_function_privilege('tap_plain', 'mqtt_emit.stats_reset()', 'EXECUTE'),
           'stats_reset() is not granted to PUBLIC');
 SELECT ok(has_function_privilege('tap_plain', 'mqtt_emit.listen(text,regprocedure,boolean,boolean,jsonb,text[])', 'EXECUTE'),
