@@ -104,7 +104,7 @@ CREATE EXTENSION pg_mqtt_emit;
 CREATE ROLE alice LOGIN;
 CREATE ROLE mon LOGIN IN ROLE pg_monitor;
 CREATE SCHEMA alice_s AUTHORIZATION alice;
-GRANT EXECUTE ON FUNCTION mqtt_emit.publish(text, text, int) TO alice;
+GRANT EXECUTE ON FUNCTION mqtt_emit.publish(text, text, int, boolean, jsonb) TO alice;
 });
 ok(poll_until(sub { st('connected') eq 't' }, $T),
 	'the worker connects to a broker that checks its password (the real one, not the masked one)');
