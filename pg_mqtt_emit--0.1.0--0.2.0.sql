@@ -688,6 +688,10 @@ GRANT SELECT ON mqtt_emit.model_stats TO PUBLIC;
 -- are placed by batch.
 CREATE INDEX outbox_stray_idx ON mqtt_emit.outbox (batch) WHERE seq IS NULL AND NOT marked;
 
+-- Rows whose local listeners wait for the worker to reach their place in
+-- the queue (flag 32), found by batch.
+CREATE INDEX outbox_held_idx ON mqtt_emit.outbox (batch) WHERE (flags & 32) <> 0;
+
 -- Rows whose listeners are due (flag 2), for the listener worker.
 CREATE INDEX outbox_local_idx ON mqtt_emit.outbox (id) WHERE (flags & 2) <> 0;
 

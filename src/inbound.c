@@ -479,8 +479,8 @@ me_inbound_take_news(void)
 			 */
 			if (!me_topic_is_event(m->topic, m->topic_len))
 			{
-				if (m->payload_len > mqtt_emit_max_payload)
-					why = "payload larger than \"mqtt_emit.max_payload\"";
+				if (m->payload_len + m->props_len > mqtt_emit_max_payload)
+					why = "payload and properties larger than \"mqtt_emit.max_payload\"";
 				else if ((int) strlen(m->topic) != m->topic_len ||
 						 !pg_verifymbstr(m->topic, m->topic_len, true))
 					why = "topic is not valid in the database encoding";

@@ -95,6 +95,9 @@ me_relay_extension_changed(bool ready)
 	bool		was_ready = extension_ready;
 
 	extension_ready = ready;
+	/* held rows are looked for anew in whatever outbox there is now */
+	next_held = -1;
+	held_probe = true;
 	if (ready && !was_ready)
 	{
 		me_outbox_start(me_worker_take_fresh());
@@ -288,7 +291,8 @@ process_queue(uint64 tail, int *new_entries)
 			MqttEmitEventHeader *h = read_entry(pos);
 			const char *model = entrybuf + sizeof(MqttEmitEventHeader);
 
-			if (need_local && next_held >= 0 && (uint64) next_held <= pos)
+			if (need_local && next_held >= 0 && (uint64) next_held <= pos &&
+				extension_ready)
 			{
 				/* everything queued before they were written is handed */
 				if (!in_tx)
@@ -386,6 +390,8 @@ process_queue(uint64 tail, int *new_entries)
 		nmoved = 0;
 		next_stray = place_strays(pos);
 	}
+	if (!extension_ready)
+		next_held = -1;
 	if (nmoved > 0 || nlocal > 0 ||
 		(next_held >= 0 && (uint64) next_held <= local_pos))
 	{
