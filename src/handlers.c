@@ -352,6 +352,25 @@ load_handlers(void)
 				(p->pronargs == 2 || p->proargtypes.values[2] == JSONBOID);
 			ReleaseSysCache(proctup);
 		}
+		/* a handler of a role that is gone or cannot log in never runs */
+		{
+			HeapTuple	roletup = SearchSysCache1(AUTHOID, ObjectIdGetDatum(h->owner));
+			bool		canlogin = false;
+
+			if (HeapTupleIsValid(roletup))
+			{
+				canlogin = ((Form_pg_authid) GETSTRUCT(roletup))->rolcanlogin;
+				ReleaseSysCache(roletup);
+			}
+			if (!canlogin)
+			{
+				ereport(LOG,
+						(errmsg("pg_mqtt_emit skips handler " INT64_FORMAT " (%s on \"%s\"): its role %u no longer exists or cannot log in",
+								h->id, h->fn_name, h->filter, h->owner),
+						 errhint("Remove it with mqtt_emit.unsubscribe(" INT64_FORMAT ") as its role, or DELETE it as a superuser.", h->id)));
+				continue;
+			}
+		}
 		if (!sig_ok || me_filter_problem(h->filter, strlen(h->filter)) != NULL ||
 			filter_overlaps_prefix(h->filter, strlen(h->filter)))
 		{

@@ -78,6 +78,7 @@ typedef struct InboundSub
 	TimestampTz retry_at;		/* when to send SUBSCRIBE again, or 0 */
 	int			backoff_ms;		/* the wait after the next refusal */
 	int			logged_code;	/* the refusal last logged, or -1 */
+	int			qos;			/* the QoS last asked for, or -1 */
 } InboundSub;
 
 static List *subscribed = NIL;	/* InboundSub *, in TopMemoryContext */
@@ -164,9 +165,11 @@ static void
 send_subscribe(MeBroker *sub, InboundSub *s)
 {
 	int			token = 0;
-	int			rc = me_broker_subscribe_tracked(sub, s->filter, filter_qos(s->filter), &token);
+	int			qos = filter_qos(s->filter);
+	int			rc = me_broker_subscribe_tracked(sub, s->filter, qos, &token);
 
 	s->retry_at = 0;
+	s->qos = qos;
 	if (rc != 0)
 	{
 		ereport(LOG,
@@ -355,10 +358,13 @@ me_inbound_sync(bool all)
 			s->logged_code = -1;
 			s->reason_code = -1;
 			s->granted_qos = -1;
+			s->qos = -1;
 			states_changed = true;
 			if (connected)
 				s->token = -1;	/* new: subscribe below */
 		}
+		else if (connected && s->qos >= 0 && s->qos != filter_qos(s->filter))
+			s->token = -1;		/* a handler wants another QoS: again */
 		subscribed = lappend(subscribed, s);
 	}
 	MemoryContextSwitchTo(old);
