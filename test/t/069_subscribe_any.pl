@@ -25,7 +25,7 @@ use warnings;
 
 use File::Temp qw(tempdir);
 use IPC::Run;
-use MqttEmitTest qw(:DEFAULT stats role_fails role_works);
+use MqttEmitTest qw(:DEFAULT stats role_fails role_works log_since);
 use PostgreSQL::Test::Utils;
 use Test::More;
 
@@ -258,6 +258,44 @@ ok(mqtt_pub($broker, 'data/after-unsubscribe', 'x'), 'published a later message 
 ok(poll_until(sub { sqlq("SELECT count(*) FROM got WHERE topic = 'data/after-unsubscribe'") > 0 }, $T),
 	'the later message arrived');
 is(sqlq("SELECT count(*) FROM alice_got"), $before, 'nothing reached alice\'s handler after unsubscribe()');
+
+# ---- a handler that asks for a higher QoS: the filter is subscribed again ----
+{
+	my $off = $broker->log_position;
+	sqlq(q{CREATE FUNCTION public.h_data2(topic text, payload bytea) RETURNS void
+	LANGUAGE sql AS $$ INSERT INTO public.got (tag, topic, payload) VALUES ('data2', topic, payload) $$;
+	SELECT mqtt_emit.subscribe('data/#', 'public.h_data2(text, bytea)', qos => 2);});
+	ok($broker->wait_for_log(qr/^\S+: \S+ 2 data\/#$/m, $T, $off),
+		'a second handler of data/# with QoS 2: the worker subscribes to data/# again with QoS 2');
+	sqlq(q{SELECT mqtt_emit.unsubscribe(id) FROM mqtt_emit.handlers WHERE handler = 'public.h_data2(text, bytea)'::regprocedure});
+}
+
+# ---- a handler of a role that cannot log in: its filter is not subscribed ----
+{
+	sqlq(q{
+	CREATE ROLE bob LOGIN;
+	GRANT EXECUTE ON FUNCTION mqtt_emit.may_listen_remote() TO bob;
+	CREATE TABLE public.bob_got (topic text);
+	ALTER TABLE public.bob_got OWNER TO bob;
+	CREATE FUNCTION public.h_bob(topic text, payload bytea) RETURNS void
+	LANGUAGE sql AS $$ INSERT INTO public.bob_got VALUES (topic) $$;
+	ALTER FUNCTION public.h_bob(text, bytea) OWNER TO bob;
+	});
+	my $n0 = stats($node)->{subscriptions};
+	role_works($node, 'bob', "SELECT mqtt_emit.subscribe('bob/#', 'public.h_bob(text, bytea)')",
+		'subscribes to bob/#');
+	ok(poll_until(sub { stats($node)->{subscriptions} == $n0 + 1 }, $T), 'the worker subscribed to bob/#');
+	my $off = -s $node->logfile;
+	sqlq('ALTER ROLE bob NOLOGIN');
+	sqlq('SELECT mqtt_emit._listeners_changed()');
+	ok(poll_until(sub { stats($node)->{subscriptions} == $n0 }, $T),
+		'once bob cannot log in (and the registry is read again), bob/# is no longer subscribed');
+	ok(poll_until(sub { log_since($node, $off) =~ /skips handler \d+ \(public\.h_bob\(text,bytea\) on "bob\/#"\): its role \d+ no longer exists or cannot log in/ }, $T),
+		'the log says why');
+	sqlq('ALTER ROLE bob LOGIN');
+	sqlq('SELECT mqtt_emit._listeners_changed()');
+	ok(poll_until(sub { stats($node)->{subscriptions} == $n0 + 1 }, $T), 'with LOGIN back, bob/# is subscribed again');
+}
 
 # ---- restart while publishing (QoS 1) ----
 my $N = 600;
