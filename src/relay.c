@@ -60,6 +60,7 @@ static TimestampTz last_recount = 0;	/* of the outbox's rows, when idle */
 static uint32 held_seen_version = 0;	/* me_held_strays_version looked at */
 static bool held_probe = true;	/* look for held rows without a marker */
 static int64 next_held = -1;	/* the lowest queue position of those */
+static bool fresh_pending = false;	/* recovered a fresh start, not committed */
 
 static StringInfoData topicbuf;
 static char *entrybuf = NULL;
@@ -100,8 +101,23 @@ me_relay_extension_changed(bool ready)
 	held_probe = true;
 	if (ready && !was_ready)
 	{
-		me_outbox_start(me_worker_take_fresh());
+		fresh_pending = me_worker_fresh();
+		me_outbox_start(fresh_pending);
 		set_outbox_mode(true);
+	}
+}
+
+/*
+ * The transaction of me_relay_extension_changed() committed: a fresh
+ * start's recovery of the outbox is done for good.
+ */
+void
+me_relay_committed(void)
+{
+	if (fresh_pending)
+	{
+		me_worker_fresh_done();
+		fresh_pending = false;
 	}
 }
 

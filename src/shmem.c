@@ -76,7 +76,7 @@ typedef struct MqttEmitShared
 	LWLock	   *lock;
 	pid_t		worker_pid;		/* lock: 0 when no worker runs */
 	Latch	   *worker_latch;	/* lock */
-	bool		fresh;			/* lock: no worker has run since set up */
+	bool		fresh;			/* lock: no worker recovered the outbox since set up */
 	pid_t		listener_pid;	/* lock: the listener worker, 0 when none */
 	Latch	   *listener_latch; /* lock */
 
@@ -489,19 +489,29 @@ me_worker_release(void)
 }
 
 /*
- * True once, for the first worker since the shared memory was set up
- * (after a start or a crash): the queue is new.
+ * True until a worker has committed its recovery of the outbox since the
+ * shared memory was set up (after a start or a crash): the queue is new.
+ * A worker that fails before its recovery commits leaves it set, so that
+ * the next one recovers instead.
  */
 bool
-me_worker_take_fresh(void)
+me_worker_fresh(void)
 {
 	bool		fresh;
 
-	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
+	LWLockAcquire(me_shared->lock, LW_SHARED);
 	fresh = me_shared->fresh;
-	me_shared->fresh = false;
 	LWLockRelease(me_shared->lock);
 	return fresh;
+}
+
+/* the outbox's recovery after a fresh start has committed */
+void
+me_worker_fresh_done(void)
+{
+	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
+	me_shared->fresh = false;
+	LWLockRelease(me_shared->lock);
 }
 
 /* event_seq when this memory was set up: outbox batches below it are older */

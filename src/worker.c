@@ -238,6 +238,7 @@ me_worker_refresh_registry(void)
 		r = ME_REGISTRY_KEPT;
 	last_extension_check = GetCurrentTimestamp();
 	me_worker_end_tx();
+	me_relay_committed();
 	if (r == ME_REGISTRY_KEPT)
 		return;
 	listeners_version = version;

@@ -81,6 +81,7 @@ extern int64 me_inflight_take_dead_letter(void);
 extern void me_relay_init(uint64 head);
 extern void me_relay_extension_changed(bool ready);
 extern bool me_relay_ready(void);
+extern void me_relay_committed(void);
 extern bool me_relay_step(uint64 *tail, int *new_entries, long *timeout);
 extern void me_relay_release_done(void);
 extern void me_relay_delete_done(void);
