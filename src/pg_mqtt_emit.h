@@ -296,6 +296,8 @@ extern void me_listeners_version_bump(void);
 extern uint32 me_outbox_version(void);
 extern void me_outbox_version_bump(void);
 extern uint32 me_held_strays_version(void);
+extern uint64 me_local_done(void);
+extern void me_local_done_set(uint64 pos);
 extern void me_held_strays_version_bump(void);
 extern uint64 me_outbox_rows(void);
 extern void me_outbox_rows_add(uint64 n);

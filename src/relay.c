@@ -81,6 +81,14 @@ me_relay_init(uint64 head)
 	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
 
 	head_pos = local_pos = head;
+
+	/*
+	 * A worker that exited (not a crash: the queue is the same) handed the
+	 * events before local_done to the listener worker already, in committed
+	 * transactions: they would run twice.
+	 */
+	if (me_local_done() > head)
+		local_pos = me_local_done();
 	initStringInfo(&topicbuf);
 	MemoryContextSwitchTo(old);
 }
@@ -430,6 +438,7 @@ process_queue(uint64 tail, int *new_entries)
 	}
 	if (in_tx)
 		me_worker_end_tx();
+	me_local_done_set(local_pos);
 	if (handed)
 		me_wake_listener();
 	if (moved_end > 0)

@@ -41,7 +41,8 @@
  *	- urllock (spinlock) protects broker_url, the broker each of the
  *	  worker's two clients is connected to, written by the worker only.
  *	- counters (and their reset base and time), event_seq,
- *	  listeners_version, outbox_version, held_strays_version, outbox_rows,
+ *	  listeners_version, outbox_version, held_strays_version, local_done
+ *	  (written by the worker only), outbox_rows,
  *	  outbox_oldest, worker_napping and the connection flags are atomics
  *	  and need no lock.
  *	  outbox_rows is approximate (see relay.c).
@@ -104,6 +105,9 @@ typedef struct MqttEmitShared
 	pg_atomic_uint32 outbox_version;	/* bumped when backends add rows */
 	pg_atomic_uint32 held_strays_version;	/* bumped when backends add held
 											 * rows without a marker */
+	pg_atomic_uint64 local_done;	/* queue position up to which the worker
+									 * committed the hand-over to the listener
+									 * worker */
 	pg_atomic_uint64 outbox_rows;	/* rows in the outbox (approximate) */
 	pg_atomic_uint64 outbox_oldest; /* created_at of the oldest row, or 0 */
 	pg_atomic_uint32 worker_napping;	/* the worker will look again soon */
@@ -212,6 +216,7 @@ me_shmem_startup(void)
 		pg_atomic_init_u32(&me_shared->subscriptions, 0);
 		pg_atomic_init_u32(&me_shared->outbox_version, 0);
 		pg_atomic_init_u32(&me_shared->held_strays_version, 0);
+		pg_atomic_init_u64(&me_shared->local_done, 0);
 		pg_atomic_init_u64(&me_shared->outbox_rows, 0);
 		pg_atomic_init_u64(&me_shared->outbox_oldest, 0);
 		pg_atomic_init_u32(&me_shared->worker_napping, 0);
@@ -613,6 +618,18 @@ void
 me_outbox_version_bump(void)
 {
 	pg_atomic_fetch_add_u32(&me_shared->outbox_version, 1);
+}
+
+uint64
+me_local_done(void)
+{
+	return pg_atomic_read_u64(&me_shared->local_done);
+}
+
+void
+me_local_done_set(uint64 pos)
+{
+	pg_atomic_write_u64(&me_shared->local_done, pos);
 }
 
 uint32

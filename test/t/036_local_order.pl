@@ -21,6 +21,10 @@
 #
 # Transaction sizes are random: a fixed seed per round plus one fresh seed
 # printed in the log (PG_MQTT_EMIT_SEED=N repeats a run).
+#
+# Last, a worker that exits and is started again (the queue stays) while
+# the broker is frozen: the listeners of the events it had handed over do
+# not run again.
 use strict;
 use warnings;
 
@@ -37,6 +41,7 @@ my $fresh = $ENV{PG_MQTT_EMIT_SEED} // (time() ^ $$) % 1_000_000_000;
 note "fresh seed: $fresh (PG_MQTT_EMIT_SEED=$fresh repeats it)";
 
 my $broker = start_broker();
+END { kill 'CONT', $broker->pid if $broker && $broker->pid; }
 my $node   = new_node(
 	'lorder',
 	broker                 => $broker,
@@ -151,5 +156,35 @@ round('memory', 3601, '');
 round('durable', 3602, 'SET mqtt_emit.delivery = durable;');
 round('nomarker', 3603, 'SET mqtt_emit.marker_wait = 0;');
 round('fresh', $fresh, $fresh % 2 ? 'SET mqtt_emit.delivery = durable;' : 'SET mqtt_emit.marker_wait = 0;');
+
+# A worker that exits (pg_terminate_backend: the postmaster starts it again,
+# the queue stays) hands nothing to the listener worker twice.  The broker
+# is frozen, so that no event is acknowledged and the queue's head stays
+# before the events whose listeners ran.
+{
+	my $runs0 = $node->safe_psql('postgres', 'SELECT coalesce(max(seq), 0) FROM runlog');
+	my $ids0  = $node->safe_psql('postgres', 'SELECT coalesce(max(id), 0) FROM lo');
+	ok(kill('STOP', $broker->pid), 'broker frozen (SIGSTOP)');
+	$node->safe_psql('postgres', "INSERT INTO lo (n, sess, pad) SELECT 0, 9, 'x' FROM generate_series(1, 50)");
+	ok( poll_until(sub { $node->safe_psql('postgres', "SELECT count(*) FROM runlog WHERE seq > $runs0") >= 50 }, $T),
+		'restart: the listener ran for the 50 events while the broker is frozen');
+	my $pid = $node->safe_psql('postgres', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_mqtt_emit'");
+	ok($node->safe_psql('postgres', "SELECT pg_terminate_backend($pid)") eq 't', "worker $pid terminated");
+	ok( poll_until(
+			sub {
+				my $p = $node->safe_psql('postgres', "SELECT pid FROM pg_stat_activity WHERE backend_type = 'pg_mqtt_emit'");
+				$p ne '' && $p ne $pid;
+			},
+			$T),
+		'the worker was started again');
+	ok(kill('CONT', $broker->pid), 'broker thawed (SIGCONT)');
+	$node->safe_psql('postgres', "INSERT INTO lo (n, sess, pad) VALUES (0, 10, 'end')");
+	ok( poll_until(sub { $node->safe_psql('postgres', "SELECT count(*) FROM runlog r JOIN lo USING (id) WHERE r.seq > $runs0 AND lo.sess = 10") == 1 }, $T),
+		'restart: an event committed afterwards ran');
+	my ($ran, $distinct) = split /\|/, $node->safe_psql('postgres',
+		"SELECT count(*), count(DISTINCT id) FROM runlog WHERE seq > $runs0 AND id > $ids0");
+	is($distinct, 51, 'restart: every event ran');
+	is($ran - $distinct, 0, 'restart: no event ran twice');
+}
 
 done_testing();
