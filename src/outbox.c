@@ -67,6 +67,14 @@
 #define SQL_HELD		CppAsString2(ME_FLAG_HELD)
 
 /*
+ * A row written before the shared memory was set up ($2: its epoch_seq, $3:
+ * its epoch_time): a marked row's batch is an event_seq value, a row
+ * without a marker has only the time it was written to tell (its batch is
+ * a queue position, and positions start again with the memory).
+ */
+#define SQL_OLD_EPOCH	"(CASE WHEN batch >= 0 THEN batch < $2 ELSE created_at < $3 END)"
+
+/*
  * A row is finished when it need neither be published nor handed to the
  * local listeners.  The worker (publishing) and the listener worker (local
  * listeners) each clear their flag and then delete the row if it is
@@ -404,16 +412,17 @@ me_outbox_place_batch(const MqttEmitMarker *mk)
 void
 me_outbox_place_strays(bool all, uint64 upto)
 {
-	Datum		args[2];
-	Oid			types[2] = {INT8OID, INT8OID};
+	Datum		args[3];
+	Oid			types[3] = {INT8OID, INT8OID, TIMESTAMPTZOID};
 
 	args[0] = Int64GetDatum(next_order);
 	args[1] = Int64GetDatum(all ? (int64) me_shmem_epoch_seq() : (int64) upto);
+	args[2] = TimestampTzGetDatum(me_shmem_epoch_time());
 	SPI_connect();
 	check(SPI_execute_with_args(all ?
 								"UPDATE mqtt_emit.outbox o SET seq = $1 + s.n - 1 "
 								"FROM (SELECT id, row_number() OVER (ORDER BY id) AS n "
-								"      FROM mqtt_emit.outbox WHERE seq IS NULL AND batch < $2"
+								"      FROM mqtt_emit.outbox WHERE seq IS NULL AND " SQL_OLD_EPOCH
 								"       AND (flags & " SQL_PUBLISH ") <> 0) s "
 								"WHERE o.id = s.id" :
 								"UPDATE mqtt_emit.outbox o SET seq = $1 + s.n - 1 "
@@ -422,7 +431,7 @@ me_outbox_place_strays(bool all, uint64 upto)
 								"       AND (flags & " SQL_PUBLISH ") <> 0"
 								"       AND batch >= -$2 - 1) s "
 								"WHERE o.id = s.id",
-								2, types, args, NULL, false, 0),
+								all ? 3 : 2, types, args, NULL, false, 0),
 		  SPI_OK_UPDATE, "order outbox rows");
 	next_order += SPI_processed;
 	SPI_finish();
@@ -502,14 +511,18 @@ me_outbox_release_batch(const MqttEmitMarker *mk)
 uint64
 me_outbox_release_strays(bool all, uint64 upto)
 {
-	Datum		arg;
-	Oid			type = INT8OID;
+	Datum		args[3];
+	Oid			types[3] = {INT8OID, INT8OID, TIMESTAMPTZOID};
 	uint64		n;
 
-	arg = Int64GetDatum(all ? (int64) me_shmem_epoch_seq() : (int64) upto);
+	args[0] = Int64GetDatum((int64) upto);
+	args[1] = Int64GetDatum((int64) me_shmem_epoch_seq());
+	args[2] = TimestampTzGetDatum(me_shmem_epoch_time());
 	SPI_connect();
-	n = release_held(all ? "batch < $1" : "NOT marked AND batch < 0 AND batch >= -$1 - 1",
-					 1, &type, &arg);
+	if (all)
+		n = release_held(SQL_OLD_EPOCH, 3, types, args);
+	else
+		n = release_held("NOT marked AND batch < 0 AND batch >= -$1 - 1", 1, types, args);
 	SPI_finish();
 	return n;
 }

@@ -285,6 +285,7 @@ extern void me_worker_release(void);
 extern bool me_worker_fresh(void);
 extern void me_worker_fresh_done(void);
 extern uint64 me_shmem_epoch_seq(void);
+extern TimestampTz me_shmem_epoch_time(void);
 extern void me_worker_set_napping(bool napping);
 extern void me_set_connected(bool subscriber, bool connected);
 extern void me_set_broker_url(bool subscriber, const char *url);

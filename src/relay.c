@@ -330,7 +330,14 @@ process_queue(uint64 tail, int *new_entries)
 					handed = true;
 				next_held = me_outbox_next_held_stray();
 			}
-			if (need_local && h->kind == ME_KIND_MARKER && extension_ready)
+			/*
+			 * A marker before the worker knows the extension (it was just
+			 * created): its rows' local listeners wait, and so does the
+			 * local cursor, until the registry is read.
+			 */
+			if (need_local && h->kind == ME_KIND_MARKER && !extension_ready)
+				break;
+			if (need_local && h->kind == ME_KIND_MARKER)
 			{
 				MqttEmitMarker mk;
 

@@ -35,7 +35,7 @@
  *	  listener_pid and listener_latch likewise by the listener worker.
  *	- attempt_lock (spinlock) protects attempt_id, attempt_kind and
  *	  attempt_count, written by the listener worker only.
- *	- capacity and epoch_seq are set when the memory is created and never
+ *	- capacity, epoch_seq and epoch_time are set when the memory is created and never
  *	  change: read without a lock.
  *	- errlock (spinlock) protects last_error and last_error_time.
  *	- urllock (spinlock) protects broker_url, the broker each of the
@@ -98,6 +98,7 @@ typedef struct MqttEmitShared
 	pg_atomic_uint64 stats_reset;	/* TimestampTz of the last reset */
 	pg_atomic_uint64 event_seq; /* event id counter */
 	uint64		epoch_seq;		/* constant: event_seq when this memory was set up */
+	TimestampTz epoch_time;		/* constant: when this memory was set up */
 	pg_atomic_uint32 listeners_version; /* bumped when the registry changes */
 	pg_atomic_uint32 publisher_connected;
 	pg_atomic_uint32 subscriber_connected;
@@ -210,6 +211,7 @@ me_shmem_startup(void)
 		 */
 		pg_atomic_init_u64(&me_shared->event_seq, (uint64) GetCurrentTimestamp());
 		me_shared->epoch_seq = pg_atomic_read_u64(&me_shared->event_seq);
+		me_shared->epoch_time = GetCurrentTimestamp();
 		pg_atomic_init_u32(&me_shared->listeners_version, 1);
 		pg_atomic_init_u32(&me_shared->publisher_connected, 0);
 		pg_atomic_init_u32(&me_shared->subscriber_connected, 0);
@@ -524,6 +526,13 @@ uint64
 me_shmem_epoch_seq(void)
 {
 	return me_shared->epoch_seq;
+}
+
+/* when this memory was set up: outbox rows written before are older */
+TimestampTz
+me_shmem_epoch_time(void)
+{
+	return me_shared->epoch_time;
 }
 
 /*
