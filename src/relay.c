@@ -109,6 +109,10 @@ me_relay_extension_changed(bool ready)
 	held_probe = true;
 	if (ready && !was_ready)
 	{
+		ereport(LOG,
+				(errmsg("pg_mqtt_emit worker found the extension; %s",
+						me_worker_fresh() ? "recovering the outbox of before the start" :
+						"publishing through the outbox first")));
 		fresh_pending = me_worker_fresh();
 		me_outbox_start(fresh_pending);
 		set_outbox_mode(true);
