@@ -72,7 +72,9 @@ sub subscribes_seen
 	for my $line (split /\n/, $broker->log)
 	{
 		if ($line =~ /Received SUBSCRIBE from (\S+)$/) { $cur = $1; next; }
-		$n++ if $cur eq $client_id && $line =~ /^\S+: \t\Q$filter\E \(QoS \d\)$/;
+		# mosquitto 2.0.11 logs a refused filter with the QoS asked for,
+		# 2.0.21 (Debian forky) with "(denied)"
+		$n++ if $cur eq $client_id && $line =~ /^\S+: \t\Q$filter\E \((QoS \d|denied)\)$/;
 	}
 	return $n;
 }
