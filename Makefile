@@ -52,7 +52,7 @@ src/broker.o src/broker_callbacks.o: src/broker_int.h
 src/listeners.o src/rowsec.o: src/rowsec.h
 src/worker.o src/relay.o src/inbound.o src/listeners.o src/remote.o src/listener_worker.o: src/listeners.h
 src/capture.o src/pending.o src/outbox.o src/relay.o src/inflight.o src/worker.o src/inbound.o src/listener_worker.o: src/outbox.h
-src/topic.o src/outbox.o src/relay.o src/inflight.o src/inbound.o src/listeners.o src/remote.o: src/topic.h
+src/topic.o src/outbox.o src/relay.o src/inflight.o src/inbound.o src/listeners.o src/remote.o src/handlers.o src/listener_worker.o src/sql_api.o: src/topic.h
 src/pubprops.o src/sql_api.o src/inflight.o src/outbox.o src/broker.o: src/pubprops.h
 
 .PHONY: regress-broker

@@ -1083,4 +1083,119 @@ COMMENT ON FUNCTION mqtt_emit.payload_jsonb(bytea) IS
 'A message payload as jsonb; raises an error when it is not UTF-8 JSON';
 GRANT EXECUTE ON FUNCTION mqtt_emit.payload_jsonb(bytea) TO PUBLIC;
 
+------------------------------------------------------------------------
+-- 0.2.0: share groups (issues 15 and 17)
+------------------------------------------------------------------------
+
+-- A listener or a handler may join a share group: its node then receives
+-- through the MQTT 5 shared subscription $share/<group>/<filter>, which
+-- the broker delivers to one node of the group per message, while
+-- listeners and handlers without a group still get every message
+-- (src/inbound.c).  NULL: no group.
+ALTER TABLE mqtt_emit.listeners ADD COLUMN share_group text;
+ALTER TABLE mqtt_emit.listeners ADD CONSTRAINT listeners_share_group_check
+    CHECK (share_group IS NULL OR allow_remote);
+ALTER TABLE mqtt_emit.handlers ADD COLUMN share_group text;
+
+-- Raises an error unless name is a share group name: 1 to 100 bytes, no
+-- "/", "+" or "#" (MQTT 5's rule for a ShareName), MQTT's UTF-8 rules
+-- (topic.c).
+CREATE FUNCTION mqtt_emit._check_share_group(name text)
+RETURNS void
+LANGUAGE c IMMUTABLE STRICT
+AS 'MODULE_PATHNAME', 'mqtt_emit_check_share_group';
+
+-- Every row's group is checked, however it is written (listen(),
+-- subscribe(), a superuser's INSERT, pg_restore's COPY); after the other
+-- row triggers, which fire first (name order).
+CREATE FUNCTION mqtt_emit._validate_share_group()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NEW.share_group IS NOT NULL THEN
+        PERFORM mqtt_emit._check_share_group(NEW.share_group);
+        -- (nested: NEW of a handler has no allow_remote)
+        IF TG_TABLE_NAME = 'listeners' THEN
+            IF NOT NEW.allow_remote THEN
+                RAISE EXCEPTION 'share_group requires allow_remote'
+                    USING ERRCODE = 'invalid_parameter_value',
+                          DETAIL = 'A grouped listener runs for what its group gives this node from the bus, not for local events.',
+                          HINT = 'Use allow_remote => true with share_group.';
+            END IF;
+        END IF;
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER validate_share_group BEFORE INSERT OR UPDATE OF share_group, allow_remote
+    ON mqtt_emit.listeners
+    FOR EACH ROW EXECUTE FUNCTION mqtt_emit._validate_share_group();
+CREATE TRIGGER validate_share_group BEFORE INSERT OR UPDATE OF share_group
+    ON mqtt_emit.handlers
+    FOR EACH ROW EXECUTE FUNCTION mqtt_emit._validate_share_group();
+
+-- listen() and subscribe() take share_group.  A changed signature is a new
+-- function: grants made on the old ones are not kept.
+DROP FUNCTION mqtt_emit.listen(text, regprocedure, boolean, boolean, jsonb, text[]);
+CREATE FUNCTION mqtt_emit.listen(
+    model text,
+    listener regprocedure,
+    allow_remote boolean DEFAULT false,
+    remote_only boolean DEFAULT false,
+    filter jsonb DEFAULT NULL,
+    operations text[] DEFAULT NULL,
+    share_group text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'mqtt_emit_listen';
+COMMENT ON FUNCTION mqtt_emit.listen(text, regprocedure, boolean, boolean, jsonb, text[], text) IS
+'Registers a listener function for the events of a model, optionally in a share group; returns its id';
+
+DROP FUNCTION mqtt_emit.subscribe(text, regprocedure, int);
+CREATE FUNCTION mqtt_emit.subscribe(topic_filter text, handler regprocedure, qos int DEFAULT 1,
+                                    share_group text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE c VOLATILE
+AS 'MODULE_PATHNAME', 'mqtt_emit_subscribe';
+COMMENT ON FUNCTION mqtt_emit.subscribe(text, regprocedure, int, text) IS
+'Calls handler(topic, payload [, props]) as the current role for every message on topic_filter (with share_group: each message on one node of the group); returns its id';
+GRANT EXECUTE ON FUNCTION mqtt_emit.subscribe(text, regprocedure, int, text) TO PUBLIC;
+
+-- The filters the registries ask for, with their state: a grouped
+-- listener's as $share/<group>/<filter>, and the shared filters of grouped
+-- handlers (a plain handler filter may be covered by another one and not
+-- subscribed itself, so those are not listed).
+CREATE OR REPLACE VIEW mqtt_emit.subscriptions AS
+WITH w AS (
+    SELECT DISTINCT CASE WHEN l.share_group IS NULL THEN f.topic_filter
+                         ELSE '$share/' || l.share_group || '/' || f.topic_filter END AS topic_filter
+      FROM mqtt_emit.listeners l
+      JOIN pg_catalog.pg_proc p ON p.oid = l.listener::oid
+      JOIN pg_catalog.pg_roles r ON r.oid = l.owner::oid AND r.rolcanlogin,
+           LATERAL (VALUES (mqtt_emit._topic_filter(l.model, false)),
+                           (mqtt_emit._topic_filter(l.model, true))) AS f(topic_filter)
+     WHERE l.allow_remote
+       AND pg_catalog.pg_has_role(current_user, l.owner, 'MEMBER')
+       AND pg_catalog.has_function_privilege(l.owner, 'mqtt_emit.may_listen_remote()'::regprocedure, 'EXECUTE')
+    UNION
+    SELECT '$share/' || h.share_group || '/' || h.topic_filter
+      FROM mqtt_emit.handlers h
+      JOIN pg_catalog.pg_proc p ON p.oid = h.handler::oid
+      JOIN pg_catalog.pg_roles r ON r.oid = h.owner::oid AND r.rolcanlogin
+     WHERE h.share_group IS NOT NULL
+       AND pg_catalog.pg_has_role(current_user, h.owner, 'MEMBER')
+       AND pg_catalog.has_function_privilege(h.owner, 'mqtt_emit.may_listen_remote()'::regprocedure, 'EXECUTE'))
+SELECT w.topic_filter,
+       COALESCE(s.state, 'pending') AS state,
+       s.granted_qos,
+       s.reason,
+       s.since
+  FROM w
+  LEFT JOIN mqtt_emit._subscription_states(ARRAY(SELECT w.topic_filter FROM w)) s
+         ON s.topic_filter OPERATOR(pg_catalog.=) w.topic_filter;
+COMMENT ON VIEW mqtt_emit.subscriptions IS
+'Topic filters the worker subscribes to (per model with a remote listener, as registered and in lower case, $share/<group>/... for a share group; and the shared filters of grouped handlers), with their state: pending, requested, acknowledged (granted_qos) or refused (reason)';
+
 SELECT mqtt_emit._listeners_changed();

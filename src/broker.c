@@ -121,6 +121,8 @@ me_broker_create(const MeBrokerConfig *cfg, const char *broker_url,
 	b->cfg = cfg;
 	b->max_qos = max_qos;
 	b->connack_max_qos = -1;
+	b->connack_sub_ids = -1;
+	b->connack_shared = -1;
 	b->version = (cfg->mqtt_version == 5) ? MQTTVERSION_5 : MQTTVERSION_3_1_1;
 	pthread_mutex_init(&b->mutex, NULL);
 	b->state = BS_DISCONNECTED;
@@ -655,11 +657,15 @@ me_broker_subscribe(MeBroker *b, const char *filter, int qos)
 
 /*
  * Subscribe, and have the broker's answer come back through
- * me_broker_poll() (news->subacks) with *token, which this sets.  Returns
- * 0 or paho's error code (nothing comes back then).
+ * me_broker_poll() (news->subacks) with *token, which this sets.  Under
+ * MQTT 5 a sub_id other than 0 goes with it as the subscription's
+ * Subscription Identifier, which the broker puts on every message it
+ * sends through it.  Returns 0 or paho's error code (nothing comes back
+ * then).
  */
 int
-me_broker_subscribe_tracked(MeBroker *b, const char *filter, int qos, int *token)
+me_broker_subscribe_tracked(MeBroker *b, const char *filter, int qos, uint32 sub_id,
+							int *token)
 {
 	MQTTAsync_responseOptions ropts = MQTTAsync_responseOptions_initializer;
 	int			rc;
@@ -669,6 +675,14 @@ me_broker_subscribe_tracked(MeBroker *b, const char *filter, int qos, int *token
 	{
 		ropts.onSuccess5 = me_cb_subscribe_success5;
 		ropts.onFailure5 = me_cb_subscribe_failure5;
+		if (sub_id > 0)
+		{
+			MQTTProperty prop;
+
+			prop.identifier = MQTTPROPERTY_CODE_SUBSCRIPTION_IDENTIFIER;
+			prop.value.integer4 = sub_id;
+			MQTTProperties_add(&ropts.properties, &prop);
+		}
 	}
 	else
 	{
@@ -676,8 +690,52 @@ me_broker_subscribe_tracked(MeBroker *b, const char *filter, int qos, int *token
 		ropts.onFailure = me_cb_subscribe_failure;
 	}
 	rc = MQTTAsync_subscribe(b->client, filter, qos, &ropts);
+	if (ropts.properties.count > 0)
+		MQTTProperties_free(&ropts.properties);	/* paho keeps a copy */
 	*token = (rc == MQTTASYNC_SUCCESS) ? ropts.token : 0;
 	return rc;
+}
+
+/*
+ * Unsubscribe, and have the broker's answer come back like a SUBSCRIBE's
+ * (news->subacks, unsubscribe set) with *token.  Returns 0 or paho's error
+ * code.
+ */
+int
+me_broker_unsubscribe_tracked(MeBroker *b, const char *filter, int *token)
+{
+	MQTTAsync_responseOptions ropts = MQTTAsync_responseOptions_initializer;
+	int			rc;
+
+	ropts.context = b;
+	if (b->version == MQTTVERSION_5)
+	{
+		ropts.onSuccess5 = me_cb_unsubscribe_success5;
+		ropts.onFailure5 = me_cb_unsubscribe_failure5;
+	}
+	else
+	{
+		ropts.onSuccess = me_cb_unsubscribe_success;
+		ropts.onFailure = me_cb_unsubscribe_failure;
+	}
+	rc = MQTTAsync_unsubscribe(b->client, filter, &ropts);
+	*token = (rc == MQTTASYNC_SUCCESS) ? ropts.token : 0;
+	return rc;
+}
+
+/*
+ * What the connected broker supports of what share groups need: MQTT 5
+ * Subscription Identifiers and shared subscriptions.  An MQTT 5 broker
+ * says in its CONNACK when it does not (absent means available); MQTT
+ * 3.1.1 has no Subscription Identifiers.
+ */
+void
+me_broker_features(MeBroker *b, bool *sub_ids, bool *shared)
+{
+	pthread_mutex_lock(&b->mutex);
+	*sub_ids = b->version == MQTTVERSION_5 && b->connack_sub_ids != 0;
+	*shared = b->version == MQTTVERSION_5 && b->connack_shared != 0;
+	pthread_mutex_unlock(&b->mutex);
 }
 
 /*
@@ -695,22 +753,65 @@ me_broker_reason_text(MeBroker *b, int code)
 	return s ? s : "Unknown reason code";
 }
 
-int
-me_broker_unsubscribe(MeBroker *b, const char *filter)
-{
-	MQTTAsync_responseOptions ropts = MQTTAsync_responseOptions_initializer;
-
-	return MQTTAsync_unsubscribe(b->client, filter, &ropts);
-}
-
+/*
+ * Start disconnecting: paho waits up to timeout_ms for messages in flight
+ * to complete, then sends DISCONNECT and closes the socket; the client
+ * counts as disconnected from then on (me_broker_wait_disconnected).
+ */
 void
 me_broker_disconnect(MeBroker *b, int timeout_ms)
 {
 	MQTTAsync_disconnectOptions opts = MQTTAsync_disconnectOptions_initializer;
+	MQTTAsync_disconnectOptions opts5 = MQTTAsync_disconnectOptions_initializer5;
+	MQTTAsync_disconnectOptions *o;
 
-	opts.timeout = timeout_ms;
-	if (me_broker_connected(b))
-		MQTTAsync_disconnect(b->client, &opts);
+	if (b->version == MQTTVERSION_5)
+	{
+		o = &opts5;
+		o->onSuccess5 = me_cb_disconnect_done5;
+		o->onFailure5 = me_cb_disconnect_failed5;
+	}
+	else
+	{
+		o = &opts;
+		o->onSuccess = me_cb_disconnect_done;
+		o->onFailure = me_cb_disconnect_failed;
+	}
+	o->context = b;
+	o->timeout = timeout_ms;
+	if (me_broker_connected(b) &&
+		MQTTAsync_disconnect(b->client, o) != MQTTASYNC_SUCCESS)
+	{
+		/* paho refuses (already disconnecting): nothing will come */
+		pthread_mutex_lock(&b->mutex);
+		b->state = BS_DISCONNECTED;
+		pthread_mutex_unlock(&b->mutex);
+	}
+}
+
+/*
+ * Wait up to timeout_ms for a disconnect started by me_broker_disconnect
+ * (or a loss) to close the connection; true when it did.  After that paho
+ * receives, and acknowledges, nothing more on this client.
+ */
+bool
+me_broker_wait_disconnected(MeBroker *b, int timeout_ms)
+{
+	int64		deadline = me_broker_mono_ms() + timeout_ms;
+
+	for (;;)
+	{
+		bool		done;
+
+		pthread_mutex_lock(&b->mutex);
+		done = (b->state == BS_DISCONNECTED);
+		pthread_mutex_unlock(&b->mutex);
+		if (done)
+			return true;
+		if (me_broker_mono_ms() >= deadline)
+			return false;
+		pg_usleep(5000L);
+	}
 }
 
 /*

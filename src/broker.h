@@ -47,6 +47,8 @@ typedef struct MeIncoming
 	int			topic_len;
 	char	   *props;			/* MQTT 5 properties (ME_INPROP_* records), or NULL */
 	int			props_len;
+	uint32	   *subids;			/* MQTT 5 Subscription Identifiers it carries */
+	int			nsubids;
 } MeIncoming;
 
 /*
@@ -67,13 +69,16 @@ typedef struct MeIncoming
  * the token that call returned.  granted is the QoS granted (0 to 2), or
  * -1: refused when code >= 0x80 (the SUBACK's return code in 3.1.1, 0x80,
  * or its reason code in MQTT 5), else not answered (the connection went;
- * code is paho's error code).
+ * code is paho's error code).  For an UNSUBSCRIBE
+ * (me_broker_unsubscribe_tracked, unsubscribe set), granted is 0 when the
+ * broker answered, -1 as for a SUBSCRIBE otherwise.
  */
 typedef struct MeSubOutcome
 {
 	int			token;
 	int			granted;
 	int			code;
+	bool		unsubscribe;
 } MeSubOutcome;
 
 /* What happened on the paho threads since the last me_broker_poll(). */
@@ -113,9 +118,11 @@ extern int	me_broker_publish(MeBroker *b, const char *topic, const char *payload
 							  const char *event_id, uint64 msgno);
 extern int	me_broker_subscribe(MeBroker *b, const char *filter, int qos);
 extern int	me_broker_subscribe_tracked(MeBroker *b, const char *filter, int qos,
-										int *token);
+										uint32 sub_id, int *token);
+extern int	me_broker_unsubscribe_tracked(MeBroker *b, const char *filter, int *token);
+extern void me_broker_features(MeBroker *b, bool *sub_ids, bool *shared);
+extern bool me_broker_wait_disconnected(MeBroker *b, int timeout_ms);
 extern const char *me_broker_reason_text(MeBroker *b, int code);
-extern int	me_broker_unsubscribe(MeBroker *b, const char *filter);
 extern void me_broker_disconnect(MeBroker *b, int timeout_ms);
 extern void me_broker_free_message(MeIncoming *m);
 extern const char *me_broker_strerror(int rc);

@@ -120,17 +120,28 @@ void
 me_cb_connect_success5(void *context, MQTTAsync_successData5 *response)
 {
 	MeBroker   *b = (MeBroker *) context;
+	int			maxqos = -1;
+	int			sub_ids = -1;
+	int			shared = -1;
 
-	if (response &&
-		MQTTProperties_hasProperty(&response->properties, MQTTPROPERTY_CODE_MAXIMUM_QOS))
+	/* what the broker says it does not support (absent: supported) */
+	if (response)
 	{
-		int			maxqos = MQTTProperties_getNumericValue(&response->properties,
-															MQTTPROPERTY_CODE_MAXIMUM_QOS);
+		MQTTProperties *p = &response->properties;
 
-		pthread_mutex_lock(&b->mutex);
-		b->connack_max_qos = maxqos;
-		pthread_mutex_unlock(&b->mutex);
+		if (MQTTProperties_hasProperty(p, MQTTPROPERTY_CODE_MAXIMUM_QOS))
+			maxqos = MQTTProperties_getNumericValue(p, MQTTPROPERTY_CODE_MAXIMUM_QOS);
+		if (MQTTProperties_hasProperty(p, MQTTPROPERTY_CODE_SUBSCRIPTION_IDENTIFIERS_AVAILABLE))
+			sub_ids = MQTTProperties_getNumericValue(p, MQTTPROPERTY_CODE_SUBSCRIPTION_IDENTIFIERS_AVAILABLE);
+		if (MQTTProperties_hasProperty(p, MQTTPROPERTY_CODE_SHARED_SUBSCRIPTION_AVAILABLE))
+			shared = MQTTProperties_getNumericValue(p, MQTTPROPERTY_CODE_SHARED_SUBSCRIPTION_AVAILABLE);
 	}
+	pthread_mutex_lock(&b->mutex);
+	if (maxqos >= 0)
+		b->connack_max_qos = maxqos;
+	b->connack_sub_ids = sub_ids;
+	b->connack_shared = shared;
+	pthread_mutex_unlock(&b->mutex);
 	me_cb_connect_success(context, NULL);
 }
 
@@ -412,7 +423,8 @@ props_copy(const MQTTProperties *props, char *dst)
  * SUBACK is an answer from the broker, so it counts for the watchdog.
  */
 static void
-record_subscribe_outcome(MeBroker *b, int token, int granted, int code, bool answered)
+record_outcome(MeBroker *b, int token, int granted, int code, bool answered,
+			   bool unsubscribe)
 {
 	pthread_mutex_lock(&b->mutex);
 	if (b->nsubacks >= b->maxsubacks)
@@ -432,12 +444,19 @@ record_subscribe_outcome(MeBroker *b, int token, int granted, int code, bool ans
 		b->subacks[b->nsubacks].token = token;
 		b->subacks[b->nsubacks].granted = granted;
 		b->subacks[b->nsubacks].code = code;
+		b->subacks[b->nsubacks].unsubscribe = unsubscribe;
 		b->nsubacks++;
 	}
 	if (answered)
 		b->last_heard = me_broker_mono_ms();
 	pthread_mutex_unlock(&b->mutex);
 	me_broker_wake_worker();
+}
+
+static void
+record_subscribe_outcome(MeBroker *b, int token, int granted, int code, bool answered)
+{
+	record_outcome(b, token, granted, code, answered, false);
 }
 
 /* 3.1.1: paho calls onSuccess with the granted QoS... */
@@ -494,6 +513,100 @@ me_cb_subscribe_failure5(void *context, MQTTAsync_failureData5 *response)
 							 -1, code, code >= 0x80);
 }
 
+/*
+ * The answer to a tracked UNSUBSCRIBE (me_broker_unsubscribe_tracked):
+ * granted 0 when the broker answered (also "no subscription existed"),
+ * else not answered.
+ */
+void
+me_cb_unsubscribe_success(void *context, MQTTAsync_successData *response)
+{
+	record_outcome((MeBroker *) context, response ? response->token : 0, 0, 0, true, true);
+}
+
+void
+me_cb_unsubscribe_success5(void *context, MQTTAsync_successData5 *response)
+{
+	record_outcome((MeBroker *) context, response ? response->token : 0, 0,
+				   response ? (int) response->reasonCode : 0, true, true);
+}
+
+void
+me_cb_unsubscribe_failure(void *context, MQTTAsync_failureData *response)
+{
+	int			code = response ? response->code : MQTTASYNC_FAILURE;
+
+	record_outcome((MeBroker *) context, response ? response->token : 0,
+				   code >= 0x80 ? 0 : -1, code, code >= 0x80, true);
+}
+
+void
+me_cb_unsubscribe_failure5(void *context, MQTTAsync_failureData5 *response)
+{
+	int			code = !response ? MQTTASYNC_FAILURE :
+		((int) response->reasonCode >= 0x80) ? (int) response->reasonCode :
+		response->code;
+
+	/* a refusing UNSUBACK is an answer too: nothing to send again */
+	record_outcome((MeBroker *) context, response ? response->token : 0,
+				   code >= 0x80 ? 0 : -1, code, code >= 0x80, true);
+}
+
+/*
+ * A disconnect the worker asked for is done (or failed): paho closed the
+ * socket, nothing more arrives (me_broker_wait_disconnected).
+ */
+static void
+disconnect_done(MeBroker *b)
+{
+	pthread_mutex_lock(&b->mutex);
+	b->state = BS_DISCONNECTED;
+	pthread_mutex_unlock(&b->mutex);
+	me_broker_wake_worker();
+}
+
+void
+me_cb_disconnect_done(void *context, MQTTAsync_successData *response)
+{
+	disconnect_done((MeBroker *) context);
+}
+
+void
+me_cb_disconnect_done5(void *context, MQTTAsync_successData5 *response)
+{
+	disconnect_done((MeBroker *) context);
+}
+
+void
+me_cb_disconnect_failed(void *context, MQTTAsync_failureData *response)
+{
+	disconnect_done((MeBroker *) context);
+}
+
+void
+me_cb_disconnect_failed5(void *context, MQTTAsync_failureData5 *response)
+{
+	disconnect_done((MeBroker *) context);
+}
+
+/* how many Subscription Identifiers the message carries */
+static int
+count_sub_ids(const MQTTProperties *props)
+{
+	int			n = 0;
+	int			i;
+
+	for (i = 0; i < props->count; i++)
+		if (props->array[i].identifier == MQTTPROPERTY_CODE_SUBSCRIPTION_IDENTIFIER)
+			n++;
+	return n;
+}
+
+/*
+ * A received message: into the mailbox, with the properties handlers get
+ * and the Subscription Identifiers that say which subscriptions it came
+ * through (inbound.c).
+ */
 int
 me_cb_message_arrived(void *context, char *topicName, int topicLen,
 				   MQTTAsync_message *message)
@@ -501,7 +614,9 @@ me_cb_message_arrived(void *context, char *topicName, int topicLen,
 	MeBroker   *b = (MeBroker *) context;
 	int			tlen = topicLen > 0 ? topicLen : (int) strlen(topicName);
 	size_t		plen = props_size(&message->properties);
-	size_t		need = sizeof(MeIncoming) + tlen + 1 + message->payloadlen + 1 + plen;
+	int			nids = count_sub_ids(&message->properties);
+	size_t		need = sizeof(MeIncoming) + sizeof(uint32) * nids +
+		tlen + 1 + message->payloadlen + 1 + plen;
 	MeIncoming *m = NULL;
 
 	pthread_mutex_lock(&b->mutex);
@@ -511,8 +626,15 @@ me_cb_message_arrived(void *context, char *topicName, int topicLen,
 		b->in_dropped++;
 	else
 	{
+		int			i;
+
 		m->next = NULL;
-		m->topic = (char *) (m + 1);
+		m->subids = (uint32 *) (m + 1);
+		m->nsubids = 0;
+		for (i = 0; i < message->properties.count; i++)
+			if (message->properties.array[i].identifier == MQTTPROPERTY_CODE_SUBSCRIPTION_IDENTIFIER)
+				m->subids[m->nsubids++] = (uint32) message->properties.array[i].value.integer4;
+		m->topic = (char *) (m->subids + nids);
 		memcpy(m->topic, topicName, tlen);
 		m->topic[tlen] = '\0';
 		m->topic_len = tlen;

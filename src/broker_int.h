@@ -74,6 +74,8 @@ struct MeBroker
 	int64		probe_since;	/* ms (monotonic): when it was sent */
 	bool		stale;			/* given up by the watchdog, paho still connected */
 	int			connack_max_qos;	/* Maximum QoS in the CONNACK (MQTT 5), or -1 */
+	int			connack_sub_ids;	/* Subscription Identifiers Available, or -1 */
+	int			connack_shared; /* Shared Subscription Available, or -1 */
 	bool		qos2_checked;	/* one QoS 2 acknowledgement was checked */
 	int			qos2_token;		/* a QoS 2 acknowledgement to check, or 0 */
 	bool		news_connected;
@@ -119,6 +121,14 @@ extern void me_cb_subscribe_failure(void *context, MQTTAsync_failureData *respon
 extern void me_cb_subscribe_failure5(void *context, MQTTAsync_failureData5 *response);
 extern void me_cb_subscribe_success(void *context, MQTTAsync_successData *response);
 extern void me_cb_subscribe_success5(void *context, MQTTAsync_successData5 *response);
+extern void me_cb_unsubscribe_failure(void *context, MQTTAsync_failureData *response);
+extern void me_cb_unsubscribe_failure5(void *context, MQTTAsync_failureData5 *response);
+extern void me_cb_unsubscribe_success(void *context, MQTTAsync_successData *response);
+extern void me_cb_unsubscribe_success5(void *context, MQTTAsync_successData5 *response);
+extern void me_cb_disconnect_done(void *context, MQTTAsync_successData *response);
+extern void me_cb_disconnect_done5(void *context, MQTTAsync_successData5 *response);
+extern void me_cb_disconnect_failed(void *context, MQTTAsync_failureData *response);
+extern void me_cb_disconnect_failed5(void *context, MQTTAsync_failureData5 *response);
 extern void me_broker_wake_worker(void);
 
 #endif							/* MQTT_EMIT_BROKER_INT_H */

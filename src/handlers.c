@@ -27,6 +27,16 @@
  * subscribe(), and skipped at load if the prefix changed since: those
  * messages are events, for listeners.
  *
+ * A handler with a share_group is fed by the shared subscription
+ * $share/<group>/<filter> (MQTT 5): the broker gives each message on its
+ * topics to one of the nodes subscribed to that shared subscription.  A
+ * message that came that way runs the handlers of that group and exactly
+ * that filter (on another node, the same group with another filter is
+ * another shared subscription, with members of its own), never the
+ * handlers without a group, which get their own copy through the plain
+ * subscription; so grouped filters are not folded into filters that cover
+ * them.
+ *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
  * IDENTIFICATION
@@ -77,22 +87,26 @@ typedef struct Handler
 	Oid			fn;
 	char	   *fn_name;		/* for log lines */
 	int			nargs;			/* 2 or 3 */
+	char	   *share_group;	/* or NULL */
 	Oid			owner;
 	char	   *search_path;
 	bool		skip_logged;	/* said once why a call was skipped */
 } Handler;
 
+/* a filter to subscribe to: a plain one, or a group's shared one */
 typedef struct HandlerFilter
 {
 	char	   *filter;
+	char	   *group;			/* share group, or NULL */
 	int			qos;			/* the highest of its handlers' (and of the
 								 * filters it covers) */
-	bool		covered;		/* another filter matches all its topics */
+	bool		covered;		/* another plain filter matches all its topics */
 } HandlerFilter;
 
+/* %s: the share_group column, or NULL where the table has none */
 #define HANDLERS_QUERY \
 	"SELECT h.id, h.topic_filter, h.handler::pg_catalog.oid, h.handler::pg_catalog.text," \
-	" h.qos, h.owner::pg_catalog.oid, h.search_path" \
+	" h.qos, h.owner::pg_catalog.oid, h.search_path, %s" \
 	" FROM mqtt_emit.handlers h ORDER BY h.id LIMIT 5000"
 
 static MemoryContext reg_cxt = NULL;
@@ -293,6 +307,7 @@ static bool
 load_handlers(void)
 {
 	Oid			nsp;
+	Oid			relid;
 	int			ret;
 	uint64		i;
 	MemoryContext old;
@@ -302,7 +317,8 @@ load_handlers(void)
 	nsp = get_namespace_oid(MQTT_EMIT_SCHEMA, true);
 	if (!OidIsValid(nsp))
 		return false;
-	if (!OidIsValid(get_relname_relid("handlers", nsp)))
+	relid = get_relname_relid("handlers", nsp);
+	if (!OidIsValid(relid))
 		return true;			/* a schema before subscribe(): none */
 
 	old = MemoryContextSwitchTo(reg_cxt);
@@ -312,7 +328,10 @@ load_handlers(void)
 	MemoryContextSwitchTo(old);
 
 	SPI_connect();
-	ret = SPI_execute(HANDLERS_QUERY, true, 0);
+	ret = SPI_execute(psprintf(HANDLERS_QUERY,
+							   get_attnum(relid, "share_group") != InvalidAttrNumber ?
+							   "h.share_group" : "NULL::pg_catalog.text"),
+					  true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "cannot read mqtt_emit.handlers: %s", SPI_result_code_string(ret));
 
@@ -339,6 +358,7 @@ load_handlers(void)
 		h->search_path = SPI_getvalue(tup, td, 7);
 		if (h->search_path == NULL)
 			h->search_path = pstrdup("pg_catalog");
+		h->share_group = SPI_getvalue(tup, td, 8);
 
 		proctup = SearchSysCache1(PROCOID, ObjectIdGetDatum(h->fn));
 		if (HeapTupleIsValid(proctup))
@@ -372,23 +392,31 @@ load_handlers(void)
 			}
 		}
 		if (!sig_ok || me_filter_problem(h->filter, strlen(h->filter)) != NULL ||
-			filter_overlaps_prefix(h->filter, strlen(h->filter)))
+			filter_overlaps_prefix(h->filter, strlen(h->filter)) ||
+			(h->share_group &&
+			 me_share_group_problem(h->share_group, strlen(h->share_group)) != NULL))
 		{
 			ereport(LOG,
 					(errmsg("pg_mqtt_emit skips handler " INT64_FORMAT " (%s on \"%s\"): %s",
 							h->id, h->fn_name, h->filter,
 							!sig_ok ? "it is not a function f(text, bytea [, jsonb])" :
+							h->share_group &&
+							me_share_group_problem(h->share_group, strlen(h->share_group)) ?
+							"its share group name is not valid" :
 							"its topic filter is not valid, or overlaps \"mqtt_emit.topic_prefix\"")));
 			continue;
 		}
 		nhandlers++;
 
 		for (j = 0; j < nfilters; j++)
-			if (strcmp(filters[j].filter, h->filter) == 0)
+			if (strcmp(filters[j].filter, h->filter) == 0 &&
+				(filters[j].group == NULL ? h->share_group == NULL :
+				 h->share_group != NULL && strcmp(filters[j].group, h->share_group) == 0))
 				break;
 		if (j == nfilters)
 		{
 			filters[nfilters].filter = h->filter;
+			filters[nfilters].group = h->share_group;
 			filters[nfilters].qos = qos;
 			nfilters++;
 		}
@@ -397,11 +425,13 @@ load_handlers(void)
 	}
 
 	/*
-	 * Subscribe only to filters no other filter covers: mosquitto sends a
-	 * message once for each subscription it matches, and a message is to run
-	 * each of its handlers once.  (Filters that overlap without one covering
-	 * the other, like a/+/c and a/b/+, still get such a message twice; see
-	 * README.)
+	 * Subscribe only to plain filters no other plain filter covers: mosquitto
+	 * sends a message once for each subscription it matches, and a message is
+	 * to run each of its handlers once.  (Filters that overlap without one
+	 * covering the other, like a/+/c and a/b/+, still get such a message
+	 * twice; see README.)  A group's filters are each a shared subscription
+	 * of its own: folding one into another would make this node a member of
+	 * one subscription for the other's handlers.
 	 */
 	{
 		int			a,
@@ -410,6 +440,7 @@ load_handlers(void)
 		for (b = 0; b < nfilters; b++)
 			for (a = 0; a < nfilters; a++)
 				if (a != b && !filters[a].covered &&
+					filters[a].group == NULL && filters[b].group == NULL &&
 					filter_covers(filters[a].filter, filters[b].filter))
 				{
 					filters[b].covered = true;
@@ -503,8 +534,9 @@ me_handlers_refresh(void)
 }
 
 /*
- * The topic filters to subscribe to, each with its QoS: the distinct
- * filters of the handlers that no other one covers.
+ * The topic filters to subscribe to, each with its QoS and share group
+ * (NULL: a plain subscription): the distinct plain filters of the
+ * handlers that no other one covers, and every group's filters.
  */
 int
 me_handlers_nfilters(void)
@@ -519,7 +551,7 @@ me_handlers_nfilters(void)
 }
 
 const char *
-me_handlers_filter(int i, int *qos)
+me_handlers_filter(int i, int *qos, const char **group)
 {
 	int			j;
 
@@ -531,6 +563,8 @@ me_handlers_filter(int i, int *qos)
 		{
 			if (qos)
 				*qos = filters[j].qos;
+			if (group)
+				*group = filters[j].group;
 			return filters[j].filter;
 		}
 	}
@@ -538,14 +572,15 @@ me_handlers_filter(int i, int *qos)
 	return NULL;				/* keep compiler quiet */
 }
 
-/* Does some handler's filter match this topic? */
+/* Does the filter of some handler without a share group match this topic? */
 bool
 me_handlers_match(const char *topic, int topic_len)
 {
 	int			i;
 
 	for (i = 0; i < nfilters; i++)
-		if (me_filter_matches(filters[i].filter, topic, topic_len))
+		if (filters[i].group == NULL &&
+			me_filter_matches(filters[i].filter, topic, topic_len))
 			return true;
 	return false;
 }
@@ -805,15 +840,32 @@ call_handler(Handler *h, Datum topic, Datum payload, Datum props)
 }
 
 /*
+ * Does handler h take a message that came through this path: the plain
+ * subscriptions (group NULL), or the shared subscription of group to
+ * group_filter?
+ */
+static bool
+handler_on_path(const Handler *h, const char *group, const char *group_filter)
+{
+	if (group == NULL)
+		return h->share_group == NULL;
+	return h->share_group != NULL && strcmp(h->share_group, group) == 0 &&
+		strcmp(h->filter, group_filter) == 0;
+}
+
+/*
  * Run the handlers of one received message (an ME_KIND_MESSAGE row),
- * inside the listener worker's subtransaction for the row.  attempt counts
- * from 0.  A handler that raises makes this raise too (the row is rolled
- * back and tried again), except on the last attempt, where each failing
- * handler's message becomes a dead letter and the rest stays done.
+ * inside the listener worker's subtransaction for the row: those of the
+ * path it came through (see handler_on_path) whose filter matches its
+ * topic.  attempt counts from 0.  A handler that raises makes this raise
+ * too (the row is rolled back and tried again), except on the last
+ * attempt, where each failing handler's message becomes a dead letter and
+ * the rest stays done.
  */
 void
 me_handlers_run(const char *topic, int topic_len, const char *stored, int stored_len,
-				TimestampTz created_at, int attempt, int attempts)
+				TimestampTz created_at, int attempt, int attempts,
+				const char *group, const char *group_filter)
 {
 	int			pend = me_handlers_payload_end(stored, stored_len);
 	bytea	   *payload;
@@ -839,7 +891,8 @@ me_handlers_run(const char *topic, int topic_len, const char *stored, int stored
 		Handler    *h = &handlers[i];
 		ErrorData  *err;
 
-		if (!me_filter_matches(h->filter, topic, topic_len) || !handler_may_run(h))
+		if (!handler_on_path(h, group, group_filter) ||
+			!me_filter_matches(h->filter, topic, topic_len) || !handler_may_run(h))
 			continue;
 		err = call_handler(h, topic_d, PointerGetDatum(payload), JsonbPGetDatum(props));
 		if (err == NULL)

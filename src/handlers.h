@@ -28,7 +28,7 @@ extern bool me_topic_is_event(const char *topic, int len);
 /* both workers: the registry */
 extern MeRegistryLoad me_handlers_refresh(void);
 extern int	me_handlers_nfilters(void);
-extern const char *me_handlers_filter(int i, int *qos);
+extern const char *me_handlers_filter(int i, int *qos, const char **group);
 extern bool me_handlers_match(const char *topic, int topic_len);
 
 /* the worker: what an outbox row of kind ME_KIND_MESSAGE holds */
@@ -38,7 +38,8 @@ extern void me_handlers_encode(StringInfo buf, const char *payload, int payload_
 /* the listener worker */
 extern void me_handlers_run(const char *topic, int topic_len,
 							const char *stored, int stored_len,
-							TimestampTz created_at, int attempt, int attempts);
+							TimestampTz created_at, int attempt, int attempts,
+							const char *group, const char *group_filter);
 extern int	me_handlers_payload_end(const char *stored, int stored_len);
 extern uint64 me_handlers_calls_made(void);
 extern void me_handlers_set_hard_timeout(int timeout_id);

@@ -21,12 +21,39 @@
  * doubling to 60 s), so a broker whose access rules are fixed later grants
  * it without a reconnection.
  *
+ * Share groups (listeners and handlers with a share_group) subscribe
+ * through MQTT 5 shared subscriptions, $share/<group>/<filter>, on the
+ * same connection.  A node in a group that also has listeners (or
+ * handlers) without one gets a message twice, once through each
+ * subscription, and must run each path's listeners for its copy: the two
+ * copies look the same but for the MQTT 5 Subscription Identifier that
+ * the broker puts on each, the one given with the SUBSCRIBE.  So every
+ * plain subscription has identifier ME_SUB_ID_PLAIN and every shared one a
+ * hash of its filter (topic.c), and a received message is kept once for
+ * each identifier it carries.  MQTT 3.1.1 has no identifiers: shared
+ * subscriptions are then not made (refused, with the reason, in
+ * mqtt_emit.subscriptions), nor when the broker's CONNACK says that it
+ * supports neither.
+ *
+ * A shared subscription that this node no longer wants must be
+ * unsubscribed, also when that is decided while the subscriber is
+ * disconnected: in the persistent session it would stay a member of the
+ * group, and the broker would go on giving it a share of the group's
+ * messages that no listener here takes.  Filters dropped while
+ * disconnected are unsubscribed at the next connection, those of the
+ * worker that ran before this one too (as shared memory lists them), and
+ * the subscriber connection is given up only once the broker has answered
+ * the UNSUBSCRIBEs.
+ *
  * Received messages are kept as rows of mqtt_emit.outbox (kind
  * ME_KIND_REMOTE), up to 1000 in one transaction, for the listener worker,
  * which checks them and runs their listeners (remote.c,
  * listener_worker.c): this process runs no listener code.  A message on
  * a topic outside <prefix>/ that matches a handler's filter is kept as a
- * row of kind ME_KIND_MESSAGE, whatever its bytes (handlers.c).
+ * row of kind ME_KIND_MESSAGE, whatever its bytes (handlers.c).  One that
+ * came through a share group has the path in front of its topic (topic.c).
+ * The transaction that keeps them waits for its WAL flush: paho has
+ * acknowledged them to the broker, which forgets them.
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
@@ -51,10 +78,18 @@
 #include "worker.h"
 
 #define INBOX_BATCH		1000	/* received messages kept in one transaction */
+#define MAX_PATHS		16		/* Subscription Identifiers taken from one message */
 
 /* a refused subscription is asked for again after 1 s, 2 s, ... 60 s */
 #define SUB_RETRY_MIN_MS	1000
 #define SUB_RETRY_MAX_MS	60000
+
+/* how long the subscriber waits for UNSUBACKs before it disconnects anyway */
+#define UNSUB_WAIT_MS		10000
+
+/* the reason code of a shared subscription not made (MQTT 5's) */
+#define SHARED_NOT_SUPPORTED	0x9E
+#define SUB_IDS_NOT_SUPPORTED	0xA1
 
 /*
  * One topic filter the subscriber wants, and what the broker said to it.
@@ -65,11 +100,20 @@
  * asked for again (with backoff, retry_at) until a SUBACK grants it; its
  * refusal is logged once per reason.  A SUBSCRIBE that was not answered
  * (the connection went) leaves it ME_SUB_PENDING: every (re)connection
- * subscribes to everything again.
+ * subscribes to everything again.  A shared subscription that cannot be
+ * made here (MQTT 3.1.1, a broker without shared subscriptions or
+ * Subscription Identifiers, an identifier taken by another filter) is
+ * ME_SUB_REFUSED with local_reason, and no SUBSCRIBE is sent.
  */
 typedef struct InboundSub
 {
-	char	   *filter;			/* in TopMemoryContext */
+	char	   *filter;			/* in TopMemoryContext; $share/... for a group */
+	const char *group_filter;	/* shared: the filter after the group, in filter */
+	bool		shared;
+	bool		for_handlers;	/* a handler filter, not one of events */
+	uint32		sub_id;			/* shared: its Subscription Identifier */
+	int			want_qos;		/* the QoS to ask for */
+	const char *local_reason;	/* not subscribed here: why, or NULL */
 	MeSubState	state;
 	int			token;			/* paho token of the SUBSCRIBE out, or 0 */
 	int			granted_qos;	/* acknowledged: the QoS granted */
@@ -81,28 +125,40 @@ typedef struct InboundSub
 	int			qos;			/* the QoS last asked for, or -1 */
 } InboundSub;
 
+/* a filter to unsubscribe from, and the UNSUBSCRIBE out for it */
+typedef struct Unsub
+{
+	char	   *filter;			/* in TopMemoryContext */
+	int			token;			/* 0: not sent yet */
+} Unsub;
+
 static List *subscribed = NIL;	/* InboundSub *, in TopMemoryContext */
+static List *unsubs = NIL;		/* Unsub *: filters the session may still hold */
+static TimestampTz unsub_deadline = 0;	/* give up waiting for UNSUBACKs then */
+static bool seeded = false;		/* unsubs has the previous worker's filters */
 static bool states_changed = false; /* shmem's copy is out of date */
 static StringInfoData msgbuf;	/* encoded messages for handlers */
+static StringInfoData pathbuf;	/* inbox model of a shared path's copy */
+static TimestampTz unknown_log_at = 0;	/* last LOG of an unknown identifier */
 
-/* the QoS to subscribe to a filter with: its handlers', else 1 (events) */
-static int
-filter_qos(const char *filter)
+/* the local reason of a shared filter whose identifier another one has */
+static const char *const id_taken = "its Subscription Identifier is another share group's";
+
+static void maybe_drop_subscriber(void);
+
+/* Does the broker keep the subscriber's session (and its subscriptions)? */
+static bool
+session_kept(void)
 {
-	int			i;
-	int			qos;
-
-	for (i = 0; i < me_handlers_nfilters(); i++)
-		if (strcmp(me_handlers_filter(i, &qos), filter) == 0)
-			return qos;
-	return 1;
+	return mqtt_emit_session_expiry > 0;
 }
 
 /* Does some listener want remote events (or is a subscriber still there)? */
 bool
 me_inbound_wanted(void)
 {
-	return subscribed != NIL || me_client_broker(ME_CLIENT_SUBSCRIBER) != NULL;
+	return subscribed != NIL || unsubs != NIL ||
+		me_client_broker(ME_CLIENT_SUBSCRIBER) != NULL;
 }
 
 static void
@@ -144,7 +200,10 @@ publish_states(void)
 		o->state = s->state;
 		o->granted_qos = s->state == ME_SUB_ACKNOWLEDGED ? s->granted_qos : -1;
 		o->reason_code = s->state == ME_SUB_REFUSED ? s->reason_code : -1;
-		if (s->state == ME_SUB_REFUSED)
+		if (s->state == ME_SUB_REFUSED && s->local_reason)
+			snprintf(o->reason, sizeof(o->reason), "%s (0x%02X)",
+					 s->local_reason, s->reason_code);
+		else if (s->state == ME_SUB_REFUSED)
 			snprintf(o->reason, sizeof(o->reason), "%s (0x%02X)",
 					 me_client_broker(ME_CLIENT_SUBSCRIBER) ?
 					 me_broker_reason_text(me_client_broker(ME_CLIENT_SUBSCRIBER),
@@ -158,6 +217,78 @@ publish_states(void)
 }
 
 /*
+ * A shared subscription that cannot be made here: refused with a reason of
+ * ours, logged once per reason; no SUBSCRIBE is sent.
+ */
+static void
+refuse_locally(InboundSub *s, int code, const char *why, const char *hint)
+{
+	if (s->state != ME_SUB_REFUSED || s->reason_code != code || s->local_reason != why)
+	{
+		s->state = ME_SUB_REFUSED;
+		s->reason_code = code;
+		s->since = GetCurrentTimestamp();
+		states_changed = true;
+	}
+	s->local_reason = why;
+	s->token = 0;
+	s->retry_at = 0;
+	if (s->logged_code != code)
+		ereport(LOG,
+				(errmsg("pg_mqtt_emit does not subscribe to \"%s\": %s",
+						s->filter, why),
+				 errhint("%s", hint)));
+	s->logged_code = code;
+}
+
+/*
+ * Can this shared subscription be made on this connection (sub: the
+ * subscriber, or NULL when it is not connected)?  If not, refuse it
+ * locally and return false.
+ */
+static bool
+shared_possible(MeBroker *sub, InboundSub *s)
+{
+	bool		sub_ids = true;
+	bool		shared = true;
+
+	if (s->local_reason == id_taken)
+		return false;			/* its identifier is another filter's */
+	if (mqtt_emit_mqtt_version != 5)
+	{
+		refuse_locally(s, SHARED_NOT_SUPPORTED,
+					   "share groups need MQTT 5 Subscription Identifiers",
+					   "Set \"mqtt_emit.mqtt_version\" to '5' (the broker must support MQTT 5).");
+		return false;
+	}
+	if (sub == NULL)
+		return true;
+	me_broker_features(sub, &sub_ids, &shared);
+	if (!shared)
+	{
+		refuse_locally(s, SHARED_NOT_SUPPORTED,
+					   "the broker does not support shared subscriptions",
+					   "Its CONNACK says Shared Subscription Available 0; use a broker that supports MQTT 5 shared subscriptions.");
+		return false;
+	}
+	if (!sub_ids)
+	{
+		refuse_locally(s, SUB_IDS_NOT_SUPPORTED,
+					   "the broker does not support Subscription Identifiers",
+					   "Its CONNACK says Subscription Identifiers Available 0; share groups need them to tell the paths of a message apart.");
+		return false;
+	}
+	if (s->local_reason)
+	{
+		/* possible now (another broker, other settings) */
+		s->local_reason = NULL;
+		s->logged_code = -1;
+		set_state(s, ME_SUB_PENDING);
+	}
+	return true;
+}
+
+/*
  * Send SUBSCRIBE for s.  A refused filter stays refused until a SUBACK
  * grants it.  When paho does not take the request, try again later.
  */
@@ -165,9 +296,27 @@ static void
 send_subscribe(MeBroker *sub, InboundSub *s)
 {
 	int			token = 0;
-	int			qos = filter_qos(s->filter);
-	int			rc = me_broker_subscribe_tracked(sub, s->filter, qos, &token);
+	int			qos = s->want_qos;
+	uint32		sub_id = 0;
+	int			rc;
 
+	if (s->shared)
+	{
+		if (!shared_possible(sub, s))
+			return;
+		sub_id = s->sub_id;
+	}
+	else
+	{
+		bool		sub_ids;
+		bool		shared;
+
+		/* a plain subscription's identifier, where the broker has them */
+		me_broker_features(sub, &sub_ids, &shared);
+		if (sub_ids)
+			sub_id = ME_SUB_ID_PLAIN;
+	}
+	rc = me_broker_subscribe_tracked(sub, s->filter, qos, sub_id, &token);
 	s->retry_at = 0;
 	s->qos = qos;
 	if (rc != 0)
@@ -183,14 +332,83 @@ send_subscribe(MeBroker *sub, InboundSub *s)
 		return;
 	}
 	ereport(DEBUG1,
-			(errmsg("pg_mqtt_emit subscribing to \"%s\"", s->filter)));
+			(errmsg("pg_mqtt_emit subscribing to \"%s\" (Subscription Identifier %u)",
+					s->filter, sub_id)));
 	s->token = token;
 	if (s->state != ME_SUB_REFUSED)
 		set_state(s, ME_SUB_REQUESTED);
 }
 
 /*
- * Take the broker's answers to SUBSCRIBE.
+ * Send UNSUBSCRIBE for the filters the session may still hold that are
+ * not wanted (again); the answers come back through take_subacks().
+ */
+static void
+send_unsubscribes(MeBroker *sub)
+{
+	ListCell   *lc;
+
+	foreach(lc, unsubs)
+	{
+		Unsub	   *u = (Unsub *) lfirst(lc);
+		int			rc;
+
+		if (u->token != 0)
+			continue;
+		rc = me_broker_unsubscribe_tracked(sub, u->filter, &u->token);
+		if (rc != 0)
+		{
+			ereport(LOG,
+					(errmsg("pg_mqtt_emit cannot unsubscribe from \"%s\": %s",
+							u->filter, me_broker_strerror(rc))));
+			u->token = 0;
+			continue;
+		}
+		ereport(DEBUG1,
+				(errmsg("pg_mqtt_emit unsubscribing from \"%s\"", u->filter)));
+		unsub_deadline = GetCurrentTimestamp() + (TimestampTz) UNSUB_WAIT_MS * 1000;
+	}
+}
+
+/* remember to unsubscribe from filter (once) */
+static void
+add_unsub(const char *filter)
+{
+	ListCell   *lc;
+	MemoryContext old;
+	Unsub	   *u;
+
+	foreach(lc, unsubs)
+		if (strcmp(((Unsub *) lfirst(lc))->filter, filter) == 0)
+			return;
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	u = palloc0(sizeof(Unsub));
+	u->filter = pstrdup(filter);
+	unsubs = lappend(unsubs, u);
+	MemoryContextSwitchTo(old);
+}
+
+/* filter is wanted again: no UNSUBSCRIBE for it */
+static void
+drop_unsub(const char *filter)
+{
+	ListCell   *lc;
+
+	foreach(lc, unsubs)
+	{
+		Unsub	   *u = (Unsub *) lfirst(lc);
+
+		if (strcmp(u->filter, filter) == 0)
+		{
+			unsubs = foreach_delete_current(unsubs, lc);
+			pfree(u->filter);
+			pfree(u);
+		}
+	}
+}
+
+/*
+ * Take the broker's answers to SUBSCRIBE and UNSUBSCRIBE.
  */
 static void
 take_subacks(MeBroker *sub, MeSubOutcome *acks, int n)
@@ -204,6 +422,29 @@ take_subacks(MeBroker *sub, MeSubOutcome *acks, int n)
 
 		if (acks[i].token == 0)
 			continue;
+		if (acks[i].unsubscribe)
+		{
+			foreach(lc, unsubs)
+			{
+				Unsub	   *u = (Unsub *) lfirst(lc);
+
+				if (u->token != acks[i].token)
+					continue;
+				if (acks[i].granted >= 0)
+				{
+					/* answered: the session no longer has it */
+					ereport(DEBUG1,
+							(errmsg("pg_mqtt_emit unsubscribed from \"%s\"", u->filter)));
+					unsubs = foreach_delete_current(unsubs, lc);
+					pfree(u->filter);
+					pfree(u);
+				}
+				else
+					u->token = 0;	/* not answered: at the next connection */
+				break;
+			}
+			continue;
+		}
 		foreach(lc, subscribed)
 		{
 			if (((InboundSub *) lfirst(lc))->token == acks[i].token)
@@ -260,37 +501,94 @@ take_subacks(MeBroker *sub, MeSubOutcome *acks, int n)
 }
 
 /*
+ * Add a wanted subscription to *want (palloc'd in the current context),
+ * once; for a handler filter with the highest QoS asked for it.
+ */
+static List *
+want_sub(List *want, const char *filter, const char *group, int qos,
+		 bool for_handlers)
+{
+	InboundSub *w;
+	ListCell   *lc;
+	StringInfoData f;
+
+	initStringInfo(&f);
+	if (group)
+		me_share_filter(&f, group, filter);
+	else
+		appendStringInfoString(&f, filter);
+	foreach(lc, want)
+	{
+		w = (InboundSub *) lfirst(lc);
+		if (strcmp(w->filter, f.data) == 0)
+		{
+			w->want_qos = Max(w->want_qos, qos);
+			pfree(f.data);
+			return want;
+		}
+	}
+	w = palloc0(sizeof(InboundSub));
+	w->filter = f.data;
+	w->shared = (group != NULL);
+	w->group_filter = group ? w->filter + 8 + strlen(group) : NULL;
+	w->for_handlers = for_handlers;
+	w->sub_id = group ? me_share_sub_id(w->filter) : ME_SUB_ID_PLAIN;
+	w->want_qos = qos;
+	return lappend(want, w);
+}
+
+/*
  * Bring the broker's subscriptions in line with the listeners that accept
- * remote events.  With all, subscribe to everything again (after a
- * reconnect).
+ * remote events and the handlers.  With all, subscribe to everything again
+ * (after a reconnect).
  */
 void
 me_inbound_sync(bool all)
 {
-	List	   *models = me_listeners_remote_models();
+	List	   *paths = me_listeners_remote_paths();
 	List	   *want = NIL;
 	List	   *keep = NIL;
 	ListCell   *lc;
 	MemoryContext old;
 	MeBroker   *sub = me_client_broker(ME_CLIENT_SUBSCRIBER);
 	bool		connected = me_client_connected(ME_CLIENT_SUBSCRIBER);
+	int			i;
 
-	foreach(lc, models)
+	/* events: <prefix>/<model>/# as registered and in lower case, per path */
+	foreach(lc, paths)
 	{
+		MeRemotePath *p = (MeRemotePath *) lfirst(lc);
 		StringInfoData f;
 
 		initStringInfo(&f);
-		me_topic_filter(&f, (char *) lfirst(lc), false);
-		want = list_append_unique(want, makeString(pstrdup(f.data)));
-		me_topic_filter(&f, (char *) lfirst(lc), true);
-		want = list_append_unique(want, makeString(f.data));
+		me_topic_filter(&f, p->model, false);
+		want = want_sub(want, f.data, p->group, 1, false);
+		me_topic_filter(&f, p->model, true);
+		want = want_sub(want, f.data, p->group, 1, false);
 	}
+	for (i = 0; i < me_handlers_nfilters(); i++)
 	{
-		int			i;
+		int			qos;
+		const char *group;
+		const char *filter = me_handlers_filter(i, &qos, &group);
 
-		for (i = 0; i < me_handlers_nfilters(); i++)
-			want = list_append_unique(want,
-									  makeString(pstrdup(me_handlers_filter(i, NULL))));
+		want = want_sub(want, filter, group, qos, true);
+	}
+
+	/*
+	 * What the worker before this one subscribed to (shared memory's
+	 * list): the session may still hold it.
+	 */
+	if (!seeded)
+	{
+		MeSubStatus *prev = palloc(sizeof(MeSubStatus) * ME_SUBS_MAX);
+		int			n = me_subs_snapshot(prev, ME_SUBS_MAX);
+
+		seeded = true;
+		if (session_kept())
+			for (i = 0; i < n; i++)
+				add_unsub(prev[i].filter);
+		pfree(prev);
 	}
 
 	/* unsubscribe what is no longer wanted */
@@ -302,7 +600,7 @@ me_inbound_sync(bool all)
 
 		foreach(wc, want)
 		{
-			if (strcmp(strVal(lfirst(wc)), s->filter) == 0)
+			if (strcmp(((InboundSub *) lfirst(wc))->filter, s->filter) == 0)
 			{
 				wanted = true;
 				break;
@@ -312,8 +610,9 @@ me_inbound_sync(bool all)
 			keep = lappend(keep, s);
 		else
 		{
-			if (connected)
-				me_broker_unsubscribe(sub, s->filter);
+			/* a persistent session keeps it until it is unsubscribed */
+			if (connected || session_kept())
+				add_unsub(s->filter);
 			pfree(s->filter);
 			pfree(s);
 			states_changed = true;
@@ -321,28 +620,22 @@ me_inbound_sync(bool all)
 	}
 	list_free(subscribed);
 	subscribed = NIL;
-
-	if (want == NIL)
-	{
-		/* nobody listens for remote events: no subscriber connection */
-		me_client_drop(ME_CLIENT_SUBSCRIBER, 100);
-		list_free(keep);
-		me_set_subscriptions(0);
-		states_changed = true;
-		publish_states();
-		return;
-	}
+	foreach(lc, want)
+		drop_unsub(((InboundSub *) lfirst(lc))->filter);
+	if (connected)
+		send_unsubscribes(sub);
 
 	/* in the order wanted, new filters pending */
 	old = MemoryContextSwitchTo(TopMemoryContext);
 	foreach(lc, want)
 	{
+		InboundSub *w = (InboundSub *) lfirst(lc);
 		InboundSub *s = NULL;
 		ListCell   *kc;
 
 		foreach(kc, keep)
 		{
-			if (strcmp(((InboundSub *) lfirst(kc))->filter, strVal(lfirst(lc))) == 0)
+			if (strcmp(((InboundSub *) lfirst(kc))->filter, w->filter) == 0)
 			{
 				s = (InboundSub *) lfirst(kc);
 				break;
@@ -351,7 +644,11 @@ me_inbound_sync(bool all)
 		if (s == NULL)
 		{
 			s = palloc0(sizeof(InboundSub));
-			s->filter = pstrdup(strVal(lfirst(lc)));
+			s->filter = pstrdup(w->filter);
+			s->shared = w->shared;
+			s->for_handlers = w->for_handlers;
+			s->sub_id = w->sub_id;
+			s->group_filter = w->group_filter ? s->filter + (w->group_filter - w->filter) : NULL;
 			s->state = ME_SUB_PENDING;
 			s->since = GetCurrentTimestamp();
 			s->backoff_ms = SUB_RETRY_MIN_MS;
@@ -363,12 +660,56 @@ me_inbound_sync(bool all)
 			if (connected)
 				s->token = -1;	/* new: subscribe below */
 		}
-		else if (connected && s->qos >= 0 && s->qos != filter_qos(s->filter))
+		else if (connected && s->qos >= 0 && s->qos != w->want_qos)
 			s->token = -1;		/* a handler wants another QoS: again */
+		s->want_qos = w->want_qos;
+		if (s->local_reason == id_taken)
+		{
+			/* checked again below */
+			s->local_reason = NULL;
+			s->logged_code = -1;
+			set_state(s, ME_SUB_PENDING);
+			if (connected)
+				s->token = -1;
+		}
 		subscribed = lappend(subscribed, s);
 	}
 	MemoryContextSwitchTo(old);
 	list_free(keep);
+
+	/*
+	 * Two shared filters with one identifier could not be told apart: the
+	 * later one is not subscribed (a 1 in 134 million chance per pair).
+	 */
+	foreach(lc, subscribed)
+	{
+		InboundSub *s = (InboundSub *) lfirst(lc);
+		ListCell   *ec;
+
+		if (!s->shared)
+			continue;
+		foreach(ec, subscribed)
+		{
+			InboundSub *e = (InboundSub *) lfirst(ec);
+
+			if (e == s)
+				break;
+			if (e->shared && e->sub_id == s->sub_id && e->local_reason != id_taken)
+			{
+				if (s->logged_code != SUB_IDS_NOT_SUPPORTED)
+					ereport(LOG,
+							(errmsg("pg_mqtt_emit does not subscribe to \"%s\": its Subscription Identifier %u is that of \"%s\"",
+									s->filter, s->sub_id, e->filter),
+							 errhint("Choose another share group name for one of them.")));
+				s->local_reason = id_taken;
+				s->reason_code = SUB_IDS_NOT_SUPPORTED;
+				s->token = 0;
+				s->logged_code = SUB_IDS_NOT_SUPPORTED;
+				set_state(s, ME_SUB_REFUSED);
+				break;
+			}
+		}
+	}
 
 	if (connected)
 	{
@@ -380,7 +721,57 @@ me_inbound_sync(bool all)
 				send_subscribe(sub, s);
 		}
 	}
+	else
+	{
+		/* refusals known without a connection (the MQTT version) */
+		foreach(lc, subscribed)
+		{
+			InboundSub *s = (InboundSub *) lfirst(lc);
+
+			if (s->shared)
+				(void) shared_possible(NULL, s);
+		}
+	}
 	me_set_subscriptions(list_length(subscribed));
+	publish_states();
+	maybe_drop_subscriber();
+}
+
+/*
+ * Without subscriptions no subscriber connection, once the session holds
+ * none either: the UNSUBSCRIBEs sent, and answered (or UNSUB_WAIT_MS
+ * passed).
+ */
+static void
+maybe_drop_subscriber(void)
+{
+	if (subscribed != NIL)
+		return;
+	if (unsubs != NIL)
+	{
+		if (me_client_broker(ME_CLIENT_SUBSCRIBER) == NULL ||
+			!me_client_connected(ME_CLIENT_SUBSCRIBER))
+			return;				/* sent once the subscriber is connected */
+		if (GetCurrentTimestamp() < unsub_deadline)
+			return;				/* waiting for UNSUBACKs */
+		ereport(LOG,
+				(errmsg("pg_mqtt_emit disconnects its subscriber without an answer to %d UNSUBSCRIBE",
+						list_length(unsubs))));
+		while (unsubs != NIL)
+		{
+			Unsub	   *u = (Unsub *) linitial(unsubs);
+
+			unsubs = list_delete_first(unsubs);
+			pfree(u->filter);
+			pfree(u);
+		}
+	}
+	if (me_client_broker(ME_CLIENT_SUBSCRIBER) != NULL)
+	{
+		me_client_drop(ME_CLIENT_SUBSCRIBER, 100);
+		states_changed = true;
+	}
+	me_set_subscriptions(0);
 	publish_states();
 }
 
@@ -407,7 +798,195 @@ me_inbound_retry(TimestampTz now, long *timeout)
 		if (s->retry_at != 0)
 			*timeout = Min(*timeout, (long) ((s->retry_at - now) / 1000) + 1);
 	}
+	if (subscribed == NIL && unsubs != NIL)
+	{
+		maybe_drop_subscriber();
+		if (unsubs != NIL)
+			*timeout = Min(*timeout, 1000);
+	}
 	publish_states();
+}
+
+/*
+ * The rows of one batch of received messages: events (ME_KIND_REMOTE) and
+ * messages for handlers (ME_KIND_MESSAGE).
+ */
+typedef struct InboxBatch
+{
+	int			n;
+	int			nm;
+	const char *topics[INBOX_BATCH];
+	const char *payloads[INBOX_BATCH];
+	int			topic_lens[INBOX_BATCH];
+	int			payload_lens[INBOX_BATCH];
+	const char *mtopics[INBOX_BATCH];
+	const char *mpayloads[INBOX_BATCH];
+	int			mtopic_lens[INBOX_BATCH];
+	int			mpayload_lens[INBOX_BATCH];
+} InboxBatch;
+
+/* the model column of a copy: the topic, after the path when shared */
+static void
+copy_model(const InboundSub *path, const MeIncoming *m, const char **model, int *len)
+{
+	if (path == NULL)
+	{
+		*model = m->topic;
+		*len = m->topic_len;
+		return;
+	}
+	if (pathbuf.data == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		initStringInfo(&pathbuf);
+		MemoryContextSwitchTo(old);
+	}
+	me_inbox_model(&pathbuf, path->filter, m->topic, m->topic_len);
+	*model = pnstrdup(pathbuf.data, pathbuf.len);
+	*len = pathbuf.len;
+}
+
+/*
+ * Keep the copy of m that came through path (NULL: a plain subscription)
+ * in the batch, if it is to be kept.
+ */
+static void
+keep_copy(InboxBatch *b, const MeIncoming *m, const InboundSub *path)
+{
+	const char *why = NULL;
+	bool		event = me_topic_is_event(m->topic, m->topic_len);
+
+	if (path != NULL && path->for_handlers == event)
+	{
+		/* cannot be, as the filters are made; take no chances */
+		me_count(ME_STAT_RECEIVED, 1);
+		me_remote_reject(m->topic, m->payload_len,
+						 "the topic does not belong to the shared subscription it came through");
+		return;
+	}
+
+	/*
+	 * Not one of our topics: a message for handlers, any bytes.  The topic
+	 * must be text here (MQTT requires UTF-8 anyway).
+	 */
+	if (!event)
+	{
+		if (m->payload_len + m->props_len > mqtt_emit_max_payload)
+			why = "payload and properties larger than \"mqtt_emit.max_payload\"";
+		else if ((int) strlen(m->topic) != m->topic_len ||
+				 !pg_verifymbstr(m->topic, m->topic_len, true))
+			why = "topic is not valid in the database encoding";
+		if (why)
+		{
+			me_count(ME_STAT_RECEIVED, 1);
+			me_remote_reject(m->topic, m->payload_len, why);
+		}
+		else if (path ? me_filter_matches(path->group_filter, m->topic, m->topic_len) :
+				 me_handlers_match(m->topic, m->topic_len))
+		{
+			MemoryContext old;
+
+			me_count(ME_STAT_RECEIVED, 1);
+			if (msgbuf.data == NULL)
+			{
+				old = MemoryContextSwitchTo(TopMemoryContext);
+				initStringInfo(&msgbuf);
+				MemoryContextSwitchTo(old);
+			}
+			me_handlers_encode(&msgbuf, m->payload, m->payload_len,
+							   m->props, m->props_len);
+			copy_model(path, m, &b->mtopics[b->nm], &b->mtopic_lens[b->nm]);
+			b->mpayloads[b->nm] = pnstrdup(msgbuf.data, msgbuf.len);
+			b->mpayload_lens[b->nm] = msgbuf.len;
+			b->nm++;
+		}
+		else
+			ereport(DEBUG1,
+					(errmsg("pg_mqtt_emit ignored a message on \"%.200s\": no handler's filter matches",
+							m->topic)));
+		return;
+	}
+	/* what cannot be kept as text is dropped here */
+	if (m->payload_len > mqtt_emit_max_payload)
+		why = "payload larger than \"mqtt_emit.max_payload\"";
+	else if ((int) strlen(m->payload) != m->payload_len)
+		why = "payload contains a NUL byte";
+	else if (!pg_verifymbstr(m->payload, m->payload_len, true) ||
+			 (int) strlen(m->topic) != m->topic_len ||
+			 !pg_verifymbstr(m->topic, m->topic_len, true))
+		why = "payload or topic is not valid in the database encoding";
+	if (why)
+	{
+		me_count(ME_STAT_RECEIVED, 1);
+		me_remote_reject(m->topic, m->payload_len, why);
+		return;
+	}
+	copy_model(path, m, &b->topics[b->n], &b->topic_lens[b->n]);
+	b->payloads[b->n] = m->payload;
+	b->payload_lens[b->n] = m->payload_len;
+	b->n++;
+}
+
+/*
+ * The paths a message came through, by the Subscription Identifiers it
+ * carries: NULL for a plain subscription (also a message without any: MQTT
+ * 3.1.1, or a subscription made without one), the shared subscription for
+ * the others.  A shared subscription this node no longer has is counted
+ * as rejected: its share of that group's messages runs nowhere.
+ */
+static int
+message_paths(const MeIncoming *m, const InboundSub **paths)
+{
+	int			n = 0;
+	bool		plain = false;
+	int			i;
+
+	if (m->nsubids == 0)
+	{
+		paths[0] = NULL;
+		return 1;
+	}
+	for (i = 0; i < m->nsubids && n < MAX_PATHS; i++)
+	{
+		ListCell   *lc;
+		const InboundSub *found = NULL;
+
+		if (m->subids[i] == ME_SUB_ID_PLAIN)
+		{
+			if (!plain)
+				paths[n++] = NULL;
+			plain = true;
+			continue;
+		}
+		foreach(lc, subscribed)
+		{
+			InboundSub *s = (InboundSub *) lfirst(lc);
+
+			if (s->shared && s->sub_id == m->subids[i])
+			{
+				found = s;
+				break;
+			}
+		}
+		if (found)
+		{
+			paths[n++] = found;
+			continue;
+		}
+		me_count(ME_STAT_RECEIVED, 1);
+		me_count(ME_STAT_REJECTED, 1);
+		if (GetCurrentTimestamp() - unknown_log_at >= 10 * USECS_PER_SEC)
+		{
+			unknown_log_at = GetCurrentTimestamp();
+			ereport(LOG,
+					(errmsg("pg_mqtt_emit dropped a message on \"%.200s\": it came through a shared subscription that this node no longer has (Subscription Identifier %u)",
+							m->topic, m->subids[i]),
+					 errdetail("The broker gave this node a share of a group it has left; no listener or handler here takes it."),
+					 errhint("Leave a share group while the subscriber is connected, or set \"mqtt_emit.session_expiry\" so that the broker forgets the session.")));
+		}
+	}
+	return n;
 }
 
 /*
@@ -419,6 +998,7 @@ me_inbound_take_news(void)
 	MeBrokerNews news;
 	MeIncoming *m;
 	bool		stored = false;
+	InboxBatch *b;
 
 	if (!me_client_poll(ME_CLIENT_SUBSCRIBER, &news))
 		return;
@@ -439,6 +1019,8 @@ me_inbound_take_news(void)
 			if (s->state == ME_SUB_REQUESTED)
 				set_state(s, ME_SUB_PENDING);
 		}
+		foreach(lc, unsubs)
+			((Unsub *) lfirst(lc))->token = 0;
 	}
 	publish_states();
 
@@ -457,102 +1039,38 @@ me_inbound_take_news(void)
 
 	/*
 	 * Keep what arrived in the outbox for the listener worker, up to
-	 * INBOX_BATCH messages a transaction.  Messages larger than max_payload,
-	 * or that are not valid text, are not kept.
+	 * INBOX_BATCH rows a transaction: a row per path a message came through.
+	 * Messages larger than max_payload, or that are not valid text, are not
+	 * kept.  The transaction waits for its WAL flush: paho acknowledged
+	 * these messages, the broker will not send them again.
 	 */
+	b = palloc(sizeof(InboxBatch));
 	m = news.incoming;
 	while (m)
 	{
-		const char *topics[INBOX_BATCH];
-		const char *payloads[INBOX_BATCH];
-		int			topic_lens[INBOX_BATCH];
-		int			payload_lens[INBOX_BATCH];
-		const char *mtopics[INBOX_BATCH];
-		const char *mpayloads[INBOX_BATCH];
-		int			mtopic_lens[INBOX_BATCH];
-		int			mpayload_lens[INBOX_BATCH];
 		MeIncoming *batch = m;
-		int			n = 0;
-		int			nm = 0;
 
-		while (m && n + nm < INBOX_BATCH)
+		b->n = 0;
+		b->nm = 0;
+		while (m && b->n + b->nm + Min(Max(m->nsubids, 1), MAX_PATHS) <= INBOX_BATCH)
 		{
-			const char *why = NULL;
+			const InboundSub *paths[MAX_PATHS];
+			int			npaths = message_paths(m, paths);
+			int			i;
 
-			/*
-			 * Not one of our topics: a message for handlers, any bytes.  The
-			 * topic must be text here (MQTT requires UTF-8 anyway).
-			 */
-			if (!me_topic_is_event(m->topic, m->topic_len))
-			{
-				if (m->payload_len + m->props_len > mqtt_emit_max_payload)
-					why = "payload and properties larger than \"mqtt_emit.max_payload\"";
-				else if ((int) strlen(m->topic) != m->topic_len ||
-						 !pg_verifymbstr(m->topic, m->topic_len, true))
-					why = "topic is not valid in the database encoding";
-				if (why)
-				{
-					me_count(ME_STAT_RECEIVED, 1);
-					me_remote_reject(m->topic, m->payload_len, why);
-				}
-				else if (me_handlers_match(m->topic, m->topic_len))
-				{
-					MemoryContext old;
-
-					me_count(ME_STAT_RECEIVED, 1);
-					if (msgbuf.data == NULL)
-					{
-						old = MemoryContextSwitchTo(TopMemoryContext);
-						initStringInfo(&msgbuf);
-						MemoryContextSwitchTo(old);
-					}
-					me_handlers_encode(&msgbuf, m->payload, m->payload_len,
-									   m->props, m->props_len);
-					mtopics[nm] = m->topic;
-					mtopic_lens[nm] = m->topic_len;
-					mpayloads[nm] = pnstrdup(msgbuf.data, msgbuf.len);
-					mpayload_lens[nm] = msgbuf.len;
-					nm++;
-				}
-				else
-					ereport(DEBUG1,
-							(errmsg("pg_mqtt_emit ignored a message on \"%.200s\": no handler's filter matches",
-									m->topic)));
-				m = m->next;
-				continue;
-			}
-			/* what cannot be kept as text is dropped here */
-			if (m->payload_len > mqtt_emit_max_payload)
-				why = "payload larger than \"mqtt_emit.max_payload\"";
-			else if ((int) strlen(m->payload) != m->payload_len)
-				why = "payload contains a NUL byte";
-			else if (!pg_verifymbstr(m->payload, m->payload_len, true) ||
-					 (int) strlen(m->topic) != m->topic_len ||
-					 !pg_verifymbstr(m->topic, m->topic_len, true))
-				why = "payload or topic is not valid in the database encoding";
-			if (why)
-			{
-				me_count(ME_STAT_RECEIVED, 1);
-				me_remote_reject(m->topic, m->payload_len, why);
-			}
-			else
-			{
-				topics[n] = m->topic;
-				topic_lens[n] = m->topic_len;
-				payloads[n] = m->payload;
-				payload_lens[n] = m->payload_len;
-				n++;
-			}
+			for (i = 0; i < npaths; i++)
+				keep_copy(b, m, paths[i]);
 			m = m->next;
 		}
-		if (n > 0 || nm > 0)
+		if (b->n > 0 || b->nm > 0)
 		{
 			me_worker_begin_tx("keeping received messages");
-			me_worker_commit_async();
-			if (n > 0)
-				me_outbox_insert_received(topics, topic_lens, payloads, payload_lens, n);
-			if (nm > 0)
-				me_outbox_insert_messages(mtopics, mtopic_lens, mpayloads, mpayload_lens, nm);
+			if (b->n > 0)
+				me_outbox_insert_received(b->topics, b->topic_lens, b->payloads,
+										  b->payload_lens, b->n);
+			if (b->nm > 0)
+				me_outbox_insert_messages(b->mtopics, b->mtopic_lens, b->mpayloads,
+										  b->mpayload_lens, b->nm);
 			me_worker_end_tx();
 			stored = true;
 		}
@@ -564,6 +1082,9 @@ me_inbound_take_news(void)
 			batch = next;
 		}
 	}
+	pfree(b);
+	if (subscribed == NIL)
+		maybe_drop_subscriber();
 	if (stored)
 		me_wake_listener();
 }

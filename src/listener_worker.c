@@ -11,9 +11,10 @@
  *	  and rows that committing backends wrote themselves (durable mode, a
  *	  full queue)
  *	- received messages, as outbox rows of kind ME_KIND_REMOTE (ME_FLAG_LOCAL
- *	  only; the model column holds the topic)
+ *	  only; the model column holds the topic, after the path it came
+ *	  through when that was a share group, see topic.c)
  *	- received messages for handlers (mqtt_emit.subscribe), as outbox rows
- *	  of kind ME_KIND_MESSAGE (handlers.c)
+ *	  of kind ME_KIND_MESSAGE (handlers.c), the same way
  *
  * and this process runs their listeners, oldest first, and marks each row
  * done in the same transaction as the listeners' effects: a row's
@@ -210,19 +211,26 @@ handle_local(void *arg)
 	if (row->hdr.kind == ME_KIND_REMOTE)
 	{
 		MeRemoteMessage msg;
+		MeInboxPath path;
 
-		msg.topic = row->model;
-		msg.topic_len = row->hdr.model_len;
+		/* the path it came through, in front of the topic (topic.c) */
+		me_inbox_split(row->model, row->hdr.model_len, &path);
+		msg.topic = path.filter ? pnstrdup(path.topic, path.topic_len) : path.topic;
+		msg.topic_len = path.topic_len;
 		msg.payload = row->payload;
 		msg.payload_len = row->hdr.payload_len;
+		msg.share_group = path.group;
 		me_listeners_handle_remote(&msg);
 		return;
 	}
 	if (row->hdr.kind == ME_KIND_MESSAGE)
 	{
-		me_handlers_run(row->model, row->hdr.model_len, row->payload,
-						row->hdr.payload_len, row->created_at, row_attempt,
-						ME_ATTEMPTS);
+		MeInboxPath path;
+
+		me_inbox_split(row->model, row->hdr.model_len, &path);
+		me_handlers_run(pnstrdup(path.topic, path.topic_len), path.topic_len,
+						row->payload, row->hdr.payload_len, row->created_at,
+						row_attempt, ME_ATTEMPTS, path.group, path.group_filter);
 		return;
 	}
 	if (row->hdr.kind != ME_KIND_ROW ||
@@ -308,10 +316,26 @@ give_up_local(const void *arg, const char *reason)
 {
 	const MeOutboxRow *row = (const MeOutboxRow *) arg;
 
+	if (row->hdr.kind == ME_KIND_REMOTE)
+	{
+		/* the dead letter holds the topic, not the path it came through */
+		MeOutboxRow copy = *row;
+		MeInboxPath path;
+
+		me_inbox_split(row->model, row->hdr.model_len, &path);
+		copy.model = pnstrdup(path.topic, path.topic_len);
+		copy.hdr.model_len = path.topic_len;
+		me_outbox_local_failed(&copy, reason);
+		return;
+	}
 	if (row->hdr.kind == ME_KIND_MESSAGE)
 	{
 		/* the dead letter holds the payload's bytes, not the properties */
-		char	   *topic = pnstrdup(row->model, row->hdr.model_len);
+		MeInboxPath path;
+		char	   *topic;
+
+		me_inbox_split(row->model, row->hdr.model_len, &path);
+		topic = pnstrdup(path.topic, path.topic_len);
 
 		me_outbox_message_dead_letter(topic, row->payload,
 									  me_handlers_payload_end(row->payload, row->hdr.payload_len),

@@ -16,6 +16,14 @@
  * and a listener's filter (jsonb containment against the event's result)
  * and operation list apply to both.  Models are matched case-insensitively.
  *
+ * A listener with a share_group (it must accept remote events) runs only
+ * for what arrives through its group's shared subscription (inbound.c,
+ * topic.c): every event of its model published on the bus, this node's
+ * own included, each given by the broker to one node of the group
+ * (source 'remote').  It does not run for local events, nor for what
+ * arrives through the plain subscription, which the listeners without a
+ * group take.
+ *
  * Each call runs as the role that registered the listener, with its
  * search_path as recorded then, as a security-restricted operation (no SET
  * ROLE back to the worker's superuser, no temporary objects shared between
@@ -100,6 +108,7 @@ typedef struct Listener
 	char	   *fn_name;		/* for log lines */
 	bool		allow_remote;
 	bool		remote_only;
+	char	   *share_group;	/* or NULL */
 	Jsonb	   *filter;			/* or NULL */
 	List	   *operations;		/* of char *, or NIL for all */
 	Oid			owner;
@@ -144,7 +153,8 @@ lower_dup(const char *s, int len)
 }
 
 /*
- * The query that reads the registry.  It joins pg_proc and pg_roles so that
+ * The query that reads the registry (%s: the table, with a share_group
+ * column of NULLs where it has none, as in 0.1.0).  It joins pg_proc and pg_roles so that
  * a row whose function or role is gone (a pg_temp function after its
  * session, DROP FUNCTION, DROP OWNED and DROP ROLE) is named, not looked up,
  * and it says why a row must not run (problem), without detoasting fields
@@ -177,11 +187,16 @@ lower_dup(const char *s, int len)
 	"                 THEN 'its role has more than " CppAsString2(ME_REGISTRY_MAX_PER_ROLE) " listeners' " \
 	"            WHEN pg_catalog.row_number() OVER (ORDER BY l.id) > " CppAsString2(ME_REGISTRY_MAX_TOTAL) \
 	"                 THEN 'the registry has more than " CppAsString2(ME_REGISTRY_MAX_TOTAL) " listeners' " \
+	"            WHEN l.share_group IS NOT NULL AND NOT l.allow_remote " \
+	"                 THEN 'it has a share group but does not accept remote events' " \
+	"            WHEN pg_catalog.octet_length(l.share_group) > " CppAsString2(ME_SHARE_GROUP_MAX) \
+	"                 THEN 'its share group name is too long' " \
 	"       END AS problem, " \
 	"       coalesce(pg_catalog.has_function_privilege(l.owner::pg_catalog.oid, " \
 	"                    pg_catalog.to_regprocedure('mqtt_emit.may_listen_remote()'), 'EXECUTE'), " \
-	"                r.rolsuper, false) AS may_remote " \
-	"  FROM mqtt_emit.listeners l " \
+	"                r.rolsuper, false) AS may_remote, " \
+	"       l.share_group " \
+	"  FROM %s " \
 	"  LEFT JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) l.listener::pg_catalog.oid " \
 	"  LEFT JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) l.owner::pg_catalog.oid " \
 	" ORDER BY l.id"
@@ -262,7 +277,12 @@ load_registry(SkipNote *old_notes, int nold)
 	MemoryContextSwitchTo(old);
 
 	SPI_connect();
-	ret = SPI_execute(REGISTRY_QUERY, true, 0);
+	ret = SPI_execute(psprintf(REGISTRY_QUERY,
+							   get_attnum(get_relname_relid("listeners", nsp), "share_group") != InvalidAttrNumber ?
+							   "mqtt_emit.listeners l" :
+							   "(SELECT l.*, NULL::pg_catalog.text AS share_group"
+							   " FROM mqtt_emit.listeners l) l"),
+					  true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "cannot read mqtt_emit.listeners: %s", SPI_result_code_string(ret));
 
@@ -315,6 +335,14 @@ load_registry(SkipNote *old_notes, int nold)
 		l->search_path = SPI_getvalue(tup, td, 10);
 		if (l->search_path == NULL)
 			l->search_path = pstrdup("pg_catalog");
+		l->share_group = SPI_getvalue(tup, td, 13);
+		if (l->share_group &&
+			me_share_group_problem(l->share_group, strlen(l->share_group)) != NULL)
+		{
+			note_skip(old_notes, nold, l->id, l->fn_name, l->owner,
+					  "its share group name is not valid", false);
+			continue;
+		}
 
 		/*
 		 * A listener takes exactly one mqtt_emit.event, whoever wrote the
@@ -353,7 +381,8 @@ load_registry(SkipNote *old_notes, int nold)
 		if (l->allow_remote &&
 			!DatumGetBool(SPI_getbinval(tup, td, 12, &isnull)))
 		{
-			if (l->remote_only)
+			/* a grouped listener runs for nothing else */
+			if (l->remote_only || l->share_group)
 			{
 				note_skip(old_notes, nold, l->id, l->fn_name, l->owner,
 						  "its role may not receive remote events", false);
@@ -503,24 +532,40 @@ model_matches(const Listener *l, const char *model, int len)
 	return l->model[len] == '\0';
 }
 
+/* Does the listener take local events? */
+static bool
+takes_local(const Listener *l)
+{
+	return !l->remote_only && l->share_group == NULL;
+}
+
+/* the same share group, or both none */
+static bool
+same_group(const char *a, const char *b)
+{
+	return a == NULL ? b == NULL : b != NULL && strcmp(a, b) == 0;
+}
+
 bool
 me_listeners_want_local(const char *model, int model_len)
 {
 	int			i;
 
 	for (i = 0; i < nlisteners; i++)
-		if (!listeners[i].remote_only &&
+		if (takes_local(&listeners[i]) &&
 			model_matches(&listeners[i], model, model_len))
 			return true;
 	return false;
 }
 
 /*
- * Models that some listener accepts remote events for, palloc'd in the
+ * The paths remote events are to arrive on: each model that some listener
+ * accepts remote events for, with the share group of such a listener
+ * (NULL: the plain subscription), once per distinct pair, palloc'd in the
  * current context.
  */
 List *
-me_listeners_remote_models(void)
+me_listeners_remote_paths(void)
 {
 	List	   *r = NIL;
 	int			i;
@@ -530,12 +575,21 @@ me_listeners_remote_models(void)
 		{
 			ListCell   *lc;
 			bool		seen = false;
+			MeRemotePath *p;
 
 			foreach(lc, r)
-				if (strcmp((char *) lfirst(lc), listeners[i].model_orig) == 0)
+			{
+				p = (MeRemotePath *) lfirst(lc);
+				if (strcmp(p->model, listeners[i].model_orig) == 0 &&
+					same_group(p->group, listeners[i].share_group))
 					seen = true;
-			if (!seen)
-				r = lappend(r, pstrdup(listeners[i].model_orig));
+			}
+			if (seen)
+				continue;
+			p = palloc(sizeof(MeRemotePath));
+			p->model = pstrdup(listeners[i].model_orig);
+			p->group = listeners[i].share_group ? pstrdup(listeners[i].share_group) : NULL;
+			r = lappend(r, p);
 		}
 	return r;
 }
@@ -725,7 +779,8 @@ me_listeners_dispatch(const MeEvent *ev)
 
 		if (!model_matches(l, ev->model, mlen))
 			continue;
-		if (ev->remote ? !l->allow_remote : l->remote_only)
+		if (ev->remote ? !l->allow_remote || !same_group(l->share_group, ev->share_group) :
+			!takes_local(l))
 			continue;
 		if (!listener_may_run(l, ev->remote))
 			continue;
@@ -894,10 +949,11 @@ me_listeners_run_local(const MqttEmitEventHeader *hdr, const char *model,
 }
 
 /*
- * Does some listener accept remote events of this model?
+ * Does some listener accept remote events of this model that arrive
+ * through this path (group NULL: the plain subscription)?
  */
 bool
-me_listeners_accept_remote(const char *model)
+me_listeners_accept_remote(const char *model, const char *group)
 {
 	int			i;
 
@@ -905,6 +961,7 @@ me_listeners_accept_remote(const char *model)
 		return false;
 	for (i = 0; i < nlisteners; i++)
 		if (listeners[i].allow_remote &&
+			same_group(listeners[i].share_group, group) &&
 			model_matches(&listeners[i], model, strlen(model)))
 			return true;
 	return false;

@@ -26,7 +26,15 @@ typedef struct MeRemoteMessage
 	const char *payload;		/* NUL-terminated after payload_len bytes */
 	int			topic_len;
 	int			payload_len;
+	const char *share_group;	/* the group it came through, or NULL */
 } MeRemoteMessage;
+
+/* A path remote events arrive on: a model, and a share group or NULL. */
+typedef struct MeRemotePath
+{
+	char	   *model;			/* as registered */
+	char	   *group;
+} MeRemotePath;
 
 /* An event for the listeners, local or remote. */
 typedef struct MeEvent
@@ -44,6 +52,7 @@ typedef struct MeEvent
 	const char *topic;
 	Jsonb	   *payload;
 	Oid			relid;			/* local events: the changed table */
+	const char *share_group;	/* remote events: the group it came through */
 } MeEvent;
 
 /*
@@ -72,11 +81,11 @@ typedef enum MeRegistryLoad
 extern MeRegistryLoad me_listeners_refresh(void);
 extern void me_listeners_report_skips(void);
 extern bool me_listeners_want_local(const char *model, int model_len);
-extern List *me_listeners_remote_models(void);
+extern List *me_listeners_remote_paths(void);
 extern void me_listeners_run_local(const MqttEmitEventHeader *hdr,
 								   const char *model, const char *payload,
 								   const char *topic);
-extern bool me_listeners_accept_remote(const char *model);
+extern bool me_listeners_accept_remote(const char *model, const char *group);
 extern uint64 me_listeners_calls_made(void);
 extern void me_listeners_set_hard_timeout(int timeout_id);
 extern void me_listeners_dispatch(const MeEvent *ev);

@@ -8,11 +8,17 @@
  * bytes, JSON syntax, field types, model name, and that the topic has the
  * form <prefix>/<model>/<something>.  A message that fails is dropped with a
  * log line (rate-limited) and counted as rejected.  Messages whose origin is
- * this node are our own echo and are skipped.  Others are deduplicated for
- * mqtt_emit.dedup_ttl by a key: the event id when the message comes from a
- * pg_mqtt_emit node (it has an origin and a UUID event id), otherwise a
- * 128-bit hash of the message bytes, because other publishers (the seed)
- * reuse event ids for different events.
+ * this node are our own echo and are skipped, unless they came through a
+ * share group (the broker gives each of the group's events to one of its
+ * members, this node's own included; listeners.c).  Others are
+ * deduplicated for mqtt_emit.dedup_ttl by a key: the event id when the
+ * message comes from a pg_mqtt_emit node (it has an origin and a UUID
+ * event id), otherwise a 128-bit hash of the message bytes, because other
+ * publishers (the seed) reuse event ids for different events; and the
+ * path it came through (the plain subscription, or a share group), since
+ * a node in a group gets an event once through the group and once through
+ * the plain subscription when it has listeners of both, and each path's
+ * listeners are to run once.
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
@@ -405,6 +411,7 @@ me_listeners_handle_remote(const MeRemoteMessage *m)
 	ev.remote = true;
 	ev.topic = m->topic;
 	ev.payload = jb;
+	ev.share_group = m->share_group;
 
 	v = me_json_field(jb, "model");
 	if (v == NULL || v->type != jbvString ||
@@ -476,16 +483,21 @@ me_listeners_handle_remote(const MeRemoteMessage *m)
 		ev.has_emitted_at = true;
 	}
 
-	/* our own message coming back */
-	if (ev.origin != NULL && strcmp(ev.origin, self) == 0)
+	/*
+	 * Our own message coming back; through a share group it is this node's
+	 * share of the group's events, to run here.
+	 */
+	if (ev.origin != NULL && strcmp(ev.origin, self) == 0 && m->share_group == NULL)
 	{
 		me_count(ME_STAT_SELF_ECHO, 1);
 		return;
 	}
 
-	if (!me_listeners_accept_remote(model))
+	if (!me_listeners_accept_remote(model, m->share_group))
 	{
-		reject(m, "no listener accepts remote events for this model");
+		reject(m, m->share_group ?
+			   "no listener of its share group accepts remote events for this model" :
+			   "no listener accepts remote events for this model");
 		return;
 	}
 
@@ -500,6 +512,14 @@ me_listeners_handle_remote(const MeRemoteMessage *m)
 	{
 		key.a = hash_bytes_extended((const unsigned char *) m->payload, m->payload_len, 3);
 		key.b = hash_bytes_extended((const unsigned char *) m->payload, m->payload_len, 4);
+	}
+	/* per path: a group's copy is another delivery than the plain one */
+	if (m->share_group != NULL)
+	{
+		int			glen = strlen(m->share_group);
+
+		key.a ^= hash_bytes_extended((const unsigned char *) m->share_group, glen, 5);
+		key.b ^= hash_bytes_extended((const unsigned char *) m->share_group, glen, 6);
 	}
 	if (dedup_seen(&key, now))
 	{

@@ -449,19 +449,40 @@ end_as_registry_owner(int nestlevel, Oid save_userid, int save_sec)
 }
 
 /*
+ * A share group (listen() or subscribe() with share_group): a valid name
+ * (22023), on a server that speaks MQTT 5 (0A000): the worker tells a
+ * group's copies of a message from the others by their Subscription
+ * Identifiers, which MQTT 3.1.1 does not have.  what is "listener" or
+ * "handler".
+ */
+static void
+check_share_group(text *group, const char *what)
+{
+	me_check_share_group(VARDATA_ANY(group), VARSIZE_ANY_EXHDR(group));
+	if (mqtt_emit_mqtt_version != 5)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("share groups need MQTT 5"),
+				 errdetail("A node in a share group receives a message once through the group and once through each other subscription it matches; only MQTT 5 Subscription Identifiers tell those copies apart, and \"mqtt_emit.mqtt_version\" is '3.1.1'."),
+				 errhint("Set \"mqtt_emit.mqtt_version\" to '5' (and reload) on every node of the group, then register the %s again.",
+						 what)));
+}
+
+/*
  * mqtt_emit.listen(model, listener, allow_remote, remote_only, filter,
- * operations): register a listener that runs as the calling role, with its
- * current search_path; returns its id.  NULL arguments reach the row
- * trigger, which names them.
+ * operations, share_group): register a listener that runs as the calling
+ * role, with its current search_path; returns its id.  NULL arguments
+ * reach the row trigger, which names them.  The definition of 0.1.0 has no
+ * share_group.
  */
 Datum
 mqtt_emit_listen(PG_FUNCTION_ARGS)
 {
 	Oid			caller = GetUserId();
-	Oid			argtypes[8] = {TEXTOID, REGPROCEDUREOID, BOOLOID, BOOLOID,
-	JSONBOID, TEXTARRAYOID, REGROLEOID, TEXTOID};
-	Datum		values[8];
-	char		nulls[8];
+	Oid			argtypes[9] = {TEXTOID, REGPROCEDUREOID, BOOLOID, BOOLOID,
+	JSONBOID, TEXTARRAYOID, REGROLEOID, TEXTOID, TEXTOID};
+	Datum		values[9];
+	char		nulls[9];
 	Oid			save_userid;
 	int			save_sec;
 	int			nestlevel;
@@ -469,8 +490,19 @@ mqtt_emit_listen(PG_FUNCTION_ARGS)
 	int			i;
 	bool		isnull;
 	int64		id;
+	bool		grouped = PG_NARGS() > 6 && !PG_ARGISNULL(6);
 
 	check_may_own_listeners(caller);
+	if (grouped)
+	{
+		if (PG_ARGISNULL(2) || !PG_GETARG_BOOL(2))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("share_group requires allow_remote"),
+					 errdetail("A share group shares the events of the bus among its nodes; a grouped listener runs for what its group gives this node, not for local events."),
+					 errhint("Use allow_remote => true with share_group.")));
+		check_share_group(PG_GETARG_TEXT_PP(6), "listener");
+	}
 	if (!PG_ARGISNULL(2) && PG_GETARG_BOOL(2))
 		check_may_listen_remote(caller);
 
@@ -484,12 +516,20 @@ mqtt_emit_listen(PG_FUNCTION_ARGS)
 	/* the caller's, read before switching to the registry owner's */
 	values[7] = CStringGetTextDatum(namespace_search_path ? namespace_search_path : "");
 	nulls[7] = ' ';
+	values[8] = grouped ? PG_GETARG_DATUM(6) : (Datum) 0;
+	nulls[8] = grouped ? ' ' : 'n';
 
 	nestlevel = begin_as_registry_owner(&save_userid, &save_sec);
-	ret = SPI_execute_with_args("INSERT INTO mqtt_emit.listeners "
-								"(model, listener, allow_remote, remote_only, filter, operations, owner, search_path) "
-								"VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
-								8, argtypes, values, nulls, false, 0);
+	if (grouped)
+		ret = SPI_execute_with_args("INSERT INTO mqtt_emit.listeners "
+									"(model, listener, allow_remote, remote_only, filter, operations, owner, search_path, share_group) "
+									"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
+									9, argtypes, values, nulls, false, 0);
+	else
+		ret = SPI_execute_with_args("INSERT INTO mqtt_emit.listeners "
+									"(model, listener, allow_remote, remote_only, filter, operations, owner, search_path) "
+									"VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+									8, argtypes, values, nulls, false, 0);
 	if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
 		elog(ERROR, "cannot register listener: %s", SPI_result_code_string(ret));
 	id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
@@ -583,18 +623,20 @@ check_may_subscribe(Oid roleid)
 }
 
 /*
- * mqtt_emit.subscribe(topic_filter, handler, qos): register a handler that
- * runs as the calling role, with its current search_path, for every
- * message on the filter's topics; returns its id.  The row trigger
+ * mqtt_emit.subscribe(topic_filter, handler, qos, share_group): register a
+ * handler that runs as the calling role, with its current search_path,
+ * for every message on the filter's topics (with a share group: for those
+ * the group gives this node); returns its id.  The row trigger
  * (_validate_handler) checks the filter and the function.
  */
 Datum
 mqtt_emit_subscribe(PG_FUNCTION_ARGS)
 {
 	Oid			caller = GetUserId();
-	Oid			argtypes[5] = {TEXTOID, REGPROCEDUREOID, INT2OID, REGROLEOID, TEXTOID};
-	Datum		values[5];
-	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
+	Oid			argtypes[6] = {TEXTOID, REGPROCEDUREOID, INT2OID, REGROLEOID, TEXTOID, TEXTOID};
+	Datum		values[6];
+	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', 'n'};
+	bool		grouped = PG_NARGS() > 3 && !PG_ARGISNULL(3);
 	Oid			save_userid;
 	int			save_sec;
 	int			nestlevel;
@@ -613,6 +655,8 @@ mqtt_emit_subscribe(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("invalid QoS %d", qos),
 				 errhint("The QoS of a subscription is 0, 1 or 2.")));
+	if (grouped)
+		check_share_group(PG_GETARG_TEXT_PP(3), "handler");
 	check_may_subscribe(caller);
 
 	values[0] = PG_GETARG_DATUM(0);
@@ -620,12 +664,17 @@ mqtt_emit_subscribe(PG_FUNCTION_ARGS)
 	values[2] = Int16GetDatum((int16) qos);
 	values[3] = ObjectIdGetDatum(caller);
 	values[4] = CStringGetTextDatum(namespace_search_path ? namespace_search_path : "");
+	if (grouped)
+	{
+		values[5] = PG_GETARG_DATUM(3);
+		nulls[5] = ' ';
+	}
 
 	nestlevel = begin_as_registry_owner(&save_userid, &save_sec);
 	ret = SPI_execute_with_args("INSERT INTO mqtt_emit.handlers "
-								"(topic_filter, handler, qos, owner, search_path) "
-								"VALUES ($1, $2, $3, $4, $5) RETURNING id",
-								5, argtypes, values, nulls, false, 0);
+								"(topic_filter, handler, qos, owner, search_path, share_group) "
+								"VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+								6, argtypes, values, nulls, false, 0);
 	if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
 		elog(ERROR, "cannot register handler: %s", SPI_result_code_string(ret));
 	id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));

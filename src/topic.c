@@ -12,8 +12,22 @@
  * lower case (where the Node library publishes).  A received topic must be
  * <prefix>/<level>/<leaf>, the prefix compared without regard to case.
  *
+ * A share group (listen() or subscribe() with share_group) subscribes
+ * through the MQTT 5 shared subscription $share/<group>/<filter>: the
+ * broker gives each matching message to one member of the group.  A
+ * message that arrived that way is kept in the inbox (mqtt_emit.outbox)
+ * with its delivery path in front of its topic, "$share/<group>/<filter>",
+ * a newline, then the topic (me_inbox_model, me_inbox_split); the
+ * listener worker runs only that path's listeners or handlers.  No
+ * received topic starts with "$share/" (no filter a worker subscribes to
+ * without a group can match one), so the two forms cannot be confused.
+ * Each shared subscription carries a Subscription Identifier derived from
+ * its filter (me_share_sub_id), the same in every process and after every
+ * restart, so that messages the broker kept for this node's session tell
+ * their path whichever worker takes them.
+ *
  * Whatever becomes part of a topic (model names, the topic prefix, the
- * topics of mqtt_emit.publish()) must follow MQTT's rules for UTF-8 strings
+ * topics of mqtt_emit.publish(), share group names) must follow MQTT's rules for UTF-8 strings
  * ([MQTT-1.5.3]): valid UTF-8 without U+0000, surrogates, control
  * characters or noncharacters.  The broker treats a topic that breaks them
  * as a protocol error and closes the connection, so one bad name would make
@@ -39,6 +53,7 @@
 
 PG_FUNCTION_INFO_V1(mqtt_emit_topic_filter);
 PG_FUNCTION_INFO_V1(mqtt_emit_check_name);
+PG_FUNCTION_INFO_V1(mqtt_emit_check_share_group);
 
 /*
  * May code point c appear in an MQTT topic?  MQTT forbids U+0000 and the
@@ -320,4 +335,148 @@ mqtt_emit_check_name(PG_FUNCTION_ARGS)
 	snprintf(hint, sizeof(hint), "Choose a %s without this character.", what);
 	me_check_topic_text(VARDATA_ANY(name), VARSIZE_ANY_EXHDR(name), what, hint);
 	PG_RETURN_VOID();
+}
+
+/*
+ * Why len bytes at s are not a share group name, or NULL.  MQTT 5 forbids
+ * "/", "+" and "#" in a ShareName ([MQTT-4.8.2-2]); it must not be empty
+ * ([MQTT-4.8.2-1]); the MQTT UTF-8 rules of topics apply (the name is part
+ * of the filter).  Never raises an error (the workers check rows with it).
+ */
+const char *
+me_share_group_problem(const char *s, int len)
+{
+	int			pos;
+	pg_wchar	cp;
+	int			i;
+
+	if (len == 0)
+		return "A share group name must not be empty";
+	if (len > ME_SHARE_GROUP_MAX)
+		return "A share group name has at most 100 bytes";
+	if ((int) strnlen(s, len) != len ||
+		me_topic_text_check(s, len, &pos, &cp) != ME_TOPIC_TEXT_OK)
+		return "A share group name must be UTF-8 text without control characters";
+	for (i = 0; i < len; i++)
+		if (s[i] == '/' || s[i] == '+' || s[i] == '#')
+			return "A share group name must not contain \"/\", \"+\" or \"#\"";
+	return NULL;
+}
+
+/*
+ * Raise an error unless len bytes at s are a valid share group name:
+ * 22021 or 22023 naming the character for what MQTT's UTF-8 rules refuse
+ * (as for model names), 22023 for the rest.
+ */
+void
+me_check_share_group(const char *s, int len)
+{
+	const char *problem;
+
+	if (len > ME_SHARE_GROUP_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("share group name is too long"),
+				 errdetail("It has %d bytes; a share group name has at most %d.",
+						   len, ME_SHARE_GROUP_MAX)));
+	/* first the characters, so that the message may quote the name */
+	me_check_topic_text(s, len, "share group name",
+						"Choose a share group name without this character.");
+	problem = me_share_group_problem(s, len);
+	if (problem)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid share group name \"%s\"", pnstrdup(s, len)),
+				 errdetail("%s.", problem),
+				 errhint("A share group name has 1 to %d bytes and no \"/\", \"+\", \"#\" or control characters, such as \"pool\".",
+						 ME_SHARE_GROUP_MAX)));
+}
+
+/*
+ * mqtt_emit._check_share_group(name text): raise an error unless name is
+ * a valid share group name.  For the registries' row triggers.
+ */
+Datum
+mqtt_emit_check_share_group(PG_FUNCTION_ARGS)
+{
+	text	   *name = PG_GETARG_TEXT_PP(0);
+
+	me_check_share_group(VARDATA_ANY(name), VARSIZE_ANY_EXHDR(name));
+	PG_RETURN_VOID();
+}
+
+/*
+ * The shared subscription of a group to a filter: $share/<group>/<filter>.
+ */
+void
+me_share_filter(StringInfo buf, const char *group, const char *filter)
+{
+	resetStringInfo(buf);
+	appendStringInfo(buf, "$share/%s/%s", group, filter);
+}
+
+/*
+ * The Subscription Identifier of a shared subscription: a hash of its
+ * filter (FNV-1a, 32 bits, the same on every platform) in 2 to
+ * 268,435,455, the range MQTT 5 allows without ME_SUB_ID_PLAIN.  Stable
+ * across restarts, so that what the broker queued for this node's
+ * session under an earlier worker still says which path it took.
+ */
+uint32
+me_share_sub_id(const char *filter)
+{
+	uint32		h = 2166136261u;
+	const unsigned char *p;
+
+	for (p = (const unsigned char *) filter; *p; p++)
+	{
+		h ^= *p;
+		h *= 16777619u;
+	}
+	return 2 + h % (ME_SUB_ID_MAX - 1);
+}
+
+/*
+ * The model column of an inbox row that arrived through the shared
+ * subscription filter ("$share/<group>/<filter>"): the filter, a newline,
+ * then the topic.  Without filter, the topic alone.
+ */
+void
+me_inbox_model(StringInfo buf, const char *filter, const char *topic, int topic_len)
+{
+	resetStringInfo(buf);
+	if (filter)
+	{
+		appendStringInfoString(buf, filter);
+		appendStringInfoChar(buf, '\n');
+	}
+	appendBinaryStringInfo(buf, topic, topic_len);
+}
+
+/*
+ * Take an inbox row's model column apart (see me_inbox_model): the topic,
+ * and for a message that came through a share group the shared filter
+ * and the group's name (palloc'd); NULLs for one that came through a
+ * plain subscription.  A model that starts with "$share/" but is not of
+ * that form is taken for a topic (it then matches no listener).
+ */
+void
+me_inbox_split(const char *model, int len, MeInboxPath *path)
+{
+	const char *nl;
+	const char *slash;
+
+	memset(path, 0, sizeof(*path));
+	path->topic = model;
+	path->topic_len = len;
+	if (len < 7 || strncmp(model, "$share/", 7) != 0 ||
+		(nl = memchr(model, '\n', len)) == NULL ||
+		(slash = memchr(model + 7, '/', nl - (model + 7))) == NULL ||
+		slash == model + 7)
+		return;
+	path->filter = pnstrdup(model, nl - model);
+	path->group = pnstrdup(model + 7, slash - (model + 7));
+	path->group_filter = path->filter + (slash + 1 - model);
+	path->topic = nl + 1;
+	path->topic_len = len - (nl + 1 - model);
 }

@@ -44,4 +44,31 @@ extern bool me_topic_split(const char *topic, int topic_len,
 extern bool me_topic_model_matches(const char *level, int level_len,
 								   const char *model);
 
+/*
+ * Share groups: $share/<group>/<filter>.  Subscription Identifiers:
+ * ME_SUB_ID_PLAIN for every subscription without a group, a hash of the
+ * filter for a shared one (me_share_sub_id).
+ */
+#define ME_SHARE_GROUP_MAX	100		/* bytes of a share group name */
+#define ME_SUB_ID_PLAIN		1
+#define ME_SUB_ID_MAX		268435455	/* the largest MQTT 5 allows */
+
+/* An inbox row's delivery path and topic (me_inbox_split). */
+typedef struct MeInboxPath
+{
+	const char *topic;			/* the message's topic, topic_len bytes */
+	int			topic_len;
+	char	   *filter;			/* "$share/<group>/<filter>", or NULL */
+	char	   *group;			/* the group's name, or NULL */
+	const char *group_filter;	/* the filter after the group, or NULL */
+} MeInboxPath;
+
+extern const char *me_share_group_problem(const char *s, int len);
+extern void me_check_share_group(const char *s, int len);
+extern void me_share_filter(StringInfo buf, const char *group, const char *filter);
+extern uint32 me_share_sub_id(const char *filter);
+extern void me_inbox_model(StringInfo buf, const char *filter, const char *topic,
+						   int topic_len);
+extern void me_inbox_split(const char *model, int len, MeInboxPath *path);
+
 #endif							/* MQTT_EMIT_TOPIC_H */
