@@ -804,12 +804,17 @@ me_broker_wait_disconnected(MeBroker *b, int timeout_ms)
 		bool		done;
 
 		pthread_mutex_lock(&b->mutex);
-		done = (b->state == BS_DISCONNECTED);
+		done = (b->state != BS_CONNECTED);
 		pthread_mutex_unlock(&b->mutex);
 		if (done)
 			return true;
 		if (me_broker_mono_ms() >= deadline)
 			return false;
+
+		/*
+		 * Not WaitLatch: this also runs after the postmaster died, when it
+		 * returns at once; a bounded wait at exit.
+		 */
 		pg_usleep(5000L);
 	}
 }

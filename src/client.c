@@ -490,6 +490,19 @@ me_client_disconnect_all(void)
 		me_broker_disconnect(slots[ME_CLIENT_SUBSCRIBER].broker, 100);
 }
 
+/*
+ * Wait (at most timeout_ms) until a disconnect started before has closed
+ * the client's connection: from then on it receives, and acknowledges,
+ * nothing more, so that what it received can be kept before it goes.
+ */
+bool
+me_client_wait_disconnected(MeClientRole role, int timeout_ms)
+{
+	if (slots[role].broker == NULL)
+		return true;
+	return me_broker_wait_disconnected(slots[role].broker, timeout_ms);
+}
+
 void
 me_client_destroy_all(void)
 {

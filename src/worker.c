@@ -23,7 +23,10 @@
  * the loop empties after every wake-up.  SIGTERM lets acknowledgements on
  * their way arrive, keeps what the queue still holds in the outbox,
  * disconnects and exits; an error exits with code 1 and the postmaster
- * starts the worker again, which resumes at the queue's head.
+ * starts the worker again, which resumes at the queue's head.  When the
+ * postmaster dies (kill -9 of it), the worker disconnects its subscriber
+ * and keeps what it had received before it exits: paho acknowledged those
+ * messages to the broker, which would not send them again.
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
@@ -57,6 +60,7 @@
 #include "worker.h"
 
 static volatile sig_atomic_t got_sigterm = false;
+static bool postmaster_gone = false;
 
 static MemoryContext loop_cxt = NULL;
 static bool napping = false;	/* worker_napping is set */
@@ -68,6 +72,7 @@ static void worker_detach(int code, Datum arg);
 static void reload_settings(void);
 static void wait_for_work(bool more, int new_entries, uint64 tail, long timeout);
 static void shut_down(void);
+static void keep_received(void);
 
 /*
  * Register a background worker of this library in mqtt_emit.database,
@@ -151,7 +156,7 @@ mqtt_emit_worker_main(Datum main_arg)
 			 errdetail("Broker \"%s\", client id \"%s\", database \"%s\".",
 					   mqtt_emit_broker_url, me_client_id(), mqtt_emit_database)));
 
-	while (!got_sigterm)
+	while (!got_sigterm && !postmaster_gone)
 	{
 		long		timeout = 1000;
 		bool		more;
@@ -185,6 +190,11 @@ mqtt_emit_worker_main(Datum main_arg)
 		wait_for_work(more, new_entries, tail, timeout);
 	}
 
+	if (postmaster_gone)
+	{
+		keep_received();
+		proc_exit(1);
+	}
 	shut_down();
 
 	/*
@@ -276,9 +286,10 @@ wait_for_work(bool more, int new_entries, uint64 tail, long timeout)
 		 * (which set it; committing backends do not while we nap) end it
 		 * early; WaitLatch counts whole milliseconds.
 		 */
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 Min((long) ceil(mqtt_emit_batch_delay), timeout),
-						 PG_WAIT_EXTENSION);
+		if (WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_POSTMASTER_DEATH,
+					  Min((long) ceil(mqtt_emit_batch_delay), timeout),
+					  PG_WAIT_EXTENSION) & WL_POSTMASTER_DEATH)
+			postmaster_gone = true;
 		ResetLatch(MyLatch);
 		return;
 	}
@@ -289,9 +300,36 @@ wait_for_work(bool more, int new_entries, uint64 tail, long timeout)
 		if (me_queue_tail() != tail)
 			return;
 	}
-	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-					 timeout, PG_WAIT_EXTENSION);
+	if (WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_POSTMASTER_DEATH,
+				  timeout, PG_WAIT_EXTENSION) & WL_POSTMASTER_DEATH)
+		postmaster_gone = true;
 	ResetLatch(MyLatch);
+}
+
+/*
+ * The postmaster is gone (SIGKILL): keep what the subscriber received and
+ * exit.  paho acknowledged those messages when they arrived, so the
+ * broker's session no longer has them; stopping the subscriber first (a
+ * disconnect without waiting for messages in flight, then waiting for the
+ * socket to close) ends the acknowledgements, and one more transaction
+ * stores what is in the mailbox, with its WAL flushed.  A new postmaster
+ * cannot start while this process still holds the shared memory, and
+ * recovery replays that WAL.  Nothing is published any more: the queue and
+ * the outbox are left as they are.
+ */
+static void
+keep_received(void)
+{
+	ereport(LOG,
+			(errmsg("pg_mqtt_emit worker: the postmaster is gone; keeping what the subscriber received, then exiting")));
+	if (me_client_broker(ME_CLIENT_SUBSCRIBER) != NULL)
+	{
+		me_broker_disconnect(me_client_broker(ME_CLIENT_SUBSCRIBER), 0);
+		(void) me_client_wait_disconnected(ME_CLIENT_SUBSCRIBER, 1000);
+		if (me_relay_ready())
+			me_inbound_take_news();
+	}
+	me_client_destroy_all();
 }
 
 /*
@@ -321,8 +359,10 @@ shut_down(void)
 
 	/*
 	 * paho acknowledged what the subscriber received before it disconnected:
-	 * keep it, or the broker's session would not have it either.
+	 * keep it, or the broker's session would not have it either.  Once the
+	 * socket is closed nothing more comes.
 	 */
+	(void) me_client_wait_disconnected(ME_CLIENT_SUBSCRIBER, 1000);
 	if (me_relay_ready())
 		me_inbound_take_news();
 	me_client_destroy_all();

@@ -53,6 +53,7 @@ extern bool me_client_poll(MeClientRole role, MeBrokerNews *news);
 extern void me_client_lost(MeClientRole role, const char *why);
 extern void me_client_drop(MeClientRole role, int disconnect_ms);
 extern void me_client_disconnect_all(void);
+extern bool me_client_wait_disconnected(MeClientRole role, int timeout_ms);
 extern void me_client_destroy_all(void);
 
 /* inflight.c */
