@@ -1,17 +1,17 @@
 -- API contracts of pg_mqtt_emit: objects, signatures, privileges, errors.
 BEGIN;
-SELECT plan(78);
+SELECT plan(85);
 
 CREATE EXTENSION IF NOT EXISTS pg_mqtt_emit;
 
 SELECT has_schema('mqtt_emit');
 SELECT has_function('mqtt_emit', 'watch', ARRAY['regclass', 'boolean', 'text[]', 'text', 'text[]', 'text[]']);
 SELECT has_function('mqtt_emit', 'unwatch', ARRAY['regclass']);
-SELECT has_function('mqtt_emit', 'listen', ARRAY['text', 'regprocedure', 'boolean', 'boolean', 'jsonb', 'text[]']);
+SELECT has_function('mqtt_emit', 'listen', ARRAY['text', 'regprocedure', 'boolean', 'boolean', 'jsonb', 'text[]', 'text']);
 SELECT has_function('mqtt_emit', 'unlisten', ARRAY['bigint']);
 SELECT has_function('mqtt_emit', 'publish', ARRAY['text', 'text', 'integer', 'boolean', 'jsonb']);
 SELECT has_function('mqtt_emit', 'publish', ARRAY['text', 'jsonb', 'integer', 'boolean', 'jsonb']);
-SELECT function_returns('mqtt_emit', 'listen', ARRAY['text', 'regprocedure', 'boolean', 'boolean', 'jsonb', 'text[]'], 'bigint');
+SELECT function_returns('mqtt_emit', 'listen', ARRAY['text', 'regprocedure', 'boolean', 'boolean', 'jsonb', 'text[]', 'text'], 'bigint');
 SELECT has_type('mqtt_emit', 'event', 'type mqtt_emit.event exists');
 SELECT columns_are('mqtt_emit', 'event', ARRAY['event_id', 'model', 'operation', 'source', 'result',
                                                 'old', 'args', 'origin', 'emitted_at', 'topic', 'payload']);
@@ -57,7 +57,7 @@ SELECT ok(has_function_privilege('tap_plain', 'mqtt_emit._subscription_states(te
           '_subscription_states(text[]) is callable by PUBLIC (the view runs it as the caller)');
 SELECT ok(NOT has_function_privilege('tap_plain', 'mqtt_emit.stats_reset()', 'EXECUTE'),
           'stats_reset() is not granted to PUBLIC');
-SELECT ok(has_function_privilege('tap_plain', 'mqtt_emit.listen(text,regprocedure,boolean,boolean,jsonb,text[])', 'EXECUTE'),
+SELECT ok(has_function_privilege('tap_plain', 'mqtt_emit.listen(text,regprocedure,boolean,boolean,jsonb,text[],text)', 'EXECUTE'),
           'listen is callable by any role (it runs as the caller)');
 SELECT ok((SELECT relrowsecurity FROM pg_class WHERE oid = 'mqtt_emit.listeners'::regclass),
           'row security on mqtt_emit.listeners');
@@ -87,14 +87,14 @@ SELECT throws_ok($$SELECT mqtt_emit.publish('a/b', 'x')$$, '42501');
 RESET ROLE;
 
 -- subscriptions to any topic
-SELECT has_function('mqtt_emit', 'subscribe', ARRAY['text', 'regprocedure', 'integer']);
+SELECT has_function('mqtt_emit', 'subscribe', ARRAY['text', 'regprocedure', 'integer', 'text']);
 SELECT has_function('mqtt_emit', 'unsubscribe', ARRAY['bigint']);
 SELECT has_function('mqtt_emit', 'payload_text', ARRAY['bytea']);
 SELECT has_function('mqtt_emit', 'payload_jsonb', ARRAY['bytea']);
-SELECT function_returns('mqtt_emit', 'subscribe', ARRAY['text', 'regprocedure', 'integer'], 'bigint');
+SELECT function_returns('mqtt_emit', 'subscribe', ARRAY['text', 'regprocedure', 'integer', 'text'], 'bigint');
 SELECT trigger_is('mqtt_emit', 'handlers', 'registry_changed', 'mqtt_emit', '_registry_changed',
                   'every change of the handler registry notifies the workers');
-SELECT ok(has_function_privilege('tap_plain', 'mqtt_emit.subscribe(text,regprocedure,integer)', 'EXECUTE'),
+SELECT ok(has_function_privilege('tap_plain', 'mqtt_emit.subscribe(text,regprocedure,integer,text)', 'EXECUTE'),
           'subscribe is callable by any role (it checks the right itself)');
 SELECT ok((SELECT relrowsecurity FROM pg_class WHERE oid = 'mqtt_emit.handlers'::regclass),
           'row security on mqtt_emit.handlers');
@@ -111,6 +111,20 @@ SELECT is(mqtt_emit.payload_jsonb('{"a": 1}'::bytea), '{"a": 1}'::jsonb, 'payloa
 SET LOCAL ROLE tap_plain;
 SELECT throws_ok($$SELECT mqtt_emit.subscribe('a/b', 'tap_handler(text, bytea)')$$, '42501');
 RESET ROLE;
+
+-- share groups (the regress and pgTAP clusters speak MQTT 3.1.1)
+SELECT has_column('mqtt_emit', 'listeners', 'share_group', 'mqtt_emit.listeners.share_group');
+SELECT has_column('mqtt_emit', 'handlers', 'share_group', 'mqtt_emit.handlers.share_group');
+SELECT throws_ok($$SELECT mqtt_emit.listen('tap', 'tap_listener(mqtt_emit.event)', allow_remote => true, share_group => 'a/b')$$,
+                 '22023', NULL, 'a share group name with "/" is refused');
+SELECT throws_ok($$SELECT mqtt_emit.listen('tap', 'tap_listener(mqtt_emit.event)', share_group => 'pool')$$,
+                 '22023', NULL, 'a share group needs allow_remote');
+SELECT throws_ok($$SELECT mqtt_emit.listen('tap', 'tap_listener(mqtt_emit.event)', allow_remote => true, share_group => 'pool')$$,
+                 '0A000', NULL, 'share groups need MQTT 5');
+SELECT throws_ok($$SELECT mqtt_emit.subscribe('tap/#', 'tap_handler(text, bytea)', share_group => '')$$,
+                 '22023', NULL, 'an empty share group name is refused');
+SELECT throws_ok($$SELECT mqtt_emit.subscribe('tap/#', 'tap_handler(text, bytea)', share_group => 'pool')$$,
+                 '0A000', NULL, 'share groups of handlers need MQTT 5');
 
 SELECT * FROM finish();
 ROLLBACK;
