@@ -59,6 +59,7 @@
 #include "miscadmin.h"
 #include "nodes/value.h"
 #include "parser/parse_func.h"
+#include "storage/lmgr.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
@@ -327,6 +328,8 @@ load_handlers(void)
 							  0, NULL, true);
 	MemoryContextSwitchTo(old);
 
+	/* the lock first, as in listeners.c: the query depends on the columns */
+	LockRelationOid(relid, AccessShareLock);
 	SPI_connect();
 	ret = SPI_execute(psprintf(HANDLERS_QUERY,
 							   get_attnum(relid, "share_group") != InvalidAttrNumber ?

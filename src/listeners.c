@@ -61,6 +61,7 @@
 #include "nodes/value.h"
 #include "parser/parse_func.h"
 #include "portability/instr_time.h"
+#include "storage/lmgr.h"
 #include "miscadmin.h"
 #include "utils/acl.h"
 #include "utils/array.h"
@@ -249,6 +250,7 @@ static bool
 load_registry(SkipNote *old_notes, int nold)
 {
 	Oid			nsp;
+	Oid			relid;
 	Oid			typoid;
 	int			ret;
 	uint64		i;
@@ -276,9 +278,18 @@ load_registry(SkipNote *old_notes, int nold)
 	}
 	MemoryContextSwitchTo(old);
 
+	/*
+	 * The lock first: the query's text depends on the table's columns,
+	 * which must not change (ALTER EXTENSION UPDATE) between looking and
+	 * running it.  Under the lock_timeout of the caller.
+	 */
+	relid = get_relname_relid("listeners", nsp);
+	if (!OidIsValid(relid))
+		return false;
+	LockRelationOid(relid, AccessShareLock);
 	SPI_connect();
 	ret = SPI_execute(psprintf(REGISTRY_QUERY,
-							   get_attnum(get_relname_relid("listeners", nsp), "share_group") != InvalidAttrNumber ?
+							   get_attnum(relid, "share_group") != InvalidAttrNumber ?
 							   "mqtt_emit.listeners l" :
 							   "(SELECT l.*, NULL::pg_catalog.text AS share_group"
 							   " FROM mqtt_emit.listeners l) l"),
