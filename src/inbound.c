@@ -1044,8 +1044,8 @@ me_inbound_take_news(void)
 	 * kept.  The transaction waits for its WAL flush: paho acknowledged
 	 * these messages, the broker will not send them again.
 	 */
-	b = palloc(sizeof(InboxBatch));
 	m = news.incoming;
+	b = m ? palloc(sizeof(InboxBatch)) : NULL;
 	while (m)
 	{
 		MeIncoming *batch = m;
@@ -1082,7 +1082,8 @@ me_inbound_take_news(void)
 			batch = next;
 		}
 	}
-	pfree(b);
+	if (b)
+		pfree(b);
 	if (subscribed == NIL)
 		maybe_drop_subscriber();
 	if (stored)

@@ -63,6 +63,12 @@ BEGIN INSERT INTO public.calls (who, source, model, id) VALUES ('remote', e.sour
 SELECT mqtt_emit.listen('user', 'on_local(mqtt_emit.event)');
 SELECT mqtt_emit.listen('event', 'on_local(mqtt_emit.event)', operations => '{create}');
 SELECT mqtt_emit.listen('peer', 'on_remote(mqtt_emit.event)', allow_remote => true, remote_only => true);
+-- share groups (this node speaks MQTT 3.1.1, so listen() and subscribe()
+-- would refuse them: written directly, as a restore does)
+CREATE FUNCTION on_job(topic text, payload bytea) RETURNS void LANGUAGE sql AS $$ SELECT $$;
+INSERT INTO mqtt_emit.listeners (model, listener, allow_remote, share_group)
+  VALUES ('pooled', 'on_remote(mqtt_emit.event)', true, 'pool');
+INSERT INTO mqtt_emit.handlers (topic_filter, handler, share_group) VALUES ('jobs/#', 'on_job(text, bytea)', 'pool');
 });
 
 # the same writes, on any node: six events
@@ -134,7 +140,12 @@ command_ok([ 'pg_restore', '--exit-on-error', '-d', $dst->connstr('postgres'), $
 ok($broker->wait_for_subscription($dst->{mqtt_emit}{client_id} . '-subscriber', "$prefix/peer/#", 15,
 		$dst_sub_log),
 	'restored: the worker subscribed for the restored remote listener without a restart');
-is(sq($dst, 'SELECT count(*) FROM mqtt_emit.listeners'), '3', 'restored: three listeners');
+is(sq($dst, 'SELECT count(*) FROM mqtt_emit.listeners'), '4', 'restored: four listeners');
+is( sq($dst, q{SELECT string_agg(model || ' ' || coalesce(share_group, '-'), ', ' ORDER BY id) FROM mqtt_emit.listeners}),
+	sq($src, q{SELECT string_agg(model || ' ' || coalesce(share_group, '-'), ', ' ORDER BY id) FROM mqtt_emit.listeners}),
+	'restored: the listeners with their share groups');
+is(sq($dst, q{SELECT topic_filter || ' ' || share_group FROM mqtt_emit.handlers}), 'jobs/# pool',
+	'restored: the handler with its share group');
 is( sq($dst, q{SELECT string_agg(table_name || ' ' || coalesce(columns::text, '-') || ' ' || coalesce(exclude_columns::text, '-'), '; ' ORDER BY table_name::text) FROM mqtt_emit.watched_tables}),
 	sq($src, q{SELECT string_agg(table_name || ' ' || coalesce(columns::text, '-') || ' ' || coalesce(exclude_columns::text, '-'), '; ' ORDER BY table_name::text) FROM mqtt_emit.watched_tables}),
 	'restored: the same watched tables and column lists');
