@@ -462,8 +462,29 @@ me_inbound_take_news(void)
 						news.incoming_dropped)));
 	}
 
-	/* what arrived without the spool (it could not be written) */
+	/*
+	 * What arrived without the spool (it could not be written).  Without
+	 * the extension there is nowhere to keep it (messages of an old
+	 * persistent session's subscriptions).
+	 */
 	m = news.incoming;
+	if (m && !me_relay_ready())
+	{
+		int			dropped = 0;
+
+		while (m)
+		{
+			MeIncoming *next = m->next;
+
+			me_broker_free_message(m);
+			m = next;
+			dropped++;
+		}
+		me_count(ME_STAT_REJECTED, dropped);
+		ereport(LOG,
+				(errmsg("pg_mqtt_emit dropped %d received messages: the extension is not there to keep them",
+						dropped)));
+	}
 	while (m)
 	{
 		MeIncoming *batch = m;
@@ -508,8 +529,12 @@ keep_spooled(void)
 		uint64		pos;
 		int			n;
 
+		/*
+		 * Not an asynchronous commit: the spool files read to their end are
+		 * removed once the position after them is committed, which must
+		 * then be on disk.  One flush per batch of up to INBOX_BATCH.
+		 */
 		me_worker_begin_tx("keeping received messages");
-		me_worker_commit_async();
 		old = MemoryContextSwitchTo(cxt);
 		msgs = palloc(sizeof(MeIncoming) * INBOX_BATCH);
 		n = me_spool_read(msgs, INBOX_BATCH, &gen, &pos);

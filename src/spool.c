@@ -67,7 +67,7 @@
 #define SPOOL_ROTATE	(64 * 1024 * 1024)	/* a new file past this, when read */
 #define SPOOL_MAX		((uint64) 1024 * 1024 * 1024)	/* unread bytes kept at most */
 #define SPOOL_READ		(1024 * 1024)	/* bytes read at a time */
-#define SPOOL_MAX_GENS	64		/* older generations read at start */
+#define SPOOL_BATCH_BYTES (64 * 1024 * 1024)	/* bytes read for one batch, at most */
 
 typedef struct SpoolRecord
 {
@@ -85,8 +85,12 @@ static uint64 spool_written = 0;	/* bytes written to it, whole records */
 static uint64 spool_unread_base = 0;	/* the reader's position, for SPOOL_MAX */
 
 /* the worker's reading: the generations to read, oldest first */
-static int64 read_gens[SPOOL_MAX_GENS + 1];
+static int64 *read_gens = NULL;		/* TopMemoryContext */
 static int	nread_gens = 0;
+static int	maxread_gens = 0;
+static int64 *done_gens = NULL;		/* read to their end: removed once the
+									 * position after them is committed */
+static int	ndone_gens = 0;
 static int	read_fd = -1;			/* open on read_gens[0] */
 static uint64 read_pos = 0;			/* in read_gens[0] */
 static bool read_started = false;	/* the position was loaded */
@@ -99,6 +103,48 @@ static void
 spool_path(char *buf, size_t len, int64 gen)
 {
 	snprintf(buf, len, "%s/spool." INT64_FORMAT, SPOOL_DIR, gen);
+}
+
+/* one more generation to read (and, done, to remove) */
+static void
+add_gen(int64 gen)
+{
+	if (nread_gens + 1 > maxread_gens)
+	{
+		int			newmax = Max(16, maxread_gens * 2);
+
+		if (read_gens == NULL)
+		{
+			read_gens = MemoryContextAlloc(TopMemoryContext, sizeof(int64) * newmax);
+			done_gens = MemoryContextAlloc(TopMemoryContext, sizeof(int64) * newmax);
+		}
+		else
+		{
+			read_gens = repalloc(read_gens, sizeof(int64) * newmax);
+			done_gens = repalloc(done_gens, sizeof(int64) * newmax);
+		}
+		maxread_gens = newmax;
+	}
+	read_gens[nread_gens++] = gen;
+}
+
+/* remove the files of the generations read to their end */
+static void
+remove_done(void)
+{
+	int			i;
+
+	for (i = 0; i < ndone_gens; i++)
+	{
+		char		path[MAXPGPATH];
+
+		spool_path(path, sizeof(path), done_gens[i]);
+		if (unlink(path) != 0 && errno != ENOENT)
+			ereport(LOG,
+					(errcode_for_file_access(),
+					 errmsg("pg_mqtt_emit could not remove spool file \"%s\": %m", path)));
+	}
+	ndone_gens = 0;
 }
 
 /*
@@ -118,6 +164,7 @@ me_spool_open(void)
 	int			i;
 
 	nread_gens = 0;
+	ndone_gens = 0;
 	if (MakePGDirectory(SPOOL_DIR) < 0 && errno != EEXIST)
 	{
 		ereport(WARNING,
@@ -138,12 +185,7 @@ me_spool_open(void)
 		if (*end != '\0' || gen <= 0)
 			continue;
 		maxgen = Max(maxgen, gen);
-		if (nread_gens < SPOOL_MAX_GENS)
-			read_gens[nread_gens++] = gen;
-		else
-			ereport(WARNING,
-					(errmsg("pg_mqtt_emit ignores spool file \"%s\": more than %d files",
-							de->d_name, SPOOL_MAX_GENS)));
+		add_gen(gen);
 	}
 	FreeDir(dir);
 
@@ -169,6 +211,7 @@ me_spool_open(void)
 				(errcode_for_file_access(),
 				 errmsg("pg_mqtt_emit could not create spool file \"%s\": %m", path),
 				 errdetail("Received messages are kept in memory only until they are stored; a worker that dies can lose some.")));
+		nread_gens = 0;
 		return;
 	}
 	pthread_mutex_lock(&spool_mutex);
@@ -177,7 +220,7 @@ me_spool_open(void)
 	spool_written = 0;
 	spool_unread_base = 0;
 	pthread_mutex_unlock(&spool_mutex);
-	read_gens[nread_gens++] = maxgen + 1;
+	add_gen(maxgen + 1);
 	read_started = false;
 	read_fd = -1;
 	readbuf_len = 0;
@@ -259,9 +302,28 @@ load_position(void)
 	}
 	SPI_finish();
 
+	/*
+	 * Older generations than the recorded one are done.  So are all older
+	 * ones when nothing was recorded (a new extension: what they hold was
+	 * received for one that is gone) or nothing can be (an extension of
+	 * before 0.2.0, whose positions were never kept: reading them again would
+	 * keep their messages twice).  A recorded generation this directory has
+	 * not reached yet (a restored or promoted data directory) says nothing
+	 * about these files: they are all read.
+	 */
 	for (i = 0; i < nread_gens; i++)
 	{
-		if (read_gens[i] < gen && i < nread_gens - 1)
+		bool		done;
+
+		if (i == nread_gens - 1)
+			done = false;		/* the current one */
+		else if (!table_ok || gen == 0)
+			done = true;
+		else if (gen >= spool_gen)
+			done = false;
+		else
+			done = read_gens[i] < gen;
+		if (done)
 		{
 			char		path[MAXPGPATH];
 
@@ -272,8 +334,7 @@ load_position(void)
 			read_gens[keep++] = read_gens[i];
 	}
 	nread_gens = keep;
-	/* (a generation of the current number is of before files were removed) */
-	read_pos = (nread_gens > 0 && read_gens[0] == gen && gen != spool_gen) ? (uint64) pos : 0;
+	read_pos = (nread_gens > 1 && read_gens[0] == gen && gen < spool_gen) ? (uint64) pos : 0;
 	read_started = true;
 	if (nread_gens > 1)
 		ereport(LOG,
@@ -311,13 +372,10 @@ readable_end(bool *is_current)
 static void
 next_generation(void)
 {
-	char		path[MAXPGPATH];
-
 	if (read_fd >= 0)
 		close(read_fd);
 	read_fd = -1;
-	spool_path(path, sizeof(path), read_gens[0]);
-	(void) unlink(path);
+	done_gens[ndone_gens++] = read_gens[0];
 	memmove(read_gens, read_gens + 1, sizeof(int64) * (nread_gens - 1));
 	nread_gens--;
 	read_pos = 0;
@@ -353,13 +411,14 @@ int
 me_spool_read(MeIncoming *out, int max, int64 *gen, uint64 *pos)
 {
 	int			n = 0;
+	Size		bytes = 0;
 
 	if (nread_gens == 0)
 		return -1;
 	if (!read_started)
 		load_position();
 
-	while (n < max && nread_gens > 0)
+	while (n < max && nread_gens > 0 && bytes < SPOOL_BATCH_BYTES)
 	{
 		bool		is_current;
 		uint64		end = readable_end(&is_current);
@@ -423,7 +482,23 @@ me_spool_read(MeIncoming *out, int max, int64 *gen, uint64 *pos)
 			next_generation();
 			continue;
 		}
-		if (off + total > readbuf_len)
+		if ((int64) rec.payload_len + rec.props_len > mqtt_emit_max_payload)
+		{
+			/*
+			 * Too large to be kept: its size is all the caller needs to say
+			 * so, and the bytes are not read.
+			 */
+			SpoolRecord hdr = rec;
+			char	   *topic = palloc(rec.topic_len + 1);
+
+			if (pg_pread(read_fd, topic, rec.topic_len, (off_t) (read_pos + sizeof(rec))) != (ssize_t) rec.topic_len)
+				memset(topic, '?', rec.topic_len);
+			hdr.payload_len = 0;
+			hdr.props_len = 0;
+			take_record(&out[n], &hdr, topic);
+			readbuf_len = 0;
+		}
+		else if (off + total > readbuf_len)
 		{
 			char	   *rec_buf = palloc(total);
 
@@ -443,6 +518,7 @@ me_spool_read(MeIncoming *out, int max, int64 *gen, uint64 *pos)
 		out[n].topic_len = (int) rec.topic_len;
 		out[n].payload_len = (int) rec.payload_len;
 		out[n].props_len = (int) rec.props_len;
+		bytes += total;
 		out[n].next = NULL;
 		if (n > 0)
 			out[n - 1].next = &out[n];
@@ -489,6 +565,11 @@ me_spool_save_position(int64 gen, uint64 pos)
 	if (SPI_execute_with_args("UPDATE mqtt_emit.spool_position SET generation = $1, position = $2",
 							  2, types, args, NULL, false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "could not record the spool position");
+	/* its one row was deleted: make it again */
+	if (SPI_processed == 0 &&
+		SPI_execute_with_args("INSERT INTO mqtt_emit.spool_position VALUES ($1, $2)",
+							  2, types, args, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "could not record the spool position");
 	SPI_finish();
 }
 
@@ -504,6 +585,8 @@ me_spool_committed(void)
 	char		path[MAXPGPATH];
 	int			fd;
 
+	/* the position after them is committed (and flushed): they can go */
+	remove_done();
 	if (nread_gens != 1 || !table_ok)
 		return;
 	pthread_mutex_lock(&spool_mutex);
@@ -518,12 +601,13 @@ me_spool_committed(void)
 	fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, pg_file_create_mode);
 	if (fd < 0)
 		return;
+	add_gen(spool_gen + 1);
 	pthread_mutex_lock(&spool_mutex);
 	/* the old file is read to its end: whatever came since is in it too */
 	spool_gen++;
-	read_gens[nread_gens++] = spool_gen;
 	close(spool_fd);
 	spool_fd = fd;
+	spool_written = 0;
 	spool_unread_base = 0;
 	/* what was written to the old file after the check above is read first */
 	pthread_mutex_unlock(&spool_mutex);

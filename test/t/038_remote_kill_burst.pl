@@ -14,6 +14,10 @@
 # sees it, so what the worker had received and not yet kept would be lost
 # without the spool; what the broker had not yet sent, it sends again
 # (persistent session).  Counted per round: sent, run, missing, run twice.
+#
+# Last, L is down for a minute (pg_ctl stop -m fast, start 60 s later;
+# PG_MQTT_EMIT_038_DOWN=S changes it) while W commits a row every 10 ms:
+# every one of them runs L's listener once when it is back.
 use strict;
 use warnings;
 
@@ -137,6 +141,33 @@ burst(
 	back('worker SIGKILL'));
 burst('stop -m immediate', 100_001, sub { $l->stop('immediate') }, sub { $l->start; back('stop -m immediate')->() });
 burst('stop -m fast',      200_001, sub { $l->stop('fast') },      sub { $l->start; back('stop -m fast')->() });
+
+# down for a minute while the writer goes on
+{
+	my $down  = $ENV{PG_MQTT_EMIT_038_DOWN} // 60;
+	my $first = 300_001;
+	my $where = "id >= $first AND id < $probe";
+	$l->stop('fast');
+	my $t0 = time();
+	my $pid = MqttEmitTest::_spawn(
+		[
+			'psql', '-X', '-q', '-h', $w->host, '-p', $w->port, '-d', 'postgres', '-v', 'ON_ERROR_STOP=1',
+			'-c', "DO \$\$ BEGIN FOR i IN $first .. $first + 100 * $down - 1 LOOP INSERT INTO t VALUES (i); COMMIT; PERFORM pg_sleep(0.01); END LOOP; END \$\$"
+		],
+		"$dir/down.out", "$dir/down.err");
+	ok(poll_until(sub { waitpid($pid, POSIX::WNOHANG()) == $pid }, $down * 4 + $T), 'down: the writer committed its rows');
+	is($? >> 8, 0, 'down: every row committed') or diag slurp_file("$dir/down.err");
+	my $n = $w->safe_psql('postgres', "SELECT count(*) FROM t WHERE id >= $first AND id < $probe");
+	note sprintf('down: %d rows committed in %d s while the listener node was down', $n, time() - $t0);
+	$l->start;
+	back('down')->();
+	poll_until(sub { ($l->psql('postgres', "SELECT count(DISTINCT id) FROM runs WHERE $where"))[1] >= $n }, $T, 0.5);
+	my ($runs, $distinct) = split /\|/,
+	  $l->safe_psql('postgres', "SELECT count(*), count(DISTINCT id) FROM runs WHERE $where");
+	note "down: sent $n, run $runs (distinct $distinct), missing " . ($n - $distinct);
+	is($distinct, $n, 'down: every event of the downtime ran the listener (0 missing)');
+	is($runs,     $n, 'down: none ran twice');
+}
 
 my @files = glob($l->data_dir . '/pg_mqtt_emit/spool.*');
 cmp_ok(scalar @files, '>=', 1, 'the listener node keeps its spool in $PGDATA/pg_mqtt_emit');
