@@ -390,7 +390,10 @@ capture_xact_callback(XactEvent event, void *arg)
 			{
 				me_queue_push_reserved(pending, npending, &reservation, npending);
 				if (outboxed > 0)
+				{
 					me_outbox_rows_add(outboxed);
+					me_count(ME_STAT_ENQUEUED_DURABLE, npending);
+				}
 			}
 			else if (outboxed > 0)
 			{

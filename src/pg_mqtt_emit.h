@@ -160,6 +160,8 @@ typedef enum MqttEmitCounter
 	ME_STAT_OUTBOXED,			/* events moved to the outbox by the worker */
 	ME_STAT_DEAD_LETTERS,		/* messages the broker refused for good */
 	ME_STAT_DEPTH_EXCEEDED,		/* events not captured: mqtt_emit.max_depth */
+	ME_STAT_ENQUEUED_DURABLE,	/* of ENQUEUED: durable (their rows survive) */
+	ME_STAT_DEQUEUED_DURABLE,	/* of DEQUEUED: durable */
 	ME_STAT_COUNT
 } MqttEmitCounter;
 
