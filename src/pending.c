@@ -68,7 +68,7 @@ static int *pending_level = NULL;
 static int	npending = 0;
 static int	maxpending = 0;
 static Size pending_bytes = 0;
-static Size reserved_bytes = 0;
+static MeQueueSlot reservation;	/* queue space reserved at PRE_COMMIT */
 static int	outboxed = 0;			/* written to the outbox at PRE_COMMIT */
 static bool marker_reserved = false;
 static bool queued = false;		/* durable events reserved their queue room */
@@ -208,7 +208,7 @@ reset_pending(void)
 	npending = 0;
 	maxpending = 0;
 	pending_bytes = 0;
-	reserved_bytes = 0;
+	reservation.len = 0;
 	outboxed = 0;
 	marker_reserved = false;
 	queued = false;
@@ -246,9 +246,8 @@ write_outbox(void)
 	 * what survives a crash.
 	 */
 	if (mqtt_emit_delivery == ME_DELIVERY_DURABLE &&
-		me_queue_reserve(pending_bytes, false))
+		me_queue_reserve(pending_bytes, false, &reservation))
 	{
-		reserved_bytes = pending_bytes;
 		queued = true;
 		for (i = 0; i < npending; i++)
 			((MqttEmitEventHeader *) pending[i])->flags |= ME_FLAG_QUEUED;
@@ -267,7 +266,7 @@ write_outbox(void)
 	 * mqtt_emit.marker_wait), since rows without a marker can only be
 	 * placed approximately.
 	 */
-	marker_reserved = me_queue_reserve(ME_MARKER_ENTRY_SIZE, true);
+	marker_reserved = me_queue_reserve(ME_MARKER_ENTRY_SIZE, true, &reservation);
 	for (i = 0; !marker_reserved && i < mqtt_emit_marker_wait; i++)
 	{
 		me_wake_worker();
@@ -275,10 +274,8 @@ write_outbox(void)
 						 1, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
-		marker_reserved = me_queue_reserve(ME_MARKER_ENTRY_SIZE, true);
+		marker_reserved = me_queue_reserve(ME_MARKER_ENTRY_SIZE, true, &reservation);
 	}
-	if (marker_reserved)
-		reserved_bytes = ME_MARKER_ENTRY_SIZE;
 	marker.batch = (int64) me_next_event_seq();
 
 	/*
@@ -307,7 +304,7 @@ write_outbox(void)
 	 * been seen by this transaction, so it may as well come after it.
 	 */
 	me_outbox_insert(pending, npending, 0xFF,
-					 marker_reserved ? marker.batch : me_outbox_stray_batch(me_queue_tail()),
+					 marker_reserved ? marker.batch : me_outbox_stray_batch(me_queue_end()),
 					 marker_reserved, 0, ids);
 	marker.min_id = ids[0];
 	marker.max_id = ids[npending - 1];
@@ -320,12 +317,12 @@ capture_xact_callback(XactEvent event, void *arg)
 	switch (event)
 	{
 		case XACT_EVENT_PRE_COMMIT:
-			if (npending == 0 || reserved_bytes > 0 || outboxed > 0)
+			if (npending == 0 || reservation.len > 0 || outboxed > 0)
 				break;
 			if (mqtt_emit_delivery == ME_DELIVERY_DURABLE)
 				write_outbox();
-			else if (me_queue_reserve(pending_bytes, false))
-				reserved_bytes = pending_bytes;
+			else if (me_queue_reserve(pending_bytes, false, &reservation))
+				;
 			else if (mqtt_emit_overflow == ME_OVERFLOW_SPILL)
 			{
 				write_outbox();
@@ -364,11 +361,11 @@ capture_xact_callback(XactEvent event, void *arg)
 				hdr.payload_len = sizeof(MqttEmitMarker);
 				memcpy(entry, &hdr, sizeof(hdr));
 				memcpy(entry + sizeof(hdr), &marker, sizeof(marker));
-				me_queue_push_reserved(entries, 1, reserved_bytes, 0);
+				me_queue_push_reserved(entries, 1, &reservation, 0);
 			}
-			if (npending > 0 && reserved_bytes > 0 && (outboxed == 0 || queued))
+			if (npending > 0 && reservation.len > 0 && (outboxed == 0 || queued))
 			{
-				me_queue_push_reserved(pending, npending, reserved_bytes, npending);
+				me_queue_push_reserved(pending, npending, &reservation, npending);
 				if (outboxed > 0)
 					me_outbox_rows_add(outboxed);
 			}
@@ -382,6 +379,8 @@ capture_xact_callback(XactEvent event, void *arg)
 					me_count(ME_STAT_SPILLED, outboxed);
 				me_wake_worker();
 			}
+			/* never leave a place in the queue open: it would hold back all */
+			me_queue_unreserve(&reservation);
 			/* rows in the outbox: their local listeners are due */
 			if (outboxed > 0 && local_rows)
 				me_wake_listener();
@@ -400,8 +399,7 @@ capture_xact_callback(XactEvent event, void *arg)
 
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
-			if (reserved_bytes > 0)
-				me_queue_unreserve(reserved_bytes);
+			me_queue_unreserve(&reservation);
 			reset_pending();
 			listeners_changed = false;
 			break;

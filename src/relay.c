@@ -306,6 +306,18 @@ process_queue(uint64 tail, int *new_entries)
 				me_inflight_skip(end);
 			need_pub = false;
 		}
+		if (hdr.kind == ME_KIND_SKIP)
+		{
+			/* space an aborted transaction gave back: nothing in it */
+			if (need_local)
+			{
+				local_pos = end;
+				(*new_entries)++;
+			}
+			pos = end;
+			n++;
+			continue;
+		}
 		if (need_pub && !moving && (!can_publish || !me_inflight_window_open()))
 		{
 			need_pub = false;
@@ -618,7 +630,7 @@ me_relay_release_done(void)
 
 		me_queue_copy(pos, (char *) &hdr, sizeof(hdr));
 		pos += hdr.total_len;
-		if (hdr.kind != ME_KIND_MARKER)
+		if (hdr.kind != ME_KIND_MARKER && hdr.kind != ME_KIND_SKIP)
 			nevents++;
 	}
 	Assert(pos == done);
