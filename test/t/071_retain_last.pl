@@ -24,10 +24,13 @@
 #    when the states are retained gets them all at once and does the same;
 #  - a broker outage in durable delivery, with a crash (immediate stop) of
 #    the writer while the broker is down: once both are back, the retained
-#    set is the final state of every row.
+#    set is the final state of every row;
+#  - unwatch() clears nothing: the states stay until mosquitto_sub
+#    --remove-retained (README's recipe) clears them.
 use strict;
 use warnings;
 
+use IPC::Run ();
 use MqttEmitTest qw(:DEFAULT stats role_fails);
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -335,6 +338,21 @@ ok($l->poll_query_until('postgres', 'SELECT subscriber_connected FROM mqtt_emit.
 	'listener node reconnected');
 calls_ok($l, 'listener node, after the outage', %events);
 calls_ok($l2, 'late node, after the outage', %events2);
+
+# ---------------------------------------------------------------------------
+# unwatch() clears nothing (README); the README's recipe clears the states
+# ---------------------------------------------------------------------------
+
+sq($w, q{SELECT mqtt_emit.unwatch('reading');
+	DELETE FROM reading WHERE site = 'outage';
+	INSERT INTO reading VALUES ('after', '2026-03-06', 1, 1)});
+check_sets('unwatch, then a delete and an insert');    # %expect_r unchanged
+my ($out, $err) = ('', '');
+IPC::Run::run([ 'mosquitto_sub', '-h', '127.0.0.1', '-p', $broker->port,
+		'-t', "$prefix/reading/state/#", '--remove-retained', '--retained-only', '-W', '1' ],
+	'<', \undef, '>', \$out, '2>', \$err, IPC::Run::timeout(30));
+%expect_r = ();
+is_deeply(retained('reading'), {}, 'mosquitto_sub --remove-retained cleared the states of the unwatched table');
 
 # ---------------------------------------------------------------------------
 # the excluded column, anywhere
