@@ -283,10 +283,11 @@ typedef struct MeQueueSlot
 {
 	uint64		pos;			/* where the space starts */
 	Size		len;			/* bytes reserved */
-	uint64		ticket;			/* the reservation's number (shmem.c) */
+	uint64		ticket;			/* the reserving process's slot (shmem.c) */
 } MeQueueSlot;
 
 extern bool me_queue_reserve(Size len, bool marker, MeQueueSlot *slot);
+extern bool me_queue_has_room(Size len);
 extern void me_queue_unreserve(MeQueueSlot *slot);
 extern void me_queue_push_reserved(char **entries, int nentries, MeQueueSlot *slot, int nevents);
 extern uint64 me_queue_tail(void);
