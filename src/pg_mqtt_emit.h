@@ -36,6 +36,9 @@
 #define MQTT_EMIT_EVENT_ID_LEN		36	/* UUID text form, without NUL */
 #define MQTT_EMIT_MAX_MODEL_LEN		200
 
+/* MQTT: a topic is a UTF-8 string of at most 65535 bytes */
+#define ME_MAX_TOPIC_LEN			65535
+
 /* Row operations, as the seed names them on the wire. */
 typedef enum MqttEmitOp
 {
@@ -358,6 +361,7 @@ typedef struct MqttEmitColType
 /* payload.c */
 extern void me_classify_type(Oid typid, MqttEmitColType *ct, MemoryContext cxt);
 extern void me_json_value(StringInfo buf, MqttEmitColType *ct, Datum value, bool isnull);
+extern char *me_key_text(MqttEmitColType *ct, Datum value);
 extern void me_json_event_tail(StringInfo buf, TimestampTz now);
 extern void me_make_event_id(char *out, TimestampTz now);
 extern void me_format_timestamp(char *out, TimestampTz ts);
@@ -381,7 +385,7 @@ extern void me_capture_init(void);
 
 /* pending.c */
 extern void me_pending_init(void);
-extern void me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
+extern bool me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 								 Oid relid, const char *model, int model_len,
 								 const char *payload, int payload_len, int qos);
 extern void me_capture_listeners_changed(void);
