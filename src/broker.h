@@ -47,8 +47,6 @@ typedef struct MeIncoming
 	int			topic_len;
 	char	   *props;			/* MQTT 5 properties (ME_INPROP_* records), or NULL */
 	int			props_len;
-	uint32	   *subids;			/* MQTT 5 Subscription Identifiers it carries */
-	int			nsubids;
 } MeIncoming;
 
 /*
@@ -63,6 +61,8 @@ typedef struct MeIncoming
 #define ME_INPROP_RESPONSE_TOPIC	8
 #define ME_INPROP_CORRELATION		9
 #define ME_INPROP_USER			38
+#define ME_INPROP_SUB_ID		11	/* a Subscription Identifier, 4 bytes, host
+									 * order (inbound.c; handlers do not get it) */
 
 /*
  * The broker's answer to one SUBSCRIBE (me_broker_subscribe_tracked), by

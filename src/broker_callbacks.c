@@ -19,6 +19,7 @@
 
 #include "pg_mqtt_emit.h"
 #include "broker_int.h"
+#include "spool.h"
 
 pthread_mutex_t me_publisher_mutex = PTHREAD_MUTEX_INITIALIZER;
 MeBroker *me_current_publisher = NULL;
@@ -345,6 +346,7 @@ prop_kept(const MQTTProperty *p)
 		case MQTTPROPERTY_CODE_RESPONSE_TOPIC:
 		case MQTTPROPERTY_CODE_CORRELATION_DATA:
 		case MQTTPROPERTY_CODE_USER_PROPERTY:
+		case MQTTPROPERTY_CODE_SUBSCRIPTION_IDENTIFIER:
 			return true;
 		default:
 			return false;
@@ -367,6 +369,8 @@ props_size(const MQTTProperties *props)
 		n += 1 + 2 * sizeof(int32_t);
 		if (p->identifier == MQTTPROPERTY_CODE_PAYLOAD_FORMAT_INDICATOR)
 			n += 1;
+		else if (p->identifier == MQTTPROPERTY_CODE_SUBSCRIPTION_IDENTIFIER)
+			n += sizeof(uint32);
 		else
 			n += p->value.data.len +
 				(p->identifier == MQTTPROPERTY_CODE_USER_PROPERTY ? p->value.value.len : 0);
@@ -403,6 +407,13 @@ props_copy(const MQTTProperties *props, char *dst)
 			char		byte = (char) p->value.byte;
 
 			dst = put_field(dst, &byte, 1);
+			dst = put_field(dst, NULL, 0);
+		}
+		else if (p->identifier == MQTTPROPERTY_CODE_SUBSCRIPTION_IDENTIFIER)
+		{
+			uint32		id = (uint32) p->value.integer4;
+
+			dst = put_field(dst, (const char *) &id, sizeof(id));
 			dst = put_field(dst, NULL, 0);
 		}
 		else
@@ -589,23 +600,10 @@ me_cb_disconnect_failed5(void *context, MQTTAsync_failureData5 *response)
 	disconnect_done((MeBroker *) context);
 }
 
-/* how many Subscription Identifiers the message carries */
-static int
-count_sub_ids(const MQTTProperties *props)
-{
-	int			n = 0;
-	int			i;
-
-	for (i = 0; i < props->count; i++)
-		if (props->array[i].identifier == MQTTPROPERTY_CODE_SUBSCRIPTION_IDENTIFIER)
-			n++;
-	return n;
-}
-
 /*
- * A received message: into the mailbox, with the properties handlers get
- * and the Subscription Identifiers that say which subscriptions it came
- * through (inbound.c).
+ * A received message: into the spool (or the mailbox), with the properties
+ * handlers get and the Subscription Identifiers that say which
+ * subscriptions it came through (inbound.c), as ME_INPROP_* records.
  */
 int
 me_cb_message_arrived(void *context, char *topicName, int topicLen,
@@ -614,27 +612,39 @@ me_cb_message_arrived(void *context, char *topicName, int topicLen,
 	MeBroker   *b = (MeBroker *) context;
 	int			tlen = topicLen > 0 ? topicLen : (int) strlen(topicName);
 	size_t		plen = props_size(&message->properties);
-	int			nids = count_sub_ids(&message->properties);
-	size_t		need = sizeof(MeIncoming) + sizeof(uint32) * nids +
-		tlen + 1 + message->payloadlen + 1 + plen;
+	size_t		need = sizeof(MeIncoming) + tlen + 1 + message->payloadlen + 1 + plen;
 	MeIncoming *m = NULL;
+	bool		spooled;
+
+	/*
+	 * paho sent the PUBACK already: write the message to the spool before
+	 * anything else (spool.c), where it survives this process.
+	 */
+	{
+		char		pbuf[512];
+		char	   *props = plen <= sizeof(pbuf) ? pbuf : malloc(plen);
+		int			props_len = 0;
+
+		if (props != NULL && plen > 0)
+			props_len = (int) props_copy(&message->properties, props);
+		spooled = props != NULL &&
+			me_spool_append(topicName, tlen, message->payload, message->payloadlen,
+							props_len > 0 ? props : NULL, props_len);
+		if (props != pbuf)
+			free(props);
+	}
 
 	pthread_mutex_lock(&b->mutex);
-	if (b->in_bytes + need <= ME_INCOMING_MAX_BYTES)
+	if (!spooled && b->in_bytes + need <= ME_INCOMING_MAX_BYTES)
 		m = malloc(need);
-	if (m == NULL)
+	if (spooled)
+		;
+	else if (m == NULL)
 		b->in_dropped++;
 	else
 	{
-		int			i;
-
 		m->next = NULL;
-		m->subids = (uint32 *) (m + 1);
-		m->nsubids = 0;
-		for (i = 0; i < message->properties.count; i++)
-			if (message->properties.array[i].identifier == MQTTPROPERTY_CODE_SUBSCRIPTION_IDENTIFIER)
-				m->subids[m->nsubids++] = (uint32) message->properties.array[i].value.integer4;
-		m->topic = (char *) (m->subids + nids);
+		m->topic = (char *) (m + 1);
 		memcpy(m->topic, topicName, tlen);
 		m->topic[tlen] = '\0';
 		m->topic_len = tlen;

@@ -7,8 +7,10 @@
  * Subscriptions follow the listener registry: one filter <prefix>/<model>/#
  * per model that has a listener accepting remote events, in the spelling
  * registered and in lower case (where prisma-extension-emitter publishes),
- * however many listeners share it.  With no such listener there is no
- * subscriber connection at all.  After every (re)connection all filters
+ * however many listeners share it.  The subscriber connects when the worker
+ * starts, together with the publisher (paho's one receive thread picks up
+ * clients made together at once; a client made later waits up to 2 s), and
+ * stays connected without any filter.  After every (re)connection all filters
  * are subscribed again (a clean session forgets them).  The topic filters
  * of handlers (mqtt_emit.subscribe, handlers.c) are subscribed too, each
  * with the highest QoS its handlers ask for.
@@ -41,9 +43,7 @@
  * group, and the broker would go on giving it a share of the group's
  * messages that no listener here takes.  Filters dropped while
  * disconnected are unsubscribed at the next connection, those of the
- * worker that ran before this one too (as shared memory lists them), and
- * the subscriber connection is given up only once the broker has answered
- * the UNSUBSCRIBEs.
+ * worker that ran before this one too (as shared memory lists them).
  *
  * Received messages are kept as rows of mqtt_emit.outbox (kind
  * ME_KIND_REMOTE), up to 1000 in one transaction, for the listener worker,
@@ -52,8 +52,13 @@
  * a topic outside <prefix>/ that matches a handler's filter is kept as a
  * row of kind ME_KIND_MESSAGE, whatever its bytes (handlers.c).  One that
  * came through a share group has the path in front of its topic (topic.c).
- * The transaction that keeps them waits for its WAL flush: paho has
- * acknowledged them to the broker, which forgets them.
+ *
+ * The filter <prefix>/<model>/# also matches the retained state messages
+ * of retain_last tables, <prefix>/<model>/state/<key> (capture.c), and the
+ * broker sends every one of them at each SUBSCRIBE (every reconnection):
+ * they are no events, and are dropped here (after the spool, which paho's
+ * thread writes before any setting could be looked at), without a row, a
+ * listener run or a count (rejected or received), at DEBUG1.
  *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
@@ -74,18 +79,20 @@
 #include "handlers.h"
 #include "listeners.h"
 #include "outbox.h"
+#include "spool.h"
 #include "topic.h"
 #include "worker.h"
 
 #define INBOX_BATCH		1000	/* received messages kept in one transaction */
 #define MAX_PATHS		16		/* Subscription Identifiers taken from one message */
 
+static void keep_spooled(void);
+static bool keep_messages(MeIncoming *m, MeIncoming **rest, bool spooled,
+						  int64 spool_gen, uint64 spool_pos);
+
 /* a refused subscription is asked for again after 1 s, 2 s, ... 60 s */
 #define SUB_RETRY_MIN_MS	1000
 #define SUB_RETRY_MAX_MS	60000
-
-/* how long the subscriber waits for UNSUBACKs before it disconnects anyway */
-#define UNSUB_WAIT_MS		10000
 
 /* the reason code of a shared subscription not made (MQTT 5's) */
 #define SHARED_NOT_SUPPORTED	0x9E
@@ -134,7 +141,6 @@ typedef struct Unsub
 
 static List *subscribed = NIL;	/* InboundSub *, in TopMemoryContext */
 static List *unsubs = NIL;		/* Unsub *: filters the session may still hold */
-static TimestampTz unsub_deadline = 0;	/* give up waiting for UNSUBACKs then */
 static bool seeded = false;		/* unsubs has the previous worker's filters */
 static bool states_changed = false; /* shmem's copy is out of date */
 static StringInfoData msgbuf;	/* encoded messages for handlers */
@@ -144,21 +150,12 @@ static TimestampTz unknown_log_at = 0;	/* last LOG of an unknown identifier */
 /* the local reason of a shared filter whose identifier another one has */
 static const char *const id_taken = "its Subscription Identifier is another share group's";
 
-static void maybe_drop_subscriber(void);
 
 /* Does the broker keep the subscriber's session (and its subscriptions)? */
 static bool
 session_kept(void)
 {
 	return mqtt_emit_session_expiry > 0;
-}
-
-/* Does some listener want remote events (or is a subscriber still there)? */
-bool
-me_inbound_wanted(void)
-{
-	return subscribed != NIL || unsubs != NIL ||
-		me_client_broker(ME_CLIENT_SUBSCRIBER) != NULL;
 }
 
 static void
@@ -366,7 +363,6 @@ send_unsubscribes(MeBroker *sub)
 		}
 		ereport(DEBUG1,
 				(errmsg("pg_mqtt_emit unsubscribing from \"%s\"", u->filter)));
-		unsub_deadline = GetCurrentTimestamp() + (TimestampTz) UNSUB_WAIT_MS * 1000;
 	}
 }
 
@@ -734,45 +730,6 @@ me_inbound_sync(bool all)
 	}
 	me_set_subscriptions(list_length(subscribed));
 	publish_states();
-	maybe_drop_subscriber();
-}
-
-/*
- * Without subscriptions no subscriber connection, once the session holds
- * none either: the UNSUBSCRIBEs sent, and answered (or UNSUB_WAIT_MS
- * passed).
- */
-static void
-maybe_drop_subscriber(void)
-{
-	if (subscribed != NIL)
-		return;
-	if (unsubs != NIL)
-	{
-		if (me_client_broker(ME_CLIENT_SUBSCRIBER) == NULL ||
-			!me_client_connected(ME_CLIENT_SUBSCRIBER))
-			return;				/* sent once the subscriber is connected */
-		if (GetCurrentTimestamp() < unsub_deadline)
-			return;				/* waiting for UNSUBACKs */
-		ereport(LOG,
-				(errmsg("pg_mqtt_emit disconnects its subscriber without an answer to %d UNSUBSCRIBE",
-						list_length(unsubs))));
-		while (unsubs != NIL)
-		{
-			Unsub	   *u = (Unsub *) linitial(unsubs);
-
-			unsubs = list_delete_first(unsubs);
-			pfree(u->filter);
-			pfree(u);
-		}
-	}
-	if (me_client_broker(ME_CLIENT_SUBSCRIBER) != NULL)
-	{
-		me_client_drop(ME_CLIENT_SUBSCRIBER, 100);
-		states_changed = true;
-	}
-	me_set_subscriptions(0);
-	publish_states();
 }
 
 /*
@@ -798,32 +755,102 @@ me_inbound_retry(TimestampTz now, long *timeout)
 		if (s->retry_at != 0)
 			*timeout = Min(*timeout, (long) ((s->retry_at - now) / 1000) + 1);
 	}
-	if (subscribed == NIL && unsubs != NIL)
-	{
-		maybe_drop_subscriber();
-		if (unsubs != NIL)
-			*timeout = Min(*timeout, 1000);
-	}
 	publish_states();
 }
 
 /*
- * The rows of one batch of received messages: events (ME_KIND_REMOTE) and
- * messages for handlers (ME_KIND_MESSAGE).
+ * The Subscription Identifiers a received message carries: recorded among
+ * its properties (ME_INPROP_SUB_ID, broker_callbacks.c), so that they
+ * survive the spool too.  Returns how many (at most max).
  */
-typedef struct InboxBatch
+static int
+message_sub_ids(const MeIncoming *m, uint32 *ids, int max)
 {
-	int			n;
-	int			nm;
-	const char *topics[INBOX_BATCH];
-	const char *payloads[INBOX_BATCH];
-	int			topic_lens[INBOX_BATCH];
-	int			payload_lens[INBOX_BATCH];
-	const char *mtopics[INBOX_BATCH];
-	const char *mpayloads[INBOX_BATCH];
-	int			mtopic_lens[INBOX_BATCH];
-	int			mpayload_lens[INBOX_BATCH];
-} InboxBatch;
+	const char *p = m->props;
+	const char *end = m->props ? m->props + m->props_len : NULL;
+	int			n = 0;
+
+	while (p && p + 1 + 2 * sizeof(int32) <= end && n < max)
+	{
+		int			code = (unsigned char) *p++;
+		int32		len1,
+					len2;
+
+		memcpy(&len1, p, sizeof(int32));
+		p += sizeof(int32);
+		if (code == ME_INPROP_SUB_ID && len1 == sizeof(uint32) && p + len1 <= end)
+			memcpy(&ids[n++], p, sizeof(uint32));
+		p += len1;
+		if (p + sizeof(int32) > end)
+			break;
+		memcpy(&len2, p, sizeof(int32));
+		p += sizeof(int32) + len2;
+	}
+	return n;
+}
+
+/*
+ * The paths a message came through, by the Subscription Identifiers it
+ * carries: NULL for a plain subscription (also a message without any: MQTT
+ * 3.1.1, or a subscription made without one), the shared subscription for
+ * the others.  A shared subscription this node no longer has is counted
+ * as rejected: its share of that group's messages runs nowhere.
+ */
+static int
+message_paths(const MeIncoming *m, const InboundSub **paths)
+{
+	uint32		ids[MAX_PATHS];
+	int			nids = message_sub_ids(m, ids, MAX_PATHS);
+	int			n = 0;
+	bool		plain = false;
+	int			i;
+
+	if (nids == 0)
+	{
+		paths[0] = NULL;
+		return 1;
+	}
+	for (i = 0; i < nids; i++)
+	{
+		ListCell   *lc;
+		const InboundSub *found = NULL;
+
+		if (ids[i] == ME_SUB_ID_PLAIN)
+		{
+			if (!plain)
+				paths[n++] = NULL;
+			plain = true;
+			continue;
+		}
+		foreach(lc, subscribed)
+		{
+			InboundSub *s = (InboundSub *) lfirst(lc);
+
+			if (s->shared && s->sub_id == ids[i])
+			{
+				found = s;
+				break;
+			}
+		}
+		if (found)
+		{
+			paths[n++] = found;
+			continue;
+		}
+		me_count(ME_STAT_RECEIVED, 1);
+		me_count(ME_STAT_REJECTED, 1);
+		if (GetCurrentTimestamp() - unknown_log_at >= 10 * USECS_PER_SEC)
+		{
+			unknown_log_at = GetCurrentTimestamp();
+			ereport(LOG,
+					(errmsg("pg_mqtt_emit dropped a message on \"%.200s\": it came through a shared subscription that this node no longer has (Subscription Identifier %u)",
+							m->topic, ids[i]),
+					 errdetail("The broker gave this node a share of a group it has left; no listener or handler here takes it."),
+					 errhint("Leave a share group while the subscriber is connected, or set \"mqtt_emit.session_expiry\" so that the broker forgets the session.")));
+		}
+	}
+	return n;
+}
 
 /* the model column of a copy: the topic, after the path when shared */
 static void
@@ -848,148 +875,6 @@ copy_model(const InboundSub *path, const MeIncoming *m, const char **model, int 
 }
 
 /*
- * Keep the copy of m that came through path (NULL: a plain subscription)
- * in the batch, if it is to be kept.
- */
-static void
-keep_copy(InboxBatch *b, const MeIncoming *m, const InboundSub *path)
-{
-	const char *why = NULL;
-	bool		event = me_topic_is_event(m->topic, m->topic_len);
-
-	if (path != NULL && path->for_handlers == event)
-	{
-		/* cannot be, as the filters are made; take no chances */
-		me_count(ME_STAT_RECEIVED, 1);
-		me_remote_reject(m->topic, m->payload_len,
-						 "the topic does not belong to the shared subscription it came through");
-		return;
-	}
-
-	/*
-	 * Not one of our topics: a message for handlers, any bytes.  The topic
-	 * must be text here (MQTT requires UTF-8 anyway).
-	 */
-	if (!event)
-	{
-		if (m->payload_len + m->props_len > mqtt_emit_max_payload)
-			why = "payload and properties larger than \"mqtt_emit.max_payload\"";
-		else if ((int) strlen(m->topic) != m->topic_len ||
-				 !pg_verifymbstr(m->topic, m->topic_len, true))
-			why = "topic is not valid in the database encoding";
-		if (why)
-		{
-			me_count(ME_STAT_RECEIVED, 1);
-			me_remote_reject(m->topic, m->payload_len, why);
-		}
-		else if (path ? me_filter_matches(path->group_filter, m->topic, m->topic_len) :
-				 me_handlers_match(m->topic, m->topic_len))
-		{
-			MemoryContext old;
-
-			me_count(ME_STAT_RECEIVED, 1);
-			if (msgbuf.data == NULL)
-			{
-				old = MemoryContextSwitchTo(TopMemoryContext);
-				initStringInfo(&msgbuf);
-				MemoryContextSwitchTo(old);
-			}
-			me_handlers_encode(&msgbuf, m->payload, m->payload_len,
-							   m->props, m->props_len);
-			copy_model(path, m, &b->mtopics[b->nm], &b->mtopic_lens[b->nm]);
-			b->mpayloads[b->nm] = pnstrdup(msgbuf.data, msgbuf.len);
-			b->mpayload_lens[b->nm] = msgbuf.len;
-			b->nm++;
-		}
-		else
-			ereport(DEBUG1,
-					(errmsg("pg_mqtt_emit ignored a message on \"%.200s\": no handler's filter matches",
-							m->topic)));
-		return;
-	}
-	/* what cannot be kept as text is dropped here */
-	if (m->payload_len > mqtt_emit_max_payload)
-		why = "payload larger than \"mqtt_emit.max_payload\"";
-	else if ((int) strlen(m->payload) != m->payload_len)
-		why = "payload contains a NUL byte";
-	else if (!pg_verifymbstr(m->payload, m->payload_len, true) ||
-			 (int) strlen(m->topic) != m->topic_len ||
-			 !pg_verifymbstr(m->topic, m->topic_len, true))
-		why = "payload or topic is not valid in the database encoding";
-	if (why)
-	{
-		me_count(ME_STAT_RECEIVED, 1);
-		me_remote_reject(m->topic, m->payload_len, why);
-		return;
-	}
-	copy_model(path, m, &b->topics[b->n], &b->topic_lens[b->n]);
-	b->payloads[b->n] = m->payload;
-	b->payload_lens[b->n] = m->payload_len;
-	b->n++;
-}
-
-/*
- * The paths a message came through, by the Subscription Identifiers it
- * carries: NULL for a plain subscription (also a message without any: MQTT
- * 3.1.1, or a subscription made without one), the shared subscription for
- * the others.  A shared subscription this node no longer has is counted
- * as rejected: its share of that group's messages runs nowhere.
- */
-static int
-message_paths(const MeIncoming *m, const InboundSub **paths)
-{
-	int			n = 0;
-	bool		plain = false;
-	int			i;
-
-	if (m->nsubids == 0)
-	{
-		paths[0] = NULL;
-		return 1;
-	}
-	for (i = 0; i < m->nsubids && n < MAX_PATHS; i++)
-	{
-		ListCell   *lc;
-		const InboundSub *found = NULL;
-
-		if (m->subids[i] == ME_SUB_ID_PLAIN)
-		{
-			if (!plain)
-				paths[n++] = NULL;
-			plain = true;
-			continue;
-		}
-		foreach(lc, subscribed)
-		{
-			InboundSub *s = (InboundSub *) lfirst(lc);
-
-			if (s->shared && s->sub_id == m->subids[i])
-			{
-				found = s;
-				break;
-			}
-		}
-		if (found)
-		{
-			paths[n++] = found;
-			continue;
-		}
-		me_count(ME_STAT_RECEIVED, 1);
-		me_count(ME_STAT_REJECTED, 1);
-		if (GetCurrentTimestamp() - unknown_log_at >= 10 * USECS_PER_SEC)
-		{
-			unknown_log_at = GetCurrentTimestamp();
-			ereport(LOG,
-					(errmsg("pg_mqtt_emit dropped a message on \"%.200s\": it came through a shared subscription that this node no longer has (Subscription Identifier %u)",
-							m->topic, m->subids[i]),
-					 errdetail("The broker gave this node a share of a group it has left; no listener or handler here takes it."),
-					 errhint("Leave a share group while the subscriber is connected, or set \"mqtt_emit.session_expiry\" so that the broker forgets the session.")));
-		}
-	}
-	return n;
-}
-
-/*
  * Take the subscriber's news: connection changes and received messages.
  */
 void
@@ -998,10 +883,12 @@ me_inbound_take_news(void)
 	MeBrokerNews news;
 	MeIncoming *m;
 	bool		stored = false;
-	InboxBatch *b;
 
 	if (!me_client_poll(ME_CLIENT_SUBSCRIBER, &news))
+	{
+		keep_spooled();
 		return;
+	}
 
 	if (news.nsubacks > 0)
 		take_subacks(me_client_broker(ME_CLIENT_SUBSCRIBER), news.subacks, news.nsubacks);
@@ -1019,8 +906,6 @@ me_inbound_take_news(void)
 			if (s->state == ME_SUB_REQUESTED)
 				set_state(s, ME_SUB_PENDING);
 		}
-		foreach(lc, unsubs)
-			((Unsub *) lfirst(lc))->token = 0;
 	}
 	publish_states();
 
@@ -1038,42 +923,34 @@ me_inbound_take_news(void)
 	}
 
 	/*
-	 * Keep what arrived in the outbox for the listener worker, up to
-	 * INBOX_BATCH rows a transaction: a row per path a message came through.
-	 * Messages larger than max_payload, or that are not valid text, are not
-	 * kept.  The transaction waits for its WAL flush: paho acknowledged
-	 * these messages, the broker will not send them again.
+	 * What arrived without the spool (it could not be written).  Without
+	 * the extension there is nowhere to keep it (messages of an old
+	 * persistent session's subscriptions).
 	 */
 	m = news.incoming;
-	b = m ? palloc(sizeof(InboxBatch)) : NULL;
+	if (m && !me_relay_ready())
+	{
+		int			dropped = 0;
+
+		while (m)
+		{
+			MeIncoming *next = m->next;
+
+			me_broker_free_message(m);
+			m = next;
+			dropped++;
+		}
+		me_count(ME_STAT_REJECTED, dropped);
+		ereport(LOG,
+				(errmsg("pg_mqtt_emit dropped %d received messages: the extension is not there to keep them",
+						dropped)));
+	}
 	while (m)
 	{
 		MeIncoming *batch = m;
 
-		b->n = 0;
-		b->nm = 0;
-		while (m && b->n + b->nm + Min(Max(m->nsubids, 1), MAX_PATHS) <= INBOX_BATCH)
-		{
-			const InboundSub *paths[MAX_PATHS];
-			int			npaths = message_paths(m, paths);
-			int			i;
-
-			for (i = 0; i < npaths; i++)
-				keep_copy(b, m, paths[i]);
-			m = m->next;
-		}
-		if (b->n > 0 || b->nm > 0)
-		{
-			me_worker_begin_tx("keeping received messages");
-			if (b->n > 0)
-				me_outbox_insert_received(b->topics, b->topic_lens, b->payloads,
-										  b->payload_lens, b->n);
-			if (b->nm > 0)
-				me_outbox_insert_messages(b->mtopics, b->mtopic_lens, b->mpayloads,
-										  b->mpayload_lens, b->nm);
-			me_worker_end_tx();
+		if (keep_messages(m, &m, false, 0, 0))
 			stored = true;
-		}
 		while (batch != m)
 		{
 			MeIncoming *next = batch->next;
@@ -1082,10 +959,194 @@ me_inbound_take_news(void)
 			batch = next;
 		}
 	}
-	if (b)
-		pfree(b);
-	if (subscribed == NIL)
-		maybe_drop_subscriber();
+	if (stored)
+		me_wake_listener();
+	keep_spooled();
+}
+
+/*
+ * Keep what the spool holds (spool.c), a batch a transaction, each with
+ * the spool position after it, until it is read to its end.  Only once the
+ * extension is there: until then it waits in the spool.
+ */
+static void
+keep_spooled(void)
+{
+	bool		stored = false;
+	int			rounds;
+
+	if (!me_relay_ready() || !me_spool_has_unread())
+		return;
+	for (rounds = 0; rounds < 16; rounds++)
+	{
+		MemoryContext cxt = AllocSetContextCreate(CurrentMemoryContext,
+												  "pg_mqtt_emit spool batch",
+												  ALLOCSET_DEFAULT_SIZES);
+		MemoryContext old;
+		MeIncoming *msgs;
+		MeIncoming *rest;
+		int64		gen;
+		uint64		pos;
+		int			n;
+
+		/*
+		 * Not an asynchronous commit: the spool files read to their end are
+		 * removed once the position after them is committed, which must
+		 * then be on disk.  One flush per batch of up to INBOX_BATCH.
+		 */
+		me_worker_begin_tx("keeping received messages");
+		old = MemoryContextSwitchTo(cxt);
+		msgs = palloc(sizeof(MeIncoming) * INBOX_BATCH);
+		n = me_spool_read(msgs, INBOX_BATCH, &gen, &pos);
+		if (n > 0 && keep_messages(msgs, &rest, true, gen, pos))
+			stored = true;
+		MemoryContextSwitchTo(old);
+		me_worker_end_tx();
+		MemoryContextDelete(cxt);
+		if (n > 0)
+			me_spool_committed();
+		if (n < INBOX_BATCH || !me_spool_has_unread())
+			break;
+	}
 	if (stored)
 		me_wake_listener();
 }
+
+/*
+ * Keep up to INBOX_BATCH of the messages from m on in the outbox for the
+ * listener worker, in one transaction (the caller's, for the spool, which
+ * also records the position after them); *rest is the first message not
+ * taken.  Messages larger than max_payload, or that are not valid text, are
+ * not kept.  Returns true when rows were written.
+ */
+static bool
+keep_messages(MeIncoming *m, MeIncoming **rest, bool spooled, int64 spool_gen,
+			  uint64 spool_pos)
+{
+	const char *topics[INBOX_BATCH];
+	const char *payloads[INBOX_BATCH];
+	int			topic_lens[INBOX_BATCH];
+	int			payload_lens[INBOX_BATCH];
+	const char *mtopics[INBOX_BATCH];
+	const char *mpayloads[INBOX_BATCH];
+	int			mtopic_lens[INBOX_BATCH];
+	int			mpayload_lens[INBOX_BATCH];
+	int			n = 0;
+	int			nm = 0;
+
+	while (m && n + nm + MAX_PATHS <= INBOX_BATCH)
+	{
+		const InboundSub *paths[MAX_PATHS];
+		int			npaths = message_paths(m, paths);
+		int			pi;
+
+		for (pi = 0; pi < npaths; pi++)
+		{
+		const InboundSub *path = paths[pi];
+		const char *why = NULL;
+		bool		event = me_topic_is_event(m->topic, m->topic_len);
+
+		if (path != NULL && path->for_handlers == event)
+		{
+			/* cannot be, as the filters are made; take no chances */
+			me_count(ME_STAT_RECEIVED, 1);
+			me_remote_reject(m->topic, m->payload_len,
+							 "the topic does not belong to the shared subscription it came through");
+			continue;
+		}
+
+		/*
+		 * Not one of our topics: a message for handlers, any bytes.  The
+		 * topic must be text here (MQTT requires UTF-8 anyway).
+		 */
+		if (!event)
+		{
+			if (m->payload_len + m->props_len > mqtt_emit_max_payload)
+				why = "payload and properties larger than \"mqtt_emit.max_payload\"";
+			else if ((int) strlen(m->topic) != m->topic_len ||
+					 !pg_verifymbstr(m->topic, m->topic_len, true))
+				why = "topic is not valid in the database encoding";
+			if (why)
+			{
+				me_count(ME_STAT_RECEIVED, 1);
+				me_remote_reject(m->topic, m->payload_len, why);
+			}
+			else if (path ? me_filter_matches(path->group_filter, m->topic, m->topic_len) :
+					 me_handlers_match(m->topic, m->topic_len))
+			{
+				MemoryContext old;
+
+				me_count(ME_STAT_RECEIVED, 1);
+				if (msgbuf.data == NULL)
+				{
+					old = MemoryContextSwitchTo(TopMemoryContext);
+					initStringInfo(&msgbuf);
+					MemoryContextSwitchTo(old);
+				}
+				me_handlers_encode(&msgbuf, m->payload, m->payload_len,
+								   m->props, m->props_len);
+				copy_model(path, m, &mtopics[nm], &mtopic_lens[nm]);
+				mpayloads[nm] = pnstrdup(msgbuf.data, msgbuf.len);
+				mpayload_lens[nm] = msgbuf.len;
+				nm++;
+			}
+			else
+				ereport(DEBUG1,
+						(errmsg("pg_mqtt_emit ignored a message on \"%.200s\": no handler's filter matches",
+								m->topic)));
+			continue;
+		}
+		/* a row's retained state (retain_last), no event: ignored */
+		if (me_topic_is_state(m->topic, m->topic_len))
+		{
+			ereport(DEBUG1,
+					(errmsg("pg_mqtt_emit ignored a state message on \"%.200s\"",
+							m->topic)));
+			continue;
+		}
+		/* what cannot be kept as text is dropped here */
+		if (m->payload_len > mqtt_emit_max_payload)
+			why = "payload larger than \"mqtt_emit.max_payload\"";
+		else if ((int) strlen(m->payload) != m->payload_len)
+			why = "payload contains a NUL byte";
+		else if (!pg_verifymbstr(m->payload, m->payload_len, true) ||
+				 (int) strlen(m->topic) != m->topic_len ||
+				 !pg_verifymbstr(m->topic, m->topic_len, true))
+			why = "payload or topic is not valid in the database encoding";
+		if (why)
+		{
+			me_count(ME_STAT_RECEIVED, 1);
+			me_remote_reject(m->topic, m->payload_len, why);
+		}
+		else
+		{
+			copy_model(path, m, &topics[n], &topic_lens[n]);
+			payloads[n] = m->payload;
+			payload_lens[n] = m->payload_len;
+			n++;
+		}
+		}
+		m = m->next;
+	}
+	*rest = m;
+	if (spooled)
+	{
+		if (n > 0)
+			me_outbox_insert_received(topics, topic_lens, payloads, payload_lens, n);
+		if (nm > 0)
+			me_outbox_insert_messages(mtopics, mtopic_lens, mpayloads, mpayload_lens, nm);
+		me_spool_save_position(spool_gen, spool_pos);
+	}
+	else if (n > 0 || nm > 0)
+	{
+		/* not asynchronous: paho acknowledged these, the broker forgot them */
+		me_worker_begin_tx("keeping received messages");
+		if (n > 0)
+			me_outbox_insert_received(topics, topic_lens, payloads, payload_lens, n);
+		if (nm > 0)
+			me_outbox_insert_messages(mtopics, mtopic_lens, mpayloads, mpayload_lens, nm);
+		me_worker_end_tx();
+	}
+	return n > 0 || nm > 0;
+}
+

@@ -99,9 +99,10 @@ me_pending_init(void)
 
 /*
  * Keep one event until the end of the transaction.  The model (or topic)
- * and payload are copied; the caller keeps its buffers.
+ * and payload are copied; the caller keeps its buffers.  False when it is
+ * not kept (deeper than mqtt_emit.max_depth: a warning, counted).
  */
-void
+bool
 me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 					 Oid relid, const char *model, int model_len,
 					 const char *payload, int payload_len, int qos)
@@ -121,15 +122,23 @@ me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 						   capture_depth - 1),
 				 errhint("Check for listeners whose changes feed their own model, or raise \"mqtt_emit.max_depth\".")));
 		me_count(ME_STAT_DEPTH_EXCEEDED, 1);
-		return;
+		return false;
 	}
+	/* the transaction's place and size in the queue are fixed already */
+	if (reservation.len > 0 || outboxed > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+				 errmsg("cannot capture an event of \"%.*s\" after the transaction's events were handed over for commit",
+						Min(model_len, MQTT_EMIT_MAX_MODEL_LEN), model),
+				 errdetail("The change was made by a commit-time callback that runs after pg_mqtt_emit's."),
+				 errhint("Make the change before COMMIT.")));
 	if (mqtt_emit_max_transaction_events > 0 &&
 		npending >= mqtt_emit_max_transaction_events)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 				 errmsg("transaction exceeds \"mqtt_emit.max_transaction_events\" (%d)",
 						mqtt_emit_max_transaction_events),
-				 errdetail("Each captured row change and each mqtt_emit.publish() is one event; none of this transaction's events are kept."),
+				 errdetail("Each captured row change, each retained state message of a retain_last table and each mqtt_emit.publish() is one event; none of this transaction's events are kept."),
 				 errhint("Split the work into smaller transactions, turn off \"mqtt_emit.enabled\" for bulk changes, or ask a superuser to raise \"mqtt_emit.max_transaction_events\" for this role.")));
 	if (payload_len > mqtt_emit_max_payload)
 		ereport(ERROR,
@@ -175,6 +184,7 @@ me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 	pending[npending] = entry;
 	npending++;
 	pending_bytes += total;
+	return true;
 }
 
 /*
@@ -238,24 +248,65 @@ write_outbox(void)
 			local_rows = true;
 
 	/*
+	 * The queue space (for the events themselves, or for a marker) is
+	 * reserved only after the rows are written: from the reservation on, the
+	 * worker reads nothing queued after this transaction until it commits,
+	 * and writing many rows takes a while.  Any time before the transaction
+	 * becomes visible fixes its place all the same.
+	 *
 	 * Durable delivery with room in the queue: the events go into the queue
 	 * as well, marked with their rows' ids, and the worker publishes them
 	 * from there and deletes each row once the broker has it.  The rows are
 	 * what survives a crash.
 	 */
-	if (mqtt_emit_delivery == ME_DELIVERY_DURABLE &&
-		me_queue_reserve(pending_bytes, false, &reservation))
+	marker.batch = (int64) me_next_event_seq();
+	if (mqtt_emit_delivery == ME_DELIVERY_DURABLE && me_queue_has_room(pending_bytes))
 	{
-		queued = true;
 		for (i = 0; i < npending; i++)
 			((MqttEmitEventHeader *) pending[i])->flags |= ME_FLAG_QUEUED;
-		me_outbox_insert(pending, npending, 0xFF, (int64) me_next_event_seq(),
-						 true, 0, ids);
+		me_outbox_insert(pending, npending, 0xFF, marker.batch, true, 0, ids);
 		for (i = 0; i < npending; i++)
 			((MqttEmitEventHeader *) pending[i])->row_id = ids[i];
 		outboxed = npending;
-		return;
+		if (me_queue_reserve(pending_bytes, false, &reservation))
+		{
+			queued = true;
+			return;
+		}
+		/* the room went meanwhile: the rows are placed by a marker instead */
+		for (i = 0; i < npending; i++)
+			((MqttEmitEventHeader *) pending[i])->flags &= ~ME_FLAG_QUEUED;
+		me_outbox_reposition(ids, npending, ME_FLAG_QUEUED, marker.batch, true);
+		local_rows = false;		/* as for any durable rows placed by a marker */
 	}
+	else
+	{
+		/*
+		 * Their local listeners wait too, until the worker reaches the
+		 * marker (or, without one, the queue position of now): events queued
+		 * before this commit run first, so local listeners see the commit
+		 * order (relay.c).  Durable events need not: every one of them runs
+		 * its local listeners from its row, in the order of the rows' ids,
+		 * which were taken at PRE_COMMIT, after whatever this transaction
+		 * waited for.
+		 */
+		held_rows = false;
+		for (i = 0; mqtt_emit_delivery != ME_DELIVERY_DURABLE && i < npending; i++)
+		{
+			MqttEmitEventHeader *h = (MqttEmitEventHeader *) pending[i];
+
+			if (h->flags & ME_FLAG_LOCAL)
+			{
+				h->flags = (h->flags & ~ME_FLAG_LOCAL) | ME_FLAG_HELD;
+				held_rows = true;
+			}
+		}
+		local_rows = false;
+		me_outbox_insert(pending, npending, 0xFF, marker.batch, true, 0, ids);
+		outboxed = npending;
+	}
+	marker.min_id = ids[0];
+	marker.max_id = ids[npending - 1];
 
 	/*
 	 * A marker in the queue will place these rows in the commit order.
@@ -274,39 +325,15 @@ write_outbox(void)
 		CHECK_FOR_INTERRUPTS();
 		marker_reserved = me_queue_reserve(ME_MARKER_ENTRY_SIZE, true, &reservation);
 	}
-	marker.batch = (int64) me_next_event_seq();
 
-	/*
-	 * Their local listeners wait too, until the worker reaches the marker
-	 * (or, without one, the queue position of now): events queued before
-	 * this commit run first, so local listeners see the commit order
-	 * (relay.c).  Durable events need not: every one of them runs its
-	 * local listeners from its row, in the order of the rows' ids, which
-	 * were taken at PRE_COMMIT, after whatever this transaction waited for.
-	 */
-	held_rows = false;
-	for (i = 0; mqtt_emit_delivery != ME_DELIVERY_DURABLE && i < npending; i++)
-	{
-		MqttEmitEventHeader *h = (MqttEmitEventHeader *) pending[i];
-
-		if (h->flags & ME_FLAG_LOCAL)
-		{
-			h->flags = (h->flags & ~ME_FLAG_LOCAL) | ME_FLAG_HELD;
-			held_rows = true;
-		}
-	}
-	local_rows = false;
 	/*
 	 * Without a marker the rows are placed once everything queued before
 	 * now is: what commits into the queue after this point cannot have
 	 * been seen by this transaction, so it may as well come after it.
 	 */
-	me_outbox_insert(pending, npending, 0xFF,
-					 marker_reserved ? marker.batch : me_outbox_stray_batch(me_queue_end()),
-					 marker_reserved, 0, ids);
-	marker.min_id = ids[0];
-	marker.max_id = ids[npending - 1];
-	outboxed = npending;
+	if (!marker_reserved)
+		me_outbox_reposition(ids, npending, 0,
+							 me_outbox_stray_batch(me_queue_end()), false);
 }
 
 static void
@@ -365,7 +392,10 @@ capture_xact_callback(XactEvent event, void *arg)
 			{
 				me_queue_push_reserved(pending, npending, &reservation, npending);
 				if (outboxed > 0)
+				{
 					me_outbox_rows_add(outboxed);
+					me_count(ME_STAT_ENQUEUED_DURABLE, npending);
+				}
 			}
 			else if (outboxed > 0)
 			{

@@ -4,6 +4,10 @@
  *		Messages received from the bus: checks, deduplication, and the hand
  *		over to the listeners.  Runs in the background worker only.
  *
+ * State messages of retain_last tables (<prefix>/<model>/state/<key>) are no
+ * events: the worker does not keep them (inbound.c), and one that was kept
+ * all the same is skipped here without a count.
+ *
  * Received messages are checked before anything runs: size, encoding, NUL
  * bytes, JSON syntax, field types, model name, and that the topic has the
  * form <prefix>/<model>/<something>.  A message that fails is dropped with a
@@ -326,6 +330,8 @@ me_listeners_handle_remote(const MeRemoteMessage *m)
 	char	   *volatile model;	/* volatile: set before a PG_TRY (gcc 14 -Wclobbered) */
 	const char *self = me_client_id();
 
+	if (me_topic_is_state(m->topic, m->topic_len))
+		return;
 	me_count(ME_STAT_RECEIVED, 1);
 
 	if (m->payload_len > mqtt_emit_max_payload)

@@ -19,10 +19,9 @@
  * transaction that aborts after reserving fills the space with one
  * ME_KIND_SKIP entry (me_queue_unreserve).
  *
- * Reservations are numbered (tickets) and kept, in the order of their
- * positions, in a small ring of their own (MeReservations, one slot per
- * backend that can commit at the same time).  The bytes the worker may read
- * end at the oldest reservation not yet written (me_queue_tail); past it,
+ * Open reservations are kept in an array of their own (MeReservations, one
+ * slot per process: a transaction has at most one).  The bytes the worker
+ * may read end at the oldest reservation not yet written (me_queue_tail); past it,
  * entries of later commits wait.  The time between PRE_COMMIT and COMMIT is
  * that of writing the commit record (and, with synchronous replication,
  * waiting for the standby): a commit that waits there holds back the events
@@ -74,8 +73,10 @@
  */
 #include "postgres.h"
 
+#include "access/twophase.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
+#include "storage/proc.h"
 #include "storage/shmem.h"
 #include "storage/spin.h"
 #include "utils/timestamp.h"
@@ -140,41 +141,40 @@ typedef struct MqttEmitShared
 static MqttEmitShared *me_shared = NULL;
 
 /*
- * The reservations of committing backends not yet written, in the order of
- * their positions: tickets first .. next - 1, slot ticket % nslots.  All
- * fields are protected by me_shared->lock; nslots is constant.
+ * The reservations of committing processes not yet written: one slot per
+ * process (a transaction has at most one reservation), indexed by its
+ * PGPROC number.  All fields are protected by me_shared->lock; nslots is
+ * constant.
  */
-typedef struct MeReservation
-{
-	uint64		pos;			/* where its space starts */
-	bool		written;		/* written (or given back) */
-} MeReservation;
-
 typedef struct MeReservations
 {
 	int			nslots;
-	uint64		first;			/* oldest ticket not yet written */
-	uint64		next;			/* the next ticket */
-	MeReservation slot[FLEXIBLE_ARRAY_MEMBER];
+	int			nopen;			/* slots with open set */
+	struct
+	{
+		bool		open;		/* reserved, not yet written */
+		uint64		pos;		/* where its space starts */
+	}			slot[FLEXIBLE_ARRAY_MEMBER];
 } MeReservations;
 
 static MeReservations *me_res = NULL;
 
-static void ring_write(uint64 pos, const char *src, Size len);
-
-/* one slot per process that can commit, and a few to spare */
 static int
 reservation_slots(void)
 {
-	return MaxBackends + 8;
+	return me_total_procs();
 }
 
 static Size
 reservations_size(void)
 {
 	return add_size(offsetof(MeReservations, slot),
-					mul_size(sizeof(MeReservation), reservation_slots()));
+					mul_size(sizeof(((MeReservations *) NULL)->slot[0]),
+							 reservation_slots()));
 }
+
+static void ring_write(uint64 pos, const char *src, Size len);
+
 
 /* The subscriber's subscriptions, as the worker last saw them. */
 typedef struct MeSubTable
@@ -233,8 +233,8 @@ me_shmem_startup(void)
 	if (!found)
 	{
 		me_res->nslots = reservation_slots();
-		me_res->first = 0;
-		me_res->next = 0;
+		me_res->nopen = 0;
+		memset(me_res->slot, 0, sizeof(me_res->slot[0]) * me_res->nslots);
 	}
 	me_shared = (MqttEmitShared *) ShmemInitStruct("pg_mqtt_emit",
 												   queue_struct_size(), &found);
@@ -312,20 +312,52 @@ me_queue_reserve(Size len, bool marker, MeQueueSlot *slot)
 	if (!marker)
 		limit -= me_shared->capacity / 8;
 
+	slot->ticket = (uint64) me_my_proc_number();
+	Assert(slot->ticket < (uint64) me_res->nslots);
 	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
-	ok = (me_shared->tail - me_shared->head) + len <= limit &&
-		me_res->next - me_res->first < (uint64) me_res->nslots;
+	Assert(!me_res->slot[slot->ticket].open);
+	ok = (me_shared->tail - me_shared->head) + len <= limit;
 	if (ok)
 	{
-		MeReservation *r = &me_res->slot[me_res->next % me_res->nslots];
-
-		r->pos = me_shared->tail;
-		r->written = false;
+		me_res->slot[slot->ticket].open = true;
+		me_res->slot[slot->ticket].pos = me_shared->tail;
+		me_res->nopen++;
 		slot->pos = me_shared->tail;
 		slot->len = len;
-		slot->ticket = me_res->next++;
 		me_shared->tail += len;
 	}
+	LWLockRelease(me_shared->lock);
+	return ok;
+}
+
+/* the start of the oldest open reservation, or the tail; with the lock */
+static uint64
+readable_tail(void)
+{
+	uint64		tail = me_shared->tail;
+	int			i,
+				seen = 0;
+
+	for (i = 0; seen < me_res->nopen && i < me_res->nslots; i++)
+	{
+		if (me_res->slot[i].open)
+		{
+			tail = Min(tail, me_res->slot[i].pos);
+			seen++;
+		}
+	}
+	return tail;
+}
+
+/* Would len bytes of events fit in the queue now?  (No promise.) */
+bool
+me_queue_has_room(Size len)
+{
+	bool		ok;
+
+	LWLockAcquire(me_shared->lock, LW_SHARED);
+	ok = (me_shared->tail - me_shared->head) + len <=
+		me_shared->capacity - me_shared->capacity / 8;
 	LWLockRelease(me_shared->lock);
 	return ok;
 }
@@ -338,15 +370,13 @@ me_queue_reserve(Size len, bool marker, MeQueueSlot *slot)
 static bool
 reservation_written(MeQueueSlot *slot, Latch **latch)
 {
-	uint64		first = me_res->first;
+	uint64		before = readable_tail();
 
-	Assert(slot->ticket >= me_res->first && slot->ticket < me_res->next);
-	me_res->slot[slot->ticket % me_res->nslots].written = true;
-	while (me_res->first < me_res->next &&
-		   me_res->slot[me_res->first % me_res->nslots].written)
-		me_res->first++;
+	Assert(me_res->slot[slot->ticket].open);
+	me_res->slot[slot->ticket].open = false;
+	me_res->nopen--;
 	*latch = me_shared->worker_latch;
-	return me_res->first != first;
+	return readable_tail() != before;
 }
 
 /*
@@ -471,8 +501,7 @@ me_queue_tail(void)
 	uint64		tail;
 
 	LWLockAcquire(me_shared->lock, LW_SHARED);
-	tail = me_res->first < me_res->next ?
-		me_res->slot[me_res->first % me_res->nslots].pos : me_shared->tail;
+	tail = readable_tail();
 	LWLockRelease(me_shared->lock);
 	return tail;
 }

@@ -51,7 +51,6 @@ extern bool me_client_connected(MeClientRole role);
 extern uint64 me_client_connections(MeClientRole role);
 extern bool me_client_poll(MeClientRole role, MeBrokerNews *news);
 extern void me_client_lost(MeClientRole role, const char *why);
-extern void me_client_drop(MeClientRole role, int disconnect_ms);
 extern void me_client_disconnect_all(void);
 extern bool me_client_wait_disconnected(MeClientRole role, int timeout_ms);
 extern void me_client_destroy_all(void);
@@ -85,12 +84,13 @@ extern bool me_relay_ready(void);
 extern void me_relay_committed(void);
 extern bool me_relay_step(uint64 *tail, int *new_entries, long *timeout);
 extern void me_relay_release_done(void);
+extern void me_relay_note_fill(bool now);
+extern void me_relay_report_lost(void);
 extern void me_relay_delete_done(void);
 extern void me_relay_keep_queue_at_exit(void);
 
 /* inbound.c */
 extern void me_inbound_sync(bool all);
-extern bool me_inbound_wanted(void);
 extern void me_inbound_take_news(void);
 extern void me_inbound_retry(TimestampTz now, long *timeout);
 
