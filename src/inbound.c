@@ -1042,89 +1042,89 @@ keep_messages(MeIncoming *m, MeIncoming **rest, bool spooled, int64 spool_gen,
 
 		for (pi = 0; pi < npaths; pi++)
 		{
-		const InboundSub *path = paths[pi];
-		const char *why = NULL;
-		bool		event = me_topic_is_event(m->topic, m->topic_len);
+			const InboundSub *path = paths[pi];
+			const char *why = NULL;
+			bool		event = me_topic_is_event(m->topic, m->topic_len);
 
-		if (path != NULL && path->for_handlers == event)
-		{
-			/* cannot be, as the filters are made; take no chances */
-			me_count(ME_STAT_RECEIVED, 1);
-			me_remote_reject(m->topic, m->payload_len,
-							 "the topic does not belong to the shared subscription it came through");
-			continue;
-		}
+			if (path != NULL && path->for_handlers == event)
+			{
+				/* cannot be, as the filters are made; take no chances */
+				me_count(ME_STAT_RECEIVED, 1);
+				me_remote_reject(m->topic, m->payload_len,
+								 "the topic does not belong to the shared subscription it came through");
+				continue;
+			}
 
-		/*
-		 * Not one of our topics: a message for handlers, any bytes.  The
-		 * topic must be text here (MQTT requires UTF-8 anyway).
-		 */
-		if (!event)
-		{
-			if (m->payload_len + m->props_len > mqtt_emit_max_payload)
-				why = "payload and properties larger than \"mqtt_emit.max_payload\"";
-			else if ((int) strlen(m->topic) != m->topic_len ||
+			/*
+			 * Not one of our topics: a message for handlers, any bytes.  The
+			 * topic must be text here (MQTT requires UTF-8 anyway).
+			 */
+			if (!event)
+			{
+				if (m->payload_len + m->props_len > mqtt_emit_max_payload)
+					why = "payload and properties larger than \"mqtt_emit.max_payload\"";
+				else if ((int) strlen(m->topic) != m->topic_len ||
+						 !pg_verifymbstr(m->topic, m->topic_len, true))
+					why = "topic is not valid in the database encoding";
+				if (why)
+				{
+					me_count(ME_STAT_RECEIVED, 1);
+					me_remote_reject(m->topic, m->payload_len, why);
+				}
+				else if (path ? me_filter_matches(path->group_filter, m->topic, m->topic_len) :
+						 me_handlers_match(m->topic, m->topic_len))
+				{
+					MemoryContext old;
+
+					me_count(ME_STAT_RECEIVED, 1);
+					if (msgbuf.data == NULL)
+					{
+						old = MemoryContextSwitchTo(TopMemoryContext);
+						initStringInfo(&msgbuf);
+						MemoryContextSwitchTo(old);
+					}
+					me_handlers_encode(&msgbuf, m->payload, m->payload_len,
+									   m->props, m->props_len);
+					copy_model(path, m, &mtopics[nm], &mtopic_lens[nm]);
+					mpayloads[nm] = pnstrdup(msgbuf.data, msgbuf.len);
+					mpayload_lens[nm] = msgbuf.len;
+					nm++;
+				}
+				else
+					ereport(DEBUG1,
+							(errmsg("pg_mqtt_emit ignored a message on \"%.200s\": no handler's filter matches",
+									m->topic)));
+				continue;
+			}
+			/* a row's retained state (retain_last), no event: ignored */
+			if (me_topic_is_state(m->topic, m->topic_len))
+			{
+				ereport(DEBUG1,
+						(errmsg("pg_mqtt_emit ignored a state message on \"%.200s\"",
+								m->topic)));
+				continue;
+			}
+			/* what cannot be kept as text is dropped here */
+			if (m->payload_len > mqtt_emit_max_payload)
+				why = "payload larger than \"mqtt_emit.max_payload\"";
+			else if ((int) strlen(m->payload) != m->payload_len)
+				why = "payload contains a NUL byte";
+			else if (!pg_verifymbstr(m->payload, m->payload_len, true) ||
+					 (int) strlen(m->topic) != m->topic_len ||
 					 !pg_verifymbstr(m->topic, m->topic_len, true))
-				why = "topic is not valid in the database encoding";
+				why = "payload or topic is not valid in the database encoding";
 			if (why)
 			{
 				me_count(ME_STAT_RECEIVED, 1);
 				me_remote_reject(m->topic, m->payload_len, why);
 			}
-			else if (path ? me_filter_matches(path->group_filter, m->topic, m->topic_len) :
-					 me_handlers_match(m->topic, m->topic_len))
-			{
-				MemoryContext old;
-
-				me_count(ME_STAT_RECEIVED, 1);
-				if (msgbuf.data == NULL)
-				{
-					old = MemoryContextSwitchTo(TopMemoryContext);
-					initStringInfo(&msgbuf);
-					MemoryContextSwitchTo(old);
-				}
-				me_handlers_encode(&msgbuf, m->payload, m->payload_len,
-								   m->props, m->props_len);
-				copy_model(path, m, &mtopics[nm], &mtopic_lens[nm]);
-				mpayloads[nm] = pnstrdup(msgbuf.data, msgbuf.len);
-				mpayload_lens[nm] = msgbuf.len;
-				nm++;
-			}
 			else
-				ereport(DEBUG1,
-						(errmsg("pg_mqtt_emit ignored a message on \"%.200s\": no handler's filter matches",
-								m->topic)));
-			continue;
-		}
-		/* a row's retained state (retain_last), no event: ignored */
-		if (me_topic_is_state(m->topic, m->topic_len))
-		{
-			ereport(DEBUG1,
-					(errmsg("pg_mqtt_emit ignored a state message on \"%.200s\"",
-							m->topic)));
-			continue;
-		}
-		/* what cannot be kept as text is dropped here */
-		if (m->payload_len > mqtt_emit_max_payload)
-			why = "payload larger than \"mqtt_emit.max_payload\"";
-		else if ((int) strlen(m->payload) != m->payload_len)
-			why = "payload contains a NUL byte";
-		else if (!pg_verifymbstr(m->payload, m->payload_len, true) ||
-				 (int) strlen(m->topic) != m->topic_len ||
-				 !pg_verifymbstr(m->topic, m->topic_len, true))
-			why = "payload or topic is not valid in the database encoding";
-		if (why)
-		{
-			me_count(ME_STAT_RECEIVED, 1);
-			me_remote_reject(m->topic, m->payload_len, why);
-		}
-		else
-		{
-			copy_model(path, m, &topics[n], &topic_lens[n]);
-			payloads[n] = m->payload;
-			payload_lens[n] = m->payload_len;
-			n++;
-		}
+			{
+				copy_model(path, m, &topics[n], &topic_lens[n]);
+				payloads[n] = m->payload;
+				payload_lens[n] = m->payload_len;
+				n++;
+			}
 		}
 		m = m->next;
 	}
