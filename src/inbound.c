@@ -84,7 +84,7 @@
 #include "worker.h"
 
 #define INBOX_BATCH		1000	/* received messages kept in one transaction */
-#define MAX_PATHS		16		/* Subscription Identifiers taken from one message */
+#define MAX_PATHS		8		/* Subscription Identifiers taken from one message */
 
 static void keep_spooled(void);
 static bool keep_messages(MeIncoming *m, MeIncoming **rest, bool spooled,
@@ -1023,18 +1023,22 @@ static bool
 keep_messages(MeIncoming *m, MeIncoming **rest, bool spooled, int64 spool_gen,
 			  uint64 spool_pos)
 {
-	const char *topics[INBOX_BATCH];
-	const char *payloads[INBOX_BATCH];
-	int			topic_lens[INBOX_BATCH];
-	int			payload_lens[INBOX_BATCH];
-	const char *mtopics[INBOX_BATCH];
-	const char *mpayloads[INBOX_BATCH];
-	int			mtopic_lens[INBOX_BATCH];
-	int			mpayload_lens[INBOX_BATCH];
+	/* a row per path: room for every path of INBOX_BATCH messages */
+	int			cap = INBOX_BATCH * MAX_PATHS;
+	const char **topics = palloc(sizeof(char *) * cap);
+	const char **payloads = palloc(sizeof(char *) * cap);
+	int		   *topic_lens = palloc(sizeof(int) * cap);
+	int		   *payload_lens = palloc(sizeof(int) * cap);
+	const char **mtopics = palloc(sizeof(char *) * cap);
+	const char **mpayloads = palloc(sizeof(char *) * cap);
+	int		   *mtopic_lens = palloc(sizeof(int) * cap);
+	int		   *mpayload_lens = palloc(sizeof(int) * cap);
 	int			n = 0;
 	int			nm = 0;
+	int			taken = 0;
 
-	while (m && n + nm + MAX_PATHS <= INBOX_BATCH)
+	/* all of a spool batch (at most INBOX_BATCH): its position is after them */
+	while (m && taken++ < INBOX_BATCH)
 	{
 		const InboundSub *paths[MAX_PATHS];
 		int			npaths = message_paths(m, paths);
@@ -1147,6 +1151,14 @@ keep_messages(MeIncoming *m, MeIncoming **rest, bool spooled, int64 spool_gen,
 			me_outbox_insert_messages(mtopics, mtopic_lens, mpayloads, mpayload_lens, nm);
 		me_worker_end_tx();
 	}
+	pfree(topics);
+	pfree(payloads);
+	pfree(topic_lens);
+	pfree(payload_lens);
+	pfree(mtopics);
+	pfree(mpayloads);
+	pfree(mtopic_lens);
+	pfree(mpayload_lens);
 	return n > 0 || nm > 0;
 }
 
