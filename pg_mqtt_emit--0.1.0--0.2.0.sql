@@ -1066,6 +1066,21 @@ COMMENT ON TABLE mqtt_emit.spool_position IS
 'How far the received messages of the spool are kept; internal, not readable by PUBLIC';
 REVOKE ALL ON mqtt_emit.spool_position FROM PUBLIC;
 
+-- The ids of remote events whose listeners ran (src/remote.c: a 128-bit
+-- key, the event id's or the message's hash), written in the transaction
+-- that runs them, so that a copy that comes again does not run them twice;
+-- kept for mqtt_emit.dedup_keep.
+CREATE TABLE mqtt_emit.received_ids (
+    a        bigint NOT NULL,
+    b        bigint NOT NULL,
+    seen_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (a, b)
+);
+CREATE INDEX received_ids_seen_at_idx ON mqtt_emit.received_ids (seen_at);
+COMMENT ON TABLE mqtt_emit.received_ids IS
+'Keys of handled remote events, kept for mqtt_emit.dedup_keep; internal, not readable by PUBLIC';
+REVOKE ALL ON mqtt_emit.received_ids FROM PUBLIC;
+
 ------------------------------------------------------------------------
 -- 0.2.0: share groups (issues 15 and 17)
 ------------------------------------------------------------------------

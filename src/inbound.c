@@ -69,6 +69,7 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "mb/pg_wchar.h"
 #include "nodes/pg_list.h"
 #include "nodes/value.h"
@@ -995,6 +996,8 @@ keep_spooled(void)
 		 * then be on disk.  One flush per batch of up to INBOX_BATCH.
 		 */
 		me_worker_begin_tx("keeping received messages");
+		/* whatever synchronous_commit says */
+		ForceSyncCommit();
 		old = MemoryContextSwitchTo(cxt);
 		msgs = palloc(sizeof(MeIncoming) * INBOX_BATCH);
 		n = me_spool_read(msgs, INBOX_BATCH, &gen, &pos);
@@ -1003,7 +1006,7 @@ keep_spooled(void)
 		MemoryContextSwitchTo(old);
 		me_worker_end_tx();
 		MemoryContextDelete(cxt);
-		if (n > 0)
+		if (n != 0)
 			me_spool_committed();
 		if (n < INBOX_BATCH || !me_spool_has_unread())
 			break;

@@ -227,6 +227,7 @@ extern char *mqtt_emit_database;
 extern int	mqtt_emit_queue_size;
 extern int	mqtt_emit_delivery;
 extern int	mqtt_emit_dedup_ttl;
+extern int	mqtt_emit_dedup_keep;
 extern int	mqtt_emit_dedup_max;
 extern bool mqtt_emit_enabled;
 extern bool mqtt_emit_emit_local;
