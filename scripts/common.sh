@@ -205,7 +205,14 @@ pm_copy_tree() {
 # pm_build_install DIR: build and install the extension in DIR (PGXS). Uses
 # PG_CFLAGS from the environment (may be empty). Returns non-zero on failure.
 pm_build_install() {
-	local dir="$1"
-	make -C "$dir" PG_CONFIG="$PG_CONFIG" with_llvm=no PG_CFLAGS="${PG_CFLAGS:-}" &&
-		make -C "$dir" PG_CONFIG="$PG_CONFIG" with_llvm=no PG_CFLAGS="${PG_CFLAGS:-}" install
+	local dir="$1" undef
+	make -C "$dir" PG_CONFIG="$PG_CONFIG" with_llvm=no PG_CFLAGS="${PG_CFLAGS:-}" || return 1
+	# a shared library links with undefined symbols; one of our own (me_*)
+	# would only fail when the server loads it
+	undef="$(nm -D --undefined-only "$dir/pg_mqtt_emit.so" 2>/dev/null | awk '$2 ~ /^me_/ {print $2}')"
+	if [[ -n "$undef" ]]; then
+		echo "pg_mqtt_emit.so references undefined functions of its own: $undef" >&2
+		return 1
+	fi
+	make -C "$dir" PG_CONFIG="$PG_CONFIG" with_llvm=no PG_CFLAGS="${PG_CFLAGS:-}" install
 }

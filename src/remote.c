@@ -217,9 +217,11 @@ me_remote_prune(void)
 	last_prune = now;
 	arg = Int32GetDatum(mqtt_emit_dedup_keep);
 	SPI_connect();
-	(void) SPI_execute_with_args("DELETE FROM mqtt_emit.received_ids"
-								 " WHERE seen_at OPERATOR(pg_catalog.<) pg_catalog.now() OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $1)",
-								 1, &type, &arg, NULL, false, 0);
+	if (SPI_execute_with_args("DELETE FROM mqtt_emit.received_ids"
+								 " WHERE seen_at OPERATOR(pg_catalog.<)"
+								 " (pg_catalog.now() OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $1))",
+								 1, &type, &arg, NULL, false, 0) != SPI_OK_DELETE)
+		elog(ERROR, "cannot remove old keys from mqtt_emit.received_ids");
 	SPI_finish();
 }
 

@@ -333,6 +333,19 @@ me_queue_reserve(Size len, bool marker, MeQueueSlot *slot)
 	return ok;
 }
 
+/* Would len bytes of events fit in the queue now?  (No promise.) */
+bool
+me_queue_has_room(Size len)
+{
+	bool		ok;
+
+	LWLockAcquire(me_shared->lock, LW_SHARED);
+	ok = (me_shared->tail - me_shared->head) + len <=
+		me_shared->capacity - me_shared->capacity / 8;
+	LWLockRelease(me_shared->lock);
+	return ok;
+}
+
 /* the start of the oldest open reservation, or the tail; with the lock */
 static uint64
 readable_tail(void)

@@ -98,4 +98,7 @@ my ($id2) = $msg2->[1] =~ /"result":\{"id":(\d+)\}/;
 ok(mqtt_pub($broker, $msg2->[0], $msg2->[1]), "event $id2 published again");
 ok(poll_until(sub { runs_of($id2) == 2 }, $T), "with dedup_keep = 0 (and dedup_ttl = 0) the copy runs the listener again");
 
+# the listener worker's own work (recording, pruning the record) never failed
+unlike(slurp_file($l->logfile), qr/\bERROR:/, 'L logged no ERROR');
+
 done_testing();
