@@ -478,12 +478,21 @@ me_inbound_take_news(void)
 		while (m && n + nm < INBOX_BATCH)
 		{
 			const char *why = NULL;
+			bool		is_event = me_topic_is_event(m->topic, m->topic_len);
+
+			/*
+			 * A prefix with a "." arrives from RabbitMQ with "/" there
+			 * (topic.c): an event, unless a handler asked for that topic.
+			 */
+			if (!is_event && me_topic_is_mapped_event(m->topic, m->topic_len) &&
+				!me_handlers_match(m->topic, m->topic_len))
+				is_event = true;
 
 			/*
 			 * Not one of our topics: a message for handlers, any bytes.  The
 			 * topic must be text here (MQTT requires UTF-8 anyway).
 			 */
-			if (!me_topic_is_event(m->topic, m->topic_len))
+			if (!is_event)
 			{
 				if (m->payload_len + m->props_len > mqtt_emit_max_payload)
 					why = "payload and properties larger than \"mqtt_emit.max_payload\"";
