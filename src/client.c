@@ -355,11 +355,7 @@ me_client_service(MeClientRole role, TimestampTz now, long *timeout)
 		slot->broker = me_broker_create(&config, slot_url(slot), cid,
 										slot->subscriber, MyLatch,
 										slot->max_qos, err, sizeof(err));
-		if (slot->broker && slot->subscriber && config.session_expiry > 0)
-		{
-			me_broker_set_session(slot->broker, slot->session);
-			slot->conn_session = slot->session;
-		}
+
 		if (slot->broker == NULL)
 		{
 			report_problem(slot, err);
@@ -375,6 +371,11 @@ me_client_service(MeClientRole role, TimestampTz now, long *timeout)
 	*timeout = Min(*timeout, slot->backoff_ms);
 	slot->backoff_ms = Min(slot->backoff_ms * 2, mqtt_emit_reconnect_max);
 
+	if (slot->subscriber && config.session_expiry > 0)
+	{
+		me_broker_set_session(slot->broker, slot->session);
+		slot->conn_session = slot->session;
+	}
 	if (!me_broker_connect(slot->broker, err, sizeof(err)))
 	{
 		report_problem(slot, err);
@@ -564,6 +565,13 @@ session_lost(ClientSlot *slot)
 	worked = slot->conn_up && slot->conn_subacked;
 	slot->conn_up = false;
 	slot->conn_connack = 0;
+
+	/*
+	 * The broker answered, so it is up: try it again at once rather than
+	 * walk the list (where the node it replaces is down).
+	 */
+	if (refused)
+		slot->same_url = true;
 	switch (slot->conn_session)
 	{
 		case ME_SESSION_OWN:
@@ -591,6 +599,14 @@ session_lost(ClientSlot *slot)
 			if (worked)
 				slot->session = ME_SESSION_DISCARD;
 			break;
+	}
+
+	/* a client connects with one client id: a new one for another id */
+	if ((slot->session == ME_SESSION_FALLBACK) != (slot->conn_session == ME_SESSION_FALLBACK) &&
+		slot->broker)
+	{
+		me_broker_destroy(slot->broker);
+		slot->broker = NULL;
 	}
 }
 
