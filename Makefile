@@ -23,7 +23,8 @@ OBJS = \
 	src/listener_stats.o \
 	src/remote.o \
 	src/listener_worker.o \
-	src/sql_api.o
+	src/sql_api.o \
+	src/spool.o
 
 EXTENSION = pg_mqtt_emit
 DATA = $(wildcard pg_mqtt_emit--*.sql)
@@ -58,3 +59,4 @@ src/pubprops.o src/sql_api.o src/inflight.o src/outbox.o src/broker.o: src/pubpr
 .PHONY: regress-broker
 regress-broker:
 	@bash test/regress-broker.sh '$(REGRESS_BROKER_DIR)' $$PPID
+src/spool.o src/inbound.o src/worker.o src/broker_callbacks.o: src/spool.h src/broker.h

@@ -986,3 +986,20 @@ AS $$ SELECT mqtt_emit.publish(topic, payload::text, qos, retain, properties) $$
 COMMENT ON FUNCTION mqtt_emit.publish(text, jsonb, int, boolean, jsonb) IS
 'Publishes a JSON message on a topic when the transaction commits, retained or not, with MQTT 5 properties';
 REVOKE ALL ON FUNCTION mqtt_emit.publish(text, jsonb, int, boolean, jsonb) FROM PUBLIC;
+
+------------------------------------------------------------------------
+-- 0.2.0: the subscriber's spool position
+------------------------------------------------------------------------
+
+-- How far the worker has kept the received messages of its spool
+-- (src/spool.c: files in $PGDATA/pg_mqtt_emit that messages are written
+-- to as they arrive): updated in the transaction that keeps them, so that
+-- a worker that dies in between takes the rest from the files.  One row.
+CREATE TABLE mqtt_emit.spool_position (
+    generation  bigint NOT NULL,
+    position    bigint NOT NULL
+);
+INSERT INTO mqtt_emit.spool_position VALUES (0, 0);
+COMMENT ON TABLE mqtt_emit.spool_position IS
+'How far the received messages of the spool are kept; internal, not readable by PUBLIC';
+REVOKE ALL ON mqtt_emit.spool_position FROM PUBLIC;

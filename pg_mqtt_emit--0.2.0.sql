@@ -683,6 +683,19 @@ REVOKE ALL ON mqtt_emit.dead_letters FROM PUBLIC;
 REVOKE ALL ON SEQUENCE mqtt_emit.dead_letters_id_seq FROM PUBLIC;
 -- superusers only: the payloads are rows of any watched table
 
+-- How far the worker has kept the received messages of its spool
+-- (src/spool.c: files in $PGDATA/pg_mqtt_emit that messages are written
+-- to as they arrive): updated in the transaction that keeps them, so that
+-- a worker that dies in between takes the rest from the files.  One row.
+CREATE TABLE mqtt_emit.spool_position (
+    generation  bigint NOT NULL,
+    position    bigint NOT NULL
+);
+INSERT INTO mqtt_emit.spool_position VALUES (0, 0);
+COMMENT ON TABLE mqtt_emit.spool_position IS
+'How far the received messages of the spool are kept; internal, not readable by PUBLIC';
+REVOKE ALL ON mqtt_emit.spool_position FROM PUBLIC;
+
 ------------------------------------------------------------------------
 -- Publishing and monitoring
 ------------------------------------------------------------------------

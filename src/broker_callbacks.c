@@ -19,6 +19,7 @@
 
 #include "pg_mqtt_emit.h"
 #include "broker_int.h"
+#include "spool.h"
 
 pthread_mutex_t me_publisher_mutex = PTHREAD_MUTEX_INITIALIZER;
 MeBroker *me_current_publisher = NULL;
@@ -517,11 +518,32 @@ me_cb_message_arrived(void *context, char *topicName, int topicLen,
 	size_t		plen = props_size(&message->properties);
 	size_t		need = sizeof(MeIncoming) + tlen + 1 + message->payloadlen + 1 + plen;
 	MeIncoming *m = NULL;
+	bool		spooled;
+
+	/*
+	 * paho sent the PUBACK already: write the message to the spool before
+	 * anything else (spool.c), where it survives this process.
+	 */
+	{
+		char		pbuf[512];
+		char	   *props = plen <= sizeof(pbuf) ? pbuf : malloc(plen);
+		int			props_len = 0;
+
+		if (props != NULL && plen > 0)
+			props_len = (int) props_copy(&message->properties, props);
+		spooled = props != NULL &&
+			me_spool_append(topicName, tlen, message->payload, message->payloadlen,
+							props_len > 0 ? props : NULL, props_len);
+		if (props != pbuf)
+			free(props);
+	}
 
 	pthread_mutex_lock(&b->mutex);
-	if (b->in_bytes + need <= ME_INCOMING_MAX_BYTES)
+	if (!spooled && b->in_bytes + need <= ME_INCOMING_MAX_BYTES)
 		m = malloc(need);
-	if (m == NULL)
+	if (spooled)
+		;
+	else if (m == NULL)
 		b->in_dropped++;
 	else
 	{

@@ -640,24 +640,6 @@ me_client_lost(MeClientRole role, const char *why)
 	next_url(slot);
 }
 
-/*
- * No more use for this client: disconnect (waiting at most disconnect_ms
- * for the broker) and destroy it.
- */
-void
-me_client_drop(MeClientRole role, int disconnect_ms)
-{
-	ClientSlot *slot = &slots[role];
-
-	if (slot->broker == NULL)
-		return;
-	me_broker_disconnect(slot->broker, disconnect_ms);
-	me_broker_destroy(slot->broker);
-	slot->broker = NULL;
-	me_set_connected(slot->subscriber, false);
-	me_set_broker_url(slot->subscriber, NULL);
-}
-
 /* at shutdown: say goodbye to the broker */
 void
 me_client_disconnect_all(void)

@@ -53,4 +53,12 @@
 	pg_proc_aclcheck((fn), (roleid), (mode))
 #endif
 
+/* this process's number among all PGPROCs, and how many there are */
+#if PG_VERSION_NUM >= 170000
+#define me_my_proc_number()		((int) MyProcNumber)
+#else
+#define me_my_proc_number()		(MyProc->pgprocno)
+#endif
+#define me_total_procs()		(MaxBackends + NUM_AUXILIARY_PROCS + max_prepared_xacts)
+
 #endif							/* PG_MQTT_EMIT_COMPAT_H */

@@ -7,8 +7,10 @@
  * Subscriptions follow the listener registry: one filter <prefix>/<model>/#
  * per model that has a listener accepting remote events, in the spelling
  * registered and in lower case (where prisma-extension-emitter publishes),
- * however many listeners share it.  With no such listener there is no
- * subscriber connection at all.  After every (re)connection all filters
+ * however many listeners share it.  The subscriber connects when the worker
+ * starts, together with the publisher (paho's one receive thread picks up
+ * clients made together at once; a client made later waits up to 2 s), and
+ * stays connected without any filter.  After every (re)connection all filters
  * are subscribed again (a clean session forgets them).  The topic filters
  * of handlers (mqtt_emit.subscribe, handlers.c) are subscribed too, each
  * with the highest QoS its handlers ask for.
@@ -47,10 +49,15 @@
 #include "handlers.h"
 #include "listeners.h"
 #include "outbox.h"
+#include "spool.h"
 #include "topic.h"
 #include "worker.h"
 
 #define INBOX_BATCH		1000	/* received messages kept in one transaction */
+
+static void keep_spooled(void);
+static bool keep_messages(MeIncoming *m, MeIncoming **rest, bool spooled,
+						  int64 spool_gen, uint64 spool_pos);
 
 /* a refused subscription is asked for again after 1 s, 2 s, ... 60 s */
 #define SUB_RETRY_MIN_MS	1000
@@ -96,13 +103,6 @@ filter_qos(const char *filter)
 		if (strcmp(me_handlers_filter(i, &qos), filter) == 0)
 			return qos;
 	return 1;
-}
-
-/* Does some listener want remote events (or is a subscriber still there)? */
-bool
-me_inbound_wanted(void)
-{
-	return subscribed != NIL || me_client_broker(ME_CLIENT_SUBSCRIBER) != NULL;
 }
 
 static void
@@ -324,8 +324,12 @@ me_inbound_sync(bool all)
 
 	if (want == NIL)
 	{
-		/* nobody listens for remote events: no subscriber connection */
-		me_client_drop(ME_CLIENT_SUBSCRIBER, 100);
+		/*
+		 * Nobody listens for remote events: no subscription, but the
+		 * connection stays, so that the next listen() is subscribed within
+		 * milliseconds (a client made later waits up to 2 s for paho's
+		 * receive thread).
+		 */
 		list_free(keep);
 		me_set_subscriptions(0);
 		states_changed = true;
@@ -421,7 +425,10 @@ me_inbound_take_news(void)
 	bool		stored = false;
 
 	if (!me_client_poll(ME_CLIENT_SUBSCRIBER, &news))
+	{
+		keep_spooled();
 		return;
+	}
 
 	if (news.nsubacks > 0)
 		take_subacks(me_client_broker(ME_CLIENT_SUBSCRIBER), news.subacks, news.nsubacks);
@@ -456,115 +463,34 @@ me_inbound_take_news(void)
 	}
 
 	/*
-	 * Keep what arrived in the outbox for the listener worker, up to
-	 * INBOX_BATCH messages a transaction.  Messages larger than max_payload,
-	 * or that are not valid text, are not kept.
+	 * What arrived without the spool (it could not be written).  Without
+	 * the extension there is nowhere to keep it (messages of an old
+	 * persistent session's subscriptions).
 	 */
 	m = news.incoming;
+	if (m && !me_relay_ready())
+	{
+		int			dropped = 0;
+
+		while (m)
+		{
+			MeIncoming *next = m->next;
+
+			me_broker_free_message(m);
+			m = next;
+			dropped++;
+		}
+		me_count(ME_STAT_REJECTED, dropped);
+		ereport(LOG,
+				(errmsg("pg_mqtt_emit dropped %d received messages: the extension is not there to keep them",
+						dropped)));
+	}
 	while (m)
 	{
-		const char *topics[INBOX_BATCH];
-		const char *payloads[INBOX_BATCH];
-		int			topic_lens[INBOX_BATCH];
-		int			payload_lens[INBOX_BATCH];
-		const char *mtopics[INBOX_BATCH];
-		const char *mpayloads[INBOX_BATCH];
-		int			mtopic_lens[INBOX_BATCH];
-		int			mpayload_lens[INBOX_BATCH];
 		MeIncoming *batch = m;
-		int			n = 0;
-		int			nm = 0;
 
-		while (m && n + nm < INBOX_BATCH)
-		{
-			const char *why = NULL;
-			bool		is_event = me_topic_is_event(m->topic, m->topic_len);
-
-			/*
-			 * A prefix with a "." arrives from RabbitMQ with "/" there
-			 * (topic.c): an event, unless a handler asked for that topic.
-			 */
-			if (!is_event && me_topic_is_mapped_event(m->topic, m->topic_len) &&
-				!me_handlers_match(m->topic, m->topic_len))
-				is_event = true;
-
-			/*
-			 * Not one of our topics: a message for handlers, any bytes.  The
-			 * topic must be text here (MQTT requires UTF-8 anyway).
-			 */
-			if (!is_event)
-			{
-				if (m->payload_len + m->props_len > mqtt_emit_max_payload)
-					why = "payload and properties larger than \"mqtt_emit.max_payload\"";
-				else if ((int) strlen(m->topic) != m->topic_len ||
-						 !pg_verifymbstr(m->topic, m->topic_len, true))
-					why = "topic is not valid in the database encoding";
-				if (why)
-				{
-					me_count(ME_STAT_RECEIVED, 1);
-					me_remote_reject(m->topic, m->payload_len, why);
-				}
-				else if (me_handlers_match(m->topic, m->topic_len))
-				{
-					MemoryContext old;
-
-					me_count(ME_STAT_RECEIVED, 1);
-					if (msgbuf.data == NULL)
-					{
-						old = MemoryContextSwitchTo(TopMemoryContext);
-						initStringInfo(&msgbuf);
-						MemoryContextSwitchTo(old);
-					}
-					me_handlers_encode(&msgbuf, m->payload, m->payload_len,
-									   m->props, m->props_len);
-					mtopics[nm] = m->topic;
-					mtopic_lens[nm] = m->topic_len;
-					mpayloads[nm] = pnstrdup(msgbuf.data, msgbuf.len);
-					mpayload_lens[nm] = msgbuf.len;
-					nm++;
-				}
-				else
-					ereport(DEBUG1,
-							(errmsg("pg_mqtt_emit ignored a message on \"%.200s\": no handler's filter matches",
-									m->topic)));
-				m = m->next;
-				continue;
-			}
-			/* what cannot be kept as text is dropped here */
-			if (m->payload_len > mqtt_emit_max_payload)
-				why = "payload larger than \"mqtt_emit.max_payload\"";
-			else if ((int) strlen(m->payload) != m->payload_len)
-				why = "payload contains a NUL byte";
-			else if (!pg_verifymbstr(m->payload, m->payload_len, true) ||
-					 (int) strlen(m->topic) != m->topic_len ||
-					 !pg_verifymbstr(m->topic, m->topic_len, true))
-				why = "payload or topic is not valid in the database encoding";
-			if (why)
-			{
-				me_count(ME_STAT_RECEIVED, 1);
-				me_remote_reject(m->topic, m->payload_len, why);
-			}
-			else
-			{
-				topics[n] = m->topic;
-				topic_lens[n] = m->topic_len;
-				payloads[n] = m->payload;
-				payload_lens[n] = m->payload_len;
-				n++;
-			}
-			m = m->next;
-		}
-		if (n > 0 || nm > 0)
-		{
-			me_worker_begin_tx("keeping received messages");
-			me_worker_commit_async();
-			if (n > 0)
-				me_outbox_insert_received(topics, topic_lens, payloads, payload_lens, n);
-			if (nm > 0)
-				me_outbox_insert_messages(mtopics, mtopic_lens, mpayloads, mpayload_lens, nm);
-			me_worker_end_tx();
+		if (keep_messages(m, &m, false, 0, 0))
 			stored = true;
-		}
 		while (batch != m)
 		{
 			MeIncoming *next = batch->next;
@@ -575,4 +501,177 @@ me_inbound_take_news(void)
 	}
 	if (stored)
 		me_wake_listener();
+	keep_spooled();
 }
+
+/*
+ * Keep what the spool holds (spool.c), a batch a transaction, each with
+ * the spool position after it, until it is read to its end.  Only once the
+ * extension is there: until then it waits in the spool.
+ */
+static void
+keep_spooled(void)
+{
+	bool		stored = false;
+	int			rounds;
+
+	if (!me_relay_ready() || !me_spool_has_unread())
+		return;
+	for (rounds = 0; rounds < 16; rounds++)
+	{
+		MemoryContext cxt = AllocSetContextCreate(CurrentMemoryContext,
+												  "pg_mqtt_emit spool batch",
+												  ALLOCSET_DEFAULT_SIZES);
+		MemoryContext old;
+		MeIncoming *msgs;
+		MeIncoming *rest;
+		int64		gen;
+		uint64		pos;
+		int			n;
+
+		/*
+		 * Not an asynchronous commit: the spool files read to their end are
+		 * removed once the position after them is committed, which must
+		 * then be on disk.  One flush per batch of up to INBOX_BATCH.
+		 */
+		me_worker_begin_tx("keeping received messages");
+		old = MemoryContextSwitchTo(cxt);
+		msgs = palloc(sizeof(MeIncoming) * INBOX_BATCH);
+		n = me_spool_read(msgs, INBOX_BATCH, &gen, &pos);
+		if (n > 0 && keep_messages(msgs, &rest, true, gen, pos))
+			stored = true;
+		MemoryContextSwitchTo(old);
+		me_worker_end_tx();
+		MemoryContextDelete(cxt);
+		if (n > 0)
+			me_spool_committed();
+		if (n < INBOX_BATCH || !me_spool_has_unread())
+			break;
+	}
+	if (stored)
+		me_wake_listener();
+}
+
+/*
+ * Keep up to INBOX_BATCH of the messages from m on in the outbox for the
+ * listener worker, in one transaction (the caller's, for the spool, which
+ * also records the position after them); *rest is the first message not
+ * taken.  Messages larger than max_payload, or that are not valid text, are
+ * not kept.  Returns true when rows were written.
+ */
+static bool
+keep_messages(MeIncoming *m, MeIncoming **rest, bool spooled, int64 spool_gen,
+			  uint64 spool_pos)
+{
+	const char *topics[INBOX_BATCH];
+	const char *payloads[INBOX_BATCH];
+	int			topic_lens[INBOX_BATCH];
+	int			payload_lens[INBOX_BATCH];
+	const char *mtopics[INBOX_BATCH];
+	const char *mpayloads[INBOX_BATCH];
+	int			mtopic_lens[INBOX_BATCH];
+	int			mpayload_lens[INBOX_BATCH];
+	int			n = 0;
+	int			nm = 0;
+
+	while (m && n + nm < INBOX_BATCH)
+	{
+		const char *why = NULL;
+		bool		is_event = me_topic_is_event(m->topic, m->topic_len);
+
+		/*
+		 * A prefix with a "." arrives from RabbitMQ with "/" there
+		 * (topic.c): an event, unless a handler asked for that topic.
+		 */
+		if (!is_event && me_topic_is_mapped_event(m->topic, m->topic_len) &&
+			!me_handlers_match(m->topic, m->topic_len))
+			is_event = true;
+
+		/*
+		 * Not one of our topics: a message for handlers, any bytes.  The
+		 * topic must be text here (MQTT requires UTF-8 anyway).
+		 */
+		if (!is_event)
+		{
+			if (m->payload_len + m->props_len > mqtt_emit_max_payload)
+				why = "payload and properties larger than \"mqtt_emit.max_payload\"";
+			else if ((int) strlen(m->topic) != m->topic_len ||
+					 !pg_verifymbstr(m->topic, m->topic_len, true))
+				why = "topic is not valid in the database encoding";
+			if (why)
+			{
+				me_count(ME_STAT_RECEIVED, 1);
+				me_remote_reject(m->topic, m->payload_len, why);
+			}
+			else if (me_handlers_match(m->topic, m->topic_len))
+			{
+				MemoryContext old;
+
+				me_count(ME_STAT_RECEIVED, 1);
+				if (msgbuf.data == NULL)
+				{
+					old = MemoryContextSwitchTo(TopMemoryContext);
+					initStringInfo(&msgbuf);
+					MemoryContextSwitchTo(old);
+				}
+				me_handlers_encode(&msgbuf, m->payload, m->payload_len,
+								   m->props, m->props_len);
+				mtopics[nm] = m->topic;
+				mtopic_lens[nm] = m->topic_len;
+				mpayloads[nm] = pnstrdup(msgbuf.data, msgbuf.len);
+				mpayload_lens[nm] = msgbuf.len;
+				nm++;
+			}
+			else
+				ereport(DEBUG1,
+						(errmsg("pg_mqtt_emit ignored a message on \"%.200s\": no handler's filter matches",
+								m->topic)));
+			m = m->next;
+			continue;
+		}
+		/* what cannot be kept as text is dropped here */
+		if (m->payload_len > mqtt_emit_max_payload)
+			why = "payload larger than \"mqtt_emit.max_payload\"";
+		else if ((int) strlen(m->payload) != m->payload_len)
+			why = "payload contains a NUL byte";
+		else if (!pg_verifymbstr(m->payload, m->payload_len, true) ||
+				 (int) strlen(m->topic) != m->topic_len ||
+				 !pg_verifymbstr(m->topic, m->topic_len, true))
+			why = "payload or topic is not valid in the database encoding";
+		if (why)
+		{
+			me_count(ME_STAT_RECEIVED, 1);
+			me_remote_reject(m->topic, m->payload_len, why);
+		}
+		else
+		{
+			topics[n] = m->topic;
+			topic_lens[n] = m->topic_len;
+			payloads[n] = m->payload;
+			payload_lens[n] = m->payload_len;
+			n++;
+		}
+		m = m->next;
+	}
+	*rest = m;
+	if (spooled)
+	{
+		if (n > 0)
+			me_outbox_insert_received(topics, topic_lens, payloads, payload_lens, n);
+		if (nm > 0)
+			me_outbox_insert_messages(mtopics, mtopic_lens, mpayloads, mpayload_lens, nm);
+		me_spool_save_position(spool_gen, spool_pos);
+	}
+	else if (n > 0 || nm > 0)
+	{
+		me_worker_begin_tx("keeping received messages");
+		me_worker_commit_async();
+		if (n > 0)
+			me_outbox_insert_received(topics, topic_lens, payloads, payload_lens, n);
+		if (nm > 0)
+			me_outbox_insert_messages(mtopics, mtopic_lens, mpayloads, mpayload_lens, nm);
+		me_worker_end_tx();
+	}
+	return n > 0 || nm > 0;
+}
+

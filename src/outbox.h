@@ -33,6 +33,8 @@ typedef struct MeOutboxRow
 typedef bool (*MeOutboxRowFn) (const MeOutboxRow *row, void *arg);
 
 /* committing backends and the worker */
+extern void me_outbox_reposition(const int64 *ids, int n, int clear_flags,
+								 int64 batch, bool marked);
 extern void me_outbox_insert(char **entries, int n, uint8 flag_mask,
 							 int64 batch, bool marked, int64 first_order,
 							 int64 *ids);

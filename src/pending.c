@@ -68,7 +68,7 @@ static int *pending_level = NULL;
 static int	npending = 0;
 static int	maxpending = 0;
 static Size pending_bytes = 0;
-static Size reserved_bytes = 0;
+static MeQueueSlot reservation;	/* queue space reserved at PRE_COMMIT */
 static int	outboxed = 0;			/* written to the outbox at PRE_COMMIT */
 static bool marker_reserved = false;
 static bool queued = false;		/* durable events reserved their queue room */
@@ -123,6 +123,14 @@ me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 		me_count(ME_STAT_DEPTH_EXCEEDED, 1);
 		return;
 	}
+	/* the transaction's place and size in the queue are fixed already */
+	if (reservation.len > 0 || outboxed > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+				 errmsg("cannot capture an event of \"%.*s\" after the transaction's events were handed over for commit",
+						Min(model_len, MQTT_EMIT_MAX_MODEL_LEN), model),
+				 errdetail("The change was made by a commit-time callback that runs after pg_mqtt_emit's."),
+				 errhint("Make the change before COMMIT.")));
 	if (mqtt_emit_max_transaction_events > 0 &&
 		npending >= mqtt_emit_max_transaction_events)
 		ereport(ERROR,
@@ -206,7 +214,7 @@ reset_pending(void)
 	npending = 0;
 	maxpending = 0;
 	pending_bytes = 0;
-	reserved_bytes = 0;
+	reservation.len = 0;
 	outboxed = 0;
 	marker_reserved = false;
 	queued = false;
@@ -238,25 +246,65 @@ write_outbox(void)
 			local_rows = true;
 
 	/*
+	 * The queue space (for the events themselves, or for a marker) is
+	 * reserved only after the rows are written: from the reservation on, the
+	 * worker reads nothing queued after this transaction until it commits,
+	 * and writing many rows takes a while.  Any time before the transaction
+	 * becomes visible fixes its place all the same.
+	 *
 	 * Durable delivery with room in the queue: the events go into the queue
 	 * as well, marked with their rows' ids, and the worker publishes them
 	 * from there and deletes each row once the broker has it.  The rows are
 	 * what survives a crash.
 	 */
-	if (mqtt_emit_delivery == ME_DELIVERY_DURABLE &&
-		me_queue_reserve(pending_bytes, false))
+	marker.batch = (int64) me_next_event_seq();
+	if (mqtt_emit_delivery == ME_DELIVERY_DURABLE && me_queue_has_room(pending_bytes))
 	{
-		reserved_bytes = pending_bytes;
-		queued = true;
 		for (i = 0; i < npending; i++)
 			((MqttEmitEventHeader *) pending[i])->flags |= ME_FLAG_QUEUED;
-		me_outbox_insert(pending, npending, 0xFF, (int64) me_next_event_seq(),
-						 true, 0, ids);
+		me_outbox_insert(pending, npending, 0xFF, marker.batch, true, 0, ids);
 		for (i = 0; i < npending; i++)
 			((MqttEmitEventHeader *) pending[i])->row_id = ids[i];
 		outboxed = npending;
-		return;
+		if (me_queue_reserve(pending_bytes, false, &reservation))
+		{
+			queued = true;
+			return;
+		}
+		/* the room went meanwhile: the rows are placed by a marker instead */
+		for (i = 0; i < npending; i++)
+			((MqttEmitEventHeader *) pending[i])->flags &= ~ME_FLAG_QUEUED;
+		me_outbox_reposition(ids, npending, ME_FLAG_QUEUED, marker.batch, true);
+		local_rows = false;		/* as for any durable rows placed by a marker */
 	}
+	else
+	{
+		/*
+		 * Their local listeners wait too, until the worker reaches the
+		 * marker (or, without one, the queue position of now): events queued
+		 * before this commit run first, so local listeners see the commit
+		 * order (relay.c).  Durable events need not: every one of them runs
+		 * its local listeners from its row, in the order of the rows' ids,
+		 * which were taken at PRE_COMMIT, after whatever this transaction
+		 * waited for.
+		 */
+		held_rows = false;
+		for (i = 0; mqtt_emit_delivery != ME_DELIVERY_DURABLE && i < npending; i++)
+		{
+			MqttEmitEventHeader *h = (MqttEmitEventHeader *) pending[i];
+
+			if (h->flags & ME_FLAG_LOCAL)
+			{
+				h->flags = (h->flags & ~ME_FLAG_LOCAL) | ME_FLAG_HELD;
+				held_rows = true;
+			}
+		}
+		local_rows = false;
+		me_outbox_insert(pending, npending, 0xFF, marker.batch, true, 0, ids);
+		outboxed = npending;
+	}
+	marker.min_id = ids[0];
+	marker.max_id = ids[npending - 1];
 
 	/*
 	 * A marker in the queue will place these rows in the commit order.
@@ -265,7 +313,7 @@ write_outbox(void)
 	 * mqtt_emit.marker_wait), since rows without a marker can only be
 	 * placed approximately.
 	 */
-	marker_reserved = me_queue_reserve(ME_MARKER_ENTRY_SIZE, true);
+	marker_reserved = me_queue_reserve(ME_MARKER_ENTRY_SIZE, true, &reservation);
 	for (i = 0; !marker_reserved && i < mqtt_emit_marker_wait; i++)
 	{
 		me_wake_worker();
@@ -273,43 +321,17 @@ write_outbox(void)
 						 1, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
-		marker_reserved = me_queue_reserve(ME_MARKER_ENTRY_SIZE, true);
+		marker_reserved = me_queue_reserve(ME_MARKER_ENTRY_SIZE, true, &reservation);
 	}
-	if (marker_reserved)
-		reserved_bytes = ME_MARKER_ENTRY_SIZE;
-	marker.batch = (int64) me_next_event_seq();
 
-	/*
-	 * Their local listeners wait too, until the worker reaches the marker
-	 * (or, without one, the queue position of now): events queued before
-	 * this commit run first, so local listeners see the commit order
-	 * (relay.c).  Durable events need not: every one of them runs its
-	 * local listeners from its row, in the order of the rows' ids, which
-	 * were taken at PRE_COMMIT, after whatever this transaction waited for.
-	 */
-	held_rows = false;
-	for (i = 0; mqtt_emit_delivery != ME_DELIVERY_DURABLE && i < npending; i++)
-	{
-		MqttEmitEventHeader *h = (MqttEmitEventHeader *) pending[i];
-
-		if (h->flags & ME_FLAG_LOCAL)
-		{
-			h->flags = (h->flags & ~ME_FLAG_LOCAL) | ME_FLAG_HELD;
-			held_rows = true;
-		}
-	}
-	local_rows = false;
 	/*
 	 * Without a marker the rows are placed once everything queued before
 	 * now is: what commits into the queue after this point cannot have
 	 * been seen by this transaction, so it may as well come after it.
 	 */
-	me_outbox_insert(pending, npending, 0xFF,
-					 marker_reserved ? marker.batch : me_outbox_stray_batch(me_queue_tail()),
-					 marker_reserved, 0, ids);
-	marker.min_id = ids[0];
-	marker.max_id = ids[npending - 1];
-	outboxed = npending;
+	if (!marker_reserved)
+		me_outbox_reposition(ids, npending, 0,
+							 me_outbox_stray_batch(me_queue_end()), false);
 }
 
 static void
@@ -318,12 +340,12 @@ capture_xact_callback(XactEvent event, void *arg)
 	switch (event)
 	{
 		case XACT_EVENT_PRE_COMMIT:
-			if (npending == 0 || reserved_bytes > 0 || outboxed > 0)
+			if (npending == 0 || reservation.len > 0 || outboxed > 0)
 				break;
 			if (mqtt_emit_delivery == ME_DELIVERY_DURABLE)
 				write_outbox();
-			else if (me_queue_reserve(pending_bytes, false))
-				reserved_bytes = pending_bytes;
+			else if (me_queue_reserve(pending_bytes, false, &reservation))
+				;
 			else if (mqtt_emit_overflow == ME_OVERFLOW_SPILL)
 			{
 				write_outbox();
@@ -362,11 +384,11 @@ capture_xact_callback(XactEvent event, void *arg)
 				hdr.payload_len = sizeof(MqttEmitMarker);
 				memcpy(entry, &hdr, sizeof(hdr));
 				memcpy(entry + sizeof(hdr), &marker, sizeof(marker));
-				me_queue_push_reserved(entries, 1, reserved_bytes, 0);
+				me_queue_push_reserved(entries, 1, &reservation, 0);
 			}
-			if (npending > 0 && reserved_bytes > 0 && (outboxed == 0 || queued))
+			if (npending > 0 && reservation.len > 0 && (outboxed == 0 || queued))
 			{
-				me_queue_push_reserved(pending, npending, reserved_bytes, npending);
+				me_queue_push_reserved(pending, npending, &reservation, npending);
 				if (outboxed > 0)
 					me_outbox_rows_add(outboxed);
 			}
@@ -380,6 +402,8 @@ capture_xact_callback(XactEvent event, void *arg)
 					me_count(ME_STAT_SPILLED, outboxed);
 				me_wake_worker();
 			}
+			/* never leave a place in the queue open: it would hold back all */
+			me_queue_unreserve(&reservation);
 			/* rows in the outbox: their local listeners are due */
 			if (outboxed > 0 && local_rows)
 				me_wake_listener();
@@ -398,8 +422,7 @@ capture_xact_callback(XactEvent event, void *arg)
 
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
-			if (reserved_bytes > 0)
-				me_queue_unreserve(reserved_bytes);
+			me_queue_unreserve(&reservation);
 			reset_pending();
 			listeners_changed = false;
 			break;

@@ -89,8 +89,11 @@ typedef enum
 	ME_KIND_REMOTE = 4,			/* outbox only: a message received from the
 								 * broker, for the listener worker (model: its
 								 * topic) */
-	ME_KIND_MESSAGE = 5			/* outbox only: a received message for
+	ME_KIND_MESSAGE = 5,		/* outbox only: a received message for
 								 * handlers (handlers.c; model: its topic) */
+	ME_KIND_SKIP = 6			/* queue only: the space a transaction had
+								 * reserved and gave back (it aborted);
+								 * total_len covers it, the rest is unused */
 } MqttEmitKind;
 
 /*
@@ -267,10 +270,25 @@ extern void me_listener_stats_startup(void);
 extern void me_listener_stats_count(int64 id, bool failed, double elapsed_ms);
 extern void me_listener_stats_reset(void);
 extern bool me_shmem_ready(void);
-extern bool me_queue_reserve(Size len, bool marker);
-extern void me_queue_unreserve(Size len);
-extern void me_queue_push_reserved(char **entries, int nentries, Size len, int nevents);
+/*
+ * Queue space reserved by a committing transaction at PRE_COMMIT: its
+ * place in the queue is fixed then (me_queue_reserve), its events are
+ * written there at COMMIT (me_queue_push_reserved) or the space is given
+ * back on abort (me_queue_unreserve).  len is 0 when nothing is reserved.
+ */
+typedef struct MeQueueSlot
+{
+	uint64		pos;			/* where the space starts */
+	Size		len;			/* bytes reserved */
+	uint64		ticket;			/* the reserving process's slot (shmem.c) */
+} MeQueueSlot;
+
+extern bool me_queue_reserve(Size len, bool marker, MeQueueSlot *slot);
+extern bool me_queue_has_room(Size len);
+extern void me_queue_unreserve(MeQueueSlot *slot);
+extern void me_queue_push_reserved(char **entries, int nentries, MeQueueSlot *slot, int nevents);
 extern uint64 me_queue_tail(void);
+extern uint64 me_queue_end(void);
 extern void me_queue_copy(uint64 pos, char *dst, Size len);
 extern void me_queue_release(uint64 new_head, int nevents);
 extern void me_count(MqttEmitCounter c, uint64 n);

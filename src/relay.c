@@ -37,6 +37,9 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/latch.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -305,6 +308,18 @@ process_queue(uint64 tail, int *new_entries)
 			else
 				me_inflight_skip(end);
 			need_pub = false;
+		}
+		if (hdr.kind == ME_KIND_SKIP)
+		{
+			/* space an aborted transaction gave back: nothing in it */
+			if (need_local)
+			{
+				local_pos = end;
+				(*new_entries)++;
+			}
+			pos = end;
+			n++;
+			continue;
 		}
 		if (need_pub && !moving && (!can_publish || !me_inflight_window_open()))
 		{
@@ -618,7 +633,7 @@ me_relay_release_done(void)
 
 		me_queue_copy(pos, (char *) &hdr, sizeof(hdr));
 		pos += hdr.total_len;
-		if (hdr.kind != ME_KIND_MARKER)
+		if (hdr.kind != ME_KIND_MARKER && hdr.kind != ME_KIND_SKIP)
 			nevents++;
 	}
 	Assert(pos == done);
@@ -639,6 +654,19 @@ me_relay_keep_queue_at_exit(void)
 
 	if (!extension_ready)
 		return;
+
+	/*
+	 * Commits that hold an earlier place in the queue (between their commit
+	 * record and their COMMIT callback) hide the events queued after them:
+	 * give them up to a second to finish.
+	 */
+	for (rounds = 0; rounds < 1000 && me_queue_tail() != me_queue_end(); rounds++)
+	{
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 1, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+	}
+	rounds = 0;
 	tail = me_queue_tail();
 	if (me_inflight_pub_done() >= tail)
 		return;

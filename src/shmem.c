@@ -10,26 +10,38 @@
  *
  * Producers are committing backends.  At PRE_COMMIT a backend reserves the
  * bytes its events need (me_queue_reserve); that may fail, and the
- * transaction can still abort cleanly.  At COMMIT, when nothing may fail any
- * more, it writes its events into the reserved space (me_queue_push_reserved)
- * and wakes the worker.  A transaction that aborts after reserving gives the
- * space back (me_queue_unreserve).
+ * transaction can still abort cleanly.  The reservation fixes the events'
+ * place: it is taken at the tail, before the transaction becomes visible,
+ * so a transaction that saw this one's changes reserves after it and is
+ * published after it, however the two commits are scheduled from there.  At
+ * COMMIT, when nothing may fail any more, the backend writes its events into
+ * the reserved space (me_queue_push_reserved) and wakes the worker.  A
+ * transaction that aborts after reserving fills the space with one
+ * ME_KIND_SKIP entry (me_queue_unreserve).
+ *
+ * Open reservations are kept in an array of their own (MeReservations, one
+ * slot per process: a transaction has at most one).  The bytes the worker
+ * may read end at the oldest reservation not yet written (me_queue_tail); past it,
+ * entries of later commits wait.  The time between PRE_COMMIT and COMMIT is
+ * that of writing the commit record (and, with synchronous replication,
+ * waiting for the standby): a commit that waits there holds back the events
+ * queued after it.
  *
  * The only consumer is the background worker.  It reads entries between
- * head and tail without the lock (producers never write there), keeps its
- * own read position, and moves head forward only when the events before the
- * new head are finished, that is acknowledged by the broker and handed to
- * the local listeners.  Space is therefore freed only after delivery, and a
- * worker that exits with an error starts again at head.
+ * head and the readable tail without the lock (producers never write there),
+ * keeps its own read position, and moves head forward only when the events
+ * before the new head are finished, that is acknowledged by the broker and
+ * handed to the local listeners.  Space is therefore freed only after
+ * delivery, and a worker that exits with an error starts again at head.
  *
  * Every field of MqttEmitShared is private to this file; the other files
  * use the functions below.  The lock rule of each field is written beside
  * it in the struct:
- *	- lock (LWLock) in exclusive mode protects head, tail and reserved, and
- *	  the bytes between tail and tail + reserved being written at commit.
- *	  Producers hold it while they copy their events into the ring, which
- *	  keeps the queue in commit order; the worker holds it only to read tail
- *	  and to move head.
+ *	- lock (LWLock) in exclusive mode protects head, tail and the
+ *	  reservations (MeReservations).  A producer holds it to reserve and to
+ *	  mark its reservation written, not while it copies its events: the
+ *	  reserved bytes are its own until then.  The worker holds it only to
+ *	  read the readable tail and to move head.
  *	- worker_pid, worker_latch and fresh are written by the worker under the
  *	  lock in exclusive mode and read under it in shared mode;
  *	  listener_pid and listener_latch likewise by the listener worker.
@@ -61,8 +73,10 @@
  */
 #include "postgres.h"
 
+#include "access/twophase.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
+#include "storage/proc.h"
 #include "storage/shmem.h"
 #include "storage/spin.h"
 #include "utils/timestamp.h"
@@ -90,8 +104,7 @@ typedef struct MqttEmitShared
 	/* the ring; positions are logical and only grow */
 	Size		capacity;		/* constant */
 	uint64		head;			/* lock: oldest byte not yet done */
-	uint64		tail;			/* lock: next byte to be written */
-	uint64		reserved;		/* lock: bytes promised to committing backends */
+	uint64		tail;			/* lock: end of the reserved space */
 
 	pg_atomic_uint64 counters[ME_STAT_COUNT];
 	pg_atomic_uint64 counter_base[ME_STAT_COUNT];	/* values at the last reset */
@@ -127,6 +140,42 @@ typedef struct MqttEmitShared
 
 static MqttEmitShared *me_shared = NULL;
 
+/*
+ * The reservations of committing processes not yet written: one slot per
+ * process (a transaction has at most one reservation), indexed by its
+ * PGPROC number.  All fields are protected by me_shared->lock; nslots is
+ * constant.
+ */
+typedef struct MeReservations
+{
+	int			nslots;
+	int			nopen;			/* slots with open set */
+	struct
+	{
+		bool		open;		/* reserved, not yet written */
+		uint64		pos;		/* where its space starts */
+	}			slot[FLEXIBLE_ARRAY_MEMBER];
+} MeReservations;
+
+static MeReservations *me_res = NULL;
+
+static int
+reservation_slots(void)
+{
+	return me_total_procs();
+}
+
+static Size
+reservations_size(void)
+{
+	return add_size(offsetof(MeReservations, slot),
+					mul_size(sizeof(((MeReservations *) NULL)->slot[0]),
+							 reservation_slots()));
+}
+
+static void ring_write(uint64 pos, const char *src, Size len);
+
+
 /* The subscriber's subscriptions, as the worker last saw them. */
 typedef struct MeSubTable
 {
@@ -153,7 +202,8 @@ queue_struct_size(void)
 Size
 me_shmem_size(void)
 {
-	return add_size(queue_struct_size(), MAXALIGN(sizeof(MeSubTable)));
+	return add_size(add_size(queue_struct_size(), MAXALIGN(sizeof(MeSubTable))),
+					MAXALIGN(reservations_size()));
 }
 
 void
@@ -178,6 +228,14 @@ me_shmem_startup(void)
 		me_subs->lock = &(GetNamedLWLockTranche("pg_mqtt_emit subscriptions"))->lock;
 		me_subs->n = 0;
 	}
+	me_res = (MeReservations *) ShmemInitStruct("pg_mqtt_emit reservations",
+												reservations_size(), &found);
+	if (!found)
+	{
+		me_res->nslots = reservation_slots();
+		me_res->nopen = 0;
+		memset(me_res->slot, 0, sizeof(me_res->slot[0]) * me_res->nslots);
+	}
 	me_shared = (MqttEmitShared *) ShmemInitStruct("pg_mqtt_emit",
 												   queue_struct_size(), &found);
 	if (!found)
@@ -196,7 +254,6 @@ me_shmem_startup(void)
 		me_shared->capacity = (Size) mqtt_emit_queue_size * 1024;
 		me_shared->head = 0;
 		me_shared->tail = 0;
-		me_shared->reserved = 0;
 		for (i = 0; i < ME_STAT_COUNT; i++)
 		{
 			pg_atomic_init_u64(&me_shared->counters[i], 0);
@@ -235,14 +292,17 @@ me_shmem_startup(void)
 
 /*
  * Reserve len bytes of queue space for a committing transaction (for its
- * events, or for a marker of its outbox rows).  Returns false when the
- * queue cannot hold them now.
+ * events, or for a marker of its outbox rows), at the tail: this is the
+ * place of its events in the queue.  Returns false when the queue cannot
+ * hold them now.
  */
 bool
-me_queue_reserve(Size len, bool marker)
+me_queue_reserve(Size len, bool marker, MeQueueSlot *slot)
 {
 	bool		ok;
 	Size		limit = me_shared->capacity;
+
+	Assert(len >= sizeof(MqttEmitEventHeader));
 
 	/*
 	 * Events leave the last eighth of the queue to markers, so that a
@@ -252,21 +312,111 @@ me_queue_reserve(Size len, bool marker)
 	if (!marker)
 		limit -= me_shared->capacity / 8;
 
+	slot->ticket = (uint64) me_my_proc_number();
+	Assert(slot->ticket < (uint64) me_res->nslots);
 	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
-	ok = (me_shared->tail - me_shared->head) + me_shared->reserved + len <= limit;
+	Assert(!me_res->slot[slot->ticket].open);
+	ok = (me_shared->tail - me_shared->head) + len <= limit;
 	if (ok)
-		me_shared->reserved += len;
+	{
+		me_res->slot[slot->ticket].open = true;
+		me_res->slot[slot->ticket].pos = me_shared->tail;
+		me_res->nopen++;
+		slot->pos = me_shared->tail;
+		slot->len = len;
+		me_shared->tail += len;
+	}
 	LWLockRelease(me_shared->lock);
 	return ok;
 }
 
-void
-me_queue_unreserve(Size len)
+/* the start of the oldest open reservation, or the tail; with the lock */
+static uint64
+readable_tail(void)
 {
-	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
-	Assert(me_shared->reserved >= len);
-	me_shared->reserved -= len;
+	uint64		tail = me_shared->tail;
+	int			i,
+				seen = 0;
+
+	for (i = 0; seen < me_res->nopen && i < me_res->nslots; i++)
+	{
+		if (me_res->slot[i].open)
+		{
+			tail = Min(tail, me_res->slot[i].pos);
+			seen++;
+		}
+	}
+	return tail;
+}
+
+/* Would len bytes of events fit in the queue now?  (No promise.) */
+bool
+me_queue_has_room(Size len)
+{
+	bool		ok;
+
+	LWLockAcquire(me_shared->lock, LW_SHARED);
+	ok = (me_shared->tail - me_shared->head) + len <=
+		me_shared->capacity - me_shared->capacity / 8;
 	LWLockRelease(me_shared->lock);
+	return ok;
+}
+
+/*
+ * Mark a reservation written; returns true when that made more of the
+ * queue readable (it was the oldest), and the worker's latch in *latch.
+ * Called with the lock held.
+ */
+static bool
+reservation_written(MeQueueSlot *slot, Latch **latch)
+{
+	uint64		before = readable_tail();
+
+	Assert(me_res->slot[slot->ticket].open);
+	me_res->slot[slot->ticket].open = false;
+	me_res->nopen--;
+	*latch = me_shared->worker_latch;
+	return readable_tail() != before;
+}
+
+/*
+ * Wake the worker after readable entries were added, unless it naps.  The
+ * barrier orders the caller's update (under the lock just released) before
+ * the read of worker_napping; the worker clears the flag before it reads
+ * the tail one last time and sleeps (see worker.c, wait_for_work).
+ */
+static void
+wake_unless_napping(Latch *latch)
+{
+	pg_memory_barrier();
+	if (latch && pg_atomic_read_u32(&me_shared->worker_napping) == 0)
+		SetLatch(latch);
+}
+
+/*
+ * The transaction aborted: its reserved space becomes one entry that the
+ * worker skips.  Must not fail.
+ */
+void
+me_queue_unreserve(MeQueueSlot *slot)
+{
+	MqttEmitEventHeader hdr;
+	Latch	   *latch;
+	bool		more;
+
+	if (slot->len == 0)
+		return;
+	memset(&hdr, 0, sizeof(hdr));
+	hdr.total_len = (uint32) slot->len;
+	hdr.kind = ME_KIND_SKIP;
+	ring_write(slot->pos, (const char *) &hdr, sizeof(hdr));
+
+	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
+	more = reservation_written(slot, &latch);
+	LWLockRelease(me_shared->lock);
+	slot->len = 0;
+	if (more)
+		wake_unless_napping(latch);
 }
 
 /*
@@ -301,45 +451,67 @@ me_queue_copy(uint64 pos, char *dst, Size len)
 
 /*
  * Write nentries entries (each starting with its MqttEmitEventHeader) into
- * space reserved earlier by me_queue_reserve(len), and wake the worker.
- * nevents of them are events (the others are markers, not counted).
- * Called after commit: it must not fail, and it does not allocate.
+ * the space reserved earlier (me_queue_reserve), which they fill exactly,
+ * and wake the worker.  nevents of them are events (the others are
+ * markers, not counted).  Called after commit: it must not fail, and it
+ * does not allocate.
  */
 void
-me_queue_push_reserved(char **entries, int nentries, Size len, int nevents)
+me_queue_push_reserved(char **entries, int nentries, MeQueueSlot *slot, int nevents)
 {
 	int			i;
+	uint64		pos = slot->pos;
 	Latch	   *latch;
+	bool		more;
 
-	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
+	/* the space is ours until it is marked written: no lock to copy */
 	for (i = 0; i < nentries; i++)
 	{
 		MqttEmitEventHeader *hdr = (MqttEmitEventHeader *) entries[i];
 
-		ring_write(me_shared->tail, entries[i], hdr->total_len);
-		me_shared->tail += hdr->total_len;
+		ring_write(pos, entries[i], hdr->total_len);
+		pos += hdr->total_len;
 	}
-	Assert(me_shared->reserved >= len);
-	me_shared->reserved -= len;
-	latch = me_shared->worker_latch;
+	Assert(pos == slot->pos + slot->len);
+
+	LWLockAcquire(me_shared->lock, LW_EXCLUSIVE);
+	more = reservation_written(slot, &latch);
 	LWLockRelease(me_shared->lock);
+	slot->len = 0;
 
 	if (nevents > 0)
 		pg_atomic_fetch_add_u64(&me_shared->counters[ME_STAT_ENQUEUED], nevents);
 
 	/*
 	 * A napping worker looks at the tail again by itself; signalling it
-	 * costs a system call per commit.  The barrier orders our tail update
-	 * before the read of worker_napping; the worker clears the flag before
-	 * it reads the tail one last time and sleeps (see worker.c, wait_for_work).
+	 * costs a system call per commit.  Neither is needed while an older
+	 * reservation holds these entries back: its commit wakes the worker.
 	 */
-	pg_memory_barrier();
-	if (latch && pg_atomic_read_u32(&me_shared->worker_napping) == 0)
-		SetLatch(latch);
+	if (more)
+		wake_unless_napping(latch);
 }
 
+/*
+ * The end of what the worker may read: the oldest reservation not yet
+ * written, or the tail.
+ */
 uint64
 me_queue_tail(void)
+{
+	uint64		tail;
+
+	LWLockAcquire(me_shared->lock, LW_SHARED);
+	tail = readable_tail();
+	LWLockRelease(me_shared->lock);
+	return tail;
+}
+
+/*
+ * The end of the reserved space: every transaction that became visible
+ * before now has its place before it.
+ */
+uint64
+me_queue_end(void)
 {
 	uint64		tail;
 

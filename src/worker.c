@@ -55,6 +55,7 @@
 #include "listeners.h"
 #include "outbox.h"
 #include "worker.h"
+#include "spool.h"
 
 static volatile sig_atomic_t got_sigterm = false;
 
@@ -144,6 +145,8 @@ mqtt_emit_worker_main(Datum main_arg)
 									 ALLOCSET_DEFAULT_SIZES);
 	me_inflight_init(head);
 	me_relay_init(head);
+	/* before the subscriber exists: what it receives goes there first */
+	me_spool_open();
 	me_client_init();
 
 	ereport(LOG,
@@ -170,12 +173,10 @@ mqtt_emit_worker_main(Datum main_arg)
 		me_client_service(ME_CLIENT_PUBLISHER, now, &timeout);
 		me_inflight_take_news();
 		me_inflight_flush_refused(me_relay_ready());
-		if (me_inbound_wanted())
-		{
-			me_client_service(ME_CLIENT_SUBSCRIBER, now, &timeout);
-			me_inbound_take_news();
-			me_inbound_retry(now, &timeout);
-		}
+		/* the subscriber is there from the start, with or without filters */
+		me_client_service(ME_CLIENT_SUBSCRIBER, now, &timeout);
+		me_inbound_take_news();
+		me_inbound_retry(now, &timeout);
 
 		more = me_relay_step(&tail, &new_entries, &timeout);
 

@@ -51,7 +51,6 @@ extern bool me_client_connected(MeClientRole role);
 extern uint64 me_client_connections(MeClientRole role);
 extern bool me_client_poll(MeClientRole role, MeBrokerNews *news);
 extern void me_client_lost(MeClientRole role, const char *why);
-extern void me_client_drop(MeClientRole role, int disconnect_ms);
 extern void me_client_disconnect_all(void);
 extern void me_client_destroy_all(void);
 
@@ -89,7 +88,6 @@ extern void me_relay_keep_queue_at_exit(void);
 
 /* inbound.c */
 extern void me_inbound_sync(bool all);
-extern bool me_inbound_wanted(void);
 extern void me_inbound_take_news(void);
 extern void me_inbound_retry(TimestampTz now, long *timeout);
 

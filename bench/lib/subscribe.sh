@@ -1,10 +1,10 @@
 # bench/lib/subscribe.sh: how long subscriptions take to be live.
 #
-# On a fresh cluster "s" (no remote listener yet, so no subscriber client):
-#  - subscribe_first_listen_to_suback_ms: listen(allow_remote => true) on a
-#    cluster without a subscriber: commit -> the broker's SUBACK (the view's
-#    "since" of the acknowledged filter); includes making the subscriber
-#    client and connecting it.
+# On a fresh cluster "s" (no remote listener yet; the subscriber client is
+# made and connected at worker start all the same):
+#  - subscribe_first_listen_to_suback_ms: the cluster's first
+#    listen(allow_remote => true): commit -> the broker's SUBACK (the view's
+#    "since" of the acknowledged filter).
 #  - subscribe_listen_to_suback_ms: median (and max) over ROUNDS listen()
 #    calls on new models while the subscriber is connected: commit -> SUBACK.
 #  - subscribe_worker_start_to_ready_ms: the cluster restarted with those
@@ -45,7 +45,7 @@ bench_subscribe() {
 	SQL
 
 	first="$(sub_listen m0)"
-	fig subscribe_first_listen_to_suback_ms "$first (no subscriber before: includes connecting it)"
+	fig subscribe_first_listen_to_suback_ms "$first (the cluster's first remote listener)"
 	for ((i = 1; i <= rounds; i++)); do
 		v="$(sub_listen "m$i")"
 		vals+=("$v")

@@ -313,7 +313,7 @@ ok(defined $line, 'foreign CA: "cannot reach broker" line in the server log')
   and note($line);
 ok(stays_disconnected($node, 3), 'foreign CA: stats.connected stays false');
 my $err = stat_of($node, 'last_error');
-like($err, qr/^publisher: .+/, "foreign CA: last_error set ($err)");
+like($err, qr/^(?:publisher|subscriber): .+/, "foreign CA: last_error set ($err)");
 # the events meanwhile wait: one more row, published once the CA is right
 $id++;
 sq($node, "INSERT INTO tls_t VALUES ($id, 'waited $id')");
@@ -337,7 +337,7 @@ ok(defined $line, 'name mismatch: "cannot reach broker" line in the server log')
   and note($line);
 ok(stays_disconnected($node, 3), 'name mismatch (certificate for otherhost, URL 127.0.0.1): not connected');
 $err = stat_of($node, 'last_error');
-like($err, qr/^publisher: .+/, "name mismatch: last_error set ($err)");
+like($err, qr/^(?:publisher|subscriber): .+/, "name mismatch: last_error set ($err)");
 
 # 5. same listener, tls_verify = off: accepted
 reconfigure($node, 'mqtt_emit.broker_url' => $url_oth, 'mqtt_emit.tls_verify' => 'off');

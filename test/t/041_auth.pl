@@ -260,7 +260,7 @@ like($line // '', qr/not authori[sz]ed|bad user name or password|code [45]\b/i,
 ok(!poll_until(sub { stat_of($node_c, 'connected') eq 't' }, 3, 0.1),
 	'wrong password: stats.connected stays false');
 my $err = stat_of($node_c, 'last_error');
-like($err, qr/^publisher: .*(not authori[sz]ed|bad user name or password|code [45]\b)/i,
+like($err, qr/^(?:publisher|subscriber): .*(not authori[sz]ed|bad user name or password|code [45]\b)/i,
 	"wrong password: last_error reports the refusal ($err)");
 sq($node_c, q{INSERT INTO auth_t VALUES (100, 'waits for the password')});
 

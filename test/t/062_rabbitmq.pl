@@ -89,7 +89,7 @@ else
 	like($line // '',
 		qr/the broker closed the connection during CONNECT; if it does not support MQTT 5, set mqtt_emit\.mqtt_version = '3\.1\.1'/,
 		'MQTT 5: the log line names the cause and mqtt_version');
-	like(stat_of($node, 'last_error') // '', qr/^publisher: .*does not support MQTT 5/,
+	like(stat_of($node, 'last_error') // '', qr/^(?:publisher|subscriber): .*does not support MQTT 5/,
 		'MQTT 5: last_error names it');
 	is(stat_of($node, 'connected'), 'f', 'MQTT 5: not connected');
 }
