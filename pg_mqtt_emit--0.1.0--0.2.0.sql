@@ -124,13 +124,25 @@ $$;
 REVOKE ALL ON FUNCTION mqtt_emit._bind_model(regclass) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION mqtt_emit._bind_model(regclass) TO PUBLIC;
 
-CREATE OR REPLACE FUNCTION mqtt_emit.watch(
+-- 0.2.0 adds retain_last: a new signature, so the old function goes (and
+-- with it any GRANT or REVOKE on it; PUBLIC may EXECUTE the new one).
+DROP FUNCTION mqtt_emit.watch(regclass, boolean, text[], text, text[], text[]);
+-- retain_last (README, "Retained state"): the table also keeps one retained
+-- message per row on <prefix>/<model>/state/<key> (src/capture.c).  The
+-- setting is kept in the capture trigger's second argument, 'retain_last'
+-- where it is otherwise 'true' or 'false' (emit), so that pg_dump carries
+-- it as it carries the other settings.  It needs emit, all three
+-- operations (else the retained state would go stale), and a key: the
+-- primary key, else the replica identity index, whose columns must be
+-- published (the topic shows their values).
+CREATE FUNCTION mqtt_emit.watch(
     tbl regclass,
     emit boolean DEFAULT true,
     operations text[] DEFAULT '{insert,update,delete}',
     model text DEFAULT NULL,
     columns text[] DEFAULT NULL,
-    exclude_columns text[] DEFAULT NULL)
+    exclude_columns text[] DEFAULT NULL,
+    retain_last boolean DEFAULT false)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -143,12 +155,14 @@ DECLARE
     names text[] := '{}';
     mode text := 'all';
     m text;
+    keyidx oid;
+    keycol text;
 BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'table must not be null'
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    SELECT c.relkind, c.relowner, c.relname, c.relpersistence
+    SELECT c.relkind, c.relowner, c.relname, c.relpersistence, c.relreplident
       INTO r FROM pg_class c WHERE c.oid = tbl;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'relation with OID % does not exist', tbl::oid
@@ -224,7 +238,52 @@ BEGIN
                   HINT = 'A model name has 1 to 200 characters and no control characters.';
     END IF;
 
-    PERFORM mqtt_emit._set_capture_trigger(tbl, ops, ARRAY[m, emit::text, mode] || names);
+    IF retain_last THEN
+        IF emit IS NOT TRUE THEN
+            RAISE EXCEPTION 'retain_last needs emit'
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'With emit => false nothing is published, the retained state neither.',
+                      HINT = 'Leave emit at its default (true), or retain_last at false.';
+        END IF;
+        IF NOT ops @> '{insert,update,delete}' THEN
+            RAISE EXCEPTION 'retain_last needs the operations insert, update and delete'
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'A row''s retained state is set by its inserts and updates and cleared by its delete; without one of them it would go stale.',
+                      HINT = 'Leave operations at its default.';
+        END IF;
+        -- the key: the primary key, else the replica identity index
+        SELECT i.indexrelid INTO keyidx
+          FROM pg_index i
+         WHERE i.indrelid = tbl
+           AND (i.indisprimary OR (i.indisreplident AND r.relreplident = 'i'))
+         ORDER BY i.indisprimary DESC
+         LIMIT 1;
+        IF keyidx IS NULL THEN
+            RAISE EXCEPTION 'cannot keep the retained state of table %', tbl
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      DETAIL = 'retain_last needs a key for each row''s state topic: the table has neither a primary key nor a replica identity index.',
+                      HINT = 'Add a primary key (ALTER TABLE ... ADD PRIMARY KEY), or a replica identity index (ALTER TABLE ... REPLICA IDENTITY USING INDEX ...), or watch the table without retain_last.';
+        END IF;
+        FOR keycol IN
+            SELECT a.attname::text
+              FROM pg_index i
+             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+              JOIN pg_attribute a ON a.attrelid = tbl AND a.attnum = k.attnum
+             WHERE i.indexrelid = keyidx AND k.n <= i.indnkeyatts
+             ORDER BY k.n
+        LOOP
+            IF (mode = 'columns' AND NOT keycol = ANY (names))
+               OR (mode = 'exclude_columns' AND keycol = ANY (names)) THEN
+                RAISE EXCEPTION 'key column "%" of table % is not published', keycol, tbl
+                    USING ERRCODE = 'invalid_parameter_value',
+                          DETAIL = 'With retain_last, each row''s state topic shows the values of its key columns.',
+                          HINT = 'Publish the key columns, or watch the table without retain_last.';
+            END IF;
+        END LOOP;
+    END IF;
+
+    PERFORM mqtt_emit._set_capture_trigger(tbl, ops,
+        ARRAY[m, CASE WHEN retain_last THEN 'retain_last' ELSE emit::text END, mode] || names);
     -- the model must be free or already the table owner's; a superuser may
     -- bind any table to any model
     IF (SELECT a.rolsuper FROM pg_roles a WHERE a.rolname = current_user) THEN
@@ -239,6 +298,8 @@ BEGIN
     PERFORM mqtt_emit._bind_model(tbl);
 END
 $$;
+COMMENT ON FUNCTION mqtt_emit.watch(regclass, boolean, text[], text, text[], text[], boolean) IS
+'Starts (or changes) capturing row changes of a table as events';
 
 -- The registry of watched tables is the capture triggers themselves, so it
 -- follows the tables through pg_dump, renames and DROP TABLE.  Triggers
@@ -246,7 +307,7 @@ $$;
 CREATE OR REPLACE VIEW mqtt_emit.watched_tables AS
 SELECT t.tgrelid::regclass AS table_name,
        a[1] AS model,
-       a[2]::boolean AS emit,
+       a[2] IN ('t', 'true', 'retain_last') AS emit,
        ARRAY(SELECT o FROM (VALUES (1, 'insert', 4), (2, 'update', 16), (3, 'delete', 8)) v(n, o, bit)
               WHERE t.tgtype & v.bit <> 0 ORDER BY n) AS operations,
        CASE a[3] WHEN 'columns' THEN a[4:]
@@ -259,7 +320,8 @@ SELECT t.tgrelid::regclass AS table_name,
             ARRAY(SELECT att.attname::text FROM unnest(a[4:]) WITH ORDINALITY AS x(num, ord)
                     JOIN pg_attribute att ON att.attrelid = t.tgrelid AND att.attnum = x.num::int2
                    WHERE NOT att.attisdropped ORDER BY x.ord) END AS exclude_columns,
-       NOT (t.tgenabled = 'D') AS enabled
+       NOT (t.tgenabled = 'D') AS enabled,
+       a[2] = 'retain_last' AS retain_last
   FROM pg_catalog.pg_trigger t,
        LATERAL mqtt_emit._trigger_args(t.tgargs, t.tgnargs) AS a
  WHERE t.tgfoid = 'mqtt_emit.capture()'::regprocedure
@@ -1003,3 +1065,18 @@ INSERT INTO mqtt_emit.spool_position VALUES (0, 0);
 COMMENT ON TABLE mqtt_emit.spool_position IS
 'How far the received messages of the spool are kept; internal, not readable by PUBLIC';
 REVOKE ALL ON mqtt_emit.spool_position FROM PUBLIC;
+
+-- The ids of remote events whose listeners ran (src/remote.c: a 128-bit
+-- key, the event id's or the message's hash), written in the transaction
+-- that runs them, so that a copy that comes again does not run them twice;
+-- kept for mqtt_emit.dedup_keep.
+CREATE TABLE mqtt_emit.received_ids (
+    a        bigint NOT NULL,
+    b        bigint NOT NULL,
+    seen_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (a, b)
+);
+CREATE INDEX received_ids_seen_at_idx ON mqtt_emit.received_ids (seen_at);
+COMMENT ON TABLE mqtt_emit.received_ids IS
+'Keys of handled remote events, kept for mqtt_emit.dedup_keep; internal, not readable by PUBLIC';
+REVOKE ALL ON mqtt_emit.received_ids FROM PUBLIC;

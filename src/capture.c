@@ -36,6 +36,32 @@
  * invalidation (a new owner, a new trigger; a change of mqtt_emit.models
  * invalidates every relation) and on any change of roles or memberships.
  *
+ * Retained state (watch(..., retain_last => true), trigger argument 2
+ * "retain_last" where it is otherwise "true" or "false"): each published
+ * event of a row is followed by an ad-hoc publish with the retained flag
+ * (ME_KIND_PUBLISH, ME_FLAG_RETAIN, the path of mqtt_emit.publish(...,
+ * retain => true)), so that it travels through the same queue and outbox,
+ * in the same commit order, right after its event:
+ *
+ *	- insert, update: the new row (the event's "result", so only published
+ *	  columns) on <prefix>/<model>/state/<key of the new row>;
+ *	- delete: an empty message on the old row's topic, which clears the
+ *	  broker's retained message;
+ *	- an update that changes the key: first the empty message on the old
+ *	  key's topic, then the new row on the new one.
+ *
+ * The key is the table's primary key, else its replica identity index
+ * (REPLICA IDENTITY USING INDEX), its columns in the index's order; each
+ * value's text (payload.c, me_key_text: the same under every setting) is
+ * percent-encoded and the columns are joined by "," (topic.c).  Key
+ * columns must be published, since the topic shows them.  watch() checks
+ * all of this; should the table change later (its primary key dropped, a
+ * key on an excluded column) a change fails (55000) rather than leave the
+ * retained state wrong without a word, and so does a row whose state topic
+ * would be longer than MQTT allows (65535 bytes; 54000).  State messages
+ * go with the event: nothing when the event is not published (emit =>
+ * false, mqtt_emit.emit_remote = off, a depth beyond max_depth).
+ *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
  * IDENTIFICATION
@@ -53,11 +79,13 @@
 #include "catalog/partition.h"
 #include "catalog/pg_authid.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_index.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "mb/pg_wchar.h"
 #include "storage/latch.h"
 #include "nodes/bitmapset.h"
 #include "utils/array.h"
@@ -104,6 +132,10 @@ typedef struct CaptureRel
 	int			model_len;
 	char	   *model_json;		/* "model":"<escaped>","operation": prefix */
 	bool		emit;			/* publish to the broker */
+	bool		retain_last;	/* and keep each row's state retained */
+	int			nkey;			/* retain_last: key columns, in index order */
+	AttrNumber *key_attnums;
+	const char *key_problem;	/* retain_last: why there is no usable key */
 	bool		entitled;		/* the owner may publish under model */
 	char	   *bound_to;		/* roles model is bound to, or NULL */
 } CaptureRel;
@@ -251,6 +283,132 @@ check_model_binding(Relation rel, CaptureRel *entry)
 }
 
 /*
+ * The key of a retain_last table's rows: the columns of its primary key,
+ * else of its replica identity index (REPLICA IDENTITY USING INDEX), in the
+ * index's column order (INCLUDE columns are not part of it).  Sets
+ * entry->nkey and entry->key_attnums, or entry->key_problem when there is
+ * no key or a key column is not published (its value would be in the
+ * topic).  Allocates in the current context (the entry's).
+ */
+static void
+find_state_key(Relation rel, CaptureRel *entry)
+{
+	List	   *indexes = RelationGetIndexList(rel);
+	ListCell   *lc;
+	Oid			chosen = InvalidOid;
+	bool		primary = false;
+	HeapTuple	tup;
+	Form_pg_index ind;
+	int			i;
+
+	entry->nkey = 0;
+	entry->key_attnums = NULL;
+	entry->key_problem = NULL;
+	foreach(lc, indexes)
+	{
+		Oid			indexoid = lfirst_oid(lc);
+
+		tup = SearchSysCache1(INDEXRELID, ObjectIdGetDatum(indexoid));
+		if (!HeapTupleIsValid(tup))
+			elog(ERROR, "cache lookup failed for index %u", indexoid);
+		ind = (Form_pg_index) GETSTRUCT(tup);
+		if (ind->indisprimary)
+		{
+			chosen = indexoid;
+			primary = true;
+		}
+		else if (!primary && ind->indisreplident &&
+				 rel->rd_rel->relreplident == REPLICA_IDENTITY_INDEX)
+			chosen = indexoid;
+		ReleaseSysCache(tup);
+	}
+	list_free(indexes);
+	if (!OidIsValid(chosen))
+	{
+		entry->key_problem = "The table has neither a primary key nor a replica identity index, which give each row's state topic its key.";
+		return;
+	}
+
+	tup = SearchSysCache1(INDEXRELID, ObjectIdGetDatum(chosen));
+	if (!HeapTupleIsValid(tup))
+		elog(ERROR, "cache lookup failed for index %u", chosen);
+	ind = (Form_pg_index) GETSTRUCT(tup);
+	entry->nkey = ind->indnkeyatts;
+	entry->key_attnums = palloc(sizeof(AttrNumber) * Max(entry->nkey, 1));
+	for (i = 0; i < entry->nkey; i++)
+	{
+		AttrNumber	attnum = ind->indkey.values[i];
+
+		entry->key_attnums[i] = attnum;
+		if (attnum <= 0 || attnum > entry->natts)
+			entry->key_problem = "The table's key index has an expression.";
+		else if (!entry->cols[attnum - 1].include)
+			entry->key_problem = psprintf("Key column \"%s\" is not published, and each row's state topic would show its value.",
+										  NameStr(TupleDescAttr(RelationGetDescr(rel), attnum - 1)->attname));
+		if (entry->key_problem)
+			break;
+	}
+	ReleaseSysCache(tup);
+}
+
+/*
+ * Append the state topic of a row, <prefix>/<model>/state/<key> (file
+ * header; the key's rules are topic.c's).  A topic longer than MQTT allows
+ * fails the change: skipping it would leave an older state retained.
+ */
+static void
+append_state_topic(StringInfo buf, Relation rel, CaptureRel *cr,
+				   TupleDesc tupdesc, HeapTuple tuple)
+{
+	int			start;
+	int			i;
+
+	appendStringInfoString(buf, mqtt_emit_topic_prefix);
+	appendStringInfoChar(buf, '/');
+	me_append_topic_model(buf, cr->model, cr->model_len, false);
+	appendBinaryStringInfo(buf, "/state/", 7);
+	start = buf->len;
+	for (i = 0; i < cr->nkey; i++)
+	{
+		AttrNumber	attnum = cr->key_attnums[i];
+		bool		isnull;
+		Datum		value = heap_getattr(tuple, attnum, tupdesc, &isnull);
+
+		if (i > 0)
+			appendStringInfoChar(buf, ',');
+		if (isnull)
+		{
+			/*
+			 * Key columns are NOT NULL (primary key and replica identity
+			 * index alike); should one be null all the same, "%00" names it,
+			 * which no value's text gives (text never holds a NUL byte).
+			 */
+			appendBinaryStringInfo(buf, "%00", 3);
+		}
+		else
+		{
+			char	   *text = me_key_text(&cr->cols[attnum - 1].type, value);
+			int			len = strlen(text);
+			char	   *utf8 = pg_server_to_any(text, len, PG_UTF8);
+
+			me_append_topic_key(buf, utf8, strlen(utf8));
+		}
+		/* stop early: a key may be large */
+		if (buf->len > ME_MAX_TOPIC_LEN)
+			break;
+	}
+	if (buf->len > ME_MAX_TOPIC_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("the state topic of a row of table \"%s\" is longer than MQTT allows",
+						RelationGetRelationName(rel)),
+				 errdetail("MQTT allows a topic of at most %d bytes; this one would have %s%d, %s%d of them its key, percent-encoded.",
+						   ME_MAX_TOPIC_LEN, i < cr->nkey ? "more than " : "", buf->len,
+						   i < cr->nkey ? "more than " : "", buf->len - start),
+				 errhint("Use shorter key values, or call mqtt_emit.watch() again without retain_last.")));
+}
+
+/*
  * Build (or rebuild) the cache entry of a relation from its descriptor and
  * the trigger's arguments.
  */
@@ -332,8 +490,18 @@ get_capture_rel(Relation rel, Trigger *trigger)
 
 	entry->model = pstrdup(trigger->tgargs[0]);
 	entry->model_len = strlen(entry->model);
-	entry->emit = (strcmp(trigger->tgargs[1], "t") == 0 ||
+	entry->retain_last = (strcmp(trigger->tgargs[1], "retain_last") == 0);
+	entry->emit = (entry->retain_last ||
+				   strcmp(trigger->tgargs[1], "t") == 0 ||
 				   strcmp(trigger->tgargs[1], "true") == 0);
+	if (!entry->emit && strcmp(trigger->tgargs[1], "f") != 0 &&
+		strcmp(trigger->tgargs[1], "false") != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("trigger \"%s\" on table \"%s\" has an invalid publish setting \"%s\"",
+						trigger->tgname, RelationGetRelationName(rel), trigger->tgargs[1]),
+				 errdetail("The second argument is \"true\", \"false\" or \"retain_last\"."),
+				 errhint("Install the trigger with mqtt_emit.watch().")));
 
 	initStringInfo(&buf);
 	appendStringInfoString(&buf, "{\"model\":");
@@ -411,6 +579,8 @@ get_capture_rel(Relation rel, Trigger *trigger)
 		me_classify_type(att->atttypid, &col->type, entry->cxt);
 	}
 	pfree(buf.data);
+	if (entry->retain_last)
+		find_state_key(rel, entry);
 	MemoryContextSwitchTo(old);
 	check_model_binding(rel, entry);
 	entry->valid = true;
@@ -474,6 +644,9 @@ mqtt_emit_capture(PG_FUNCTION_ARGS)
 	uint8		flags = 0;
 	StringInfoData buf;
 	StringInfoData row;
+	StringInfoData newstate;
+	StringInfoData oldstate;
+	bool		state;
 	MemoryContext old;
 	HeapTuple	newtup = NULL;
 	HeapTuple	oldtup = NULL;
@@ -526,6 +699,16 @@ mqtt_emit_capture(PG_FUNCTION_ARGS)
 				 errhint("Watch the table with mqtt_emit.watch(), under a model name of its own, or drop trigger \"%s\".",
 						 trigdata->tg_trigger->tgname)));
 
+	/* retained state: see the file header */
+	state = cr->retain_last && (flags & ME_FLAG_PUBLISH) != 0;
+	if (state && cr->key_problem)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("cannot keep the retained state of table \"%s\"",
+						RelationGetRelationName(rel)),
+				 errdetail("%s", cr->key_problem),
+				 errhint("Give the table a primary key whose columns are published, or call mqtt_emit.watch() again without retain_last.")));
+
 	if (TRIGGER_FIRED_BY_INSERT(trigdata->tg_event))
 	{
 		op = ME_OP_CREATE;
@@ -572,6 +755,12 @@ mqtt_emit_capture(PG_FUNCTION_ARGS)
 
 	initStringInfo(&buf);
 	initStringInfo(&row);
+	initStringInfo(&newstate);
+	initStringInfo(&oldstate);
+	if (state && newtup)
+		append_state_topic(&newstate, rel, cr, tupdesc, newtup);
+	if (state && oldtup)
+		append_state_topic(&oldstate, rel, cr, tupdesc, oldtup);
 	/* room for the queue entry header, filled in below */
 	appendBinaryStringInfo(&buf, (char *) &(MqttEmitEventHeader) {0},
 						   sizeof(MqttEmitEventHeader));
@@ -594,7 +783,8 @@ mqtt_emit_capture(PG_FUNCTION_ARGS)
 			appendStringInfoString(&buf, ",\"data\":");
 			append_row(&buf, cr, tupdesc, newtup, false, oldtup);
 			appendStringInfoString(&buf, "},\"result\":");
-			append_row(&buf, cr, tupdesc, newtup, false, NULL);
+			append_row(&row, cr, tupdesc, newtup, false, NULL);
+			appendBinaryStringInfo(&buf, row.data, row.len);
 			me_json_event_tail(&buf, GetCurrentTimestamp());
 			appendStringInfoString(&buf, ",\"old\":");
 			append_row(&buf, cr, tupdesc, oldtup, false, NULL);
@@ -616,11 +806,27 @@ mqtt_emit_capture(PG_FUNCTION_ARGS)
 
 	MemoryContextSwitchTo(old);
 
-	me_capture_add_event(ME_KIND_ROW, flags, op, RelationGetRelid(rel),
-						 buf.data + sizeof(MqttEmitEventHeader), cr->model_len,
-						 buf.data + sizeof(MqttEmitEventHeader) + cr->model_len,
-						 buf.len - sizeof(MqttEmitEventHeader) - cr->model_len,
-						 255);
+	if (me_capture_add_event(ME_KIND_ROW, flags, op, RelationGetRelid(rel),
+							 buf.data + sizeof(MqttEmitEventHeader), cr->model_len,
+							 buf.data + sizeof(MqttEmitEventHeader) + cr->model_len,
+							 buf.len - sizeof(MqttEmitEventHeader) - cr->model_len,
+							 255) && state)
+	{
+		/*
+		 * After the event: clear the old key's retained message (a delete,
+		 * or an update that changed the key), then set the new row's.
+		 */
+		if (oldstate.len > 0 &&
+			(newstate.len == 0 || strcmp(oldstate.data, newstate.data) != 0))
+			(void) me_capture_add_event(ME_KIND_PUBLISH, ME_FLAG_PUBLISH | ME_FLAG_RETAIN,
+										ME_OP_OTHER, InvalidOid,
+										oldstate.data, oldstate.len, "", 0, 255);
+		if (newstate.len > 0)
+			(void) me_capture_add_event(ME_KIND_PUBLISH, ME_FLAG_PUBLISH | ME_FLAG_RETAIN,
+										ME_OP_OTHER, InvalidOid,
+										newstate.data, newstate.len,
+										row.data, row.len, 255);
+	}
 	MemoryContextReset(capture_cxt);
 
 	return PointerGetDatum(NULL);

@@ -30,6 +30,13 @@
  * a topic outside <prefix>/ that matches a handler's filter is kept as a
  * row of kind ME_KIND_MESSAGE, whatever its bytes (handlers.c).
  *
+ * The filter <prefix>/<model>/# also matches the retained state messages
+ * of retain_last tables, <prefix>/<model>/state/<key> (capture.c), and the
+ * broker sends every one of them at each SUBSCRIBE (every reconnection):
+ * they are no events, and are dropped here (after the spool, which paho's
+ * thread writes before any setting could be looked at), without a row, a
+ * listener run or a count (rejected or received), at DEBUG1.
+ *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
  * IDENTIFICATION
@@ -39,6 +46,7 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "mb/pg_wchar.h"
 #include "nodes/pg_list.h"
 #include "nodes/value.h"
@@ -535,6 +543,8 @@ keep_spooled(void)
 		 * then be on disk.  One flush per batch of up to INBOX_BATCH.
 		 */
 		me_worker_begin_tx("keeping received messages");
+		/* whatever synchronous_commit says */
+		ForceSyncCommit();
 		old = MemoryContextSwitchTo(cxt);
 		msgs = palloc(sizeof(MeIncoming) * INBOX_BATCH);
 		n = me_spool_read(msgs, INBOX_BATCH, &gen, &pos);
@@ -543,7 +553,7 @@ keep_spooled(void)
 		MemoryContextSwitchTo(old);
 		me_worker_end_tx();
 		MemoryContextDelete(cxt);
-		if (n > 0)
+		if (n != 0)
 			me_spool_committed();
 		if (n < INBOX_BATCH || !me_spool_has_unread())
 			break;
@@ -626,6 +636,15 @@ keep_messages(MeIncoming *m, MeIncoming **rest, bool spooled, int64 spool_gen,
 				ereport(DEBUG1,
 						(errmsg("pg_mqtt_emit ignored a message on \"%.200s\": no handler's filter matches",
 								m->topic)));
+			m = m->next;
+			continue;
+		}
+		/* a row's retained state (retain_last), no event: ignored */
+		if (me_topic_is_state(m->topic, m->topic_len))
+		{
+			ereport(DEBUG1,
+					(errmsg("pg_mqtt_emit ignored a state message on \"%.200s\"",
+							m->topic)));
 			m = m->next;
 			continue;
 		}

@@ -183,6 +183,8 @@ mqtt_emit_listener_main(Datum main_arg)
 			/* not readable now: the old copy stays, try again next round */
 			if (r != ME_REGISTRY_KEPT)
 			{
+				if (extension_ready != (r == ME_REGISTRY_LOADED))
+					me_remote_forget_table();
 				extension_ready = (r == ME_REGISTRY_LOADED);
 				listeners_version = version;
 			}
@@ -364,6 +366,7 @@ run_round(void)
 	MemoryContextSwitchTo(round_cxt);
 	pgstat_report_activity(STATE_RUNNING, "running listeners");
 	n = me_outbox_local_rows(ROWS_PER_ROUND, &rows);
+	me_remote_prune();
 
 	/*
 	 * A listener registered after the registry was loaded may be due for

@@ -87,5 +87,7 @@ extern Jsonb *me_jbv_jsonb(JsonbValue *v);
 /* remote.c */
 extern void me_listeners_handle_remote(const MeRemoteMessage *m);
 extern void me_remote_reject(const char *topic, int payload_len, const char *why);
+extern void me_remote_prune(void);
+extern void me_remote_forget_table(void);
 
 #endif							/* MQTT_EMIT_LISTENERS_H */

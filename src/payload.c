@@ -41,6 +41,7 @@
 #include "common/hmac.h"
 #include "common/sha2.h"
 #include "common/jsonapi.h"
+#include "common/shortest_dec.h"
 #include "utils/builtins.h"
 #include "utils/date.h"
 #include "utils/datetime.h"
@@ -246,6 +247,73 @@ me_json_value(StringInfo buf, MqttEmitColType *ct, Datum value, bool isnull)
 			pfree(s);
 			break;
 	}
+}
+
+/*
+ * The text of one key column's value, for the key level of a state topic
+ * (capture.c, retain_last; topic.c percent-encodes it).  A row's state
+ * topic must be the same in every session and under every setting, or a
+ * later change of the row would not clear the retained message of an
+ * earlier one: so the forms that would follow settings are fixed here.
+ * Integers and numeric as their digits, booleans true and false, float4
+ * and float8 in their shortest exact form (whatever extra_float_digits
+ * says), date and timestamp in ISO 8601 as to_jsonb() writes them
+ * (whatever DateStyle says), timestamptz the same in UTC with +00:00
+ * (whatever TimeZone says), bytea in hex (whatever bytea_output says),
+ * anything else its type's output function (text, varchar, uuid, enums:
+ * what the value is).  Neither mqtt_emit.json_profile nor the payload's
+ * rendering applies.  Returns a palloc'd string.
+ */
+char *
+me_key_text(MqttEmitColType *ct, Datum value)
+{
+	char		tmp[MAXDATELEN + 32];
+	int			utc = 0;
+
+	switch (ct->cat)
+	{
+		case ME_JSON_BOOL:
+			return pstrdup(DatumGetBool(value) ? "true" : "false");
+		case ME_JSON_INT2:
+			pg_ltoa(DatumGetInt16(value), tmp);
+			return pstrdup(tmp);
+		case ME_JSON_INT4:
+			pg_ltoa(DatumGetInt32(value), tmp);
+			return pstrdup(tmp);
+		case ME_JSON_INT8:
+			pg_lltoa(DatumGetInt64(value), tmp);
+			return pstrdup(tmp);
+		case ME_JSON_NUMBER:
+			if (ct->typid == FLOAT8OID)
+			{
+				double_to_shortest_decimal_buf(DatumGetFloat8(value), tmp);
+				return pstrdup(tmp);
+			}
+			if (ct->typid == FLOAT4OID)
+			{
+				float_to_shortest_decimal_buf(DatumGetFloat4(value), tmp);
+				return pstrdup(tmp);
+			}
+			break;				/* numeric: its output function */
+		case ME_JSON_DATETIME:
+			return pstrdup(JsonEncodeDateTime(tmp, value, ct->typid,
+											  ct->typid == TIMESTAMPTZOID ? &utc : NULL));
+		default:
+			if (ct->typid == BYTEAOID)
+			{
+				bytea	   *b = DatumGetByteaPP(value);
+				int			len = VARSIZE_ANY_EXHDR(b);
+				char	   *out = palloc(2 + 2 * len + 1);
+
+				out[0] = '\\';
+				out[1] = 'x';
+				hex_encode(VARDATA_ANY(b), len, out + 2);
+				out[2 + 2 * len] = '\0';
+				return out;
+			}
+			break;
+	}
+	return OutputFunctionCall(&ct->outfunc, value);
 }
 
 /*

@@ -99,9 +99,10 @@ me_pending_init(void)
 
 /*
  * Keep one event until the end of the transaction.  The model (or topic)
- * and payload are copied; the caller keeps its buffers.
+ * and payload are copied; the caller keeps its buffers.  False when it is
+ * not kept (deeper than mqtt_emit.max_depth: a warning, counted).
  */
-void
+bool
 me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 					 Oid relid, const char *model, int model_len,
 					 const char *payload, int payload_len, int qos)
@@ -121,7 +122,7 @@ me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 						   capture_depth - 1),
 				 errhint("Check for listeners whose changes feed their own model, or raise \"mqtt_emit.max_depth\".")));
 		me_count(ME_STAT_DEPTH_EXCEEDED, 1);
-		return;
+		return false;
 	}
 	/* the transaction's place and size in the queue are fixed already */
 	if (reservation.len > 0 || outboxed > 0)
@@ -137,7 +138,7 @@ me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 				 errmsg("transaction exceeds \"mqtt_emit.max_transaction_events\" (%d)",
 						mqtt_emit_max_transaction_events),
-				 errdetail("Each captured row change and each mqtt_emit.publish() is one event; none of this transaction's events are kept."),
+				 errdetail("Each captured row change, each retained state message of a retain_last table and each mqtt_emit.publish() is one event; none of this transaction's events are kept."),
 				 errhint("Split the work into smaller transactions, turn off \"mqtt_emit.enabled\" for bulk changes, or ask a superuser to raise \"mqtt_emit.max_transaction_events\" for this role.")));
 	if (payload_len > mqtt_emit_max_payload)
 		ereport(ERROR,
@@ -183,6 +184,7 @@ me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 	pending[npending] = entry;
 	npending++;
 	pending_bytes += total;
+	return true;
 }
 
 /*
@@ -390,7 +392,10 @@ capture_xact_callback(XactEvent event, void *arg)
 			{
 				me_queue_push_reserved(pending, npending, &reservation, npending);
 				if (outboxed > 0)
+				{
 					me_outbox_rows_add(outboxed);
+					me_count(ME_STAT_ENQUEUED_DURABLE, npending);
+				}
 			}
 			else if (outboxed > 0)
 			{

@@ -44,6 +44,7 @@ char	   *mqtt_emit_database = NULL;
 int			mqtt_emit_queue_size = 8192;	/* kB */
 int			mqtt_emit_delivery = ME_DELIVERY_MEMORY;
 int			mqtt_emit_dedup_ttl = 5000; /* ms */
+int			mqtt_emit_dedup_keep = 600;	/* s */
 int			mqtt_emit_dedup_max = 100000;
 bool		mqtt_emit_enabled = true;
 bool		mqtt_emit_emit_local = true;
@@ -174,6 +175,13 @@ _PG_init(void)
 							&mqtt_emit_dedup_ttl,
 							5000, 0, 3600 * 1000,
 							PGC_SIGHUP, GUC_UNIT_MS,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtt_emit.dedup_keep",
+							"Sets how long the ids of handled remote events are kept in mqtt_emit.received_ids.",
+							"They are written in the transaction that runs the event's listeners, so that a copy that comes again (a publisher that sends again after a crash, a listener worker that was restarted) does not run them twice. 0 keeps them in memory only, for mqtt_emit.dedup_ttl.",
+							&mqtt_emit_dedup_keep,
+							600, 0, 7 * 24 * 3600,
+							PGC_SIGHUP, GUC_UNIT_S,
 							NULL, NULL, NULL);
 	DefineCustomIntVariable("mqtt_emit.dedup_max",
 							"Sets the maximum number of event ids remembered for deduplication.",

@@ -36,6 +36,9 @@
 #define MQTT_EMIT_EVENT_ID_LEN		36	/* UUID text form, without NUL */
 #define MQTT_EMIT_MAX_MODEL_LEN		200
 
+/* MQTT: a topic is a UTF-8 string of at most 65535 bytes */
+#define ME_MAX_TOPIC_LEN			65535
+
 /* Row operations, as the seed names them on the wire. */
 typedef enum MqttEmitOp
 {
@@ -160,6 +163,8 @@ typedef enum MqttEmitCounter
 	ME_STAT_OUTBOXED,			/* events moved to the outbox by the worker */
 	ME_STAT_DEAD_LETTERS,		/* messages the broker refused for good */
 	ME_STAT_DEPTH_EXCEEDED,		/* events not captured: mqtt_emit.max_depth */
+	ME_STAT_ENQUEUED_DURABLE,	/* of ENQUEUED: durable (their rows survive) */
+	ME_STAT_DEQUEUED_DURABLE,	/* of DEQUEUED: durable */
 	ME_STAT_COUNT
 } MqttEmitCounter;
 
@@ -222,6 +227,7 @@ extern char *mqtt_emit_database;
 extern int	mqtt_emit_queue_size;
 extern int	mqtt_emit_delivery;
 extern int	mqtt_emit_dedup_ttl;
+extern int	mqtt_emit_dedup_keep;
 extern int	mqtt_emit_dedup_max;
 extern bool mqtt_emit_enabled;
 extern bool mqtt_emit_emit_local;
@@ -356,6 +362,7 @@ typedef struct MqttEmitColType
 /* payload.c */
 extern void me_classify_type(Oid typid, MqttEmitColType *ct, MemoryContext cxt);
 extern void me_json_value(StringInfo buf, MqttEmitColType *ct, Datum value, bool isnull);
+extern char *me_key_text(MqttEmitColType *ct, Datum value);
 extern void me_json_event_tail(StringInfo buf, TimestampTz now);
 extern void me_make_event_id(char *out, TimestampTz now);
 extern void me_format_timestamp(char *out, TimestampTz ts);
@@ -379,7 +386,7 @@ extern void me_capture_init(void);
 
 /* pending.c */
 extern void me_pending_init(void);
-extern void me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
+extern bool me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 								 Oid relid, const char *model, int model_len,
 								 const char *payload, int payload_len, int qos);
 extern void me_capture_listeners_changed(void);

@@ -36,7 +36,11 @@
  */
 #include "postgres.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include "access/xact.h"
+#include "common/file_perm.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "storage/latch.h"
@@ -624,6 +628,7 @@ me_relay_release_done(void)
 	uint64		done = Min(local_pos, me_inflight_pub_done());
 	uint64		pos = head_pos;
 	int			nevents = 0;
+	int			ndurable = 0;
 
 	if (done <= head_pos)
 		return;
@@ -635,9 +640,13 @@ me_relay_release_done(void)
 		pos += hdr.total_len;
 		if (hdr.kind != ME_KIND_MARKER && hdr.kind != ME_KIND_SKIP)
 			nevents++;
+		if (hdr.flags & ME_FLAG_QUEUED)
+			ndurable++;
 	}
 	Assert(pos == done);
 	me_queue_release(done, nevents);
+	if (ndurable > 0)
+		me_count(ME_STAT_DEQUEUED_DURABLE, ndurable);
 	head_pos = done;
 }
 
@@ -677,4 +686,87 @@ me_relay_keep_queue_at_exit(void)
 	me_relay_release_done();
 	ereport(LOG,
 			(errmsg("pg_mqtt_emit kept the unpublished events of the queue in mqtt_emit.outbox")));
+}
+
+/*
+ * What a crash of memory delivery loses can be known only afterwards: the
+ * queue goes with the shared memory.  The worker writes, once a second,
+ * how many memory-delivery events the queue holds (its fill, less the
+ * durable events whose rows survive) to a small file beside the spool;
+ * the first worker of new shared memory reads it and counts what it says
+ * as dropped, with a WARNING.  A clean shutdown keeps the queue in the
+ * outbox first and leaves 0.
+ */
+#define FILL_FILE	"pg_mqtt_emit/queue_fill"
+
+static uint64
+memory_events_queued(void)
+{
+	uint64		n = me_counter(ME_STAT_ENQUEUED) - me_counter(ME_STAT_DEQUEUED);
+	uint64		d = me_counter(ME_STAT_ENQUEUED_DURABLE) - me_counter(ME_STAT_DEQUEUED_DURABLE);
+
+	return n > d ? n - d : 0;
+}
+
+static void
+write_fill(uint64 n)
+{
+	int			fd = open(FILL_FILE, O_WRONLY | O_CREAT | O_CLOEXEC, pg_file_create_mode);
+	char		buf[32];
+	int			len;
+
+	if (fd < 0)
+		return;
+	len = snprintf(buf, sizeof(buf), UINT64_FORMAT "\n", n);
+	/* a fixed width would leave no stale digits; ftruncate does the same */
+	if (ftruncate(fd, 0) == 0 && write(fd, buf, len) != len)
+	{
+		/* nothing to do: the next round writes it again */
+	}
+	close(fd);
+}
+
+/* once a second from the worker's loop, and at a clean exit */
+void
+me_relay_note_fill(bool now)
+{
+	static TimestampTz last = 0;
+	static uint64 last_n = PG_UINT64_MAX;
+	TimestampTz t = GetCurrentTimestamp();
+	uint64		n;
+
+	if (!now && t - last < USECS_PER_SEC)
+		return;
+	last = t;
+	n = memory_events_queued();
+	if (n != last_n)
+		write_fill(n);
+	last_n = n;
+}
+
+/* the first worker of new shared memory: what did the last one leave? */
+void
+me_relay_report_lost(void)
+{
+	FILE	   *f;
+	unsigned long long n = 0;
+
+	if (!me_worker_fresh())
+		return;
+	f = fopen(FILL_FILE, "r");
+	if (f == NULL)
+		return;
+	if (fscanf(f, "%llu", &n) != 1)
+		n = 0;
+	fclose(f);
+	if (n > 0)
+	{
+		ereport(WARNING,
+				(errmsg("pg_mqtt_emit: about %llu events of memory delivery were lost with the shared-memory queue",
+						n),
+				 errdetail("The queue held that many committed events not yet acknowledged by the broker up to a second before the server stopped without a clean shutdown."),
+				 errhint("Use mqtt_emit.delivery = durable for events that must not be lost.")));
+		me_count(ME_STAT_DROPPED, (uint64) n);
+	}
+	write_fill(0);
 }

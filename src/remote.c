@@ -4,6 +4,10 @@
  *		Messages received from the bus: checks, deduplication, and the hand
  *		over to the listeners.  Runs in the background worker only.
  *
+ * State messages of retain_last tables (<prefix>/<model>/state/<key>) are no
+ * events: the worker does not keep them (inbound.c), and one that was kept
+ * all the same is skipped here without a count.
+ *
  * Received messages are checked before anything runs: size, encoding, NUL
  * bytes, JSON syntax, field types, model name, and that the topic has the
  * form <prefix>/<model>/<something> (or is what RabbitMQ makes of the
@@ -143,7 +147,90 @@ dedup_pop_oldest(void)
 }
 
 /*
- * True when key was seen within the TTL; otherwise remember it.
+ * The persistent record of handled events (mqtt_emit.received_ids): the
+ * key is inserted in the transaction that runs the event's listeners
+ * (handle_row's subtransaction, listener_worker.c), so it is there exactly
+ * when their work is, and kept for mqtt_emit.dedup_keep.  True when the key
+ * was there already.  An extension of before 0.2.0 has no table: memory
+ * only.
+ */
+static SPIPlanPtr seen_plan = NULL;
+static int	seen_table = -1;		/* unknown, 0 no, 1 yes */
+static TimestampTz last_prune = 0;
+
+static bool
+received_id_seen(const DedupKey *key)
+{
+	Datum		args[2];
+	bool		seen;
+
+	if (mqtt_emit_dedup_keep == 0 || seen_table == 0)
+		return false;
+	SPI_connect();
+	if (seen_table < 0)
+		seen_table = (SPI_execute("SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+								  " WHERE n.nspname = 'mqtt_emit' AND c.relname = 'received_ids'",
+								  true, 1) == SPI_OK_SELECT && SPI_processed == 1) ? 1 : 0;
+	if (seen_table == 0)
+	{
+		SPI_finish();
+		return false;
+	}
+	if (seen_plan == NULL)
+	{
+		Oid			types[2] = {INT8OID, INT8OID};
+
+		seen_plan = SPI_prepare("INSERT INTO mqtt_emit.received_ids (a, b) VALUES ($1, $2)"
+								" ON CONFLICT DO NOTHING", 2, types);
+		if (seen_plan == NULL)
+			elog(ERROR, "SPI_prepare failed for mqtt_emit.received_ids: %s",
+				 SPI_result_code_string(SPI_result));
+		SPI_keepplan(seen_plan);
+	}
+	args[0] = Int64GetDatum((int64) key->a);
+	args[1] = Int64GetDatum((int64) key->b);
+	if (SPI_execute_plan(seen_plan, args, NULL, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "cannot record a received event id");
+	seen = (SPI_processed == 0);
+	SPI_finish();
+	return seen;
+}
+
+/*
+ * Remove the records older than mqtt_emit.dedup_keep; at most once a
+ * minute, from the listener worker's transaction.
+ */
+void
+me_remote_prune(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	Datum		arg;
+	Oid			type = INT4OID;
+
+	if (seen_table != 1 || now - last_prune < 60 * USECS_PER_SEC)
+		return;
+	last_prune = now;
+	arg = Int32GetDatum(mqtt_emit_dedup_keep);
+	SPI_connect();
+	(void) SPI_execute_with_args("DELETE FROM mqtt_emit.received_ids"
+								 " WHERE seen_at OPERATOR(pg_catalog.<) pg_catalog.now() OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => $1)",
+								 1, &type, &arg, NULL, false, 0);
+	SPI_finish();
+}
+
+/* the registry was reloaded: the extension may be another now */
+void
+me_remote_forget_table(void)
+{
+	seen_table = -1;
+	if (seen_plan)
+		SPI_freeplan(seen_plan);
+	seen_plan = NULL;
+}
+
+/*
+ * True when key was seen within the TTL (in memory) or is in the
+ * persistent record; otherwise remember it in both.
  */
 static bool
 dedup_seen(const DedupKey *key, TimestampTz now)
@@ -156,10 +243,12 @@ dedup_seen(const DedupKey *key, TimestampTz now)
 	while (dedup_count > 0 && dedup_ring[dedup_start].seen < cutoff)
 		dedup_pop_oldest();
 	if (mqtt_emit_dedup_ttl == 0)
-		return false;
+		return received_id_seen(key);
 
 	e = hash_search(dedup_hash, key, HASH_FIND, NULL);
 	if (e != NULL)
+		return true;
+	if (received_id_seen(key))
 		return true;
 
 	if (dedup_count == dedup_ring_size)
@@ -322,6 +411,8 @@ me_listeners_handle_remote(const MeRemoteMessage *m)
 	char	   *volatile model;	/* volatile: set before a PG_TRY (gcc 14 -Wclobbered) */
 	const char *self = me_client_id();
 
+	if (me_topic_is_state(m->topic, m->topic_len))
+		return;
 	me_count(ME_STAT_RECEIVED, 1);
 
 	if (m->payload_len > mqtt_emit_max_payload)

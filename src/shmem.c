@@ -150,6 +150,7 @@ typedef struct MeReservations
 {
 	int			nslots;
 	int			nopen;			/* slots with open set */
+	uint64		oldest;			/* the smallest pos of them, when nopen > 0 */
 	struct
 	{
 		bool		open;		/* reserved, not yet written */
@@ -321,7 +322,9 @@ me_queue_reserve(Size len, bool marker, MeQueueSlot *slot)
 	{
 		me_res->slot[slot->ticket].open = true;
 		me_res->slot[slot->ticket].pos = me_shared->tail;
-		me_res->nopen++;
+		/* later reservations lie after the open ones */
+		if (me_res->nopen++ == 0)
+			me_res->oldest = me_shared->tail;
 		slot->pos = me_shared->tail;
 		slot->len = len;
 		me_shared->tail += len;
@@ -334,49 +337,42 @@ me_queue_reserve(Size len, bool marker, MeQueueSlot *slot)
 static uint64
 readable_tail(void)
 {
-	uint64		tail = me_shared->tail;
-	int			i,
-				seen = 0;
-
-	for (i = 0; seen < me_res->nopen && i < me_res->nslots; i++)
-	{
-		if (me_res->slot[i].open)
-		{
-			tail = Min(tail, me_res->slot[i].pos);
-			seen++;
-		}
-	}
-	return tail;
-}
-
-/* Would len bytes of events fit in the queue now?  (No promise.) */
-bool
-me_queue_has_room(Size len)
-{
-	bool		ok;
-
-	LWLockAcquire(me_shared->lock, LW_SHARED);
-	ok = (me_shared->tail - me_shared->head) + len <=
-		me_shared->capacity - me_shared->capacity / 8;
-	LWLockRelease(me_shared->lock);
-	return ok;
+	return me_res->nopen > 0 ? me_res->oldest : me_shared->tail;
 }
 
 /*
  * Mark a reservation written; returns true when that made more of the
  * queue readable (it was the oldest), and the worker's latch in *latch.
- * Called with the lock held.
+ * Called with the lock held.  Only the oldest's end makes a scan for the
+ * next oldest.
  */
 static bool
 reservation_written(MeQueueSlot *slot, Latch **latch)
 {
-	uint64		before = readable_tail();
+	bool		was_oldest;
 
 	Assert(me_res->slot[slot->ticket].open);
 	me_res->slot[slot->ticket].open = false;
 	me_res->nopen--;
 	*latch = me_shared->worker_latch;
-	return readable_tail() != before;
+	was_oldest = (me_res->slot[slot->ticket].pos == me_res->oldest);
+	if (was_oldest && me_res->nopen > 0)
+	{
+		uint64		oldest = PG_UINT64_MAX;
+		int			i,
+					seen = 0;
+
+		for (i = 0; seen < me_res->nopen && i < me_res->nslots; i++)
+		{
+			if (me_res->slot[i].open)
+			{
+				oldest = Min(oldest, me_res->slot[i].pos);
+				seen++;
+			}
+		}
+		me_res->oldest = oldest;
+	}
+	return was_oldest;
 }
 
 /*

@@ -304,10 +304,10 @@ load_position(void)
 
 	/*
 	 * Older generations than the recorded one are done.  So are all older
-	 * ones when nothing was recorded (a new extension: what they hold was
-	 * received for one that is gone) or nothing can be (an extension of
-	 * before 0.2.0, whose positions were never kept: reading them again would
-	 * keep their messages twice).  A recorded generation this directory has
+	 * ones when nothing can be recorded (an extension of before 0.2.0, whose
+	 * positions were never kept: reading them again would keep their
+	 * messages twice).  With nothing recorded yet (the first batch was not
+	 * kept) they are all read.  A recorded generation this directory has
 	 * not reached yet (a restored or promoted data directory) says nothing
 	 * about these files: they are all read.
 	 */
@@ -317,8 +317,10 @@ load_position(void)
 
 		if (i == nread_gens - 1)
 			done = false;		/* the current one */
-		else if (!table_ok || gen == 0)
+		else if (!table_ok)
 			done = true;
+		else if (gen == 0)
+			done = false;		/* none recorded yet: read them all */
 		else if (gen >= spool_gen)
 			done = false;
 		else
@@ -482,7 +484,7 @@ me_spool_read(MeIncoming *out, int max, int64 *gen, uint64 *pos)
 			next_generation();
 			continue;
 		}
-		if ((int64) rec.payload_len + rec.props_len > mqtt_emit_max_payload)
+		if ((int64) rec.payload_len > mqtt_emit_max_payload)
 		{
 			/*
 			 * Too large to be kept: its size is all the caller needs to say

@@ -23,6 +23,18 @@
  * payload's model and operation give (me_topic_matches_mapped).  Names
  * without "." and "*" arrive unchanged everywhere.
  *
+ * With watch(..., retain_last => true) a table also keeps one retained
+ * message per row on <prefix>/<model>/state/<key> (capture.c).  The key
+ * level is the text of each key column (payload.c, me_key_text) in UTF-8,
+ * every byte other than A-Z, a-z, 0-9, "-", "_" and "~" percent-encoded
+ * (%2F, %C3%A9: upper-case hex), the columns joined by ",".  So a key
+ * never adds levels or wildcards, "$", "." (which RabbitMQ turns into a
+ * level separator) and control characters never appear, the level is
+ * ASCII (valid UTF-8 whatever the database encoding), and distinct keys
+ * give distinct topics: "," and "%" only appear as the separator and as
+ * escapes.  A received topic of that form is not an event: the subscriber
+ * side ignores it (me_topic_is_state).
+ *
  * Whatever becomes part of a topic (model names, the topic prefix, the
  * topics of mqtt_emit.publish()) must follow MQTT's rules for UTF-8 strings
  * ([MQTT-1.5.3]): valid UTF-8 without U+0000, surrogates, control
@@ -193,6 +205,60 @@ me_append_topic_model(StringInfo buf, const char *model, int len, bool lower)
 				break;
 		}
 	}
+}
+
+/*
+ * Append the text of one key column to the key level of a state topic,
+ * percent-encoding every byte but A-Z, a-z, 0-9, "-", "_" and "~" (see the
+ * file header); s is UTF-8.
+ */
+void
+me_append_topic_key(StringInfo buf, const char *s, int len)
+{
+	static const char hex[] = "0123456789ABCDEF";
+	int			i;
+
+	for (i = 0; i < len; i++)
+	{
+		unsigned char c = (unsigned char) s[i];
+
+		if ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
+			(c >= '0' && c <= '9') || c == '-' || c == '_' || c == '~')
+			appendStringInfoChar(buf, (char) c);
+		else
+		{
+			appendStringInfoChar(buf, '%');
+			appendStringInfoChar(buf, hex[c >> 4]);
+			appendStringInfoChar(buf, hex[c & 0x0F]);
+		}
+	}
+}
+
+/*
+ * Is a received topic a state topic, <prefix>/<model>/state/<key> (the
+ * prefix compared without regard to case, as for events)?  The
+ * subscriber's filter <prefix>/<model>/# matches these retained messages
+ * too; they carry no event, and are ignored without a count.
+ */
+bool
+me_topic_is_state(const char *topic, int topic_len)
+{
+	int			plen = strlen(mqtt_emit_topic_prefix);
+	const char *rest;
+	const char *slash;
+	int			left;
+
+	if (topic_len <= plen + 1 ||
+		pg_strncasecmp(topic, mqtt_emit_topic_prefix, plen) != 0 ||
+		topic[plen] != '/')
+		return false;
+	rest = topic + plen + 1;
+	left = topic_len - plen - 1;
+	slash = memchr(rest, '/', left);
+	if (slash == NULL || slash == rest)
+		return false;
+	left -= (slash + 1) - rest;
+	return left >= 6 && memcmp(slash + 1, "state/", 6) == 0;
 }
 
 /*

@@ -34,6 +34,8 @@ extern void me_check_topic_text(const char *s, int len, const char *what,
 extern void me_ascii_lower(char *s, int len);
 extern void me_append_topic_model(StringInfo buf, const char *model, int len,
 								  bool lower);
+extern void me_append_topic_key(StringInfo buf, const char *s, int len);
+extern bool me_topic_is_state(const char *topic, int topic_len);
 extern void me_build_topic(StringInfo buf, const MqttEmitEventHeader *hdr,
 						   const char *model, bool all_style);
 extern void me_build_dead_letter_topic(StringInfo buf, const MqttEmitEventHeader *hdr,

@@ -147,6 +147,7 @@ mqtt_emit_worker_main(Datum main_arg)
 	me_relay_init(head);
 	/* before the subscriber exists: what it receives goes there first */
 	me_spool_open();
+	me_relay_report_lost();
 	me_client_init();
 
 	ereport(LOG,
@@ -179,6 +180,7 @@ mqtt_emit_worker_main(Datum main_arg)
 		me_inbound_retry(now, &timeout);
 
 		more = me_relay_step(&tail, &new_entries, &timeout);
+		me_relay_note_fill(false);
 
 		MemoryContextReset(loop_cxt);
 		if (got_sigterm)
@@ -318,6 +320,7 @@ shut_down(void)
 	if (me_outbox_rows_done(NULL) > 0 && me_relay_ready())
 		me_relay_delete_done();
 	me_relay_keep_queue_at_exit();
+	me_relay_note_fill(true);
 	me_client_disconnect_all();
 
 	/*

@@ -83,6 +83,8 @@ extern bool me_relay_ready(void);
 extern void me_relay_committed(void);
 extern bool me_relay_step(uint64 *tail, int *new_entries, long *timeout);
 extern void me_relay_release_done(void);
+extern void me_relay_note_fill(bool now);
+extern void me_relay_report_lost(void);
 extern void me_relay_delete_done(void);
 extern void me_relay_keep_queue_at_exit(void);
 

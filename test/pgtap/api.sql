@@ -1,11 +1,11 @@
 -- API contracts of pg_mqtt_emit: objects, signatures, privileges, errors.
 BEGIN;
-SELECT plan(78);
+SELECT plan(86);
 
 CREATE EXTENSION IF NOT EXISTS pg_mqtt_emit;
 
 SELECT has_schema('mqtt_emit');
-SELECT has_function('mqtt_emit', 'watch', ARRAY['regclass', 'boolean', 'text[]', 'text', 'text[]', 'text[]']);
+SELECT has_function('mqtt_emit', 'watch', ARRAY['regclass', 'boolean', 'text[]', 'text', 'text[]', 'text[]', 'boolean']);
 SELECT has_function('mqtt_emit', 'unwatch', ARRAY['regclass']);
 SELECT has_function('mqtt_emit', 'listen', ARRAY['text', 'regprocedure', 'boolean', 'boolean', 'jsonb', 'text[]']);
 SELECT has_function('mqtt_emit', 'unlisten', ARRAY['bigint']);
@@ -74,6 +74,23 @@ SELECT throws_ok($$SELECT mqtt_emit.unwatch('tap_t')$$, '42704');
 SELECT lives_ok($$SELECT mqtt_emit.watch('tap_t', exclude_columns => '{secret}')$$, 'owner can watch');
 SELECT is((SELECT exclude_columns FROM mqtt_emit.watched_tables WHERE table_name = 'tap_t'::regclass),
           ARRAY['secret'], 'watched_tables shows the exclusion');
+-- retain_last: a key is needed, published, with emit and all operations
+CREATE TABLE tap_nokey (a int, b text);
+SELECT throws_ok($$SELECT mqtt_emit.watch('tap_nokey', retain_last => true)$$, '55000',
+                 'cannot keep the retained state of table public.tap_nokey', 'retain_last without a key: 55000');
+SELECT throws_ok($$SELECT mqtt_emit.watch('tap_t', exclude_columns => '{id}', retain_last => true)$$, '22023',
+                 'key column "id" of table public.tap_t is not published', 'retain_last with an excluded key column: 22023');
+SELECT throws_ok($$SELECT mqtt_emit.watch('tap_t', emit => false, retain_last => true)$$, '22023',
+                 'retain_last needs emit', 'retain_last without emit: 22023');
+SELECT throws_ok($$SELECT mqtt_emit.watch('tap_t', operations => '{insert,update}', retain_last => true)$$, '22023',
+                 'retain_last needs the operations insert, update and delete', 'retain_last without delete: 22023');
+SELECT is((SELECT retain_last FROM mqtt_emit.watched_tables WHERE table_name = 'tap_t'::regclass),
+          false, 'a failed watch() leaves the settings');
+SELECT lives_ok($$SELECT mqtt_emit.watch('tap_t', exclude_columns => '{secret}', retain_last => true)$$,
+                'watch with retain_last');
+SELECT is((SELECT retain_last FROM mqtt_emit.watched_tables WHERE table_name = 'tap_t'::regclass),
+          true, 'watched_tables shows retain_last');
+SELECT col_type_is('mqtt_emit', 'watched_tables', 'retain_last', 'boolean', 'watched_tables.retain_last is boolean');
 SELECT throws_ok($$SELECT mqtt_emit.listen('tap', 'tap_not_listener(int)')$$, '42P13');
 SELECT throws_ok($$SELECT mqtt_emit.listen('tap', 'tap_listener(mqtt_emit.event)', remote_only => true)$$, '22023');
 SELECT throws_ok($$SELECT mqtt_emit.listen('tap', 'tap_listener(mqtt_emit.event)', filter => '"x"')$$, '22023');

@@ -12,6 +12,8 @@
 #     eventId, timestamp and origin), local and remote listeners still run,
 #   - what 0.2.0 adds works: renames are followed, a direct INSERT into the
 #     registry reaches the worker, stats_reset() and the new stats columns,
+#     watch(..., retain_last => true) on a table watched since 0.1.0 (the
+#     upgrade recreated watch()),
 #   - the extension's objects are the same as those of a fresh 0.2.0
 #     install (a normalized catalog listing of both nodes, compared line by
 #     line).
@@ -169,6 +171,18 @@ my $st = JSON::PP::decode_json(sq($old, 'SELECT row_to_json(s) FROM mqtt_emit.st
 ok(exists $st->{stats_reset} && exists $st->{oldest_waiting_seconds}, 'stats has the 0.2.0 columns');
 sq($old, 'SELECT mqtt_emit.stats_reset()');
 is(sq($old, 'SELECT listener_calls FROM mqtt_emit.stats'), '0', 'stats_reset() works after the update');
+
+# retain_last on a table watched since 0.1.0: its row's state is retained
+sq($old, q{SELECT mqtt_emit.watch('"order"', columns => '{id,total}', retain_last => true)});
+is(sq($old, q{SELECT retain_last || ' ' || columns::text FROM mqtt_emit.watched_tables WHERE table_name = '"order"'::regclass}),
+	'true {id,total}', 'after the update: watch() takes retain_last, and the view shows it');
+sq($old, q{INSERT INTO "order" VALUES (9, 9.5, 'SECRET-NOTE-9')});
+ok(poll_until(sub { grep { $_->[0] eq "$prefix/order/state/9" } $sub->messages }, $T),
+	'after the update: the state of the row is published');
+my $later = start_subscriber($broker, "$prefix/order/state/#");
+is(join(' ', map { "$_->{retain} $_->{payload}" } grep { $_->{topic} eq "$prefix/order/state/9" } $later->records),
+	'1 {"id":9,"total":9.5}', 'a later subscriber gets it retained, with the listed columns only');
+$later->stop;
 
 # ---------------------------------------------------------------------------
 # the updated schema is a fresh install's

@@ -9,14 +9,17 @@
 # The source has tables that once had a column dropped (so pg_dump writes
 # them with other column numbers), with exclude_columns and columns, one
 # whose excluded column was renamed before the dump, and a partitioned
-# table whose partition numbers its columns differently; a local listener
-# and a remote one (events from a third node, "peer").
+# table whose partition numbers its columns differently, one watched with
+# retain_last; a local listener and a remote one (events from a third node,
+# "peer").
 #
 # After the restore, without a restart:
 #   - the restored worker runs the listeners at once: it subscribes for the
 #     remote listener and runs the local one (bounded polls),
 #   - the same writes on source and restored server publish the same bytes
-#     (but for eventId, timestamp and origin), secrets excluded on both.
+#     (but for eventId, timestamp and origin), secrets excluded on both;
+#   - the retain_last table keeps the setting: the restored server sets
+#     its rows' retained state.
 use strict;
 use warnings;
 
@@ -54,6 +57,9 @@ CREATE TABLE ev_1 (junk int, v text, secret text, id int);
 ALTER TABLE ev_1 DROP COLUMN junk;
 ALTER TABLE ev ATTACH PARTITION ev_1 FOR VALUES FROM (0) TO (100);
 SELECT mqtt_emit.watch('ev', model => 'event', exclude_columns => '{secret}');
+CREATE TABLE st (id int PRIMARY KEY, gone int, v text, secret text);
+ALTER TABLE st DROP COLUMN gone;
+SELECT mqtt_emit.watch('st', exclude_columns => '{secret}', retain_last => true);
 
 CREATE TABLE calls (n serial, who text, source text, model text, id text);
 CREATE FUNCTION on_local(e mqtt_emit.event) RETURNS void LANGUAGE plpgsql AS $$
@@ -124,6 +130,8 @@ like($sql_text, qr/mqtt_emit\.capture\('user', 'true', 'exclude_columns', 'passw
 like($sql_text, qr/mqtt_emit\.capture\('acct', 'true', 'exclude_columns', 'token'\)/,
 	'the dump names a renamed excluded column by its new name');
 like($sql_text, qr/COPY mqtt_emit\.listeners /, 'the dump has the listener registry');
+like($sql_text, qr/mqtt_emit\.capture\('st', 'retain_last', 'exclude_columns', 'secret'\)/,
+	'the dump has the retain_last setting');
 
 my $dst = new_node('dst', broker => $broker);
 my $dst_sub_log = $broker->log_position;
@@ -135,9 +143,9 @@ ok($broker->wait_for_subscription($dst->{mqtt_emit}{client_id} . '-subscriber', 
 		$dst_sub_log),
 	'restored: the worker subscribed for the restored remote listener without a restart');
 is(sq($dst, 'SELECT count(*) FROM mqtt_emit.listeners'), '3', 'restored: three listeners');
-is( sq($dst, q{SELECT string_agg(table_name || ' ' || coalesce(columns::text, '-') || ' ' || coalesce(exclude_columns::text, '-'), '; ' ORDER BY table_name::text) FROM mqtt_emit.watched_tables}),
-	sq($src, q{SELECT string_agg(table_name || ' ' || coalesce(columns::text, '-') || ' ' || coalesce(exclude_columns::text, '-'), '; ' ORDER BY table_name::text) FROM mqtt_emit.watched_tables}),
-	'restored: the same watched tables and column lists');
+is( sq($dst, q{SELECT string_agg(table_name || ' ' || coalesce(columns::text, '-') || ' ' || coalesce(exclude_columns::text, '-') || ' ' || retain_last, '; ' ORDER BY table_name::text) FROM mqtt_emit.watched_tables}),
+	sq($src, q{SELECT string_agg(table_name || ' ' || coalesce(columns::text, '-') || ' ' || coalesce(exclude_columns::text, '-') || ' ' || retain_last, '; ' ORDER BY table_name::text) FROM mqtt_emit.watched_tables}),
+	'restored: the same watched tables, column lists and retain_last');
 isnt(sq($dst, q{SELECT attnum FROM pg_attribute WHERE attrelid = '"user"'::regclass AND attname = 'password_hash'}),
 	sq($src, q{SELECT attnum FROM pg_attribute WHERE attrelid = '"user"'::regclass AND attname = 'password_hash'}),
 	'restored: the excluded column has another number (the case that needs names)');
@@ -163,5 +171,16 @@ sq($peer, 'INSERT INTO peer VALUES (2)');
 ok(poll_until(sub { calls($dst, 2) =~ m{remote/remote/peer} }, $T),
 	'restored: the remote listener ran for an event of another node');
 is(sq($dst, 'SELECT listener_errors FROM mqtt_emit.stats'), '0', 'restored: no listener errors');
+
+# retain_last after the restore: the restored server sets and clears states
+sq($dst, q{INSERT INTO st VALUES (5, 'five', 'SECRET-ST-5'), (6, 'six', 'SECRET-ST-6');
+  DELETE FROM st WHERE id = 6});
+ok(poll_until(sub { grep { $_->[0] eq "$prefix/st/state/6" && $_->[1] eq '' } $sub->messages }, $T),
+	'restored: the state messages are published');
+my $later = start_subscriber($broker, "$prefix/st/state/#");
+is(join('; ', map { "$_->{topic} $_->{retain} $_->{payload}" } $later->records),
+	"$prefix/st/state/5 1 {\"id\":5,\"v\":\"five\"}",
+	'restored: a later subscriber gets the retained state of the remaining row, without the secret');
+$later->stop;
 
 done_testing();
