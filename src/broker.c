@@ -186,10 +186,13 @@ me_broker_connect(MeBroker *b, char *errbuf, int errlen)
 	 * was not acknowledged in any case.
 	 */
 	clean = b->subscriber ? cfg->session_expiry == 0 : cfg->clean_session;
+	if (b->subscriber && b->session == ME_SESSION_FALLBACK)
+		clean = true;
 	if (b->version == MQTTVERSION_5)
 	{
 		o = &opts5;
-		o->cleanstart = clean ? 1 : 0;
+		/* discard: a clean start, then the session expiry as usual */
+		o->cleanstart = (clean || (b->subscriber && b->session == ME_SESSION_DISCARD)) ? 1 : 0;
 		o->onSuccess5 = me_cb_connect_success5;
 		o->onFailure5 = me_cb_connect_failure5;
 		if (b->subscriber && !clean)
@@ -205,7 +208,8 @@ me_broker_connect(MeBroker *b, char *errbuf, int errlen)
 	else
 	{
 		o = &opts;
-		o->cleansession = clean ? 1 : 0;
+		/* 3.1.1 has no clean start with a session: discard is clean */
+		o->cleansession = (clean || (b->subscriber && b->session == ME_SESSION_DISCARD)) ? 1 : 0;
 		o->onSuccess = me_cb_connect_success;
 		o->onFailure = me_cb_connect_failure;
 		o->MQTTVersion = MQTTVERSION_3_1_1;
@@ -427,8 +431,11 @@ me_broker_poll(MeBroker *b, MeBrokerNews *news)
 		news->broker_max_qos = b->connack_max_qos;
 	news->lost = b->news_lost;
 	strlcpy(news->error, b->news_error, sizeof(news->error));
+	if (news->lost)
+		news->connack_code = b->news_connack_code;
 	b->news_connected = false;
 	b->news_lost = false;
+	b->news_connack_code = 0;
 
 	if (acks && b->nacks > 0)
 	{
@@ -817,6 +824,16 @@ me_broker_wait_disconnected(MeBroker *b, int timeout_ms)
 		 */
 		pg_usleep(5000L);
 	}
+}
+
+/*
+ * The session the subscriber's next connect asks for (ME_SESSION_OWN
+ * unless set).
+ */
+void
+me_broker_set_session(MeBroker *b, MeSessionMode mode)
+{
+	b->session = mode;
 }
 
 /*

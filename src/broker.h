@@ -99,12 +99,28 @@ typedef struct MeBrokerNews
 	int			broker_max_qos; /* CONNACK Maximum QoS (MQTT 5), or -1 */
 	MeSubOutcome *subacks;		/* answers to SUBSCRIBE (palloc'd) */
 	int			nsubacks;
+	int			connack_code;	/* a refusing CONNACK's return or reason code, or 0 */
 } MeBrokerNews;
+
+/*
+ * The session a subscriber connects with (client.c): its own (persistent
+ * when session_expiry > 0), a clean one that makes the broker give up what
+ * it still keeps for the client id (MQTT 5: clean start with the session
+ * expiry, so that the new session is persistent at once), or a clean one
+ * for the fallback client id.
+ */
+typedef enum MeSessionMode
+{
+	ME_SESSION_OWN,
+	ME_SESSION_DISCARD,
+	ME_SESSION_FALLBACK
+} MeSessionMode;
 
 extern MeBroker *me_broker_create(const MeBrokerConfig *cfg, const char *url,
 								  const char *client_id,
 								  bool subscriber, Latch *latch, int max_qos,
 								  char *errbuf, int errlen);
+extern void me_broker_set_session(MeBroker *b, MeSessionMode mode);
 extern void me_broker_destroy(MeBroker *b);
 extern bool me_broker_connect(MeBroker *b, char *errbuf, int errlen);
 extern bool me_broker_connected(MeBroker *b);

@@ -203,6 +203,17 @@ describe_connect_failure(MeBroker *b, const char *message, int code,
 				 message ? message : MQTTAsync_strerror(code), code);
 }
 
+/* a refusing CONNACK: keep its code for the worker (client.c) */
+static void
+record_connack_code(MeBroker *b, const char *message, int code)
+{
+	if (message == NULL || strcmp(message, "CONNACK return code") != 0 || code <= 0)
+		return;
+	pthread_mutex_lock(&b->mutex);
+	b->news_connack_code = code;
+	pthread_mutex_unlock(&b->mutex);
+}
+
 void
 me_cb_connect_failure(void *context, MQTTAsync_failureData *response)
 {
@@ -211,6 +222,8 @@ me_cb_connect_failure(void *context, MQTTAsync_failureData *response)
 
 	describe_connect_failure(b, response ? response->message : NULL,
 							 response ? response->code : 0, buf, sizeof(buf));
+	record_connack_code(b, response ? response->message : NULL,
+						response ? response->code : 0);
 	record_lost(b, buf);
 }
 
@@ -224,11 +237,12 @@ me_cb_connect_failure5(void *context, MQTTAsync_failureData5 *response)
 	 * paho 1.3.12 reports a refusing CONNACK's reason in code; 1.3.14
 	 * (Debian 13 and later) in reasonCode, with code -1
 	 */
-	describe_connect_failure(b, response ? response->message : NULL,
-							 !response ? 0 :
-							 (response->reasonCode >= 0x80) ?
-							 (int) response->reasonCode : response->code,
+	int			code = !response ? 0 :
+		(response->reasonCode >= 0x80) ? (int) response->reasonCode : response->code;
+
+	describe_connect_failure(b, response ? response->message : NULL, code,
 							 buf, sizeof(buf));
+	record_connack_code(b, response ? response->message : NULL, code);
 	record_lost(b, buf);
 }
 

@@ -65,6 +65,7 @@ struct MeBroker
 	char	   *url;			/* the one URL of cfg's list it connects to */
 	int			version;		/* MQTTVERSION_3_1_1 or MQTTVERSION_5 */
 	int			max_qos;		/* highest QoS to publish with on this client */
+	MeSessionMode session;		/* subscriber: the session it connects with */
 
 	/* everything below is shared with paho's threads, under mutex */
 	pthread_mutex_t mutex;
@@ -81,6 +82,7 @@ struct MeBroker
 	bool		news_connected;
 	bool		news_lost;
 	char		news_error[256];
+	int			news_connack_code;	/* a refusing CONNACK's code, or 0 */
 	uint64	   *acks;
 	int			nacks;
 	int			maxacks;

@@ -31,6 +31,28 @@
  * whose connection the watchdog gave up (broker.c): paho still takes it for
  * connected.
  *
+ * The subscriber's persistent session (session_expiry > 0) lives on one
+ * broker node in some clusters: RabbitMQ keeps it as a queue on the node
+ * where it was made, and while that node is down it refuses the client id
+ * on every other node (3.10 closes the connection at the SUBSCRIBE, 3.13
+ * and 4.0 refuse the CONNECT with "server unavailable"), whether the
+ * session is asked to be kept or not.  Without more, the subscriber would
+ * reconnect to the other node for as long as the first one is away.  So
+ * when the broker ends the connection in one of these ways twice in a row
+ * (and never answered a SUBSCRIBE on it), the subscriber falls back: it
+ * connects with a clean session as <client_id>-subscriber-fallback, which
+ * any node accepts, and warns once.  While it is connected that way it
+ * receives as usual; what is published while it is disconnected is not
+ * kept for it, and what the old session held is given up.  When the
+ * fallback connection ends, the subscriber comes back to its own client
+ * id with a clean session first (ME_SESSION_DISCARD: the broker drops the
+ * old session, whose queue got again, as a duplicate, everything published
+ * since its node came back), then with its persistent session from the
+ * next connection on (MQTT 5 does both in one connection).  If the own id
+ * is still refused, it falls back again at once.  Which client id is
+ * stale is kept in this process only: a worker that starts again tries
+ * its own session first.
+ *
  * Settings that cannot work are refused here, once, with a WARNING that
  * names the setting, and no connection is tried until they change (a
  * password without a user name: MQTT 3.1.1 forbids it, and the broker
@@ -70,7 +92,20 @@ typedef struct ClientSlot
 	int			failed_in_round;	/* URLs failed since the last connection */
 	bool		same_url;		/* reconnect to the same URL (not a failure) */
 	char		last_logged[MQTT_EMIT_MAX_BROKER_URLS][256];	/* per URL */
+
+	/* the subscriber's session (see the top of this file) */
+	MeSessionMode session;		/* what the next connection asks for */
+	MeSessionMode conn_session; /* what the current one asked for */
+	bool		conn_up;		/* the current connection was made */
+	bool		conn_subacked;	/* ... and a SUBSCRIBE on it was answered */
+	int			conn_connack;	/* the last connect's refusing CONNACK code, or 0 */
+	int			strikes[MQTT_EMIT_MAX_BROKER_URLS]; /* own session refused in a row */
 } ClientSlot;
+
+/* the subscriber's own session may still hold what the fallback received */
+static bool own_session_stale = false;
+
+static void session_works(ClientSlot *slot);
 
 static ClientSlot slots[2] = {{NULL, false}, {NULL, true}};
 
@@ -181,6 +216,11 @@ reset_schedule(ClientSlot *slot)
 	slot->next_attempt = 0;
 	slot->backoff_ms = mqtt_emit_reconnect_min;
 	slot->max_qos = 2;			/* a new broker: nothing known yet */
+	memset(slot->strikes, 0, sizeof(slot->strikes));
+	slot->session = own_session_stale ? ME_SESSION_DISCARD : ME_SESSION_OWN;
+	slot->conn_session = slot->session;
+	slot->conn_up = slot->conn_subacked = false;
+	slot->conn_connack = 0;
 }
 
 void
@@ -305,13 +345,17 @@ me_client_service(MeClientRole role, TimestampTz now, long *timeout)
 	{
 		char		cid[512];
 
-		if (slot->subscriber)
+		if (slot->subscriber && config.session_expiry > 0 &&
+			slot->session == ME_SESSION_FALLBACK)
+			snprintf(cid, sizeof(cid), "%s-subscriber-fallback", config.client_id);
+		else if (slot->subscriber)
 			snprintf(cid, sizeof(cid), "%s-subscriber", config.client_id);
 		else
 			strlcpy(cid, config.client_id, sizeof(cid));
 		slot->broker = me_broker_create(&config, slot_url(slot), cid,
 										slot->subscriber, MyLatch,
 										slot->max_qos, err, sizeof(err));
+
 		if (slot->broker == NULL)
 		{
 			report_problem(slot, err);
@@ -327,6 +371,11 @@ me_client_service(MeClientRole role, TimestampTz now, long *timeout)
 	*timeout = Min(*timeout, slot->backoff_ms);
 	slot->backoff_ms = Min(slot->backoff_ms * 2, mqtt_emit_reconnect_max);
 
+	if (slot->subscriber && config.session_expiry > 0)
+	{
+		me_broker_set_session(slot->broker, slot->session);
+		slot->conn_session = slot->session;
+	}
 	if (!me_broker_connect(slot->broker, err, sizeof(err)))
 	{
 		report_problem(slot, err);
@@ -393,7 +442,28 @@ me_client_poll(MeClientRole role, MeBrokerNews *news)
 		slot->connections++;
 	}
 	if (slot->subscriber)
+	{
+		int			i;
+
+		if (news->connected)
+		{
+			/* up, and our SUBSCRIBEs go out now (unless it went already) */
+			slot->conn_up = !news->lost;
+			slot->conn_subacked = false;
+		}
+		slot->conn_connack = news->lost ? news->connack_code : 0;
+		for (i = 0; i < news->nsubacks; i++)
+		{
+			if (news->subacks[i].granted >= 0 || news->subacks[i].code >= 0x80)
+			{
+				if (!slot->conn_subacked)
+					session_works(slot);
+				slot->conn_subacked = true;
+				break;
+			}
+		}
 		return true;
+	}
 
 	/* MQTT 5: the broker says in its CONNACK that it supports less */
 	if (news->broker_max_qos >= 0 && news->broker_max_qos < slot->max_qos)
@@ -435,6 +505,112 @@ me_client_poll(MeClientRole role, MeBrokerNews *news)
 }
 
 /*
+ * The subscriber's broker answered a SUBSCRIBE on this connection: the
+ * session it asked for works there.
+ */
+static void
+session_works(ClientSlot *slot)
+{
+	if (config.session_expiry == 0)
+		return;
+	slot->strikes[slot->url_index] = 0;
+	if (slot->conn_session == ME_SESSION_DISCARD)
+	{
+		/*
+		 * The broker gave up the old session.  MQTT 5 started the new one
+		 * persistent already; 3.1.1 gets it from the next connection on.
+		 */
+		own_session_stale = false;
+		slot->session = ME_SESSION_OWN;
+		ereport(LOG,
+				(errmsg("pg_mqtt_emit subscriber is back on its own client id at broker \"%s\"",
+						slot_url(slot)),
+				 errdetail("The session the broker still kept for it was given up; %s",
+						   config.mqtt_version == 5 ?
+						   "the new one is persistent again." :
+						   "the session is persistent again from the next connection on (MQTT 3.1.1 cannot make a clean session persistent).")));
+	}
+}
+
+/*
+ * Did the broker end the subscriber's connection in the way a cluster does
+ * whose node holding the session is away (see the top of this file)?  A
+ * CONNACK "server unavailable" (3.1.1 return code 3, MQTT 5 reason codes
+ * 0x83 and 0x88), or a connection that was made but closed before any
+ * SUBSCRIBE on it was answered.
+ */
+static bool
+session_refused(ClientSlot *slot)
+{
+	int			c = slot->conn_connack;
+
+	if (config.mqtt_version == 5 ? (c == 0x83 || c == 0x88) : c == 3)
+		return true;
+	return slot->conn_up && !slot->conn_subacked;
+}
+
+/*
+ * The subscriber's connection ended: move between its own session and the
+ * fallback (see the top of this file).
+ */
+static void
+session_lost(ClientSlot *slot)
+{
+	bool		refused;
+	bool		worked;
+
+	if (config.session_expiry == 0)
+		return;
+	refused = session_refused(slot);
+	worked = slot->conn_up && slot->conn_subacked;
+	slot->conn_up = false;
+	slot->conn_connack = 0;
+
+	/*
+	 * The broker answered, so it is up: try it again at once rather than
+	 * walk the list (where the node it replaces is down).
+	 */
+	if (refused)
+		slot->same_url = true;
+	switch (slot->conn_session)
+	{
+		case ME_SESSION_OWN:
+			if (!refused || ++slot->strikes[slot->url_index] < 2)
+				return;
+			slot->strikes[slot->url_index] = 0;
+			own_session_stale = true;
+			slot->session = ME_SESSION_FALLBACK;
+			me_set_last_error("subscriber: broker \"%s\" cannot resume its session; subscribing with a clean session as \"%s-subscriber-fallback\"",
+							  slot_url(slot), config.client_id);
+			ereport(WARNING,
+					(errmsg("pg_mqtt_emit subscriber cannot resume its session on broker \"%s\"",
+							slot_url(slot)),
+					 errdetail("The broker ended the subscriber's connection twice in a row before it answered a SUBSCRIBE (RabbitMQ does so while the cluster node that holds the session's queue is down). The subscriber goes on with a clean session as client \"%s-subscriber-fallback\": what is published while it is disconnected is not kept for it, and what the old session still holds is given up.",
+							   config.client_id),
+					 errhint("On RabbitMQ 3.x, mirror the queues \"mqtt-subscription-*\" to every node with a policy (see the README, \"Scaling out\"), so that the session survives the loss of a node.")));
+			break;
+		case ME_SESSION_DISCARD:
+			/* the node with the old session is still away */
+			if (refused)
+				slot->session = ME_SESSION_FALLBACK;
+			break;
+		case ME_SESSION_FALLBACK:
+			/* a working fallback connection ended: try the own id again */
+			if (worked)
+				slot->session = ME_SESSION_DISCARD;
+			break;
+	}
+
+	/* a client connects with one client id: a new one for another id */
+	if ((slot->session == ME_SESSION_FALLBACK) != (slot->conn_session == ME_SESSION_FALLBACK) &&
+		slot->broker)
+	{
+		me_broker_destroy(slot->broker);
+		slot->broker = NULL;
+	}
+}
+
+/*
  * The connection was lost (or a connect failed): report it, try again
  * soon after losing a working connection, and start the publisher over
  * with a new client.
@@ -447,6 +623,8 @@ me_client_lost(MeClientRole role, const char *why)
 	me_set_connected(slot->subscriber, false);
 	me_set_broker_url(slot->subscriber, NULL);
 	report_problem(slot, why);
+	if (slot->subscriber)
+		session_lost(slot);
 	if (slot->was_connected)
 	{
 		slot->was_connected = false;

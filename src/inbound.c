@@ -1053,6 +1053,15 @@ keep_messages(MeIncoming *m, MeIncoming **rest, bool spooled, int64 spool_gen,
 			const char *why = NULL;
 			bool		event = me_topic_is_event(m->topic, m->topic_len);
 
+			/*
+			 * A prefix with a "." arrives from RabbitMQ with "/" there
+			 * (topic.c): an event, unless a handler asked for that topic.
+			 */
+			if (!event && path == NULL &&
+				me_topic_is_mapped_event(m->topic, m->topic_len) &&
+				!me_handlers_match(m->topic, m->topic_len))
+				event = true;
+
 			if (path != NULL && path->for_handlers == event)
 			{
 				/* cannot be, as the filters are made; take no chances */

@@ -10,7 +10,8 @@
  *
  * Received messages are checked before anything runs: size, encoding, NUL
  * bytes, JSON syntax, field types, model name, and that the topic has the
- * form <prefix>/<model>/<something>.  A message that fails is dropped with a
+ * form <prefix>/<model>/<something> (or is what RabbitMQ makes of the
+ * topic of the payload's model and operation: topic.c).  A message that fails is dropped with a
  * log line (rate-limited) and counted as rejected.  Messages whose origin is
  * this node are our own echo and are skipped, unless they came through a
  * share group (the broker gives each of the group's events to one of its
@@ -410,8 +411,9 @@ me_listeners_handle_remote(const MeRemoteMessage *m)
 	Jsonb	   *jb = NULL;
 	MeEvent		ev;
 	JsonbValue *v;
-	const char *tmodel;
-	int			tmodel_len;
+	const char *tmodel = NULL;
+	int			tmodel_len = 0;
+	bool		strict;
 	DedupKey	key;
 	TimestampTz now = GetCurrentTimestamp();
 	char	   *volatile model;	/* volatile: set before a PG_TRY (gcc 14 -Wclobbered) */
@@ -426,7 +428,13 @@ me_listeners_handle_remote(const MeRemoteMessage *m)
 		reject(m, "payload larger than \"mqtt_emit.max_payload\"");
 		return;
 	}
-	if (!me_topic_split(m->topic, m->topic_len, &tmodel, &tmodel_len))
+	/*
+	 * <prefix>/<model>/<leaf>, or what RabbitMQ makes of a topic with a "."
+	 * (<prefix>/a/b/create for model "a.b"): that one is checked against
+	 * the payload's model and operation below.
+	 */
+	strict = me_topic_split(m->topic, m->topic_len, &tmodel, &tmodel_len);
+	if (!strict && !me_topic_mapped_plausible(m->topic, m->topic_len))
 	{
 		reject(m, "topic does not have the form <prefix>/<model>/<operation>");
 		return;
@@ -515,11 +523,6 @@ me_listeners_handle_remote(const MeRemoteMessage *m)
 	}
 	model = me_jbv_string(v);
 	ev.model = model;
-	if (!me_topic_model_matches(tmodel, tmodel_len, model))
-	{
-		reject(m, "\"model\" does not match the topic");
-		return;
-	}
 
 	v = me_json_field(jb, "operation");
 	if (v == NULL || v->type != jbvString || v->val.string.len == 0 ||
@@ -529,6 +532,16 @@ me_listeners_handle_remote(const MeRemoteMessage *m)
 		return;
 	}
 	ev.operation = me_jbv_string(v);
+
+	if (!(strict && me_topic_model_matches(tmodel, tmodel_len, model)) &&
+		!me_topic_matches_mapped(m->topic, m->topic_len, model, ev.operation))
+	{
+		if (strict)
+			reject(m, "\"model\" does not match the topic");
+		else
+			reject(m, "topic does not have the form <prefix>/<model>/<operation>");
+		return;
+	}
 
 	if (!optional_string(m, jb, "eventId", &ev.event_id) ||
 		!optional_string(m, jb, "origin", &ev.origin) ||

@@ -26,6 +26,17 @@
  * restart, so that messages the broker kept for this node's session tell
  * their path whichever worker takes them.
  *
+ * Brokers that treat "." as a level separator: RabbitMQ's MQTT plugin
+ * turns a topic into an AMQP routing key ("/" becomes ".", "+" becomes
+ * "*") and back for its subscribers ("*" becomes "+", "." becomes "/").
+ * An event of model "a.b" published to <prefix>/a.b/create is routed as
+ * <prefix>.a.b.create and arrives as <prefix>/a/b/create; so does a
+ * prefix with a ".".  The wire format stays as it is (other brokers and
+ * peers see the topic as published); a receiver accepts, besides the
+ * topic as published, its RabbitMQ form, when that is exactly what the
+ * payload's model and operation give (me_topic_matches_mapped).  Names
+ * without "." and "*" arrive unchanged everywhere.
+ *
  * With watch(..., retain_last => true) a table also keeps one retained
  * message per row on <prefix>/<model>/state/<key> (capture.c).  The key
  * level is the text of each key column (payload.c, me_key_text) in UTF-8,
@@ -368,6 +379,111 @@ me_topic_model_matches(const char *level, int level_len, const char *model)
 	me_append_topic_model(&enc, model, strlen(model), false);
 	r = (level_len == enc.len && pg_strncasecmp(level, enc.data, level_len) == 0);
 	pfree(enc.data);
+	return r;
+}
+
+/*
+ * Append len bytes at s as RabbitMQ delivers them (see the top of this
+ * file): "." as "/", "*" as "+".
+ */
+static void
+append_mapped(StringInfo buf, const char *s, int len)
+{
+	int			i;
+
+	for (i = 0; i < len; i++)
+		appendStringInfoChar(buf, s[i] == '.' ? '/' : s[i] == '*' ? '+' : s[i]);
+}
+
+/* Does the topic prefix read differently in RabbitMQ's form? */
+static bool
+prefix_is_mapped(void)
+{
+	return strpbrk(mqtt_emit_topic_prefix, ".*") != NULL;
+}
+
+/*
+ * Is this topic under the RabbitMQ form of a topic prefix that has a "."
+ * or "*" (compared without regard to case), with more after it?  False
+ * for a prefix without them (me_topic_is_event covers those).
+ */
+bool
+me_topic_is_mapped_event(const char *topic, int len)
+{
+	StringInfoData p;
+	bool		r;
+
+	if (!prefix_is_mapped())
+		return false;
+	initStringInfo(&p);
+	append_mapped(&p, mqtt_emit_topic_prefix, strlen(mqtt_emit_topic_prefix));
+	appendStringInfoChar(&p, '/');
+	r = len > p.len && pg_strncasecmp(topic, p.data, p.len) == 0;
+	pfree(p.data);
+	return r;
+}
+
+/*
+ * Could a received topic be the RabbitMQ form of an event's topic: the
+ * prefix in that form (or as it is), then a model part, then a leaf, none
+ * of them empty?  A cheap look before the payload is parsed;
+ * me_topic_matches_mapped decides.
+ */
+bool
+me_topic_mapped_plausible(const char *topic, int topic_len)
+{
+	StringInfoData p;
+	const char *rest;
+	const char *last;
+	bool		r = false;
+
+	initStringInfo(&p);
+	append_mapped(&p, mqtt_emit_topic_prefix, strlen(mqtt_emit_topic_prefix));
+	appendStringInfoChar(&p, '/');
+	if (topic_len > p.len && pg_strncasecmp(topic, p.data, p.len) == 0)
+	{
+		rest = topic + p.len;
+		last = strrchr(rest, '/');
+		r = (last != NULL && last > rest && last[1] != '\0');
+	}
+	pfree(p.data);
+	return r;
+}
+
+/*
+ * Is a received topic the RabbitMQ form of where an event of this model
+ * and operation goes: the prefix and the (encoded) model with "." as "/"
+ * and "*" as "+", then the operation or "all" (the Node library's leaf)?
+ * Compared without regard to case, as the other topic checks are.
+ */
+bool
+me_topic_matches_mapped(const char *topic, int topic_len, const char *model,
+						const char *operation)
+{
+	StringInfoData enc;
+	StringInfoData want;
+	const char *leaf;
+	int			leaf_len;
+	bool		r;
+
+	initStringInfo(&enc);
+	me_append_topic_model(&enc, model, strlen(model), false);
+	initStringInfo(&want);
+	append_mapped(&want, mqtt_emit_topic_prefix, strlen(mqtt_emit_topic_prefix));
+	appendStringInfoChar(&want, '/');
+	append_mapped(&want, enc.data, enc.len);
+	appendStringInfoChar(&want, '/');
+	r = topic_len > want.len && pg_strncasecmp(topic, want.data, want.len) == 0;
+	if (r)
+	{
+		leaf = topic + want.len;
+		leaf_len = topic_len - want.len;
+		r = (leaf_len == (int) strlen(operation) &&
+			 pg_strncasecmp(leaf, operation, leaf_len) == 0) ||
+			(leaf_len == 3 && pg_strncasecmp(leaf, "all", 3) == 0);
+	}
+	pfree(enc.data);
+	pfree(want.data);
 	return r;
 }
 

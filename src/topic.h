@@ -45,6 +45,10 @@ extern bool me_topic_split(const char *topic, int topic_len,
 						   const char **model, int *model_len);
 extern bool me_topic_model_matches(const char *level, int level_len,
 								   const char *model);
+extern bool me_topic_is_mapped_event(const char *topic, int len);
+extern bool me_topic_mapped_plausible(const char *topic, int topic_len);
+extern bool me_topic_matches_mapped(const char *topic, int topic_len,
+									const char *model, const char *operation);
 
 /*
  * Share groups: $share/<group>/<filter>.  Subscription Identifiers:

@@ -100,7 +100,7 @@ use Test::More ();
 use Time::HiRes ();
 
 our @EXPORT = qw(
-  start_broker new_node start_subscriber poll_until
+  start_broker start_rabbitmq new_node start_subscriber poll_until
   topic_prefix mqtt_pub free_port
   arrived_ids tally ranges
 );
@@ -330,6 +330,35 @@ sub start_broker
 	my $broker = MqttEmitTest::Broker->_new(%opts);
 	$broker->start;
 	return $broker;
+}
+
+=pod
+
+=item start_rabbitmq(%opts)
+
+Starts a RabbitMQ node with its MQTT plugin (Debian's rabbitmq-server) and
+returns an MqttEmitTest::RabbitMQ once an MQTT publish to it succeeds, or
+undef when it did not come up (the log is diag()ed). Everything is its own:
+node name (C<mqttemit-PID-NAME@localhost>), AMQP, distribution and MQTT ports
+(free_port()), data and log directories, and HOME (the Erlang cookie).
+Options: C<name> (default C<rmq1>, C<rmq2>, ...), C<cluster> (another
+MqttEmitTest::RabbitMQ: this node shares its epmd port and HOME, so the two
+can form a cluster with ->join_cluster), C<timeout> (seconds to wait, default 180),
+C<wait> (0: return at once, without waiting; call ->wait_up, so that
+several nodes start at the same time).
+Stopped by PID in END, after which the epmd the nodes started on their
+private port is stopped (C<epmd -port P -kill>).
+
+=cut
+
+my $rabbit_counter = 0;
+
+sub start_rabbitmq
+{
+	my (%opts) = @_;
+	my $wait = delete $opts{wait} // 1;
+	my $r = MqttEmitTest::RabbitMQ->_new(%opts);
+	return $r->start(wait => $wait) ? $r : undef;
 }
 
 =pod
@@ -1195,6 +1224,223 @@ sub DESTROY
 	my ($self) = @_;
 	local ($?, $@);
 	$self->stop;
+}
+
+=pod
+
+=head1 MqttEmitTest::RabbitMQ
+
+=over
+
+=item ->start(wait => 1)
+
+Starts the node (again, with the same ports and data after a ->stop) and
+waits until an MQTT publish to it succeeds; true if it came up. With
+C<wait =E<gt> 0> it returns at once: ->wait_up waits.
+
+=item ->wait_up
+
+Waits until an MQTT publish to the node succeeds; true if it did, else
+diag()s its output, stops it and returns false.
+
+=item ->stop
+
+SIGTERM to rabbitmq-server by PID (it stops the node cleanly), bounded wait.
+
+=item ->ctl(@args)
+
+Runs rabbitmqctl against this node with its environment; returns (exit
+status, stdout + stderr).
+
+=item ->join_cluster($other)
+
+Makes this node a member of $other's cluster (stop_app, join_cluster,
+start_app); true on success.
+
+=item ->port (MQTT), ->url, ->node, ->pid, ->dir, ->log (its log file),
+->version (C<3.10> etc.)
+
+=back
+
+=cut
+
+package MqttEmitTest::RabbitMQ;
+
+use strict;
+use warnings;
+
+use Carp qw(croak);
+
+our $SERVER = '/usr/lib/rabbitmq/bin/rabbitmq-server';
+our $CTL    = '/usr/lib/rabbitmq/bin/rabbitmqctl';
+
+# epmd ports to stop in END, after every node
+my %epmd_ports;
+
+sub _new
+{
+	my ($class, %opts) = @_;
+	$rabbit_counter++;
+	my $name = $opts{name} // "rmq$rabbit_counter";
+	my $dir  = MqttEmitTest::_workdir("rabbitmq_$name");
+	my $other = $opts{cluster};
+	my $self = bless {
+		name    => $name,
+		dir     => $dir,
+		home    => $other ? $other->{home} : $dir,
+		epmd    => $other ? $other->{epmd} : MqttEmitTest::free_port(),
+		node    => "mqttemit-$$-$name\@localhost",
+		timeout => $opts{timeout} // 180,
+		pid     => undef,
+		owner   => $$,
+		map { $_ => MqttEmitTest::free_port() } qw(amqp dist mqtt),
+	}, $class;
+	$epmd_ports{ $self->{epmd} } = 1;
+	PostgreSQL::Test::Utils::append_to_file("$dir/enabled_plugins", "[rabbitmq_mqtt].\n");
+	PostgreSQL::Test::Utils::append_to_file("$dir/rabbitmq.conf", join("\n",
+		"listeners.tcp.default = 127.0.0.1:$self->{amqp}",
+		"mqtt.listeners.tcp.default = 127.0.0.1:$self->{mqtt}",
+		'mqtt.allow_anonymous = true',
+		'loopback_users = none',
+		'log.file.level = info', ''));
+	PostgreSQL::Test::Utils::append_to_file("$dir/rabbitmq-env.conf", '');
+	MqttEmitTest::_register($self);
+	return $self;
+}
+
+sub port { return $_[0]->{mqtt}; }
+sub url  { return "tcp://127.0.0.1:$_[0]->{mqtt}"; }
+sub node { return $_[0]->{node}; }
+sub pid  { return $_[0]->{pid}; }
+sub dir  { return $_[0]->{dir}; }
+sub log  { return "$_[0]->{dir}/log/$_[0]->{node}.log"; }
+
+sub version
+{
+	my ($v) = `dpkg-query -W -f='\${Version}' rabbitmq-server 2>/dev/null` =~ /^(\d+\.\d+)/;
+	return $v // '0.0';
+}
+
+sub _env
+{
+	my ($self) = @_;
+	my $d = $self->{dir};
+	return (
+		HOME                          => $self->{home},
+		RABBITMQ_NODENAME             => $self->{node},
+		RABBITMQ_NODE_PORT            => $self->{amqp},
+		RABBITMQ_DIST_PORT            => $self->{dist},
+		ERL_EPMD_PORT                 => $self->{epmd},
+		RABBITMQ_CONFIG_FILE          => "$d/rabbitmq.conf",
+		RABBITMQ_ADVANCED_CONFIG_FILE => "$d/advanced.config",
+		RABBITMQ_CONF_ENV_FILE        => "$d/rabbitmq-env.conf",
+		RABBITMQ_ENABLED_PLUGINS_FILE => "$d/enabled_plugins",
+		RABBITMQ_MNESIA_BASE          => "$d/mnesia",
+		RABBITMQ_LOG_BASE             => "$d/log",
+		RABBITMQ_PID_FILE             => "$d/rabbitmq.pid",
+		RABBITMQ_PLUGINS_EXPAND_DIR   => "$d/plugins-expand");
+}
+
+sub is_running
+{
+	my ($self) = @_;
+	return MqttEmitTest::_child_alive($self->{pid});
+}
+
+sub start
+{
+	my ($self, %opts) = @_;
+	croak "RabbitMQ $self->{name} is already running" if $self->is_running;
+	{
+		local %ENV = (%ENV, $self->_env);
+		$self->{pid} = MqttEmitTest::_spawn([$SERVER], "$self->{dir}/out", "$self->{dir}/out");
+	}
+	return 1 if defined $opts{wait} && !$opts{wait};
+	return $self->wait_up;
+}
+
+sub wait_up
+{
+	my ($self) = @_;
+	my $pid  = $self->{pid};
+	my $died = 0;
+	my $up = MqttEmitTest::poll_until(
+		sub {
+			if (!MqttEmitTest::_child_alive($pid)) { $died = 1; return 1; }
+			return MqttEmitTest::mqtt_pub($self->{mqtt}, 'mqtt_emit_test/ready', 'x',
+				qos => 1, timeout => 5);
+		},
+		$self->{timeout}, 0.2);
+	if (!$up || $died)
+	{
+		Test::More::diag("RabbitMQ $self->{name} did not come up: "
+			  . (-e "$self->{dir}/out" ? PostgreSQL::Test::Utils::slurp_file("$self->{dir}/out") : ''));
+		$self->stop;
+		return 0;
+	}
+	return 1;
+}
+
+sub stop
+{
+	my ($self) = @_;
+	return if $$ != $self->{owner};
+	MqttEmitTest::_stop_child($self->{pid}, 60);
+	$self->{pid} = undef;
+	return;
+}
+
+sub ctl
+{
+	my ($self, @args) = @_;
+	local %ENV = (%ENV, $self->_env);
+	my $out = '';
+	my $ok = IPC::Run::run([ $CTL, '-n', $self->{node}, @args ],
+		'<', \undef, '>&', \$out, IPC::Run::timeout(120));
+	return ($ok ? 0 : ($? >> 8 || 1), $out);
+}
+
+sub join_cluster
+{
+	my ($self, $other) = @_;
+	for my $step ([ 'stop_app' ], [ 'join_cluster', $other->{node} ], [ 'start_app' ])
+	{
+		my ($rc, $out) = $self->ctl(@$step);
+		if ($rc != 0)
+		{
+			Test::More::diag("rabbitmqctl @$step on $self->{node}: $out");
+			return 0;
+		}
+	}
+	return MqttEmitTest::poll_until(
+		sub { MqttEmitTest::mqtt_pub($self->{mqtt}, 'mqtt_emit_test/ready', 'x', qos => 1, timeout => 5) },
+		$self->{timeout}, 0.2) ? 1 : 0;
+}
+
+sub DESTROY
+{
+	my ($self) = @_;
+	local ($?, $@);
+	$self->stop;
+}
+
+# Stop the nodes, then their epmd (this END runs before MqttEmitTest's:
+# END blocks run in reverse order of compilation).
+END
+{
+	local $?;
+	if ($$ == $MqttEmitTest::OWNER_PID)
+	{
+		for my $obj (grep { defined && ref eq __PACKAGE__ } values %MqttEmitTest::LIVE)
+		{
+			eval { $obj->stop; 1 };
+		}
+		for my $port (keys %epmd_ports)
+		{
+			IPC::Run::run([ 'epmd', '-port', $port, '-kill' ],
+				'<', \undef, '>', \my $o, '2>', \my $e, IPC::Run::timeout(10));
+		}
+	}
 }
 
 1;

@@ -14,9 +14,10 @@
 #     notices, warns once, reconnects with QoS 1, and all of 70,000 events
 #     arrive (none missing)
 #
-# The test starts its own RabbitMQ node: node name, AMQP, distribution, epmd
-# and MQTT ports of its own (free_port), its own directories, HOME for the
-# Erlang cookie; it stops the node and its epmd by PID and port at the end.
+# The test starts its own RabbitMQ node (start_rabbitmq in MqttEmitTest.pm:
+# node name, AMQP, distribution, epmd and MQTT ports of its own, its own
+# directories, HOME for the Erlang cookie); the node and its epmd are
+# stopped by PID and port at the end.
 use strict;
 use warnings;
 
@@ -29,71 +30,15 @@ use Test::More;
 my $T      = 60;
 my $N      = 70_000;
 my $prefix = topic_prefix();
-my $RABBITMQ_SERVER = '/usr/lib/rabbitmq/bin/rabbitmq-server';
-
-# --- a RabbitMQ node of our own ------------------------------------------------
-
-my %rabbit;
-
-sub rabbit_start
-{
-	my $dir = PostgreSQL::Test::Utils::tempdir('rabbitmq');
-	my %port = map { $_ => free_port() } qw(amqp dist epmd mqtt);
-	PostgreSQL::Test::Utils::append_to_file("$dir/enabled_plugins", "[rabbitmq_mqtt].\n");
-	PostgreSQL::Test::Utils::append_to_file("$dir/rabbitmq.conf", join("\n",
-		"listeners.tcp.default = 127.0.0.1:$port{amqp}",
-		"mqtt.listeners.tcp.default = 127.0.0.1:$port{mqtt}",
-		'mqtt.allow_anonymous = true',
-		'loopback_users = none',
-		'log.file.level = info', ''));
-	PostgreSQL::Test::Utils::append_to_file("$dir/rabbitmq-env.conf", '');
-	local %ENV = (
-		%ENV,
-		HOME                           => $dir,
-		RABBITMQ_NODENAME              => "mqttemit$$\@localhost",
-		RABBITMQ_NODE_PORT             => $port{amqp},
-		RABBITMQ_DIST_PORT             => $port{dist},
-		ERL_EPMD_PORT                  => $port{epmd},
-		RABBITMQ_CONFIG_FILE           => "$dir/rabbitmq.conf",
-		RABBITMQ_ADVANCED_CONFIG_FILE  => "$dir/advanced.config",
-		RABBITMQ_CONF_ENV_FILE         => "$dir/rabbitmq-env.conf",
-		RABBITMQ_ENABLED_PLUGINS_FILE  => "$dir/enabled_plugins",
-		RABBITMQ_MNESIA_BASE           => "$dir/mnesia",
-		RABBITMQ_LOG_BASE              => "$dir/log",
-		RABBITMQ_PID_FILE              => "$dir/rabbitmq.pid",
-		RABBITMQ_PLUGINS_EXPAND_DIR    => "$dir/plugins-expand");
-	my $pid = MqttEmitTest::_spawn([$RABBITMQ_SERVER], "$dir/out", "$dir/out");
-	%rabbit = (pid => $pid, dir => $dir, %port);
-	my $died = 0;
-	my $up = poll_until(
-		sub {
-			if (!MqttEmitTest::_child_alive($pid)) { $died = 1; return 1; }
-			return mqtt_pub($port{mqtt}, 'mqtt_emit_test/ready', 'x', qos => 1, timeout => 5);
-		},
-		180, 0.5);
-	diag('RabbitMQ did not come up: ' . slurp_file("$dir/out")) if !$up || $died;
-	return $up && !$died;
-}
-
-sub rabbit_stop
-{
-	return unless $rabbit{pid};
-	MqttEmitTest::_stop_child($rabbit{pid}, 60);
-	delete $rabbit{pid};
-	# the node started an epmd daemon on our private port: stop it
-	IPC::Run::run([ 'epmd', '-port', $rabbit{epmd}, '-kill' ],
-		'<', \undef, '>', \my $o, '2>', \my $e, IPC::Run::timeout(10));
-	return;
-}
-
-END { local $?; rabbit_stop(); }
+my $RABBITMQ_SERVER = $MqttEmitTest::RabbitMQ::SERVER;
 
 ok(-x $RABBITMQ_SERVER, 'rabbitmq-server is installed (scripts/install-deps.sh)')
   or BAIL_OUT('rabbitmq-server is missing: run scripts/install-deps.sh');
 my $t_start = Time::HiRes::time();
-ok(rabbit_start(), 'RabbitMQ node started');
-note(sprintf('RabbitMQ up after %.1f s on MQTT port %d', Time::HiRes::time() - $t_start, $rabbit{mqtt}));
-my $url = "tcp://127.0.0.1:$rabbit{mqtt}";
+my $rmq = start_rabbitmq();
+ok($rmq, 'RabbitMQ node started') or BAIL_OUT('RabbitMQ did not start');
+note(sprintf('RabbitMQ up after %.1f s on MQTT port %d', Time::HiRes::time() - $t_start, $rmq->port));
+my $url = $rmq->url;
 
 sub sq { my ($node, $sql) = @_; return $node->safe_psql('postgres', $sql); }
 
@@ -179,7 +124,7 @@ SKIP:
 {
 	skip("qos = 2 against RabbitMQ $rmq_version (>= 3.13) is not supported yet", 6) if $rmq_mqtt5;
 
-	$sub = start_subscriber($rabbit{mqtt}, "$prefix/#");
+	$sub = start_subscriber($rmq->port, "$prefix/#");
 	my $off = -s $node->logfile;
 	my $t0 = Time::HiRes::time();
 	for my $k (0 .. 6)
@@ -216,6 +161,6 @@ SKIP:
 
 $sub->stop if $sub;
 $node->stop;
-rabbit_stop();
-ok(!MqttEmitTest::_child_alive($rabbit{pid} // 0), 'RabbitMQ stopped');
+$rmq->stop;
+ok(!$rmq->is_running, 'RabbitMQ stopped');
 done_testing();
