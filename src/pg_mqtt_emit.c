@@ -22,10 +22,12 @@
 
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "catalog/namespace.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "utils/guc.h"
+#include "utils/lsyscache.h"
 
 #include "pg_mqtt_emit.h"
 #include "topic.h"
@@ -748,4 +750,16 @@ static const char *
 show_signing_key(void)
 {
 	return show_secret(mqtt_emit_signing_key);
+}
+
+/*
+ * Does the extension's schema have this table?  (An extension of an older
+ * version may lack it.)  In a transaction.
+ */
+bool
+me_extension_table_exists(const char *relname)
+{
+	Oid			nsp = get_namespace_oid(MQTT_EMIT_SCHEMA, true);
+
+	return OidIsValid(nsp) && OidIsValid(get_relname_relid(relname, nsp));
 }

@@ -262,6 +262,7 @@ extern bool mqtt_emit_preloaded;
 /* pg_mqtt_emit.c */
 extern void me_check_preloaded(void);
 extern const char *me_client_id(void);
+extern bool me_extension_table_exists(const char *relname);
 extern int	me_broker_url_list(const char *value, char **urls, int max);
 
 /* shmem.c: all shared state is read and written through these */

@@ -172,16 +172,11 @@ received_id_seen(const DedupKey *key)
 
 	if (mqtt_emit_dedup_keep == 0 || seen_table == 0)
 		return false;
-	SPI_connect();
 	if (seen_table < 0)
-		seen_table = (SPI_execute("SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
-								  " WHERE n.nspname = 'mqtt_emit' AND c.relname = 'received_ids'",
-								  true, 1) == SPI_OK_SELECT && SPI_processed == 1) ? 1 : 0;
+		seen_table = me_extension_table_exists("received_ids") ? 1 : 0;
 	if (seen_table == 0)
-	{
-		SPI_finish();
 		return false;
-	}
+	SPI_connect();
 	if (seen_plan == NULL)
 	{
 		Oid			types[2] = {INT8OID, INT8OID};

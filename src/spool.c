@@ -287,10 +287,8 @@ load_position(void)
 	int			i,
 				keep = 0;
 
+	table_ok = me_extension_table_exists("spool_position");
 	SPI_connect();
-	table_ok = SPI_execute("SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
-						   " WHERE n.nspname = 'mqtt_emit' AND c.relname = 'spool_position'",
-						   true, 1) == SPI_OK_SELECT && SPI_processed == 1;
 	if (table_ok &&
 		SPI_execute("SELECT generation, position FROM mqtt_emit.spool_position",
 					true, 1) == SPI_OK_SELECT && SPI_processed == 1)
