@@ -9,6 +9,7 @@ OBJS = \
 	src/pending.o \
 	src/payload.o \
 	src/worker.o \
+	src/launcher.o \
 	src/client.o \
 	src/inflight.o \
 	src/relay.o \

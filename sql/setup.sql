@@ -101,12 +101,29 @@ SELECT worker_pid IS NOT NULL AS worker_running, client_id LIKE 'regress-%' AS c
   FROM mqtt_emit.stats;
 SELECT count(*) AS workers FROM pg_stat_activity WHERE backend_type = 'pg_mqtt_emit';
 
--- the extension lives in one database only
+-- the extension can be created in any database; each gets its own workers
+-- and client id, and DROP DATABASE is not blocked by them
 CREATE DATABASE regress_mqtt_other;
 \c regress_mqtt_other
-\set VERBOSITY default
--- no CONTEXT: PostgreSQL 18 adds the extension script's line to it
-\set SHOW_CONTEXT never
 CREATE EXTENSION pg_mqtt_emit;
+CREATE FUNCTION wait_until(q text, timeout_s int DEFAULT 30) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE ok boolean;
+BEGIN
+    FOR i IN 1 .. timeout_s * 20 LOOP
+        EXECUTE q INTO ok;
+        IF ok THEN RETURN true; END IF;
+        PERFORM pg_sleep(0.05);
+        PERFORM pg_stat_clear_snapshot();
+    END LOOP;
+    RETURN false;
+END $$;
+SELECT wait_until($$SELECT count(*) = 2 FROM pg_stat_activity
+                   WHERE backend_type IN ('pg_mqtt_emit', 'pg_mqtt_emit listeners')
+                     AND datname = current_database()$$) AS both_workers;
+SELECT wait_until('SELECT connected FROM mqtt_emit.stats') AS connected;
+SELECT client_id LIKE 'regress-%-regress\_mqtt\_other' AS client_id_has_database
+  FROM mqtt_emit.stats;
 \c contrib_regression
 DROP DATABASE regress_mqtt_other;
+SELECT count(*) AS workers FROM pg_stat_activity WHERE backend_type = 'pg_mqtt_emit';

@@ -6,9 +6,11 @@
  *
  * The listener worker calls listener functions itself, so
  * pg_stat_user_functions knows nothing of them: it counts each call here,
- * keyed by the listener's id (mqtt_emit.listeners.id).  The table is a
- * shared hash of fixed size, enough for the registry's bound; a listener
- * beyond it is not counted.  Counts start again at zero with the server,
+ * keyed by the database and the listener's id (mqtt_emit.listeners.id;
+ * each database numbers its listeners on its own).  The table is a
+ * shared hash of fixed size, enough for the registry's bound in each of
+ * mqtt_emit.max_databases databases; a listener beyond it is not counted.
+ * Each database sees and resets its own listeners only.  Counts start again at zero with the server,
  * and with mqtt_emit.stats_reset().
  *
  * Lock: the named LWLock of this file protects the hash; the listener
@@ -38,9 +40,15 @@
 /* more than the registry holds (5000 listeners) */
 #define ME_LISTENER_STATS_MAX	6000
 
+typedef struct MeListenerKey
+{
+	Oid			dboid;
+	int64		id;				/* mqtt_emit.listeners.id */
+} MeListenerKey;
+
 typedef struct MeListenerStat
 {
-	int64		id;				/* hash key: mqtt_emit.listeners.id */
+	MeListenerKey key;			/* hash key */
 	int64		calls;
 	int64		errors;
 	double		total_ms;		/* time in the listener, milliseconds */
@@ -52,10 +60,16 @@ static LWLock *stats_lock = NULL;
 
 PG_FUNCTION_INFO_V1(mqtt_emit_listener_stats);
 
+static long
+stats_max(void)
+{
+	return (long) ME_LISTENER_STATS_MAX * mqtt_emit_max_databases;
+}
+
 Size
 me_listener_stats_size(void)
 {
-	return hash_estimate_size(ME_LISTENER_STATS_MAX, sizeof(MeListenerStat));
+	return hash_estimate_size(stats_max(), sizeof(MeListenerStat));
 }
 
 void
@@ -72,10 +86,10 @@ me_listener_stats_startup(void)
 	HASHCTL		info;
 
 	memset(&info, 0, sizeof(info));
-	info.keysize = sizeof(int64);
+	info.keysize = sizeof(MeListenerKey);
 	info.entrysize = sizeof(MeListenerStat);
 	stats_hash = ShmemInitHash("pg_mqtt_emit listener stats",
-							   ME_LISTENER_STATS_MAX, ME_LISTENER_STATS_MAX,
+							   stats_max(), stats_max(),
 							   &info, HASH_ELEM | HASH_BLOBS);
 	stats_lock = &(GetNamedLWLockTranche("pg_mqtt_emit listener stats"))->lock;
 }
@@ -87,12 +101,16 @@ void
 me_listener_stats_count(int64 id, bool failed, double elapsed_ms)
 {
 	MeListenerStat *s;
+	MeListenerKey key;
 	bool		found;
 
 	if (stats_hash == NULL)
 		return;
+	memset(&key, 0, sizeof(key));
+	key.dboid = MyDatabaseId;
+	key.id = id;
 	LWLockAcquire(stats_lock, LW_EXCLUSIVE);
-	s = (MeListenerStat *) hash_search(stats_hash, &id, HASH_ENTER_NULL, &found);
+	s = (MeListenerStat *) hash_search(stats_hash, &key, HASH_ENTER_NULL, &found);
 	if (s != NULL)
 	{
 		if (!found)
@@ -110,7 +128,7 @@ me_listener_stats_count(int64 id, bool failed, double elapsed_ms)
 	LWLockRelease(stats_lock);
 }
 
-/* mqtt_emit.stats_reset(): every listener's counts start again */
+/* mqtt_emit.stats_reset(): every listener's counts of this database start again */
 void
 me_listener_stats_reset(void)
 {
@@ -122,7 +140,8 @@ me_listener_stats_reset(void)
 	LWLockAcquire(stats_lock, LW_EXCLUSIVE);
 	hash_seq_init(&seq, stats_hash);
 	while ((s = (MeListenerStat *) hash_seq_search(&seq)) != NULL)
-		(void) hash_search(stats_hash, &s->id, HASH_REMOVE, NULL);
+		if (s->key.dboid == MyDatabaseId)
+			(void) hash_search(stats_hash, &s->key, HASH_REMOVE, NULL);
 	LWLockRelease(stats_lock);
 }
 
@@ -148,7 +167,9 @@ mqtt_emit_listener_stats(PG_FUNCTION_ARGS)
 		Datum		values[5];
 		bool		nulls[5] = {false, false, false, false, false};
 
-		values[0] = Int64GetDatum(s->id);
+		if (s->key.dboid != MyDatabaseId)
+			continue;
+		values[0] = Int64GetDatum(s->key.id);
 		values[1] = Int64GetDatum(s->calls);
 		values[2] = Int64GetDatum(s->errors);
 		values[3] = Float8GetDatum(s->total_ms);

@@ -90,13 +90,6 @@ static void listener_detach(int code, Datum arg);
 static void hard_timeout_handler(void);
 static bool run_round(void);
 
-void
-me_listener_worker_register(void)
-{
-	me_register_bgworker("mqtt_emit_listener_main", "pg_mqtt_emit listener worker",
-						 "pg_mqtt_emit listeners");
-}
-
 static void
 listener_detach(int code, Datum arg)
 {
@@ -125,7 +118,9 @@ mqtt_emit_listener_main(Datum main_arg)
 	pqsignal(SIGTERM, die);		/* ends listener code wherever it is */
 	BackgroundWorkerUnblockSignals();
 
-	BackgroundWorkerInitializeConnection(mqtt_emit_database, NULL, 0);
+	/* the launcher starts it for one database (launcher.c) */
+	if (!me_worker_connect(main_arg))
+		proc_exit(0);
 	pgstat_report_appname("pg_mqtt_emit listeners");
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
 
@@ -164,8 +159,20 @@ mqtt_emit_listener_main(Datum main_arg)
 
 		version = me_listeners_version();
 		now = GetCurrentTimestamp();
-		if (!extension_ready && now - last_extension_check > 5 * USECS_PER_SEC)
-			listeners_version = 0;
+		if (now - last_extension_check > 5 * USECS_PER_SEC)
+		{
+			/* reload while it seems absent; else only look whether it is */
+			if (extension_ready)
+			{
+				StartTransactionCommand();
+				if (!me_extension_present())
+					listeners_version = 0;
+				CommitTransactionCommand();
+				last_extension_check = now;
+			}
+			else
+				listeners_version = 0;
+		}
 		if (version != listeners_version)
 		{
 			MeRegistryLoad r;
@@ -174,6 +181,16 @@ mqtt_emit_listener_main(Datum main_arg)
 			StartTransactionCommand();
 			PushActiveSnapshot(GetTransactionSnapshot());
 			r = me_listeners_refresh();
+			if (r == ME_REGISTRY_ABSENT && !me_extension_present())
+			{
+				/* DROP EXTENSION: exit for good (launcher.c) */
+				PopActiveSnapshot();
+				CommitTransactionCommand();
+				me_slot_set_retired(true);
+				ereport(LOG,
+						(errmsg("pg_mqtt_emit listener worker: the extension is gone; exiting")));
+				proc_exit(0);
+			}
 			/* the handlers too; not readable now: try both again */
 			if (r == ME_REGISTRY_LOADED && me_handlers_refresh() == ME_REGISTRY_KEPT)
 				r = ME_REGISTRY_KEPT;

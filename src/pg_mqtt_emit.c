@@ -23,11 +23,13 @@
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "catalog/namespace.h"
+#include "commands/dbcommands.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "utils/guc.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
 
 #include "pg_mqtt_emit.h"
 #include "topic.h"
@@ -43,6 +45,7 @@ char	   *mqtt_emit_username = NULL;
 char	   *mqtt_emit_password = NULL;
 int			mqtt_emit_qos = 1;
 char	   *mqtt_emit_database = NULL;
+int			mqtt_emit_max_databases = 4;
 int			mqtt_emit_queue_size = 8192;	/* kB */
 int			mqtt_emit_delivery = ME_DELIVERY_MEMORY;
 int			mqtt_emit_dedup_ttl = 5000; /* ms */
@@ -388,12 +391,19 @@ _PG_init(void)
 	if (process_shared_preload_libraries_in_progress)
 	{
 		DefineCustomStringVariable("mqtt_emit.database",
-								   "Sets the database the background worker connects to.",
-								   "The extension can be created only in this database.",
+								   "Sets the database whose workers use the client id as it is.",
+								   "The workers of other databases add \"-\" and the database's name to the client id.",
 								   &mqtt_emit_database,
 								   "postgres",
 								   PGC_POSTMASTER, 0,
 								   NULL, NULL, NULL);
+		DefineCustomIntVariable("mqtt_emit.max_databases",
+								"Sets the maximum number of databases that can have the extension.",
+								"Each has its own share of shared memory (one event queue of \"mqtt_emit.queue_size\") and two background workers.",
+								&mqtt_emit_max_databases,
+								4, 1, 256,
+								PGC_POSTMASTER, 0,
+								NULL, NULL, NULL);
 		DefineCustomStringVariable("mqtt_emit.password",
 								   "Sets the password for the MQTT broker.",
 								   "Changing it needs a restart: a reloaded value would be written to the server log.",
@@ -431,8 +441,8 @@ _PG_init(void)
 	prev_shmem_startup_hook = shmem_startup_hook;
 	shmem_startup_hook = mqtt_emit_shmem_startup;
 
-	me_worker_register();
-	me_listener_worker_register();
+	me_launcher_register();
+	me_launcher_init_hooks();
 }
 
 static void
@@ -442,6 +452,7 @@ mqtt_emit_shmem_request(void)
 		prev_shmem_request_hook();
 	me_shmem_request();
 	me_listener_stats_request();
+	RequestAddinShmemSpace(me_launcher_shmem_size());
 }
 
 static void
@@ -452,12 +463,14 @@ mqtt_emit_shmem_startup(void)
 	me_shmem_startup();
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
 	me_listener_stats_startup();
+	me_launcher_shmem_startup();
 	LWLockRelease(AddinShmemInitLock);
 }
 
 /*
  * Raise the standard error when the library was not preloaded: without the
- * queue and the worker no event could leave the server.
+ * queue and the worker no event could leave the server.  Then bind to the
+ * database's share of shared memory (an error when no slot is free).
  */
 void
 me_check_preloaded(void)
@@ -467,24 +480,93 @@ me_check_preloaded(void)
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("pg_mqtt_emit must be loaded via \"shared_preload_libraries\""),
 				 errhint("Add pg_mqtt_emit to \"shared_preload_libraries\" and restart the server.")));
+	(void) me_shmem_bind(true);
+	me_database_name_init();
+}
+
+/* "" for mqtt_emit.database, else "-" and the encoded name; NULL: not known yet */
+static char *client_id_suffix = NULL;
+
+/*
+ * Learn this process's database name, for the client id (me_client_id).
+ * In a transaction; does nothing outside one or once known.  The name
+ * cannot change while a process is connected (ALTER DATABASE RENAME needs
+ * the database to have no other sessions).
+ */
+void
+me_database_name_init(void)
+{
+	char	   *name;
+	StringInfoData buf;
+	const char *p;
+
+	if (client_id_suffix != NULL || !IsTransactionState() || !OidIsValid(MyDatabaseId))
+		return;
+	name = get_database_name(MyDatabaseId);
+	if (name == NULL)
+		return;
+	initStringInfo(&buf);
+	if (mqtt_emit_database == NULL || strcmp(name, mqtt_emit_database) != 0)
+	{
+		/* a client id safe for any broker: other bytes as %XX */
+		appendStringInfoChar(&buf, '-');
+		for (p = name; *p; p++)
+		{
+			unsigned char c = (unsigned char) *p;
+
+			if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+				(c >= '0' && c <= '9') || c == '_' || c == '.' || c == '-')
+				appendStringInfoChar(&buf, (char) c);
+			else
+				appendStringInfo(&buf, "%%%02X", c);
+		}
+	}
+	client_id_suffix = MemoryContextStrdup(TopMemoryContext, buf.data);
+	pfree(buf.data);
+	pfree(name);
 }
 
 /*
  * The effective publisher client id: mqtt_emit.client_id, or one derived
- * from the system identifier when that is empty.  The result is valid until
- * the next configuration reload.
+ * from the system identifier when that is empty.  In a database other than
+ * mqtt_emit.database, "-" and the database's name follow (so that each
+ * database has its own stable ids, and its own persistent subscriber
+ * session).  The result is valid until the next configuration reload.
  */
 const char *
 me_client_id(void)
 {
 	static char derived[64];
+	static char *composed = NULL;
+	static char *composed_for = NULL;
+	const char *base;
 
 	if (mqtt_emit_client_id && mqtt_emit_client_id[0] != '\0')
-		return mqtt_emit_client_id;
-	if (derived[0] == '\0')
-		snprintf(derived, sizeof(derived), "pg-mqtt-emit-" UINT64_FORMAT,
-				 GetSystemIdentifier());
-	return derived;
+		base = mqtt_emit_client_id;
+	else
+	{
+		if (derived[0] == '\0')
+			snprintf(derived, sizeof(derived), "pg-mqtt-emit-" UINT64_FORMAT,
+					 GetSystemIdentifier());
+		base = derived;
+	}
+	me_database_name_init();
+	if (client_id_suffix == NULL || client_id_suffix[0] == '\0')
+		return base;
+	if (composed == NULL || strcmp(composed_for, base) != 0)
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		if (composed)
+		{
+			pfree(composed);
+			pfree(composed_for);
+		}
+		composed_for = pstrdup(base);
+		composed = psprintf("%s%s", base, client_id_suffix);
+		MemoryContextSwitchTo(old);
+	}
+	return composed;
 }
 
 /*

@@ -20,6 +20,7 @@
 #include "port/atomics.h"
 #include "storage/latch.h"
 #include "storage/lwlock.h"
+#include "postmaster/bgworker.h"
 #include "storage/s_lock.h"
 
 #include "compat.h"
@@ -224,6 +225,7 @@ extern char *mqtt_emit_username;
 extern char *mqtt_emit_password;
 extern int	mqtt_emit_qos;
 extern char *mqtt_emit_database;
+extern int	mqtt_emit_max_databases;
 extern int	mqtt_emit_queue_size;
 extern int	mqtt_emit_delivery;
 extern int	mqtt_emit_dedup_ttl;
@@ -262,6 +264,7 @@ extern bool mqtt_emit_preloaded;
 /* pg_mqtt_emit.c */
 extern void me_check_preloaded(void);
 extern const char *me_client_id(void);
+extern void me_database_name_init(void);
 extern bool me_extension_table_exists(const char *relname);
 extern int	me_broker_url_list(const char *value, char **urls, int max);
 
@@ -269,6 +272,28 @@ extern int	me_broker_url_list(const char *value, char **urls, int max);
 extern Size me_shmem_size(void);
 extern void me_shmem_request(void);
 extern void me_shmem_startup(void);
+extern bool me_shmem_bind(bool create);
+extern bool me_shmem_bound(void);
+extern int	me_slot_count(void);
+extern void me_slot_info(int i, Oid *dboid, pid_t *worker_pid, pid_t *listener_pid,
+						 bool *retired);
+extern int	me_slot_of(Oid dboid);
+extern void me_slot_set_retired(bool retired);
+extern bool me_slot_free(int i, Oid dboid);
+extern int	me_slots_in_use_by_others(void);
+
+/* launcher.c */
+extern Size me_launcher_shmem_size(void);
+extern void me_launcher_shmem_startup(void);
+extern void me_launcher_register(void);
+extern void me_launcher_start_workers(Oid dboid);
+extern void me_launcher_request_probe(Oid dboid);
+extern void me_launcher_pause(Oid dboid);
+extern void me_launcher_resume(Oid dboid);
+extern void me_launcher_init_hooks(void);
+extern bool me_extension_present(void);
+PGDLLEXPORT void mqtt_emit_launcher_main(Datum main_arg);
+PGDLLEXPORT void mqtt_emit_probe_main(Datum main_arg);
 
 /* listener_stats.c */
 extern Size me_listener_stats_size(void);
@@ -394,13 +419,12 @@ extern void me_capture_listeners_changed(void);
 extern void me_capture_set_depth(int depth);
 
 /* worker.c */
-extern void me_register_bgworker(const char *function, const char *name,
-								 const char *type);
-extern void me_worker_register(void);
+extern bool me_worker_connect(Datum main_arg);
+extern void me_worker_start(Oid dboid, const char *function, const char *name,
+							const char *type, BackgroundWorkerHandle **handle);
 PGDLLEXPORT void mqtt_emit_worker_main(Datum main_arg);
 
 /* listener_worker.c */
-extern void me_listener_worker_register(void);
 PGDLLEXPORT void mqtt_emit_listener_main(Datum main_arg);
 
 #endif							/* PG_MQTT_EMIT_H */

@@ -34,9 +34,27 @@
  * handed to the local listeners.  Space is therefore freed only after
  * delivery, and a worker that exits with an error starts again at head.
  *
+ * Databases.  The extension may be created in several databases of a
+ * server, each with its own publisher and listener worker (launcher.c).
+ * Each database gets a share of its own: a slot, which holds what one
+ * database had before (MqttEmitShared with its ring, the reservations, the
+ * subscription table).  There are mqtt_emit.max_databases slots, created
+ * with the server.  A process binds to the slot of MyDatabaseId
+ * (me_shmem_bind) before it uses any of the functions below, which then
+ * work on that slot only: a database's stats, queue and workers never see
+ * another's.  A slot is claimed by the first process of its database that
+ * needs it (CREATE EXTENSION, the launcher's probe, a backend that captures
+ * an event) and given back (me_slot_free) when the database is dropped or
+ * no longer has the extension, with no worker attached; its generation
+ * changes then, so that a process still bound to it binds again.
+ *
  * Every field of MqttEmitShared is private to this file; the other files
  * use the functions below.  The lock rule of each field is written beside
  * it in the struct:
+ *	- The slot table (MeSlotCtl) is protected by the named LWLock
+ *	  "pg_mqtt_emit slots": dboid is written under it in exclusive mode and
+ *	  read under it in shared mode; generation and retired are atomics,
+ *	  written under the lock, read without it.
  *	- lock (LWLock) in exclusive mode protects head, tail and the
  *	  reservations (MeReservations).  A producer holds it to reserve and to
  *	  mark its reservation written, not while it copies its events: the
@@ -138,7 +156,32 @@ typedef struct MqttEmitShared
 	char		data[FLEXIBLE_ARRAY_MEMBER];
 } MqttEmitShared;
 
-static MqttEmitShared *me_shared = NULL;
+static MqttEmitShared *me_shared = NULL;	/* the bound slot's */
+
+/*
+ * The slot table: which database owns which share.  Lock rules: see the
+ * file header.
+ */
+typedef struct MeSlotCtl
+{
+	LWLock	   *lock;
+	int			nslots;			/* constant: mqtt_emit.max_databases */
+	char	   *base;			/* constant: the first slot (this process's
+								 * address; the postmaster sets it, backends
+								 * inherit it) */
+	Size		stride;			/* constant: bytes per slot */
+	struct
+	{
+		Oid			dboid;		/* lock: InvalidOid when free */
+		pg_atomic_uint32 generation;	/* bumped when claimed and freed */
+		pg_atomic_uint32 retired;	/* a worker found no extension there */
+	}			slot[FLEXIBLE_ARRAY_MEMBER];
+} MeSlotCtl;
+
+static MeSlotCtl *me_ctl = NULL;
+static int	bound_slot = -1;
+static uint32 bound_generation = 0;
+static Oid	bound_db = InvalidOid;
 
 /*
  * The reservations of committing processes not yet written: one slot per
@@ -197,98 +240,322 @@ queue_struct_size(void)
 	return MAXALIGN(size);
 }
 
+/* Size of one database's slot: the queue, the subscriptions, the reservations. */
+static Size
+slot_size(void)
+{
+	return add_size(add_size(queue_struct_size(), MAXALIGN(sizeof(MeSubTable))),
+					MAXALIGN(reservations_size()));
+}
+
+static Size
+ctl_size(void)
+{
+	return MAXALIGN(add_size(offsetof(MeSlotCtl, slot),
+							 mul_size(sizeof(((MeSlotCtl *) NULL)->slot[0]),
+									  mqtt_emit_max_databases)));
+}
+
 /*
- * Size of the shared state, used both to request and to create it.
+ * Size of the shared state, used both to request and to create it:
+ * mqtt_emit.max_databases slots and their table.
  */
 Size
 me_shmem_size(void)
 {
-	return add_size(add_size(queue_struct_size(), MAXALIGN(sizeof(MeSubTable))),
-					MAXALIGN(reservations_size()));
+	return add_size(ctl_size(), mul_size(slot_size(), mqtt_emit_max_databases));
 }
 
 void
 me_shmem_request(void)
 {
 	RequestAddinShmemSpace(me_shmem_size());
-	RequestNamedLWLockTranche("pg_mqtt_emit", 1);
-	RequestNamedLWLockTranche("pg_mqtt_emit subscriptions", 1);
+	RequestNamedLWLockTranche("pg_mqtt_emit", mqtt_emit_max_databases);
+	RequestNamedLWLockTranche("pg_mqtt_emit subscriptions", mqtt_emit_max_databases);
+	RequestNamedLWLockTranche("pg_mqtt_emit slots", 1);
+}
+
+/*
+ * Point this process's pointers at slot i (without binding it to a
+ * database).
+ */
+static void
+point_at_slot(int i)
+{
+	char	   *base = me_ctl->base + me_ctl->stride * i;
+
+	me_shared = (MqttEmitShared *) base;
+	me_subs = (MeSubTable *) (base + queue_struct_size());
+	me_res = (MeReservations *) (base + queue_struct_size() + MAXALIGN(sizeof(MeSubTable)));
+}
+
+/*
+ * Set up slot i as new: an empty queue, zero counters, nothing connected.
+ * At server start, and when a database claims a slot another had before
+ * (no process is attached to it then).
+ */
+static void
+init_slot(int i)
+{
+	int			j;
+
+	point_at_slot(i);
+	me_subs->lock = &(GetNamedLWLockTranche("pg_mqtt_emit subscriptions"))[i].lock;
+	me_subs->n = 0;
+	me_res->nslots = reservation_slots();
+	me_res->nopen = 0;
+	memset(me_res->slot, 0, sizeof(me_res->slot[0]) * me_res->nslots);
+
+	me_shared->lock = &(GetNamedLWLockTranche("pg_mqtt_emit"))[i].lock;
+	me_shared->worker_pid = 0;
+	me_shared->worker_latch = NULL;
+	me_shared->listener_pid = 0;
+	me_shared->listener_latch = NULL;
+	SpinLockInit(&me_shared->attempt_lock);
+	me_shared->attempt_id = 0;
+	me_shared->attempt_kind = 0;
+	me_shared->attempt_count = 0;
+	me_shared->capacity = (Size) mqtt_emit_queue_size * 1024;
+	me_shared->head = 0;
+	me_shared->tail = 0;
+	for (j = 0; j < ME_STAT_COUNT; j++)
+	{
+		pg_atomic_init_u64(&me_shared->counters[j], 0);
+		pg_atomic_init_u64(&me_shared->counter_base[j], 0);
+	}
+	pg_atomic_init_u64(&me_shared->stats_reset, (uint64) GetCurrentTimestamp());
+
+	/*
+	 * Event ids carry a sequence number.  Starting it at the current time
+	 * in microseconds keeps ids of a restarted server from repeating those
+	 * of its previous life.
+	 */
+	pg_atomic_init_u64(&me_shared->event_seq, (uint64) GetCurrentTimestamp());
+	me_shared->epoch_seq = pg_atomic_read_u64(&me_shared->event_seq);
+	me_shared->epoch_time = GetCurrentTimestamp();
+	pg_atomic_init_u32(&me_shared->listeners_version, 1);
+	pg_atomic_init_u32(&me_shared->publisher_connected, 0);
+	pg_atomic_init_u32(&me_shared->subscriber_connected, 0);
+	pg_atomic_init_u32(&me_shared->subscriptions, 0);
+	pg_atomic_init_u32(&me_shared->outbox_version, 0);
+	pg_atomic_init_u32(&me_shared->held_strays_version, 0);
+	pg_atomic_init_u64(&me_shared->local_done, 0);
+	pg_atomic_init_u64(&me_shared->outbox_rows, 0);
+	pg_atomic_init_u64(&me_shared->outbox_oldest, 0);
+	pg_atomic_init_u32(&me_shared->worker_napping, 0);
+	me_shared->fresh = true;
+	SpinLockInit(&me_shared->errlock);
+	me_shared->last_error_time = 0;
+	me_shared->last_error[0] = '\0';
+	SpinLockInit(&me_shared->urllock);
+	me_shared->broker_url[0][0] = '\0';
+	me_shared->broker_url[1][0] = '\0';
+	me_shared = NULL;
+	me_subs = NULL;
+	me_res = NULL;
 }
 
 void
 me_shmem_startup(void)
 {
 	bool		found;
+	char	   *slots;
 
 	me_shared = NULL;
+	me_subs = NULL;
+	me_res = NULL;
+	bound_slot = -1;
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
-	me_subs = (MeSubTable *) ShmemInitStruct("pg_mqtt_emit subscriptions",
-											 sizeof(MeSubTable), &found);
-	if (!found)
-	{
-		me_subs->lock = &(GetNamedLWLockTranche("pg_mqtt_emit subscriptions"))->lock;
-		me_subs->n = 0;
-	}
-	me_res = (MeReservations *) ShmemInitStruct("pg_mqtt_emit reservations",
-												reservations_size(), &found);
-	if (!found)
-	{
-		me_res->nslots = reservation_slots();
-		me_res->nopen = 0;
-		memset(me_res->slot, 0, sizeof(me_res->slot[0]) * me_res->nslots);
-	}
-	me_shared = (MqttEmitShared *) ShmemInitStruct("pg_mqtt_emit",
-												   queue_struct_size(), &found);
+	me_ctl = (MeSlotCtl *) ShmemInitStruct("pg_mqtt_emit slots", ctl_size(), &found);
+	slots = ShmemInitStruct("pg_mqtt_emit", mul_size(slot_size(), mqtt_emit_max_databases),
+							&found);
 	if (!found)
 	{
 		int			i;
 
-		me_shared->lock = &(GetNamedLWLockTranche("pg_mqtt_emit"))->lock;
-		me_shared->worker_pid = 0;
-		me_shared->worker_latch = NULL;
-		me_shared->listener_pid = 0;
-		me_shared->listener_latch = NULL;
-		SpinLockInit(&me_shared->attempt_lock);
-		me_shared->attempt_id = 0;
-		me_shared->attempt_kind = 0;
-		me_shared->attempt_count = 0;
-		me_shared->capacity = (Size) mqtt_emit_queue_size * 1024;
-		me_shared->head = 0;
-		me_shared->tail = 0;
-		for (i = 0; i < ME_STAT_COUNT; i++)
+		me_ctl->lock = &(GetNamedLWLockTranche("pg_mqtt_emit slots"))->lock;
+		me_ctl->nslots = mqtt_emit_max_databases;
+		me_ctl->base = slots;
+		me_ctl->stride = slot_size();
+		for (i = 0; i < me_ctl->nslots; i++)
 		{
-			pg_atomic_init_u64(&me_shared->counters[i], 0);
-			pg_atomic_init_u64(&me_shared->counter_base[i], 0);
+			me_ctl->slot[i].dboid = InvalidOid;
+			pg_atomic_init_u32(&me_ctl->slot[i].generation, 0);
+			pg_atomic_init_u32(&me_ctl->slot[i].retired, 0);
+			init_slot(i);
 		}
-		pg_atomic_init_u64(&me_shared->stats_reset, (uint64) GetCurrentTimestamp());
-
-		/*
-		 * Event ids carry a sequence number.  Starting it at the current time
-		 * in microseconds keeps ids of a restarted server from repeating
-		 * those of its previous life.
-		 */
-		pg_atomic_init_u64(&me_shared->event_seq, (uint64) GetCurrentTimestamp());
-		me_shared->epoch_seq = pg_atomic_read_u64(&me_shared->event_seq);
-		me_shared->epoch_time = GetCurrentTimestamp();
-		pg_atomic_init_u32(&me_shared->listeners_version, 1);
-		pg_atomic_init_u32(&me_shared->publisher_connected, 0);
-		pg_atomic_init_u32(&me_shared->subscriber_connected, 0);
-		pg_atomic_init_u32(&me_shared->subscriptions, 0);
-		pg_atomic_init_u32(&me_shared->outbox_version, 0);
-		pg_atomic_init_u32(&me_shared->held_strays_version, 0);
-		pg_atomic_init_u64(&me_shared->local_done, 0);
-		pg_atomic_init_u64(&me_shared->outbox_rows, 0);
-		pg_atomic_init_u64(&me_shared->outbox_oldest, 0);
-		pg_atomic_init_u32(&me_shared->worker_napping, 0);
-		me_shared->fresh = true;
-		SpinLockInit(&me_shared->errlock);
-		me_shared->last_error_time = 0;
-		me_shared->last_error[0] = '\0';
-		SpinLockInit(&me_shared->urllock);
-		me_shared->broker_url[0][0] = '\0';
-		me_shared->broker_url[1][0] = '\0';
 	}
 	LWLockRelease(AddinShmemInitLock);
+}
+
+/*
+ * Bind this process to the slot of its database (MyDatabaseId), claiming
+ * a free one when the database has none and create is true.  Returns false
+ * when there is none and create is false; raises an error when none is
+ * free.  Cheap when already bound: one atomic read.  Must be called where
+ * an error is allowed (not in a commit callback).
+ */
+bool
+me_shmem_bind(bool create)
+{
+	int			i;
+	int			free_slot = -1;
+	int			in_use = 0;
+
+	if (me_ctl == NULL || !OidIsValid(MyDatabaseId))
+		return false;
+	if (bound_slot >= 0 && bound_db == MyDatabaseId &&
+		pg_atomic_read_u32(&me_ctl->slot[bound_slot].generation) == bound_generation)
+		return true;
+
+	me_shared = NULL;
+	me_subs = NULL;
+	me_res = NULL;
+	bound_slot = -1;
+	LWLockAcquire(me_ctl->lock, create ? LW_EXCLUSIVE : LW_SHARED);
+	for (i = 0; i < me_ctl->nslots; i++)
+	{
+		if (me_ctl->slot[i].dboid == MyDatabaseId)
+			break;
+		if (!OidIsValid(me_ctl->slot[i].dboid))
+		{
+			if (free_slot < 0)
+				free_slot = i;
+		}
+		else
+			in_use++;
+	}
+	if (i == me_ctl->nslots)
+	{
+		if (!create || free_slot < 0)
+		{
+			LWLockRelease(me_ctl->lock);
+			if (!create)
+				return false;
+			ereport(ERROR,
+					(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+					 errmsg("no free pg_mqtt_emit database slot"),
+					 errdetail("All %d slots of \"mqtt_emit.max_databases\" are taken by other databases with the extension.",
+							   in_use),
+					 errhint("Raise \"mqtt_emit.max_databases\" and restart the server, or drop the extension in a database that does not need it.")));
+		}
+		i = free_slot;
+		init_slot(i);
+		me_ctl->slot[i].dboid = MyDatabaseId;
+		pg_atomic_write_u32(&me_ctl->slot[i].retired, 0);
+		pg_atomic_fetch_add_u32(&me_ctl->slot[i].generation, 1);
+	}
+	bound_slot = i;
+	bound_db = MyDatabaseId;
+	bound_generation = pg_atomic_read_u32(&me_ctl->slot[i].generation);
+	point_at_slot(i);
+	LWLockRelease(me_ctl->lock);
+	return true;
+}
+
+/* Is this process bound to its database's slot? */
+bool
+me_shmem_bound(void)
+{
+	return me_shared != NULL;
+}
+
+/* The number of slots (mqtt_emit.max_databases). */
+int
+me_slot_count(void)
+{
+	return me_ctl ? me_ctl->nslots : 0;
+}
+
+/*
+ * What the launcher needs to know of slot i: its database (InvalidOid when
+ * free), the PIDs of the workers attached to it (0 when none), and whether
+ * a worker found the extension gone.
+ */
+void
+me_slot_info(int i, Oid *dboid, pid_t *worker_pid, pid_t *listener_pid, bool *retired)
+{
+	MqttEmitShared *sh = (MqttEmitShared *) (me_ctl->base + me_ctl->stride * i);
+
+	LWLockAcquire(me_ctl->lock, LW_SHARED);
+	*dboid = me_ctl->slot[i].dboid;
+	LWLockRelease(me_ctl->lock);
+	LWLockAcquire(sh->lock, LW_SHARED);
+	*worker_pid = sh->worker_pid;
+	*listener_pid = sh->listener_pid;
+	LWLockRelease(sh->lock);
+	*retired = pg_atomic_read_u32(&me_ctl->slot[i].retired) != 0;
+}
+
+/*
+ * The slot of database dboid, or -1.
+ */
+int
+me_slot_of(Oid dboid)
+{
+	int			i;
+	int			found = -1;
+
+	if (me_ctl == NULL)
+		return -1;
+	LWLockAcquire(me_ctl->lock, LW_SHARED);
+	for (i = 0; i < me_ctl->nslots && found < 0; i++)
+		if (me_ctl->slot[i].dboid == dboid)
+			found = i;
+	LWLockRelease(me_ctl->lock);
+	return found;
+}
+
+/*
+ * A worker of the bound slot found the extension gone (DROP EXTENSION):
+ * the launcher does not start workers for it again until a probe has
+ * looked (launcher.c).
+ */
+void
+me_slot_set_retired(bool retired)
+{
+	if (bound_slot >= 0)
+		pg_atomic_write_u32(&me_ctl->slot[bound_slot].retired, retired ? 1 : 0);
+}
+
+/*
+ * Give slot i back, if it still belongs to dboid and no worker is attached
+ * to it: the database was dropped, or no longer has the extension.  What
+ * its queue held is for a database or an extension that is gone.
+ */
+bool
+me_slot_free(int i, Oid dboid)
+{
+	MqttEmitShared *sh = (MqttEmitShared *) (me_ctl->base + me_ctl->stride * i);
+	bool		ok;
+
+	LWLockAcquire(me_ctl->lock, LW_EXCLUSIVE);
+	LWLockAcquire(sh->lock, LW_SHARED);
+	ok = me_ctl->slot[i].dboid == dboid && sh->worker_pid == 0 && sh->listener_pid == 0;
+	LWLockRelease(sh->lock);
+	if (ok)
+	{
+		me_ctl->slot[i].dboid = InvalidOid;
+		pg_atomic_write_u32(&me_ctl->slot[i].retired, 0);
+		pg_atomic_fetch_add_u32(&me_ctl->slot[i].generation, 1);
+	}
+	LWLockRelease(me_ctl->lock);
+	return ok;
+}
+
+/* How many slots are taken by databases other than MyDatabaseId. */
+int
+me_slots_in_use_by_others(void)
+{
+	int			i;
+	int			n = 0;
+
+	LWLockAcquire(me_ctl->lock, LW_SHARED);
+	for (i = 0; i < me_ctl->nslots; i++)
+		if (OidIsValid(me_ctl->slot[i].dboid) && me_ctl->slot[i].dboid != MyDatabaseId)
+			n++;
+	LWLockRelease(me_ctl->lock);
+	return n;
 }
 
 /*
@@ -301,9 +568,13 @@ bool
 me_queue_reserve(Size len, bool marker, MeQueueSlot *slot)
 {
 	bool		ok;
-	Size		limit = me_shared->capacity;
+	Size		limit;
 
 	Assert(len >= sizeof(MqttEmitEventHeader));
+
+	/* at PRE_COMMIT: the slot may have been given back and claimed again */
+	(void) me_shmem_bind(true);
+	limit = me_shared->capacity;
 
 	/*
 	 * Events leave the last eighth of the queue to markers, so that a
@@ -627,10 +898,11 @@ me_wake_worker(void)
 		SetLatch(latch);
 }
 
+/* Is the shared memory there (the library was preloaded)? */
 bool
 me_shmem_ready(void)
 {
-	return me_shared != NULL;
+	return me_ctl != NULL;
 }
 
 /*

@@ -60,13 +60,16 @@ PG_FUNCTION_INFO_V1(mqtt_emit_subscribe);
 PG_FUNCTION_INFO_V1(mqtt_emit_unsubscribe);
 
 /*
- * Called by the install script: the extension belongs in the worker's
- * database, and without preloading it can do nothing.
+ * Called by the install script (CREATE EXTENSION, in any database): claim
+ * the database's share of shared memory and have the launcher start its
+ * workers when the transaction commits (launcher.c).  Errors when no slot
+ * is free or the server has too few background worker processes for one
+ * more database; without preloading it can do nothing, and says so.
  */
 Datum
 mqtt_emit_install_check(PG_FUNCTION_ARGS)
 {
-	char	   *dbname = get_database_name(MyDatabaseId);
+	int			databases;
 
 	if (!mqtt_emit_preloaded)
 	{
@@ -77,15 +80,19 @@ mqtt_emit_install_check(PG_FUNCTION_ARGS)
 				 errhint("Add pg_mqtt_emit to \"shared_preload_libraries\" and restart the server.")));
 		PG_RETURN_VOID();
 	}
-	if (dbname == NULL || strcmp(dbname, mqtt_emit_database) != 0)
+	if (!me_shmem_ready())
+		me_check_preloaded();
+	databases = me_slots_in_use_by_others() + 1;
+	if (max_worker_processes < 1 + 2 * databases)
 		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("pg_mqtt_emit can only be created in database \"%s\"",
-						mqtt_emit_database),
-				 errdetail("The background worker of pg_mqtt_emit connects to database \"%s\" only.",
-						   mqtt_emit_database),
-				 errhint("Create the extension in database \"%s\", or set \"mqtt_emit.database\" to \"%s\" and restart the server.",
-						 mqtt_emit_database, dbname ? dbname : "?")));
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("not enough background worker processes for pg_mqtt_emit in %d databases",
+						databases),
+				 errdetail("pg_mqtt_emit needs %d: 1 for its launcher and 2 for each database with the extension; \"max_worker_processes\" is %d.",
+						   1 + 2 * databases, max_worker_processes),
+				 errhint("Raise \"max_worker_processes\" (parallel queries and other extensions take from it too) and restart the server.")));
+	me_check_preloaded();		/* claims the slot, or fails */
+	me_launcher_start_workers(MyDatabaseId);
 	PG_RETURN_VOID();
 }
 
@@ -180,7 +187,7 @@ Datum
 mqtt_emit_listeners_changed(PG_FUNCTION_ARGS)
 {
 	/* without the worker there is nobody to tell */
-	if (mqtt_emit_preloaded && me_shmem_ready())
+	if (mqtt_emit_preloaded && me_shmem_ready() && me_shmem_bind(true))
 		me_capture_listeners_changed();
 	PG_RETURN_VOID();
 }
@@ -738,7 +745,7 @@ mqtt_emit_subscription_states(PG_FUNCTION_ARGS)
 	int			i;
 
 	InitMaterializedSRF(fcinfo, 0);
-	if (!mqtt_emit_preloaded || !me_shmem_ready())
+	if (!mqtt_emit_preloaded || !me_shmem_ready() || !me_shmem_bind(false))
 		return (Datum) 0;
 	deconstruct_array(arr, TEXTOID, -1, false, TYPALIGN_INT,
 					  &elems, &elem_nulls, &nelems);

@@ -4,8 +4,9 @@
  *		The pg_mqtt_emit background worker: registration, main loop,
  *		signals, reload and shutdown.
  *
- * One worker per cluster, registered from _PG_init when the library is
- * preloaded, connected to mqtt_emit.database.  It owns both MQTT clients
+ * One worker per database that has the extension, started by the launcher
+ * (launcher.c) with the database's OID as its argument, and bound to that
+ * database's share of shared memory.  It owns both MQTT clients
  * (client.c).  Each round of the main loop is a short list of steps:
  *
  *	1. reload the settings after SIGHUP (new clients if a broker setting
@@ -24,6 +25,9 @@
  * their way arrive, keeps what the queue still holds in the outbox,
  * disconnects and exits; an error exits with code 1 and the postmaster
  * starts the worker again, which resumes at the queue's head.  When the
+ * extension is gone from its database (DROP EXTENSION) the worker marks
+ * its slot retired and exits for good (code 0); the launcher then asks a
+ * probe whether to give the slot back.  When the
  * postmaster dies (kill -9 of it), the worker disconnects its subscriber
  * and keeps what it had received before it exits: paho acknowledged those
  * messages to the broker, which would not send them again.
@@ -40,6 +44,7 @@
 #include <math.h>
 
 #include "access/xact.h"
+#include "commands/dbcommands.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -67,6 +72,8 @@ static MemoryContext loop_cxt = NULL;
 static bool napping = false;	/* worker_napping is set */
 static uint32 listeners_version = 0;
 static TimestampTz last_extension_check = 0;
+static bool retire = false;		/* the extension is gone: exit for good */
+static char *db_name = NULL;	/* this process's database */
 
 static void worker_sigterm(SIGNAL_ARGS);
 static void worker_detach(int code, Datum arg);
@@ -74,14 +81,18 @@ static void reload_settings(void);
 static void wait_for_work(bool more, int new_entries, uint64 tail, long timeout);
 static void shut_down(void);
 static void keep_received(void);
+static const char *get_db_name(void);
 
 /*
- * Register a background worker of this library in mqtt_emit.database,
- * restarted a second after it exits with an error; called from _PG_init
- * during preload.
+ * Start a background worker of this library for database dboid (the
+ * launcher does, for each database with the extension): not restarted by
+ * the postmaster (the launcher restarts it), and the launcher's latch is
+ * set when it starts or stops.  *handle is NULL when no background worker
+ * slot is free.
  */
 void
-me_register_bgworker(const char *function, const char *name, const char *type)
+me_worker_start(Oid dboid, const char *function, const char *name,
+				const char *type, BackgroundWorkerHandle **handle)
 {
 	BackgroundWorker worker;
 
@@ -89,18 +100,45 @@ me_register_bgworker(const char *function, const char *name, const char *type)
 	worker.bgw_flags = BGWORKER_SHMEM_ACCESS |
 		BGWORKER_BACKEND_DATABASE_CONNECTION;
 	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = 1;
+	worker.bgw_restart_time = BGW_NEVER_RESTART;
 	strlcpy(worker.bgw_library_name, "pg_mqtt_emit", sizeof(worker.bgw_library_name));
 	strlcpy(worker.bgw_function_name, function, sizeof(worker.bgw_function_name));
 	strlcpy(worker.bgw_name, name, sizeof(worker.bgw_name));
 	strlcpy(worker.bgw_type, type, sizeof(worker.bgw_type));
-	RegisterBackgroundWorker(&worker);
+	worker.bgw_main_arg = ObjectIdGetDatum(dboid);
+	worker.bgw_notify_pid = MyProcPid;
+	if (!RegisterDynamicBackgroundWorker(&worker, handle))
+		*handle = NULL;
 }
 
-void
-me_worker_register(void)
+/*
+ * Connect a worker to the database of its argument, and bind it to the
+ * database's slot when the extension is there.  Returns false (the worker
+ * is to exit for good) when it is not: then the slot, if the database has
+ * one, is marked retired.
+ */
+bool
+me_worker_connect(Datum main_arg)
 {
-	me_register_bgworker("mqtt_emit_worker_main", "pg_mqtt_emit worker", "pg_mqtt_emit");
+	bool		present;
+
+	BackgroundWorkerInitializeConnectionByOid(DatumGetObjectId(main_arg), InvalidOid, 0);
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	present = me_extension_present();
+	if (present)
+	{
+		(void) me_shmem_bind(true);
+		me_slot_set_retired(false);
+	}
+	else if (me_shmem_bind(false))
+		me_slot_set_retired(true);
+	me_database_name_init();
+	db_name = get_database_name(MyDatabaseId);
+	if (db_name)
+		db_name = MemoryContextStrdup(TopMemoryContext, db_name);
+	CommitTransactionCommand();
+	return present;
 }
 
 static void
@@ -132,7 +170,8 @@ mqtt_emit_worker_main(Datum main_arg)
 	pqsignal(SIGTERM, worker_sigterm);
 	BackgroundWorkerUnblockSignals();
 
-	BackgroundWorkerInitializeConnection(mqtt_emit_database, NULL, 0);
+	if (!me_worker_connect(main_arg))
+		proc_exit(0);
 	pgstat_report_appname("pg_mqtt_emit");
 
 	/* the worker's own SQL resolves names in pg_catalog only */
@@ -158,9 +197,9 @@ mqtt_emit_worker_main(Datum main_arg)
 	ereport(LOG,
 			(errmsg("pg_mqtt_emit worker started"),
 			 errdetail("Broker \"%s\", client id \"%s\", database \"%s\".",
-					   mqtt_emit_broker_url, me_client_id(), mqtt_emit_database)));
+					   mqtt_emit_broker_url, me_client_id(), get_db_name())));
 
-	while (!got_sigterm && !postmaster_gone)
+	while (!got_sigterm && !postmaster_gone && !retire)
 	{
 		long		timeout = 1000;
 		bool		more;
@@ -199,6 +238,13 @@ mqtt_emit_worker_main(Datum main_arg)
 		proc_exit(1);
 	}
 	shut_down();
+	if (retire)
+	{
+		ereport(LOG,
+				(errmsg("pg_mqtt_emit worker: the extension is gone from database \"%s\"; exiting",
+						get_db_name())));
+		proc_exit(0);
+	}
 
 	/*
 	 * Exit code 1: the postmaster starts the worker again unless the server
@@ -236,13 +282,30 @@ me_worker_refresh_registry(void)
 	uint32		version = me_listeners_version();
 	MeRegistryLoad r;
 
-	if (!me_relay_ready() &&
-		GetCurrentTimestamp() - last_extension_check > 5 * USECS_PER_SEC)
-		listeners_version = 0;
+	if (GetCurrentTimestamp() - last_extension_check > 5 * USECS_PER_SEC)
+	{
+		/* DROP EXTENSION tells us; DROP SCHEMA ... CASCADE may not */
+		if (me_relay_ready())
+		{
+			me_worker_begin_tx("checking the extension");
+			if (!me_extension_present())
+				listeners_version = 0;
+			me_worker_end_tx();
+			last_extension_check = GetCurrentTimestamp();
+		}
+		else
+			listeners_version = 0;
+	}
 	if (version == listeners_version)
 		return;
 	me_worker_begin_tx("loading listeners");
 	r = me_listeners_refresh();
+	if (r == ME_REGISTRY_ABSENT && !me_extension_present())
+	{
+		/* DROP EXTENSION: exit for good, the launcher gives the slot back */
+		me_slot_set_retired(true);
+		retire = true;
+	}
 	/* not readable now (a lock, say): keep going, try again later */
 	if (r != ME_REGISTRY_KEPT)
 		me_relay_extension_changed(r == ME_REGISTRY_LOADED);
@@ -407,4 +470,11 @@ me_worker_end_tx(void)
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	MemoryContextSwitchTo(loop_cxt);
+}
+
+/* The worker's database name, known since me_worker_connect. */
+static const char *
+get_db_name(void)
+{
+	return db_name ? db_name : "?";
 }
