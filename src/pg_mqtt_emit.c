@@ -527,6 +527,26 @@ me_database_name_init(void)
 }
 
 /*
+ * The directory (relative to the data directory) of this database's files
+ * (the subscriber's spool, the queue fill): pg_mqtt_emit for
+ * mqtt_emit.database, as before there were several, and
+ * pg_mqtt_emit/db<OID> for the others (an OID: it survives a rename).
+ * Known once me_database_name_init ran.
+ */
+const char *
+me_files_dir(void)
+{
+	static char dir[64];
+
+	me_database_name_init();
+	if (client_id_suffix == NULL || client_id_suffix[0] == '\0')
+		return "pg_mqtt_emit";
+	if (dir[0] == '\0')
+		snprintf(dir, sizeof(dir), "pg_mqtt_emit/db%u", MyDatabaseId);
+	return dir;
+}
+
+/*
  * The effective publisher client id: mqtt_emit.client_id, or one derived
  * from the system identifier when that is empty.  In a database other than
  * mqtt_emit.database, "-" and the database's name follow (so that each

@@ -265,6 +265,7 @@ extern bool mqtt_emit_preloaded;
 extern void me_check_preloaded(void);
 extern const char *me_client_id(void);
 extern void me_database_name_init(void);
+extern const char *me_files_dir(void);
 extern bool me_extension_table_exists(const char *relname);
 extern int	me_broker_url_list(const char *value, char **urls, int max);
 

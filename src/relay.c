@@ -697,7 +697,18 @@ me_relay_keep_queue_at_exit(void)
  * as dropped, with a WARNING.  A clean shutdown keeps the queue in the
  * outbox first and leaves 0.
  */
-#define FILL_FILE	"pg_mqtt_emit/queue_fill"
+#define FILL_FILE	fill_file()
+
+/* this database's file (pg_mqtt_emit.c, me_files_dir) */
+static const char *
+fill_file(void)
+{
+	static char path[MAXPGPATH];
+
+	if (path[0] == '\0')
+		snprintf(path, sizeof(path), "%s/queue_fill", me_files_dir());
+	return path;
+}
 
 static uint64
 memory_events_queued(void)

@@ -22,7 +22,8 @@
  * acknowledged and the process did not get to write: the microseconds
  * between the PUBACK and the writev.
  *
- * Files: $PGDATA/pg_mqtt_emit/spool.<generation>, each a sequence of
+ * Files: $PGDATA/pg_mqtt_emit/spool.<generation> (in a database other
+ * than mqtt_emit.database: $PGDATA/pg_mqtt_emit/db<OID>/spool.<generation>), each a sequence of
  * records (a SpoolRecord header, the topic, the payload, the MQTT 5
  * properties as broker_callbacks.c copies them).  Each worker start writes
  * a new generation (a file the last one was writing may end in half a
@@ -62,7 +63,7 @@
 #include "pg_mqtt_emit.h"
 #include "spool.h"
 
-#define SPOOL_DIR		"pg_mqtt_emit"
+#define SPOOL_DIR		me_files_dir()	/* this database's (pg_mqtt_emit.c) */
 #define SPOOL_MAGIC		0x4d455350	/* "MESP" */
 #define SPOOL_ROTATE	(64 * 1024 * 1024)	/* a new file past this, when read */
 #define SPOOL_MAX		((uint64) 1024 * 1024 * 1024)	/* unread bytes kept at most */
@@ -165,6 +166,7 @@ me_spool_open(void)
 
 	nread_gens = 0;
 	ndone_gens = 0;
+	(void) MakePGDirectory("pg_mqtt_emit");	/* the parent of a database's */
 	if (MakePGDirectory(SPOOL_DIR) < 0 && errno != EEXIST)
 	{
 		ereport(WARNING,

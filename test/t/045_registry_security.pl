@@ -56,7 +56,7 @@ sub allowed { return role_works($node, @_); }
 sub pids
 {
 	return sq(q{SELECT string_agg(backend_type || '=' || pid, ',' ORDER BY backend_type)
-	  FROM pg_stat_activity WHERE backend_type LIKE 'pg_mqtt_emit%'});
+	  FROM pg_stat_activity WHERE backend_type IN ('pg_mqtt_emit', 'pg_mqtt_emit listeners')});
 }
 
 # an event of t, and wait until the superuser's listener has seen it
