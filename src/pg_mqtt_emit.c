@@ -2,11 +2,13 @@
  *
  * pg_mqtt_emit.c
  *		Module entry point: defines the mqtt_emit.* settings, requests shared
- *		memory and registers the background worker.
+ *		memory and registers the launcher, which starts the background
+ *		workers of each database with the extension (launcher.c).
  *
  * Everything that lives longer than one call starts here.  Settings that
- * size shared memory (mqtt_emit.queue_size, mqtt_emit.database) exist only
- * when the library is preloaded; the rest are defined in every backend that
+ * size shared memory or are read at start (mqtt_emit.queue_size,
+ * mqtt_emit.max_databases, mqtt_emit.database) exist only when the library
+ * is preloaded; the rest are defined in every backend that
  * loads the library so that SET and SHOW work everywhere.  The SQL entry
  * points refuse to run unless the library was preloaded, because without the
  * worker and the queue no event could ever leave the server.
