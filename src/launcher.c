@@ -27,7 +27,9 @@
  * commit) marks its slot retired and exits for good; the launcher stops
  * the other worker and runs a probe, which gives the slot back when the
  * extension is still absent.  The slot of a database that no longer
- * exists is given back by the launcher.
+ * exists, or became a template or closed to connections, is given back by
+ * the launcher (templates get no workers: CREATE DATABASE refuses a
+ * template that has other sessions).
  *
  * Commands that need a database without other sessions (DROP DATABASE,
  * ALTER DATABASE RENAME and SET TABLESPACE, CREATE DATABASE from it as a
@@ -602,6 +604,8 @@ mqtt_emit_launcher_main(Datum main_arg)
 			bool		retired;
 			bool		running[2];
 			bool		is_paused = false;
+			bool		exists;
+			bool		eligible = false;
 			int			pi = -1;
 
 			me_slot_info(i, &db, &pid[0], &pid[1], &retired);
@@ -627,7 +631,9 @@ mqtt_emit_launcher_main(Datum main_arg)
 					pi = j;
 			is_paused = (pi >= 0);
 
-			if (!db_exists(dbs, ndbs, db, NULL) || is_paused || retired)
+			/* a template or a database closed to connections gets none */
+			exists = db_exists(dbs, ndbs, db, &eligible) && eligible;
+			if (!exists || is_paused || retired)
 			{
 				/* stop what runs there */
 				for (k = 0; k < 2; k++)
@@ -643,7 +649,7 @@ mqtt_emit_launcher_main(Datum main_arg)
 				}
 				if (running[0] || running[1] || is_paused)
 					continue;
-				if (!db_exists(dbs, ndbs, db, NULL))
+				if (!exists)
 					(void) me_slot_free(i, db);
 				else if (now - p->probed >= ME_RESTART_MS * 1000L)
 				{

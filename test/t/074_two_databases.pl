@@ -16,8 +16,10 @@
 # CREATE EXTENSION in db3 starts its workers (bounded poll, time printed);
 # a fourth database finds no free slot (53400); DROP EXTENSION in db3 stops
 # its workers and frees the slot; ALTER DATABASE RENAME and DROP DATABASE
-# (no FORCE) of a database whose workers run succeed; a restart of S1
-# brings the workers of every database back.
+# (no FORCE) of a database whose workers run succeed; on S2, too few
+# max_worker_processes for a fourth database is refused (53400), and a
+# template with the extension gets no workers while a database created
+# from it does; a restart of S1 brings the workers of every database back.
 use strict;
 use warnings;
 
@@ -211,6 +213,20 @@ for my $db (qw(x2 x3 x4))
 	($rc, $out, $err) = $S2->psql('postgres', "DROP DATABASE $db");
 	is($rc, 0, "S2: DROP DATABASE $db succeeds") or diag $err;
 }
+
+# a template with the extension gets no workers (CREATE DATABASE would
+# refuse it as a template with other sessions); a database made from it
+# gets its workers when CREATE DATABASE commits
+q1($S2, 'postgres', 'CREATE DATABASE tpl IS_TEMPLATE true');
+q1($S2, 'tpl', 'CREATE EXTENSION pg_mqtt_emit');
+($rc, $out, $err) = $S2->psql('postgres', 'CREATE DATABASE fromtpl TEMPLATE tpl');
+is($rc, 0, 'S2: CREATE DATABASE from a template that has the extension succeeds') or diag $err;
+ok(poll_until(sub { workers_in($S2, 'fromtpl') eq '2' }, 10),
+	'S2: the database made from it has its workers');
+is(workers_in($S2, 'tpl'), '0', 'S2: the template has none');
+q1($S2, 'postgres', 'DROP DATABASE fromtpl');
+q1($S2, 'postgres', 'ALTER DATABASE tpl IS_TEMPLATE false');
+q1($S2, 'postgres', 'DROP DATABASE tpl');
 
 # ---------------------------------------------------------------------------
 # DROP EXTENSION stops the workers and frees the slot
