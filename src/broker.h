@@ -134,7 +134,7 @@ extern int	me_broker_publish(MeBroker *b, const char *topic, const char *payload
 							  const char *event_id, uint64 msgno);
 extern int	me_broker_subscribe(MeBroker *b, const char *filter, int qos);
 extern int	me_broker_subscribe_tracked(MeBroker *b, const char *filter, int qos,
-										uint32 sub_id, int *token);
+										uint32 sub_id, bool no_retained, int *token);
 extern int	me_broker_unsubscribe_tracked(MeBroker *b, const char *filter, int *token);
 extern void me_broker_features(MeBroker *b, bool *sub_ids, bool *shared);
 extern bool me_broker_wait_disconnected(MeBroker *b, int timeout_ms);

@@ -288,11 +288,28 @@ me_cb_publish_success(void *context, MQTTAsync_successData *response)
 						   response ? response->token : 0);
 }
 
+/*
+ * The outcome of an MQTT 5 PUBACK's reason code.  Most failure codes refuse
+ * the message for good (not authorized, topic name invalid, payload format
+ * invalid).  Quota exceeded and packet identifier in use say "not now": the
+ * message is sent again (inflight.c then sends one at a time until the
+ * broker takes one).
+ */
+static int
+puback_outcome(int reason)
+{
+	if (reason < 0x80)
+		return 1;
+	if (reason == MQTTREASONCODE_QUOTA_EXCEEDED ||
+		reason == MQTTREASONCODE_PACKET_IDENTIFIER_IN_USE)
+		return 0;
+	return -1;
+}
+
 void
 me_cb_publish_success5(void *context, MQTTAsync_successData5 *response)
 {
-	/* a PUBACK with a failure reason code: the broker refuses this message */
-	record_publish_outcome(context, (response && response->reasonCode >= 0x80) ? -1 : 1,
+	record_publish_outcome(context, response ? puback_outcome(response->reasonCode) : 1,
 						   response ? response->alt.pub.message.qos : 1,
 						   response ? response->token : 0);
 }
@@ -308,7 +325,7 @@ me_cb_publish_failure5(void *context, MQTTAsync_failureData5 *response)
 {
 	/* paho reports a PUBACK with a failure reason code here */
 	if (response && response->reasonCode >= 0x80)
-		record_publish_outcome(context, -1, 1, 0);
+		record_publish_outcome(context, puback_outcome(response->reasonCode), 1, 0);
 	else
 		record_publish_outcome(context, 0, 0, 0);
 }

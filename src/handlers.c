@@ -857,13 +857,42 @@ handler_on_path(const Handler *h, const char *group, const char *group_filter)
 }
 
 /*
+ * May an error of a handler pass if the message is tried again a moment
+ * later?  A serialization failure or deadlock (class 40), a lock not
+ * available (55), a cancel or shutdown (57), out of resources (53), a
+ * system or connection error (58, 08, HV for foreign data wrappers) may.
+ * What the handler raised itself, a constraint it broke, bad data: no, and
+ * retrying those only held up every message behind it, 1 s and 2 s each
+ * (the listener worker keeps order), for anyone who can publish on a
+ * handler's topic.
+ */
+static bool
+error_may_pass(int sqlerrcode)
+{
+	switch (ERRCODE_TO_CATEGORY(sqlerrcode))
+	{
+		case ERRCODE_TRANSACTION_ROLLBACK:
+		case ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE:
+		case ERRCODE_OPERATOR_INTERVENTION:
+		case ERRCODE_INSUFFICIENT_RESOURCES:
+		case ERRCODE_SYSTEM_ERROR:
+		case ERRCODE_CONNECTION_EXCEPTION:
+		case ERRCODE_FDW_ERROR:
+			return true;
+		default:
+			return false;
+	}
+}
+
+/*
  * Run the handlers of one received message (an ME_KIND_MESSAGE row),
  * inside the listener worker's subtransaction for the row: those of the
  * path it came through (see handler_on_path) whose filter matches its
  * topic.  attempt counts from 0.  A handler that raises makes this raise
  * too (the row is rolled back and tried again), except on the last
  * attempt, where each failing handler's message becomes a dead letter and
- * the rest stays done.
+ * the rest stays done.  An error that cannot pass (error_may_pass) makes
+ * the dead letter at once.
  */
 void
 me_handlers_run(const char *topic, int topic_len, const char *stored, int stored_len,
@@ -905,14 +934,22 @@ me_handlers_run(const char *topic, int topic_len, const char *stored, int stored
 		ereport(LOG,
 				(errmsg("pg_mqtt_emit handler %s (id " INT64_FORMAT ") failed for a message on topic \"%.200s\": %s",
 						h->fn_name, h->id, topic, err->message),
-				 errdetail("Attempt %d of %d.", attempt + 1, attempts),
+				 error_may_pass(err->sqlerrcode) ?
+				 errdetail("Attempt %d of %d.", attempt + 1, attempts) :
+				 errdetail("Not tried again: an error of this class does not pass."),
 				 errcontext("SQLSTATE %s", unpack_sql_state(err->sqlerrcode))));
-		if (last)
+		if (last || !error_may_pass(err->sqlerrcode))
 		{
-			char	   *reason = psprintf("handler %s (id " INT64_FORMAT ") failed: %s (SQLSTATE %s, after %d attempts)",
-										  h->fn_name, h->id, err->message,
-										  unpack_sql_state(err->sqlerrcode), attempts);
+			char	   *reason;
 
+			if (last)
+				reason = psprintf("handler %s (id " INT64_FORMAT ") failed: %s (SQLSTATE %s, after %d attempts)",
+								  h->fn_name, h->id, err->message,
+								  unpack_sql_state(err->sqlerrcode), attempts);
+			else
+				reason = psprintf("handler %s (id " INT64_FORMAT ") failed: %s (SQLSTATE %s, not tried again: an error of this class does not pass)",
+								  h->fn_name, h->id, err->message,
+								  unpack_sql_state(err->sqlerrcode));
 			me_outbox_message_dead_letter(topic, stored, pend, reason, created_at);
 		}
 		else

@@ -76,6 +76,7 @@ static int64 strike_key = 0;	/* oldest unacknowledged event at resets */
 static int	strikes = 0;
 static uint64 strike_connection = 0;	/* the connection of the last strike */
 static int64 dead_letter_row = 0;	/* struck out: to the dead letters */
+static bool careful = false;	/* after a strike: one in flight until an ack */
 
 /* refused by the broker, for the dead letters */
 static List *refused_entries = NIL; /* copies of queue entries */
@@ -274,7 +275,8 @@ me_inflight_skip(uint64 end_pos)
 bool
 me_inflight_window_open(void)
 {
-	return !backpressure && !need_reset && window_count < mqtt_emit_max_inflight;
+	return !backpressure && !need_reset &&
+		window_count < (careful ? 1 : mqtt_emit_max_inflight);
 }
 
 /*
@@ -401,6 +403,7 @@ me_inflight_take_news(void)
 		first_msgno++;
 		if (f->key == strike_key)
 			strikes = 0;		/* the broker took the one it refused */
+		careful = false;
 	}
 	if (queued_count == 0)
 		pub_done = pub_pos;
@@ -447,6 +450,16 @@ reset(void)
 		else if (conn != strike_connection)
 			strikes++;
 		strike_connection = conn;
+
+		/*
+		 * Send the struck event alone until the broker acknowledges
+		 * something: a broker that closes the connection for one message
+		 * can close it before it has written the acknowledgements of the
+		 * messages that came before it in the same read (mosquitto 2.1
+		 * often does), and the strike would then go to an innocent event.
+		 * Alone, the next loss is the struck event's own doing.
+		 */
+		careful = true;
 		if (oldest->from_outbox && strikes >= STRIKES_FOR_DEAD_LETTER)
 			dead_letter_row = oldest->row_id;
 	}

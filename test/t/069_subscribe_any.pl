@@ -47,12 +47,18 @@ $node->safe_psql(
 	LANGUAGE sql AS $$ INSERT INTO public.got (tag, topic, payload) VALUES ('plus', topic, payload) $$;
 	CREATE FUNCTION public.h_data(topic text, payload bytea, props jsonb) RETURNS void
 	LANGUAGE sql AS $$ INSERT INTO public.got (tag, topic, payload, props) VALUES ('data', topic, payload, props) $$;
+	CREATE SEQUENCE public.bad_calls;
+	CREATE SEQUENCE public.flaky_calls;
 	CREATE FUNCTION public.h_fail(topic text, payload bytea) RETURNS void
 	LANGUAGE plpgsql AS $$
 	BEGIN
 		INSERT INTO public.got (tag, topic, payload) VALUES ('fail', topic, payload);
 		IF payload = 'bad'::bytea THEN
+			PERFORM nextval('public.bad_calls');
 			RAISE EXCEPTION 'cannot take %', topic;
+		END IF;
+		IF payload = 'flaky'::bytea AND nextval('public.flaky_calls') < 3 THEN
+			RAISE EXCEPTION 'flaky % (test)', topic USING ERRCODE = 'serialization_failure';
 		END IF;
 	END $$;
 	CREATE FUNCTION public.h_ok(topic text, payload bytea) RETURNS void
@@ -184,12 +190,32 @@ ok(mqtt_pub($broker, 'fail/3', 'ok2'), 'published fail/3');
 ok(poll_until(sub { sqlq("SELECT count(*) FROM got WHERE tag = 'ok' AND topic = 'fail/3'") > 0 }, $T),
 	'the message after the failing one ran');
 is(sqlq("SELECT count(*) - $dl0 FROM mqtt_emit.dead_letters"), '1', 'one dead letter');
-is( sqlq("SELECT topic || ' ' || encode(payload::bytea, 'escape') || ' ' || (reason LIKE 'handler %h_fail(text,bytea) (id %) failed: cannot take fail/2 (SQLSTATE P0001, after 3 attempts)')
+is( sqlq("SELECT topic || ' ' || encode(payload::bytea, 'escape') || ' ' || (reason LIKE 'handler %h_fail(text,bytea) (id %) failed: cannot take fail/2 (SQLSTATE P0001, not tried again: an error of this class does not pass)')
 	   FROM mqtt_emit.dead_letters ORDER BY id DESC LIMIT 1"),
 	'fail/2 bad true', 'the dead letter has the topic, the payload (as bytea text) and the handler\'s error');
 is( sqlq("SELECT string_agg(tag || ':' || topic, ' ' ORDER BY n) FROM got WHERE topic LIKE 'fail/_'"),
 	'fail:fail/1 ok:fail/1 ok:fail/2 fail:fail/3 ok:fail/3',
 	'the failing handler\'s work is gone, the other handler of that message ran once, the next message ran');
+is(sqlq("SELECT last_value FROM public.bad_calls"), '1',
+	'a RAISE (P0001) is not tried again: the failing handler was called once');
+
+# an error that may pass (40001) is tried again, and the third attempt takes it
+ok(mqtt_pub($broker, 'fail/4', 'flaky'), 'published fail/4 (the handler fails twice with 40001)');
+ok(poll_until(sub { sqlq("SELECT count(*) FROM got WHERE tag = 'fail' AND topic = 'fail/4'") > 0 }, $T),
+	'fail/4 was taken');
+is(sqlq("SELECT last_value FROM public.flaky_calls"), '3', 'the handler was called 3 times');
+is(sqlq("SELECT string_agg(tag || ':' || topic, ' ' ORDER BY n) FROM got WHERE topic = 'fail/4'"),
+	'fail:fail/4 ok:fail/4', 'the work of the attempt that succeeded is there once, with the other handler\'s');
+is(sqlq("SELECT count(*) - $dl0 FROM mqtt_emit.dead_letters"), '1', 'no dead letter for fail/4');
+
+# a stream of messages the handler refuses: each is a dead letter after one call
+my $BAD = 30;
+ok(mqtt_pub($broker, "fail/b$_", 'bad'), "published fail/b$_") for 1 .. $BAD;
+ok(mqtt_pub($broker, 'fail/after', 'ok3'), 'published fail/after');
+ok(poll_until(sub { sqlq("SELECT count(*) FROM got WHERE tag = 'ok' AND topic = 'fail/after'") > 0 }, $T),
+	"the message after $BAD refused ones ran");
+is(sqlq("SELECT last_value FROM public.bad_calls"), 1 + $BAD, "each of the $BAD refused messages was handled once");
+is(sqlq("SELECT count(*) - $dl0 FROM mqtt_emit.dead_letters"), 1 + $BAD, "$BAD more dead letters");
 
 # ---- rights ----
 sqlq(q{
