@@ -114,11 +114,11 @@ table_publish() {
 # cg_total FILE: instructions collected; cg_fn FILE FUNCTION: inclusive
 # instructions of a function (0 when absent)
 cg_total() {
-	callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; found = 1; exit } END { if (!found) print "NA" }'
+	callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ && !found { gsub(",", "", $1); print $1; found = 1 } END { if (!found) print "NA" }' || true
 }
 cg_fn() {
 	callgrind_annotate --inclusive=yes --threshold=100 "$1" 2>/dev/null |
-		awk -v f=":$2 " 'index($0, f) { gsub(",", "", $1); print $1; found = 1; exit } END { if (!found) print "NA" }'
+		awk -v f=":$2 " 'index($0, f) && !found { gsub(",", "", $1); print $1; found = 1 } END { if (!found) print "NA" }' || true
 }
 
 # table_callgrind: instructions per INSERT, see the file header
@@ -155,7 +155,12 @@ table_callgrind() {
 				<"$f.sql" >"$f.log" 2>&1 || note "callgrind run $tbl $count failed: $(tail -n3 "$f.log")"
 		done
 	done
-	local u0 u1 t0 t1 c0 c1 x0 x1
+	table_cg_figures "$w" "$n"
+}
+
+# table_cg_figures W N: CG_* and the figures from the four callgrind runs
+table_cg_figures() {
+	local w="$1" n="$2" u0 u1 t0 t1 c0 c1 x0 x1
 	u0="$(cg_total "$WORK/cg.bench_u.$w.out")"
 	u1="$(cg_total "$WORK/cg.bench_u.$((w + n)).out")"
 	t0="$(cg_total "$WORK/cg.bench_t.$w.out")"
@@ -174,11 +179,15 @@ table_callgrind() {
 	fig table_instr_commit_callback "$(fmt 0 "$CG_COMMIT") (capture_xact_callback, inclusive)"
 	{
 		echo "# callgrind, postgres --single, $n single-row INSERTs into the watched bench_t after $w (totals of the run; subtract the $w-row run's for per-row figures)"
-		callgrind_annotate --inclusive=yes --threshold=99.5 "$WORK/cg.bench_t.$((w + n)).out" 2>/dev/null | head -n 120
+		callgrind_annotate --inclusive=yes --threshold=99.5 "$WORK/cg.bench_t.$((w + n)).out" 2>/dev/null | sed -n 1,120p
+		echo
+		echo "# the capture trigger and its callees"
+		callgrind_annotate --inclusive=yes --tree=calling --threshold=100 "$WORK/cg.bench_t.$((w + n)).out" 2>/dev/null |
+			awk '/\* .*:(mqtt_emit_capture|append_row|me_json_value|me_json_event_tail|capture_xact_callback) \[/ { p = 1 } p && /^$/ { p = 0; print "" } p'
 		echo
 		echo "# self cost"
-		callgrind_annotate --threshold=99 "$WORK/cg.bench_t.$((w + n)).out" 2>/dev/null | head -n 80
-	} >"$RESULTS/callgrind_watched.txt"
+		callgrind_annotate --threshold=99 "$WORK/cg.bench_t.$((w + n)).out" 2>/dev/null | sed -n 1,80p
+	} >"$RESULTS/callgrind_watched.txt" || true
 	cp "$WORK/cg.bench_t.$((w + n)).out" "$RESULTS/callgrind_watched.out" 2>/dev/null || true
 }
 
@@ -199,7 +208,13 @@ bench_table() {
 	table_publish p8 8MB "$runs"
 	table_publish p256 256MB "$runs"
 	table_callgrind
+	table_report "$rounds" "$dur" "$runs"
+}
 
+# table_report ROUNDS SECONDS RUNS: the figures and the table, from
+# trigger_runs.tsv, table_publish.tsv and CG_* (table_callgrind)
+table_report() {
+	local rounds="$1" dur="$2" runs="$3"
 	local on_wu off_wu off_wn off_du on_du spill wcpu p8 p256 wcpu8 wcpu256
 	on_wu="$(trigger_ratio on watched unwatched)"
 	on_du="$(trigger_ratio on durable unwatched)"
