@@ -37,6 +37,12 @@
 
 TABLE_VARIANTS=(unwatched watched notify durable)
 
+# proc_sleeps PID: voluntary context switches of a process's main thread
+# (for the worker: how often it slept, in WaitLatch or on a lock)
+proc_sleeps() {
+	awk '$1 == "voluntary_ctxt_switches:" { print $2 }' "/proc/$1/task/$1/status" 2>/dev/null
+}
+
 # proc_ticks PID: utime + stime of a process (all its threads), in clock ticks
 proc_ticks() {
 	sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | awk '{ print $12 + $13 }'
@@ -48,7 +54,7 @@ table_worker_pid() { q "$1" -c 'SELECT worker_pid FROM mqtt_emit.stats'; }
 # table_trigger: the pgbench rounds; rows go to trigger_runs.tsv (with the
 # worker's ticks of the watched runs as a 7th column)
 table_trigger() {
-	local rounds="$1" dur="$2" sync round i v tps rows spilled wpid w0 w1 ticks
+	local rounds="$1" dur="$2" sync round i v tps rows spilled wpid w0 w1 ticks z0 z1 sleeps
 	start_cluster a \
 		"fsync = on" \
 		"max_wal_size = '8GB'" \
@@ -65,15 +71,19 @@ table_trigger() {
 				v="${TABLE_VARIANTS[$(((i + round - 1) % ${#TABLE_VARIANTS[@]}))]}"
 				wpid="$(table_worker_pid a)"
 				w0="$(proc_ticks "$wpid")"
+				z0="$(proc_sleeps "$wpid")"
 				read -r tps rows spilled < <(trigger_run "$v" "$sync" "$dur")
 				ticks=NA
+				sleeps=NA
 				if [[ "$v" == watched ]]; then
 					wait_idle a 120
 					w1="$(proc_ticks "$wpid")"
+					z1="$(proc_sleeps "$wpid")"
 					[[ -n "$w0" && -n "$w1" ]] && ticks=$((w1 - w0))
+					[[ -n "$z0" && -n "$z1" ]] && sleeps=$((z1 - z0))
 				fi
-				note "synchronous_commit=$sync round $round $v: $tps tps ($spilled of $rows events spilled; worker ticks $ticks)"
-				printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$sync" "$round" "$v" "$tps" "$rows" "$spilled" "$ticks" >>"$RESULTS/trigger_runs.tsv"
+				note "synchronous_commit=$sync round $round $v: $tps tps ($spilled of $rows events spilled; worker ticks $ticks, sleeps $sleeps)"
+				printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$sync" "$round" "$v" "$tps" "$rows" "$spilled" "$ticks" "$sleeps" >>"$RESULTS/trigger_runs.tsv"
 			done
 		done
 	done
@@ -223,6 +233,9 @@ table_report() {
 	off_du="$(trigger_ratio off durable unwatched)"
 	spill="$(awk -F'\t' '$1 == "off" && $3 == "watched" { r += $5; x += $6 } END { printf "%.1f%%", r ? 100 * x / r : 0 }' "$RESULTS/trigger_runs.tsv")"
 	wcpu="$(awk -F'\t' -v t="$TICK_US" '$1 == "off" && $3 == "watched" && $7 != "NA" { k += $7; r += $5 } END { if (r) printf "%.1f", k * t / r; else print "NA" }' "$RESULTS/trigger_runs.tsv")"
+	local wake_on wake_off
+	wake_on="$(awk -F'\t' '$1 == "on" && $3 == "watched" && $8 != "" && $8 != "NA" { k += $8; r += $5 } END { if (r) printf "%.2f", k / r; else print "NA" }' "$RESULTS/trigger_runs.tsv")"
+	wake_off="$(awk -F'\t' '$1 == "off" && $3 == "watched" && $8 != "" && $8 != "NA" { k += $8; r += $5 } END { if (r) printf "%.2f", k / r; else print "NA" }' "$RESULTS/trigger_runs.tsv")"
 	p8="$(awk -F'\t' '$1 == "p8" { print $2 }' "$RESULTS/table_publish.tsv" | median)"
 	p256="$(awk -F'\t' '$1 == "p256" { print $2 }' "$RESULTS/table_publish.tsv" | median)"
 	wcpu8="$(awk -F'\t' -v t="$TICK_US" '$1 == "p8" { k += $3; n++ } END { if (n) printf "%.1f", k * t / (n * 100000); else print "NA" }' "$RESULTS/table_publish.tsv")"
@@ -235,6 +248,7 @@ table_report() {
 	fig table_ratio_durable_unwatched_on "$on_du"
 	fig table_watched_off_spilled "$spill"
 	fig table_worker_us_per_event_pgbench_off "$wcpu"
+	fig table_worker_sleeps_per_event "on: $wake_on, off: $wake_off"
 	fig table_publish_100k_queue8mb_msgs_per_s "$(fmt 0 "$p8")"
 	fig table_publish_100k_queue256mb_msgs_per_s "$(fmt 0 "$p256")"
 	fig table_worker_us_per_event_publish_100k "8 MB: $wcpu8, 256 MB: $wcpu256"
@@ -252,6 +266,7 @@ table_report() {
 		printf '%-62s | %-40s | %s\n' "same, 256 MB queue (msg/s)" "$(fmt 0 "$p256")" ">= 50,000"
 		printf '%-62s | %-40s | %s\n' "worker CPU per event, pgbench watched, off (us)" "$wcpu" "<= 10"
 		printf '%-62s | %-40s | %s\n' "worker CPU per event, publish 100k, 8 MB / 256 MB (us)" "$wcpu8 / $wcpu256" "<= 10"
+		printf '%-62s | %-40s | %s\n' "worker sleeps (voluntary switches) per event, watched, on / off" "$wake_on / $wake_off" ""
 		printf '%-62s | %-40s | %s\n' "instructions per INSERT, unwatched (callgrind)" "$(fmt 0 "${CG_UNWATCHED:-NA}")" ""
 		printf '%-62s | %-40s | %s\n' "instructions per INSERT, watched (callgrind)" "$(fmt 0 "${CG_WATCHED:-NA}")" ""
 		printf '%-62s | %-40s | %s\n' "  of which the capture trigger / the commit callback" "$(fmt 0 "${CG_TRIGGER:-NA}") / $(fmt 0 "${CG_COMMIT:-NA}")" ""
