@@ -52,9 +52,10 @@ TICK_US="$(awk -v t="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", 1e6 / t }')"
 table_worker_pid() { q "$1" -c 'SELECT worker_pid FROM mqtt_emit.stats'; }
 
 # table_trigger: the pgbench rounds; rows go to trigger_runs.tsv (with the
-# worker's ticks of the watched runs as a 7th column)
+# worker's ticks and sleeps of the watched runs, and each run's start and
+# end in seconds since the epoch, as columns 7 to 10)
 table_trigger() {
-	local rounds="$1" dur="$2" sync round i v tps rows spilled wpid w0 w1 ticks z0 z1 sleeps
+	local rounds="$1" dur="$2" sync round i v tps rows spilled wpid w0 w1 ticks z0 z1 sleeps t_start t_end
 	start_cluster a \
 		"fsync = on" \
 		"max_wal_size = '8GB'" \
@@ -72,7 +73,9 @@ table_trigger() {
 				wpid="$(table_worker_pid a)"
 				w0="$(proc_ticks "$wpid")"
 				z0="$(proc_sleeps "$wpid")"
+				t_start="$(date +%s.%N)"
 				read -r tps rows spilled < <(trigger_run "$v" "$sync" "$dur")
+				t_end="$(date +%s.%N)"
 				ticks=NA
 				sleeps=NA
 				if [[ "$v" == watched ]]; then
@@ -83,7 +86,7 @@ table_trigger() {
 					[[ -n "$z0" && -n "$z1" ]] && sleeps=$((z1 - z0))
 				fi
 				note "synchronous_commit=$sync round $round $v: $tps tps ($spilled of $rows events spilled; worker ticks $ticks, sleeps $sleeps)"
-				printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$sync" "$round" "$v" "$tps" "$rows" "$spilled" "$ticks" "$sleeps" >>"$RESULTS/trigger_runs.tsv"
+				printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$sync" "$round" "$v" "$tps" "$rows" "$spilled" "$ticks" "$sleeps" "$t_start" "$t_end" >>"$RESULTS/trigger_runs.tsv"
 			done
 		done
 	done
