@@ -28,7 +28,8 @@
 #    PortalRun, PortalDrop, CommitTransactionCommand: parse, plan, execute
 #    with the trigger, and the commit).  Instructions per INSERT are
 #    (Ir(W + N) - Ir(W)) / N, so the first statements' catalog loading
-#    drops out; the same for the capture trigger (mqtt_emit_capture,
+#    drops out (also for the watched table with mqtt_emit.delivery =
+#    durable); the same for the capture trigger (mqtt_emit_capture,
 #    inclusive) and for pg_mqtt_emit's commit callback.  The annotated
 #    profile of the watched run goes to callgrind_watched.txt.
 #
@@ -156,16 +157,20 @@ table_callgrind() {
 	} | q c -f - >/dev/null
 	datadir="${CL_DATA[c]}"
 	stop_cluster c
-	for tbl in bench_u bench_t; do
+	local run extra
+	for run in bench_u bench_t bench_t_durable; do
+		tbl="${run%_durable}"
+		extra=()
+		[[ "$run" == *_durable ]] && extra=(-c mqtt_emit.delivery=durable)
 		for count in "$w" "$((w + n))"; do
-			f="$WORK/cg.$tbl.$count"
+			f="$WORK/cg.$run.$count"
 			awk -v n="$count" -v t="$tbl" 'BEGIN {
 				for (i = 1; i <= n; i++)
 					printf "INSERT INTO %s (account, name, email, amount, status) VALUES (%d, '\''user %d'\'', '\''user%d@example.com'\'', %d / 100.0, '\''active'\'');\n", t, 100000 + i, 100000 + i, 100000 + i, 100000 + i
 			}' >"$f.sql"
 			valgrind --tool=callgrind --callgrind-out-file="$f.out" "${toggles[@]}" \
-				"$PG_BINDIR/postgres" --single -D "$datadir" -c synchronous_commit=on postgres \
-				<"$f.sql" >"$f.log" 2>&1 || note "callgrind run $tbl $count failed: $(tail -n3 "$f.log")"
+				"$PG_BINDIR/postgres" --single -D "$datadir" -c synchronous_commit=on "${extra[@]}" postgres \
+				<"$f.sql" >"$f.log" 2>&1 || note "callgrind run $run $count failed: $(tail -n3 "$f.log")"
 		done
 	done
 	table_cg_figures "$w" "$n"
@@ -182,12 +187,17 @@ table_cg_figures() {
 	c1="$(cg_fn "$WORK/cg.bench_t.$((w + n)).out" mqtt_emit_capture)"
 	x0="$(cg_fn "$WORK/cg.bench_t.$w.out" capture_xact_callback)"
 	x1="$(cg_fn "$WORK/cg.bench_t.$((w + n)).out" capture_xact_callback)"
+	local d0 d1
+	d0="$(cg_total "$WORK/cg.bench_t_durable.$w.out")"
+	d1="$(cg_total "$WORK/cg.bench_t_durable.$((w + n)).out")"
+	CG_DURABLE="$(calc "($d1 - $d0) / $n")"
 	CG_UNWATCHED="$(calc "($u1 - $u0) / $n")"
 	CG_WATCHED="$(calc "($t1 - $t0) / $n")"
 	CG_TRIGGER="$(calc "($c1 - $c0) / $n")"
 	CG_COMMIT="$(calc "($x1 - $x0) / $n")"
 	fig table_instr_per_insert_unwatched "$(fmt 0 "$CG_UNWATCHED")"
 	fig table_instr_per_insert_watched "$(fmt 0 "$CG_WATCHED")"
+	fig table_instr_per_insert_durable "$(fmt 0 "$CG_DURABLE")"
 	fig table_instr_capture_trigger "$(fmt 0 "$CG_TRIGGER") (mqtt_emit_capture, inclusive)"
 	fig table_instr_commit_callback "$(fmt 0 "$CG_COMMIT") (capture_xact_callback, inclusive)"
 	{
@@ -272,6 +282,7 @@ table_report() {
 		printf '%-62s | %-40s | %s\n' "worker sleeps (voluntary switches) per event, watched, on / off" "$wake_on / $wake_off" ""
 		printf '%-62s | %-40s | %s\n' "instructions per INSERT, unwatched (callgrind)" "$(fmt 0 "${CG_UNWATCHED:-NA}")" ""
 		printf '%-62s | %-40s | %s\n' "instructions per INSERT, watched (callgrind)" "$(fmt 0 "${CG_WATCHED:-NA}")" ""
+		printf '%-62s | %-40s | %s\n' "instructions per INSERT, durable (callgrind)" "$(fmt 0 "${CG_DURABLE:-NA}")" ""
 		printf '%-62s | %-40s | %s\n' "  of which the capture trigger / the commit callback" "$(fmt 0 "${CG_TRIGGER:-NA}") / $(fmt 0 "${CG_COMMIT:-NA}")" ""
 		printf '%-62s | %-40s | %s\n' "tps on: unwatched / watched / notify / durable" "$(tps on)" ""
 		printf '%-62s | %-40s | %s\n' "tps off: unwatched / watched / notify / durable" "$(tps off)" ""
