@@ -455,6 +455,8 @@ me_broker_poll(MeBroker *b, MeBrokerNews *news)
 		b->nfailures -= news->nfailures;
 		news->failures = fails;
 	}
+	news->nbusy = b->nbusy;
+	b->nbusy = 0;
 	if (rejs && b->nrejects > 0)
 	{
 		news->nrejects = Min(b->nrejects, nrejs + 1024);
@@ -667,12 +669,13 @@ me_broker_subscribe(MeBroker *b, const char *filter, int qos)
  * me_broker_poll() (news->subacks) with *token, which this sets.  Under
  * MQTT 5 a sub_id other than 0 goes with it as the subscription's
  * Subscription Identifier, which the broker puts on every message it
- * sends through it.  Returns 0 or paho's error code (nothing comes back
- * then).
+ * sends through it.  With no_retained (MQTT 5 only) the broker sends no
+ * retained messages when the subscription is made.  Returns 0 or paho's
+ * error code (nothing comes back then).
  */
 int
 me_broker_subscribe_tracked(MeBroker *b, const char *filter, int qos, uint32 sub_id,
-							int *token)
+							bool no_retained, int *token)
 {
 	MQTTAsync_responseOptions ropts = MQTTAsync_responseOptions_initializer;
 	int			rc;
@@ -682,6 +685,9 @@ me_broker_subscribe_tracked(MeBroker *b, const char *filter, int qos, uint32 sub
 	{
 		ropts.onSuccess5 = me_cb_subscribe_success5;
 		ropts.onFailure5 = me_cb_subscribe_failure5;
+		/* Retain Handling 2: no retained messages at the SUBSCRIBE */
+		if (no_retained)
+			ropts.subscribeOptions.retainHandling = 2;
 		if (sub_id > 0)
 		{
 			MQTTProperty prop;

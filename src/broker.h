@@ -91,6 +91,7 @@ typedef struct MeBrokerNews
 	int			nacks;			/* how many acknowledgements */
 	uint64	   *failures;		/* message numbers that failed (palloc'd) */
 	int			nfailures;
+	int			nbusy;			/* the broker said "not now" (quota exceeded) */
 	uint64	   *rejects;		/* refused by the broker for good (palloc'd) */
 	int			nrejects;
 	MeIncoming *incoming;		/* received messages, oldest first */
@@ -134,7 +135,7 @@ extern int	me_broker_publish(MeBroker *b, const char *topic, const char *payload
 							  const char *event_id, uint64 msgno);
 extern int	me_broker_subscribe(MeBroker *b, const char *filter, int qos);
 extern int	me_broker_subscribe_tracked(MeBroker *b, const char *filter, int qos,
-										uint32 sub_id, int *token);
+										uint32 sub_id, bool no_retained, int *token);
 extern int	me_broker_unsubscribe_tracked(MeBroker *b, const char *filter, int *token);
 extern void me_broker_features(MeBroker *b, bool *sub_ids, bool *shared);
 extern bool me_broker_wait_disconnected(MeBroker *b, int timeout_ms);

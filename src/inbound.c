@@ -54,9 +54,11 @@
  * came through a share group has the path in front of its topic (topic.c).
  *
  * The filter <prefix>/<model>/# also matches the retained state messages
- * of retain_last tables, <prefix>/<model>/state/<key> (capture.c), and the
- * broker sends every one of them at each SUBSCRIBE (every reconnection):
- * they are no events, and are dropped here (after the spool, which paho's
+ * of retain_last tables, <prefix>/<model>/state/<key> (capture.c).  Under
+ * MQTT 5 the events' filters are subscribed with Retain Handling 2, so the
+ * broker does not send the retained ones at each SUBSCRIBE; under 3.1.1 it
+ * sends every one of them at every reconnection.  Live or retained, they
+ * are no events, and are dropped here (after the spool, which paho's
  * thread writes before any setting could be looked at), without a row, a
  * listener run or a count (rejected or received), at DEBUG1.
  *
@@ -314,7 +316,8 @@ send_subscribe(MeBroker *sub, InboundSub *s)
 		if (sub_ids)
 			sub_id = ME_SUB_ID_PLAIN;
 	}
-	rc = me_broker_subscribe_tracked(sub, s->filter, qos, sub_id, &token);
+	/* events' filters: no retained state messages of retain_last tables */
+	rc = me_broker_subscribe_tracked(sub, s->filter, qos, sub_id, !s->for_handlers, &token);
 	s->retry_at = 0;
 	s->qos = qos;
 	if (rc != 0)

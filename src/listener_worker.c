@@ -265,6 +265,7 @@ handle_row(int64 id, void (*handle) (void *), void *arg,
 	}
 
 	row_attempt = before;
+	me_remote_dedup_begin();
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(oldcxt);
 	PG_TRY();
@@ -282,6 +283,7 @@ handle_row(int64 id, void (*handle) (void *), void *arg,
 		edata = CopyErrorData();
 		FlushErrorState();
 		RollbackAndReleaseCurrentSubTransaction();
+		me_remote_dedup_rollback();
 		MemoryContextSwitchTo(oldcxt);
 		CurrentResourceOwner = oldowner;
 

@@ -98,5 +98,7 @@ extern void me_listeners_handle_remote(const MeRemoteMessage *m);
 extern void me_remote_reject(const char *topic, int payload_len, const char *why);
 extern void me_remote_prune(void);
 extern void me_remote_forget_table(void);
+extern void me_remote_dedup_begin(void);
+extern void me_remote_dedup_rollback(void);
 
 #endif							/* MQTT_EMIT_LISTENERS_H */

@@ -80,6 +80,8 @@ static DedupEntry *dedup_ring = NULL;	/* insertion order */
 static int	dedup_ring_size = 0;
 static int	dedup_start = 0;
 static int	dedup_count = 0;
+static DedupKey tentative_key;	/* remembered by the row being handled */
+static bool tentative = false;
 
 /* what a remote message may be at most */
 #define MAX_JSON_DEPTH		64
@@ -260,7 +262,34 @@ dedup_seen(const DedupKey *key, TimestampTz now)
 	e->seen = now;
 	dedup_ring[(dedup_start + dedup_count) % dedup_ring_size] = *e;
 	dedup_count++;
+	tentative_key = *key;
+	tentative = true;
 	return false;
+}
+
+/*
+ * The row being handled starts (listener_worker.c's handle_row): no key of
+ * it remembered yet.
+ */
+void
+me_remote_dedup_begin(void)
+{
+	tentative = false;
+}
+
+/*
+ * The row's subtransaction rolled back: its key's record in
+ * mqtt_emit.received_ids went with it, so memory forgets it too, and the
+ * row's next attempt is not taken for a duplicate.  (Its entry in the ring
+ * stays; popping it later removes nothing or, if the key came again
+ * meanwhile, forgets that one early, which the persistent record covers.)
+ */
+void
+me_remote_dedup_rollback(void)
+{
+	if (tentative && dedup_hash != NULL)
+		hash_search(dedup_hash, &tentative_key, HASH_REMOVE, NULL);
+	tentative = false;
 }
 
 static bool

@@ -101,4 +101,52 @@ ok(poll_until(sub { runs_of($id2) == 2 }, $T), "with dedup_keep = 0 (and dedup_t
 # the listener worker's own work (recording, pruning the record) never failed
 unlike(slurp_file($l->logfile), qr/\bERROR:/, 'L logged no ERROR');
 
+# A row whose handling fails outside its listeners is tried again, and the
+# retry is not taken for a duplicate: node R keeps the in-memory dedup on
+# (default dedup_ttl), and a trigger on mqtt_emit.received_ids fails the
+# first recording (the error rolls back the row's subtransaction with its
+# record).  The retry runs the listener, once.
+my $r = new_node('rid_r', broker => $broker);
+$r->safe_psql(
+	'postgres', q{
+	CREATE EXTENSION pg_mqtt_emit;
+	CREATE TABLE runs (event_id text NOT NULL, id int NOT NULL);
+	CREATE FUNCTION record(e mqtt_emit.event) RETURNS void LANGUAGE sql AS $$
+	  INSERT INTO runs VALUES (e.event_id, (e.result->>'id')::int)
+	$$;
+	CREATE SEQUENCE fail_once;
+	CREATE TABLE armed (on_id int);
+	CREATE FUNCTION fail_first() RETURNS trigger LANGUAGE plpgsql AS $$
+	BEGIN
+	  IF EXISTS (SELECT FROM public.armed) THEN
+	    IF nextval('public.fail_once') = 1 THEN
+	      RAISE EXCEPTION 'recording fails once (test)';
+	    END IF;
+	  END IF;
+	  RETURN NEW;
+	END $$;
+	CREATE TRIGGER fail_first BEFORE INSERT ON mqtt_emit.received_ids
+	  FOR EACH ROW EXECUTE FUNCTION fail_first();
+	SELECT mqtt_emit.listen('t', 'record(mqtt_emit.event)', allow_remote => true, remote_only => true);
+});
+ok(poll_until(sub { my $s = stats($r); $s && $s->{subscriptions} >= 1 && $s->{subscriber_connected} }, $T),
+	'R subscribed');
+sub r_runs_of { return $r->safe_psql('postgres', "SELECT count(*) FROM runs WHERE id = $_[0]") }
+# an event reaches R before the trigger is armed
+my $before_id = $id + 1;
+ok( poll_until(
+		sub { $id++; $w->safe_psql('postgres', "INSERT INTO t VALUES ($id)"); r_runs_of($id) > 0 },
+		$T, 0.5),
+	"event $id ran R's listener");
+$r->safe_psql('postgres', 'INSERT INTO armed VALUES (1)');
+$id++;
+my $rlog = -s $r->logfile;
+$w->safe_psql('postgres', "INSERT INTO t VALUES ($id)");
+ok( $r->wait_for_log(qr/could not hand outbox row \d+ to its listeners: recording fails once/, $rlog),
+	"R's first attempt at event $id failed");
+ok(poll_until(sub { r_runs_of($id) > 0 }, $T), "the retry of event $id ran R's listener");
+is(r_runs_of($id), 1, "event $id ran R's listener exactly once");
+is($r->safe_psql('postgres', "SELECT last_value FROM fail_once"), '2',
+	'two recordings while armed: the one that failed and its retry');
+
 done_testing();

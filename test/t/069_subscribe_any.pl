@@ -47,12 +47,23 @@ $node->safe_psql(
 	LANGUAGE sql AS $$ INSERT INTO public.got (tag, topic, payload) VALUES ('plus', topic, payload) $$;
 	CREATE FUNCTION public.h_data(topic text, payload bytea, props jsonb) RETURNS void
 	LANGUAGE sql AS $$ INSERT INTO public.got (tag, topic, payload, props) VALUES ('data', topic, payload, props) $$;
+	CREATE SEQUENCE public.bad_calls;
+	CREATE SEQUENCE public.flaky_calls;
+	CREATE SEQUENCE public.slow_calls;
 	CREATE FUNCTION public.h_fail(topic text, payload bytea) RETURNS void
 	LANGUAGE plpgsql AS $$
 	BEGIN
 		INSERT INTO public.got (tag, topic, payload) VALUES ('fail', topic, payload);
 		IF payload = 'bad'::bytea THEN
+			PERFORM nextval('public.bad_calls');
 			RAISE EXCEPTION 'cannot take %', topic;
+		END IF;
+		IF payload = 'slow'::bytea THEN
+			PERFORM nextval('public.slow_calls');
+			PERFORM pg_sleep(30);
+		END IF;
+		IF payload = 'flaky'::bytea AND nextval('public.flaky_calls') < 3 THEN
+			RAISE EXCEPTION 'flaky % (test)', topic USING ERRCODE = 'serialization_failure';
 		END IF;
 	END $$;
 	CREATE FUNCTION public.h_ok(topic text, payload bytea) RETURNS void
@@ -184,12 +195,62 @@ ok(mqtt_pub($broker, 'fail/3', 'ok2'), 'published fail/3');
 ok(poll_until(sub { sqlq("SELECT count(*) FROM got WHERE tag = 'ok' AND topic = 'fail/3'") > 0 }, $T),
 	'the message after the failing one ran');
 is(sqlq("SELECT count(*) - $dl0 FROM mqtt_emit.dead_letters"), '1', 'one dead letter');
-is( sqlq("SELECT topic || ' ' || encode(payload::bytea, 'escape') || ' ' || (reason LIKE 'handler %h_fail(text,bytea) (id %) failed: cannot take fail/2 (SQLSTATE P0001, after 3 attempts)')
+is( sqlq("SELECT topic || ' ' || encode(payload::bytea, 'escape') || ' ' || (reason LIKE 'handler %h_fail(text,bytea) (id %) failed: cannot take fail/2 (SQLSTATE P0001, not tried again for this error: it would not pass)')
 	   FROM mqtt_emit.dead_letters ORDER BY id DESC LIMIT 1"),
 	'fail/2 bad true', 'the dead letter has the topic, the payload (as bytea text) and the handler\'s error');
 is( sqlq("SELECT string_agg(tag || ':' || topic, ' ' ORDER BY n) FROM got WHERE topic LIKE 'fail/_'"),
 	'fail:fail/1 ok:fail/1 ok:fail/2 fail:fail/3 ok:fail/3',
 	'the failing handler\'s work is gone, the other handler of that message ran once, the next message ran');
+is(sqlq("SELECT last_value FROM public.bad_calls"), '1',
+	'a RAISE (P0001) is not tried again: the failing handler was called once');
+
+# an error that may pass (40001) is tried again, and the third attempt takes it
+ok(mqtt_pub($broker, 'fail/4', 'flaky'), 'published fail/4 (the handler fails twice with 40001)');
+ok(poll_until(sub { sqlq("SELECT count(*) FROM got WHERE tag = 'fail' AND topic = 'fail/4'") > 0 }, $T),
+	'fail/4 was taken');
+is(sqlq("SELECT last_value FROM public.flaky_calls"), '3', 'the handler was called 3 times');
+is(sqlq("SELECT string_agg(tag || ':' || topic, ' ' ORDER BY n) FROM got WHERE topic = 'fail/4'"),
+	'fail:fail/4 ok:fail/4', 'the work of the attempt that succeeded is there once, with the other handler\'s');
+is(sqlq("SELECT count(*) - $dl0 FROM mqtt_emit.dead_letters"), '1', 'no dead letter for fail/4');
+
+# a stream of messages the handler refuses: each is a dead letter after one call
+my $BAD = 30;
+ok(mqtt_pub($broker, "fail/b$_", 'bad'), "published fail/b$_") for 1 .. $BAD;
+ok(mqtt_pub($broker, 'fail/after', 'ok3'), 'published fail/after');
+ok(poll_until(sub { sqlq("SELECT count(*) FROM got WHERE tag = 'ok' AND topic = 'fail/after'") > 0 }, $T),
+	"the message after $BAD refused ones ran");
+is(sqlq("SELECT last_value FROM public.bad_calls"), 1 + $BAD, "each of the $BAD refused messages was handled once");
+is(sqlq("SELECT count(*) - $dl0 FROM mqtt_emit.dead_letters"), 1 + $BAD, "$BAD more dead letters");
+
+# a handler gets the retained message of its topic when it subscribes
+# (under MQTT 5 only the events' subscriptions ask for Retain Handling 2)
+ok(mqtt_pub($broker, 'kept/state', 'retained-1', retain => 1), 'a retained message on kept/state');
+sqlq(q{
+	CREATE FUNCTION public.h_kept(topic text, payload bytea) RETURNS void
+	LANGUAGE sql AS $$ INSERT INTO public.got (tag, topic, payload) VALUES ('kept', topic, payload) $$;
+	SELECT mqtt_emit.subscribe('kept/#', 'public.h_kept(text, bytea)');
+});
+ok(poll_until(sub { sqlq("SELECT count(*) FROM got WHERE tag = 'kept'") > 0 }, $T),
+	'the handler of kept/# got the retained message at its subscription');
+is(sqlq("SELECT topic || ' ' || encode(payload, 'escape') FROM got WHERE tag = 'kept'"),
+	'kept/state retained-1', 'it is the retained message, once');
+ok(mqtt_pub($broker, 'kept/state', '', retain => 1), 'the retained message cleared');
+
+# a handler cancelled by mqtt_emit.listener_timeout (57014) is not tried
+# again: it would take as long again, and hold up everything behind it
+$node->append_conf('postgresql.conf', "mqtt_emit.listener_timeout = '300ms'\n");
+$node->reload;
+ok(poll_until(sub { sqlq('SHOW mqtt_emit.listener_timeout') eq '300ms' }, $T), 'listener_timeout = 300ms');
+ok(mqtt_pub($broker, 'fail/slow', 'slow'), 'published fail/slow (the handler sleeps 30 s)');
+ok(mqtt_pub($broker, 'fail/after-slow', 'ok4'), 'published fail/after-slow');
+ok(poll_until(sub { sqlq("SELECT count(*) FROM got WHERE tag = 'ok' AND topic = 'fail/after-slow'") > 0 }, $T),
+	'the message after the slow one ran');
+is(sqlq("SELECT last_value FROM public.slow_calls"), '1', 'the handler cancelled by listener_timeout was called once');
+like(sqlq("SELECT reason FROM mqtt_emit.dead_letters ORDER BY id DESC LIMIT 1"),
+	qr/h_fail\(text,bytea\).*SQLSTATE 57014, not tried again/, 'its dead letter names the cancel (57014)');
+$node->append_conf('postgresql.conf', "mqtt_emit.listener_timeout = '10s'\n");
+$node->reload;
+ok(poll_until(sub { sqlq('SHOW mqtt_emit.listener_timeout') eq '10s' }, $T), 'listener_timeout back to 10s');
 
 # ---- rights ----
 sqlq(q{

@@ -297,6 +297,28 @@ $expect{ dtopic('late') } = drow('late', 'late', 0);
 check_sets('insert after the late node joined');
 calls_ok($l2, 'late node', %events2);
 
+# Under MQTT 5 the events' filters are subscribed with Retain Handling 2:
+# a node that joins gets no retained state, only the live state messages
+# that follow new events (two here, one per marker row; the second
+# marker's listener run comes after the first marker's state message).
+my $l5 = new_node('late5', %lconf, 'mqtt_emit.mqtt_version' => '5');
+sq($l5, $listener_sql);
+ok($broker->wait_for_subscription($l5->{mqtt_emit}{client_id} . '-subscriber', "$prefix/device/#", $T),
+	'MQTT 5 late node subscribed');
+for my $k (1, 2)
+{
+	sq($w, "INSERT INTO device VALUES ('m5-$k', 'm', 'SECRET-M5', 0)");
+	$events{device}++;
+	$events2{device}++;
+	$expect{ dtopic("m5-$k") } = drow("m5-$k", 'm', 0);
+}
+calls_ok($l5, 'MQTT 5 late node', device => 2, reading => 0);
+my @ign5 = (slurp_file($l5->logfile) =~ /$ignored_re/g);
+ok(@ign5 >= 1 && @ign5 <= 2,
+	'MQTT 5 late node: no retained state at its subscription, only live ones (' . scalar(@ign5)
+	  . " ignored; a 3.1.1 node got $nstates)");
+check_sets('after the MQTT 5 node joined');
+
 # ---------------------------------------------------------------------------
 # broker outage, durable delivery, and a crash of the writer meanwhile
 # ---------------------------------------------------------------------------

@@ -270,11 +270,13 @@ ok( poll_until(
 	'jobs/# is in effect on B and D');
 sq($_, 'TRUNCATE got') for ($B, $C, $D);
 
+# The messages come from A's mqtt_emit.publish(), QoS 1 through A's outbox
+# and publisher.  Not from "mosquitto_pub -l": forky's mosquitto_pub 2.1.2
+# closed its connection with 192 of 1000 QoS 1 lines unsent and still exited
+# 0 (CI, PG18 chroot: all three subscribers missed the same 192).
 my $M = 1000;
-my @pub = ('sh', '-c', "seq 1 $M | mosquitto_pub -h 127.0.0.1 -p " . $broker->port . ' -q 1 -t jobs/x -l');
-my ($pout, $perr) = ('', '');
-ok(IPC::Run::run(\@pub, '<', \undef, '>', \$pout, '2>', \$perr, IPC::Run::timeout(60)),
-	"published $M messages on jobs/x") or diag $perr;
+is(sq($A, "SELECT count(mqtt_emit.publish('jobs/x', g::text)) FROM generate_series(1, $M) g"),
+	$M, "A published $M messages on jobs/x");
 ok( poll_until(
 		sub {
 			sq($B, q{SELECT count(*) FROM got WHERE who = 'grouped' AND topic = 'jobs/x'})
