@@ -4,13 +4,16 @@
 #   bash bench/run.sh                    # everything, ~13 minutes on 2 cores
 #   BENCH_QUICK=1 bash bench/run.sh      # short runs, ~4 minutes, rough figures
 #   bash bench/run.sh trigger latency    # only some sections
+#   bash bench/run.sh table              # issue 16's table: every figure beside
+#                                        # its target, ~6 minutes (bench/lib/table.sh)
 #
 # Sections: trigger (pgbench single-row INSERT overhead), throughput (commit ->
 # subscriber vs a bare paho publisher, and against batch size), latency
 # (commit on node A -> listener on node B at 1,000 events/s), memory (worker
 # RSS after 100k and 1M events), subscribe (listen() commit -> SUBACK, worker
 # start -> both clients ready), profile (perf of a backend and of the worker;
-# only when named or with BENCH_PROFILE=1).
+# only when named or with BENCH_PROFILE=1), table (issue 16's figures with
+# their targets, and callgrind's instructions per INSERT; only when named).
 #
 # As root: installs the packages (scripts/install-deps.sh, gnuplot-nox), copies
 # the tree to a temp dir, builds the extension from it and installs it into a
@@ -59,9 +62,9 @@ fi
 sections=()
 for arg in "$@"; do
 	case "$arg" in
-		trigger | throughput | latency | memory | subscribe | profile) sections+=("$arg") ;;
+		trigger | throughput | latency | memory | subscribe | profile | table) sections+=("$arg") ;;
 		-h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; exit 0 ;;
-		*) echo "unknown section \"$arg\" (trigger, throughput, latency, memory, subscribe, profile)" >&2; exit 2 ;;
+		*) echo "unknown section \"$arg\" (trigger, throughput, latency, memory, subscribe, profile, table)" >&2; exit 2 ;;
 	esac
 done
 if ((${#sections[@]} == 0)); then
@@ -76,6 +79,10 @@ if [[ "${SKIP_DEPS:-0}" != 1 ]]; then
 		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gnuplot-nox </dev/null >&2 ||
 			{ apt-get update </dev/null >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gnuplot-nox </dev/null >&2; } ||
 			echo "bench: gnuplot-nox could not be installed; no plots" >&2
+	fi
+	if [[ " ${sections[*]} " == *" table "* ]] && ! command -v valgrind >/dev/null 2>&1 && [[ "$(id -u)" -eq 0 ]]; then
+		echo "bench: installing valgrind" >&2
+		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends valgrind </dev/null >&2 || true
 	fi
 	if [[ " ${sections[*]} " == *" profile "* ]] && ! command -v perf >/dev/null 2>&1 && [[ "$(id -u)" -eq 0 ]]; then
 		DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends linux-perf </dev/null >&2 || true
@@ -166,6 +173,9 @@ inner_env=(
 	BENCH_TRIGGER_ROUNDS="${BENCH_TRIGGER_ROUNDS:-}"
 	BENCH_TRIGGER_SYNC="${BENCH_TRIGGER_SYNC:-on off}"
 	BENCH_PG_CONF="${BENCH_PG_CONF:-}"
+	BENCH_TABLE_ROUNDS="${BENCH_TABLE_ROUNDS:-}"
+	BENCH_TABLE_SECONDS="${BENCH_TABLE_SECONDS:-}"
+	BENCH_TABLE_PUBLISH_RUNS="${BENCH_TABLE_PUBLISH_RUNS:-}"
 )
 if [[ "$(id -u)" -eq 0 ]]; then
 	chown -R "$PG_USER:" "$WORK"

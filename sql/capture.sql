@@ -53,6 +53,17 @@ SELECT source, operation, model, topic LIKE '%/typed/create' AS topic_ok,
   FROM seen ORDER BY n;
 TRUNCATE seen;
 
+-- control characters, quotes and backslashes in text, varchar and char(n)
+-- (their bytes are escaped directly), and a type rendered by its output
+-- function: escaped as to_jsonb() does
+INSERT INTO typed (id, t, vc, ch, e) VALUES
+ (3, E'a\x01b\x1fc\bd\fe\rf"g\\h', E'\x02"\\', E'\t ', 'sad');
+SELECT wait_until('SELECT count(*) = 1 FROM seen') AS arrived;
+SELECT s.result = to_jsonb(ty) AS same_as_to_jsonb, s.result->'t' AS t,
+       s.result->'vc' AS vc, s.result->'ch' AS ch, s.result->'e' AS e
+  FROM seen s JOIN typed ty ON ty.id = 3;
+TRUNCATE seen;
+
 -- update: where = primary key of the old row, data = changed columns only
 UPDATE typed SET t = 'changed', i2 = 5 WHERE id = 2;
 -- delete: where = primary key, result = the old row

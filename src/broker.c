@@ -455,6 +455,8 @@ me_broker_poll(MeBroker *b, MeBrokerNews *news)
 		b->nfailures -= news->nfailures;
 		news->failures = fails;
 	}
+	news->nbusy = b->nbusy;
+	b->nbusy = 0;
 	if (rejs && b->nrejects > 0)
 	{
 		news->nrejects = Min(b->nrejects, nrejs + 1024);

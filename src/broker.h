@@ -91,6 +91,7 @@ typedef struct MeBrokerNews
 	int			nacks;			/* how many acknowledgements */
 	uint64	   *failures;		/* message numbers that failed (palloc'd) */
 	int			nfailures;
+	int			nbusy;			/* the broker said "not now" (quota exceeded) */
 	uint64	   *rejects;		/* refused by the broker for good (palloc'd) */
 	int			nrejects;
 	MeIncoming *incoming;		/* received messages, oldest first */

@@ -247,7 +247,8 @@ me_cb_connect_failure5(void *context, MQTTAsync_failureData5 *response)
 }
 
 /*
- * outcome: 1 acknowledged, 0 failed (send again), -1 refused for good.
+ * outcome: 1 acknowledged, 0 failed (send again), 2 failed because the
+ * broker said "not now" (send again, later), -1 refused for good.
  * qos is the message's; token its paho token (its MQTT message id).
  */
 static void
@@ -261,17 +262,19 @@ record_publish_outcome(void *context, int outcome, int qos, int token)
 	if (b != NULL)
 	{
 		pthread_mutex_lock(&b->mutex);
-		if (outcome > 0)
+		if (outcome == 1)
 			push_seq(&b->acks, &b->nacks, &b->maxacks, seq);
 		else if (outcome < 0)
 			push_seq(&b->rejects, &b->nrejects, &b->maxrejects, seq);
 		else
 			push_seq(&b->failures, &b->nfailures, &b->maxfailures, seq);
+		if (outcome == 2)
+			b->nbusy++;
 		/* paho "completes" a QoS 0 message when it wrote it: no answer */
 		if (outcome != 0 && qos > 0)
 			b->last_heard = me_broker_mono_ms();
 		/* see me_broker_poll(): did the broker really complete QoS 2? */
-		if (outcome > 0 && qos == 2 && !b->qos2_checked && b->qos2_token == 0)
+		if (outcome == 1 && qos == 2 && !b->qos2_checked && b->qos2_token == 0)
 			b->qos2_token = token;
 		pthread_mutex_unlock(&b->mutex);
 	}
@@ -292,8 +295,7 @@ me_cb_publish_success(void *context, MQTTAsync_successData *response)
  * The outcome of an MQTT 5 PUBACK's reason code.  Most failure codes refuse
  * the message for good (not authorized, topic name invalid, payload format
  * invalid).  Quota exceeded and packet identifier in use say "not now": the
- * message is sent again (inflight.c then sends one at a time until the
- * broker takes one).
+ * message is sent again after a pause (inflight.c).
  */
 static int
 puback_outcome(int reason)
@@ -302,7 +304,7 @@ puback_outcome(int reason)
 		return 1;
 	if (reason == MQTTREASONCODE_QUOTA_EXCEEDED ||
 		reason == MQTTREASONCODE_PACKET_IDENTIFIER_IN_USE)
-		return 0;
+		return 2;
 	return -1;
 }
 

@@ -89,6 +89,7 @@ struct MeBroker
 	uint64	   *failures;
 	int			nfailures;
 	int			maxfailures;
+	int			nbusy;			/* of the failures: PUBACK "not now" (MQTT 5) */
 	uint64	   *rejects;
 	int			nrejects;
 	int			maxrejects;

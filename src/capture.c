@@ -142,6 +142,8 @@ typedef struct CaptureRel
 
 
 static HTAB *capture_rels = NULL;
+static CaptureRel *last_rel = NULL;	/* the entry of the last call (entries
+									 * of a dynahash table never move) */
 
 static MemoryContext capture_cxt = NULL;
 
@@ -439,9 +441,15 @@ get_capture_rel(Relation rel, Trigger *trigger)
 								   HASH_ELEM | HASH_BLOBS);
 	}
 
+	/* a statement's rows are all of one relation: skip the hash lookup */
+	if (last_rel != NULL && last_rel->relid == relid && last_rel->valid)
+		return last_rel;
 	entry = hash_search(capture_rels, &relid, HASH_ENTER, &found);
 	if (found && entry->valid)
+	{
+		last_rel = entry;
 		return entry;
+	}
 	if (found && entry->cxt)
 		MemoryContextDelete(entry->cxt);
 	entry->cxt = NULL;
@@ -584,7 +592,29 @@ get_capture_rel(Relation rel, Trigger *trigger)
 	MemoryContextSwitchTo(old);
 	check_model_binding(rel, entry);
 	entry->valid = true;
+	last_rel = entry;
 	return entry;
+}
+
+/*
+ * A tuple's columns, deformed once (heap_deform_tuple) for all the objects
+ * made of it: heap_getattr() per column walks the tuple from its start
+ * past the first variable-length column.
+ */
+typedef struct CaptureTuple
+{
+	Datum	   *values;
+	bool	   *isnull;
+} CaptureTuple;
+
+static void
+deform_tuple(CaptureTuple *ct, CaptureRel *cr, TupleDesc tupdesc, HeapTuple tuple)
+{
+	int			n = Max(tupdesc->natts, cr->natts);
+
+	ct->values = palloc(sizeof(Datum) * n);
+	ct->isnull = palloc(sizeof(bool) * n);
+	heap_deform_tuple(tuple, tupdesc, ct->values, ct->isnull);
 }
 
 /*
@@ -593,13 +623,13 @@ get_capture_rel(Relation rel, Trigger *trigger)
  * differs from that tuple's.
  */
 static void
-append_row(StringInfo buf, CaptureRel *cr, TupleDesc tupdesc, HeapTuple tuple,
-		   bool only_pk, HeapTuple changed_from)
+append_row(StringInfo buf, CaptureRel *cr, TupleDesc tupdesc, CaptureTuple *tuple,
+		   bool only_pk, CaptureTuple *changed_from)
 {
 	int			i;
 	bool		first = true;
 
-	appendStringInfoChar(buf, '{');
+	appendStringInfoCharMacro(buf, '{');
 	for (i = 0; i < cr->natts; i++)
 	{
 		CaptureColumn *col = &cr->cols[i];
@@ -608,12 +638,13 @@ append_row(StringInfo buf, CaptureRel *cr, TupleDesc tupdesc, HeapTuple tuple,
 
 		if (!col->include || (only_pk && !col->is_pk))
 			continue;
-		value = heap_getattr(tuple, i + 1, tupdesc, &isnull);
+		value = tuple->values[i];
+		isnull = tuple->isnull[i];
 		if (changed_from != NULL)
 		{
 			Form_pg_attribute att = TupleDescAttr(tupdesc, i);
-			bool		oldnull;
-			Datum		oldvalue = heap_getattr(changed_from, i + 1, tupdesc, &oldnull);
+			bool		oldnull = changed_from->isnull[i];
+			Datum		oldvalue = changed_from->values[i];
 
 			if (isnull && oldnull)
 				continue;
@@ -622,12 +653,12 @@ append_row(StringInfo buf, CaptureRel *cr, TupleDesc tupdesc, HeapTuple tuple,
 				continue;
 		}
 		if (!first)
-			appendStringInfoChar(buf, ',');
+			appendStringInfoCharMacro(buf, ',');
 		first = false;
 		appendBinaryStringInfo(buf, col->key, col->keylen);
 		me_json_value(buf, &col->type, value, isnull);
 	}
-	appendStringInfoChar(buf, '}');
+	appendStringInfoCharMacro(buf, '}');
 }
 
 /*
@@ -650,8 +681,11 @@ mqtt_emit_capture(PG_FUNCTION_ARGS)
 	MemoryContext old;
 	HeapTuple	newtup = NULL;
 	HeapTuple	oldtup = NULL;
+	CaptureTuple newrow;
+	CaptureTuple oldrow;
 	static char *origin_for = NULL;	/* a copy: a reload may reuse the address */
 	static char *origin_json = NULL;
+	static char no_state[1] = "";
 
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		ereport(ERROR,
@@ -755,12 +789,23 @@ mqtt_emit_capture(PG_FUNCTION_ARGS)
 
 	initStringInfo(&buf);
 	initStringInfo(&row);
-	initStringInfo(&newstate);
-	initStringInfo(&oldstate);
+	/* the state topics: empty unless retained state is kept */
+	newstate.data = oldstate.data = no_state;
+	newstate.len = oldstate.len = 0;
 	if (state && newtup)
+	{
+		initStringInfo(&newstate);
 		append_state_topic(&newstate, rel, cr, tupdesc, newtup);
+	}
 	if (state && oldtup)
+	{
+		initStringInfo(&oldstate);
 		append_state_topic(&oldstate, rel, cr, tupdesc, oldtup);
+	}
+	if (newtup)
+		deform_tuple(&newrow, cr, tupdesc, newtup);
+	if (oldtup)
+		deform_tuple(&oldrow, cr, tupdesc, oldtup);
 	/* room for the queue entry header, filled in below */
 	appendBinaryStringInfo(&buf, (char *) &(MqttEmitEventHeader) {0},
 						   sizeof(MqttEmitEventHeader));
@@ -770,7 +815,7 @@ mqtt_emit_capture(PG_FUNCTION_ARGS)
 	switch (op)
 	{
 		case ME_OP_CREATE:
-			append_row(&row, cr, tupdesc, newtup, false, NULL);
+			append_row(&row, cr, tupdesc, &newrow, false, NULL);
 			appendStringInfoString(&buf, "\"create\",\"args\":{\"data\":");
 			appendBinaryStringInfo(&buf, row.data, row.len);
 			appendStringInfoString(&buf, "},\"result\":");
@@ -779,20 +824,20 @@ mqtt_emit_capture(PG_FUNCTION_ARGS)
 			break;
 		case ME_OP_UPDATE:
 			appendStringInfoString(&buf, "\"update\",\"args\":{\"where\":");
-			append_row(&buf, cr, tupdesc, oldtup, cr->has_pk, NULL);
+			append_row(&buf, cr, tupdesc, &oldrow, cr->has_pk, NULL);
 			appendStringInfoString(&buf, ",\"data\":");
-			append_row(&buf, cr, tupdesc, newtup, false, oldtup);
+			append_row(&buf, cr, tupdesc, &newrow, false, &oldrow);
 			appendStringInfoString(&buf, "},\"result\":");
-			append_row(&row, cr, tupdesc, newtup, false, NULL);
+			append_row(&row, cr, tupdesc, &newrow, false, NULL);
 			appendBinaryStringInfo(&buf, row.data, row.len);
 			me_json_event_tail(&buf, GetCurrentTimestamp());
 			appendStringInfoString(&buf, ",\"old\":");
-			append_row(&buf, cr, tupdesc, oldtup, false, NULL);
+			append_row(&buf, cr, tupdesc, &oldrow, false, NULL);
 			break;
 		case ME_OP_DELETE:
-			append_row(&row, cr, tupdesc, oldtup, false, NULL);
+			append_row(&row, cr, tupdesc, &oldrow, false, NULL);
 			appendStringInfoString(&buf, "\"delete\",\"args\":{\"where\":");
-			append_row(&buf, cr, tupdesc, oldtup, cr->has_pk, NULL);
+			append_row(&buf, cr, tupdesc, &oldrow, cr->has_pk, NULL);
 			appendStringInfoString(&buf, "},\"result\":");
 			appendBinaryStringInfo(&buf, row.data, row.len);
 			me_json_event_tail(&buf, GetCurrentTimestamp());

@@ -758,6 +758,9 @@ handler_may_run(Handler *h)
  * Call one handler in a subtransaction of its own, as its owner.  Returns
  * NULL, or the error it raised (in the caller's memory context).
  */
+/* call_handler's last call was cancelled by mqtt_emit.listener_timeout */
+static bool last_call_timed_out = false;
+
 static ErrorData *
 call_handler(Handler *h, Datum topic, Datum payload, Datum props)
 {
@@ -766,6 +769,9 @@ call_handler(Handler *h, Datum topic, Datum payload, Datum props)
 	Oid			save_userid;
 	int			save_sec;
 	ErrorData  *volatile result = NULL;
+	TimestampTz start = GetCurrentTimestamp();
+
+	last_call_timed_out = false;
 
 	me_count(ME_STAT_LISTENER_CALLS, 1);
 	calls_made++;
@@ -837,6 +843,11 @@ call_handler(Handler *h, Datum topic, Datum payload, Datum props)
 		CurrentResourceOwner = oldowner;
 		SetUserIdAndSecContext(save_userid, save_sec);
 		me_count(ME_STAT_LISTENER_ERRORS, 1);
+		/* cancelled by mqtt_emit.listener_timeout: as slow the next time */
+		if (result->sqlerrcode == ERRCODE_QUERY_CANCELED && mqtt_emit_listener_timeout > 0 &&
+			TimestampDifferenceExceeds(start, GetCurrentTimestamp(),
+									   mqtt_emit_listener_timeout - 1))
+			last_call_timed_out = true;
 	}
 	PG_END_TRY();
 	return result;
@@ -864,7 +875,8 @@ handler_on_path(const Handler *h, const char *group, const char *group_filter)
  * What the handler raised itself, a constraint it broke, bad data: no, and
  * retrying those only held up every message behind it, 1 s and 2 s each
  * (the listener worker keeps order), for anyone who can publish on a
- * handler's topic.
+ * handler's topic.  A handler cancelled by mqtt_emit.listener_timeout
+ * (57014) is not tried again either: it would take as long again.
  */
 static bool
 error_may_pass(int sqlerrcode)
@@ -922,6 +934,7 @@ me_handlers_run(const char *topic, int topic_len, const char *stored, int stored
 	{
 		Handler    *h = &handlers[i];
 		ErrorData  *err;
+		bool		may_pass;
 
 		if (!handler_on_path(h, group, group_filter) ||
 			!me_filter_matches(h->filter, topic, topic_len) || !handler_may_run(h))
@@ -929,16 +942,17 @@ me_handlers_run(const char *topic, int topic_len, const char *stored, int stored
 		err = call_handler(h, topic_d, PointerGetDatum(payload), JsonbPGetDatum(props));
 		if (err == NULL)
 			continue;
+		may_pass = error_may_pass(err->sqlerrcode) && !last_call_timed_out;
 		me_set_last_error("handler %s failed for a message on \"%.100s\": %s",
 						  h->fn_name, topic, err->message);
 		ereport(LOG,
 				(errmsg("pg_mqtt_emit handler %s (id " INT64_FORMAT ") failed for a message on topic \"%.200s\": %s",
 						h->fn_name, h->id, topic, err->message),
-				 error_may_pass(err->sqlerrcode) ?
+				 may_pass ?
 				 errdetail("Attempt %d of %d.", attempt + 1, attempts) :
-				 errdetail("Not tried again: an error of this class does not pass."),
+				 errdetail("Not tried again for this error: it would not pass."),
 				 errcontext("SQLSTATE %s", unpack_sql_state(err->sqlerrcode))));
-		if (last || !error_may_pass(err->sqlerrcode))
+		if (last || !may_pass)
 		{
 			char	   *reason;
 
@@ -947,7 +961,7 @@ me_handlers_run(const char *topic, int topic_len, const char *stored, int stored
 								  h->fn_name, h->id, err->message,
 								  unpack_sql_state(err->sqlerrcode), attempts);
 			else
-				reason = psprintf("handler %s (id " INT64_FORMAT ") failed: %s (SQLSTATE %s, not tried again: an error of this class does not pass)",
+				reason = psprintf("handler %s (id " INT64_FORMAT ") failed: %s (SQLSTATE %s, not tried again for this error: it would not pass)",
 								  h->fn_name, h->id, err->message,
 								  unpack_sql_state(err->sqlerrcode));
 			me_outbox_message_dead_letter(topic, stored, pend, reason, created_at);

@@ -35,6 +35,7 @@
 
 #include "nodes/pg_list.h"
 #include "utils/memutils.h"
+#include "utils/timestamp.h"
 
 #include "pg_mqtt_emit.h"
 #include "outbox.h"
@@ -77,6 +78,11 @@ static int	strikes = 0;
 static uint64 strike_connection = 0;	/* the connection of the last strike */
 static int64 dead_letter_row = 0;	/* struck out: to the dead letters */
 static bool careful = false;	/* after a strike: one in flight until an ack */
+
+/* the broker said "not now" (an MQTT 5 PUBACK, quota exceeded) */
+static TimestampTz busy_until = 0;	/* send nothing before then */
+static int	busy_ms = 0;		/* the pause, doubled each time up to 5 s */
+static bool busy_reset = false; /* the next reset is for that: no strike */
 
 /* refused by the broker, for the dead letters */
 static List *refused_entries = NIL; /* copies of queue entries */
@@ -275,8 +281,28 @@ me_inflight_skip(uint64 end_pos)
 bool
 me_inflight_window_open(void)
 {
-	return !backpressure && !need_reset &&
-		window_count < (careful ? 1 : mqtt_emit_max_inflight);
+	return me_inflight_room() > 0;
+}
+
+/*
+ * How many more messages may be sent now: none while paho's buffer is
+ * full, a reset is due or the broker asked for a pause; one in flight at a
+ * time after a strike (see reset()); else up to mqtt_emit.max_inflight.
+ */
+int
+me_inflight_room(void)
+{
+	int			limit = careful ? 1 : mqtt_emit_max_inflight;
+
+	if (backpressure || need_reset || window_count >= limit)
+		return 0;
+	if (busy_until != 0)
+	{
+		if (GetCurrentTimestamp() < busy_until)
+			return 0;
+		busy_until = 0;
+	}
+	return limit - window_count;
 }
 
 /*
@@ -404,6 +430,7 @@ me_inflight_take_news(void)
 		if (f->key == strike_key)
 			strikes = 0;		/* the broker took the one it refused */
 		careful = false;
+		busy_ms = 0;
 	}
 	if (queued_count == 0)
 		pub_done = pub_pos;
@@ -416,6 +443,15 @@ me_inflight_take_news(void)
 	}
 	if (news.nacks > 0)
 		backpressure = false;
+	if (news.nbusy > 0)
+	{
+		/* not the message's fault: a pause, no strike */
+		busy_ms = (busy_ms == 0) ? 100 : Min(busy_ms * 2, 5000);
+		busy_until = GetCurrentTimestamp() + (TimestampTz) busy_ms * 1000;
+		busy_reset = true;
+		me_set_last_error("publisher: the broker's quota is exceeded; publishing again in %d ms",
+						  busy_ms);
+	}
 	if (need_reset)
 		reset();
 }
@@ -440,16 +476,22 @@ reset(void)
 		 * event keeps its strikes when it moves from the queue into the
 		 * outbox (me_inflight_key_moved).  One strike per connection: a
 		 * connection that failed can report it more than once (a failed
-		 * delivery, then a failed send).
+		 * delivery, then a failed send).  A broker that said "not now"
+		 * (busy_reset) gives no strike.
 		 */
-		if (oldest->key != strike_key)
+		if (!busy_reset)
 		{
-			strike_key = oldest->key;
-			strikes = 1;
+			if (oldest->key != strike_key)
+			{
+				strike_key = oldest->key;
+				strikes = 1;
+			}
+			else if (conn != strike_connection)
+				strikes++;
+			strike_connection = conn;
+			if (oldest->from_outbox && strikes >= STRIKES_FOR_DEAD_LETTER)
+				dead_letter_row = oldest->row_id;
 		}
-		else if (conn != strike_connection)
-			strikes++;
-		strike_connection = conn;
 
 		/*
 		 * Send the struck event alone until the broker acknowledges
@@ -460,8 +502,6 @@ reset(void)
 		 * Alone, the next loss is the struck event's own doing.
 		 */
 		careful = true;
-		if (oldest->from_outbox && strikes >= STRIKES_FOR_DEAD_LETTER)
-			dead_letter_row = oldest->row_id;
 	}
 	window_start = 0;
 	window_count = 0;
@@ -471,6 +511,7 @@ reset(void)
 	pub_pos = pub_done;
 	outbox_cursor = 0;
 	backpressure = false;
+	busy_reset = false;
 }
 
 /*

@@ -98,6 +98,12 @@ me_classify_type(Oid typid, MqttEmitColType *ct, MemoryContext cxt)
 		case JSONBOID:
 			ct->cat = ME_JSON_JSONB;
 			break;
+		case TEXTOID:
+		case VARCHAROID:
+		case BPCHAROID:
+			/* their output functions return the bytes as they are */
+			ct->cat = ME_JSON_TEXT;
+			break;
 		default:
 			if (OidIsValid(get_element_type(base)))
 				ct->cat = ME_JSON_ARRAY;
@@ -146,6 +152,69 @@ prisma_datetime(char *out, Datum value, Oid typid)
 		return false;
 	me_format_timestamp(out, ts);
 	return true;
+}
+
+/*
+ * Append str (len bytes, no NUL among them) as a JSON string: the same
+ * bytes as escape_json() writes (\b \f \n \r \t \" \\ and \u00xx for
+ * the other control characters), but copying each run of bytes that need
+ * no escape at once instead of one byte at a time.
+ */
+void
+me_escape_json_len(StringInfo buf, const char *str, int len)
+{
+	const char *p = str;
+	const char *end = str + len;
+
+	enlargeStringInfo(buf, len + 2);
+	appendStringInfoCharMacro(buf, '"');
+	while (p < end)
+	{
+		const char *run = p;
+
+		while (p < end && (unsigned char) *p >= ' ' && *p != '"' && *p != '\\')
+			p++;
+		if (p > run)
+			appendBinaryStringInfo(buf, run, p - run);
+		if (p == end)
+			break;
+		switch (*p)
+		{
+			case '\b':
+				appendBinaryStringInfo(buf, "\\b", 2);
+				break;
+			case '\f':
+				appendBinaryStringInfo(buf, "\\f", 2);
+				break;
+			case '\n':
+				appendBinaryStringInfo(buf, "\\n", 2);
+				break;
+			case '\r':
+				appendBinaryStringInfo(buf, "\\r", 2);
+				break;
+			case '\t':
+				appendBinaryStringInfo(buf, "\\t", 2);
+				break;
+			case '"':
+				appendBinaryStringInfo(buf, "\\\"", 2);
+				break;
+			case '\\':
+				appendBinaryStringInfo(buf, "\\\\", 2);
+				break;
+			default:
+				{
+					static const char hex[] = "0123456789abcdef";
+					char		u[6] = {'\\', 'u', '0', '0', 0, 0};
+
+					u[4] = hex[((unsigned char) *p) >> 4];
+					u[5] = hex[((unsigned char) *p) & 0x0F];
+					appendBinaryStringInfo(buf, u, 6);
+					break;
+				}
+		}
+		p++;
+	}
+	appendStringInfoCharMacro(buf, '"');
 }
 
 /*
@@ -241,9 +310,19 @@ me_json_value(StringInfo buf, MqttEmitColType *ct, Datum value, bool isnull)
 			appendStringInfoString(buf, s);
 			pfree(s);
 			break;
+		case ME_JSON_TEXT:
+			{
+				/* textout, varcharout and bpcharout: the bytes themselves */
+				text	   *t = DatumGetTextPP(value);
+
+				me_escape_json_len(buf, VARDATA_ANY(t), VARSIZE_ANY_EXHDR(t));
+				if ((Pointer) t != DatumGetPointer(value))
+					pfree(t);
+				break;
+			}
 		case ME_JSON_STRING:
 			s = OutputFunctionCall(&ct->outfunc, value);
-			escape_json(buf, s);
+			me_escape_json_len(buf, s, strlen(s));
 			pfree(s);
 			break;
 	}
@@ -326,14 +405,48 @@ me_format_timestamp(char *out, TimestampTz ts)
 	struct pg_tm tm;
 	fsec_t		fsec;
 
+	int			ms;
+	char	   *p = out;
+
 	if (timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) != 0)
 	{
 		strcpy(out, "1970-01-01T00:00:00.000Z");
 		return;
 	}
-	snprintf(out, 32, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ",
-			 tm.tm_year, tm.tm_mon, tm.tm_mday,
-			 tm.tm_hour, tm.tm_min, tm.tm_sec, (int) (fsec / 1000));
+	ms = (int) (fsec / 1000);
+	if (tm.tm_year < 0 || tm.tm_year > 9999)
+	{
+		snprintf(out, 32, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ",
+				 tm.tm_year, tm.tm_mon, tm.tm_mday,
+				 tm.tm_hour, tm.tm_min, tm.tm_sec, ms);
+		return;
+	}
+
+	/*
+	 * The digits by hand: snprintf() was a fifth of the capture trigger's
+	 * instructions (callgrind, bench/README.md).  Same text as
+	 * "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ".
+	 */
+#define ME_DIGITS2(v) do { *p++ = '0' + (v) / 10; *p++ = '0' + (v) % 10; } while (0)
+	*p++ = '0' + tm.tm_year / 1000;
+	*p++ = '0' + (tm.tm_year / 100) % 10;
+	ME_DIGITS2(tm.tm_year % 100);
+	*p++ = '-';
+	ME_DIGITS2(tm.tm_mon);
+	*p++ = '-';
+	ME_DIGITS2(tm.tm_mday);
+	*p++ = 'T';
+	ME_DIGITS2(tm.tm_hour);
+	*p++ = ':';
+	ME_DIGITS2(tm.tm_min);
+	*p++ = ':';
+	ME_DIGITS2(tm.tm_sec);
+	*p++ = '.';
+	*p++ = '0' + ms / 100;
+	ME_DIGITS2(ms % 100);
+	*p++ = 'Z';
+	*p = '\0';
+#undef ME_DIGITS2
 }
 
 /*
@@ -401,7 +514,11 @@ me_json_event_tail(StringInfo buf, TimestampTz now)
 
 	me_format_timestamp(ts, now);
 	me_make_event_id(id, now);
-	appendStringInfo(buf, ",\"timestamp\":\"%s\",\"eventId\":\"%s\"", ts, id);
+	appendBinaryStringInfo(buf, ",\"timestamp\":\"", 14);
+	appendStringInfoString(buf, ts);
+	appendBinaryStringInfo(buf, "\",\"eventId\":\"", 13);
+	appendBinaryStringInfo(buf, id, MQTT_EMIT_EVENT_ID_LEN);
+	appendStringInfoCharMacro(buf, '"');
 }
 
 const char *

@@ -376,6 +376,7 @@ typedef enum MqttEmitJsonCat
 	ME_JSON_JSONB,
 	ME_JSON_ARRAY,
 	ME_JSON_COMPOSITE,
+	ME_JSON_TEXT,				/* text, varchar, char(n): the bytes, quoted */
 	ME_JSON_STRING				/* anything else: output function, quoted */
 } MqttEmitJsonCat;
 
@@ -389,6 +390,7 @@ typedef struct MqttEmitColType
 /* payload.c */
 extern void me_classify_type(Oid typid, MqttEmitColType *ct, MemoryContext cxt);
 extern void me_json_value(StringInfo buf, MqttEmitColType *ct, Datum value, bool isnull);
+extern void me_escape_json_len(StringInfo buf, const char *str, int len);
 extern char *me_key_text(MqttEmitColType *ct, Datum value);
 extern void me_json_event_tail(StringInfo buf, TimestampTz now);
 extern void me_make_event_id(char *out, TimestampTz now);

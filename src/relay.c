@@ -485,7 +485,8 @@ static bool
 row_publish(const MeOutboxRow *row, void *arg)
 {
 	if ((row->hdr.flags & ME_FLAG_PUBLISH) &&
-		!me_inflight_send(&row->hdr, row->model, row->payload, 0, row->id, row->order))
+		(!me_inflight_window_open() ||
+		 !me_inflight_send(&row->hdr, row->model, row->payload, 0, row->id, row->order)))
 		return false;
 	me_inflight_set_outbox_cursor(row->order);
 	return true;
@@ -517,7 +518,7 @@ process_outbox(void)
 	/* publish in order, after anything from the queue still in flight */
 	if (connected && me_inflight_queued() == 0 && me_inflight_window_open() &&
 		me_outbox_scan_publishable(me_inflight_outbox_cursor(),
-								   mqtt_emit_max_inflight - me_inflight_count(),
+								   me_inflight_room(),
 								   row_publish, NULL) > 0)
 		empty_batch = false;
 

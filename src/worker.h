@@ -62,6 +62,7 @@ extern bool me_inflight_send(const MqttEmitEventHeader *hdr, const char *model,
 							 int64 outbox_row, int64 key);
 extern void me_inflight_skip(uint64 end_pos);
 extern bool me_inflight_window_open(void);
+extern int	me_inflight_room(void);
 extern void me_inflight_take_news(void);
 extern void me_inflight_forget(bool always);
 extern void me_inflight_flush_refused(bool can_keep);

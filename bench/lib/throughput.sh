@@ -20,12 +20,13 @@
 # window), repeated (median) and written to throughput.tsv for the plot.
 
 TPUT_OFFSET=0
+TPUT_CL="${TPUT_CL:-t}"		# the cluster tput_ext runs on (bench/lib/table.sh: another)
 
 # tput_ext N [DELIVERY]: msgs/s, commit -> subscriber has N
 tput_ext() {
 	local n="$1" delivery="${2:-memory}" out t_commit last count
 	start_sub tput "$TOPIC_PREFIX/tput/#" "$n"
-	out="$(q t <<-SQL
+	out="$(q "$TPUT_CL" <<-SQL
 		BEGIN;
 		SET LOCAL mqtt_emit.delivery = $delivery;
 		INSERT INTO tput_t SELECT g FROM generate_series($((TPUT_OFFSET + 1)), $((TPUT_OFFSET + n))) g;

@@ -334,6 +334,19 @@ check_event('insert user', $m[0],
 like($m[0]{payload}, qr/^\{"model":"user","operation":"create","args":\{"data":\{"id":1,/,
 	'insert: compact JSON, seed fields first');
 
+# the bytes of a text value are escaped exactly as PostgreSQL's escape_json()
+# writes them (row_to_json renders the same columns compactly, in order)
+@m = step('insert escapes',
+	q{INSERT INTO "user" VALUES (2, E'q" b\\\\ \\x01\\x1f\\b\\f\\n\\r\\t \\u00e9 \\u20ac', E'\\x7f\\x02"'), (3, '', NULL)});
+is(raw_member($m[0]{payload}, 'result'),
+	q1(q{SELECT row_to_json(u)::text FROM "user" u WHERE id = 2}),
+	'insert: control characters, quotes and backslashes escaped as escape_json() does');
+is(raw_member($m[1]{payload}, 'result'),
+	q1(q{SELECT row_to_json(u)::text FROM "user" u WHERE id = 3}),
+	'insert: an empty string and a null');
+q1(q{DELETE FROM "user" WHERE id IN (2, 3)});
+collect('delete escapes');
+
 @m = step('update user', q{UPDATE "user" SET name = 'Alicia' WHERE id = 1});
 is_deeply(topics(@m), [ topic_of('user', 'update') ], 'update: exactly one event');
 check_event('update user', $m[0],

@@ -49,6 +49,7 @@ $node->safe_psql(
 	LANGUAGE sql AS $$ INSERT INTO public.got (tag, topic, payload, props) VALUES ('data', topic, payload, props) $$;
 	CREATE SEQUENCE public.bad_calls;
 	CREATE SEQUENCE public.flaky_calls;
+	CREATE SEQUENCE public.slow_calls;
 	CREATE FUNCTION public.h_fail(topic text, payload bytea) RETURNS void
 	LANGUAGE plpgsql AS $$
 	BEGIN
@@ -56,6 +57,10 @@ $node->safe_psql(
 		IF payload = 'bad'::bytea THEN
 			PERFORM nextval('public.bad_calls');
 			RAISE EXCEPTION 'cannot take %', topic;
+		END IF;
+		IF payload = 'slow'::bytea THEN
+			PERFORM nextval('public.slow_calls');
+			PERFORM pg_sleep(30);
 		END IF;
 		IF payload = 'flaky'::bytea AND nextval('public.flaky_calls') < 3 THEN
 			RAISE EXCEPTION 'flaky % (test)', topic USING ERRCODE = 'serialization_failure';
@@ -190,7 +195,7 @@ ok(mqtt_pub($broker, 'fail/3', 'ok2'), 'published fail/3');
 ok(poll_until(sub { sqlq("SELECT count(*) FROM got WHERE tag = 'ok' AND topic = 'fail/3'") > 0 }, $T),
 	'the message after the failing one ran');
 is(sqlq("SELECT count(*) - $dl0 FROM mqtt_emit.dead_letters"), '1', 'one dead letter');
-is( sqlq("SELECT topic || ' ' || encode(payload::bytea, 'escape') || ' ' || (reason LIKE 'handler %h_fail(text,bytea) (id %) failed: cannot take fail/2 (SQLSTATE P0001, not tried again: an error of this class does not pass)')
+is( sqlq("SELECT topic || ' ' || encode(payload::bytea, 'escape') || ' ' || (reason LIKE 'handler %h_fail(text,bytea) (id %) failed: cannot take fail/2 (SQLSTATE P0001, not tried again for this error: it would not pass)')
 	   FROM mqtt_emit.dead_letters ORDER BY id DESC LIMIT 1"),
 	'fail/2 bad true', 'the dead letter has the topic, the payload (as bytea text) and the handler\'s error');
 is( sqlq("SELECT string_agg(tag || ':' || topic, ' ' ORDER BY n) FROM got WHERE topic LIKE 'fail/_'"),
@@ -216,6 +221,36 @@ ok(poll_until(sub { sqlq("SELECT count(*) FROM got WHERE tag = 'ok' AND topic = 
 	"the message after $BAD refused ones ran");
 is(sqlq("SELECT last_value FROM public.bad_calls"), 1 + $BAD, "each of the $BAD refused messages was handled once");
 is(sqlq("SELECT count(*) - $dl0 FROM mqtt_emit.dead_letters"), 1 + $BAD, "$BAD more dead letters");
+
+# a handler gets the retained message of its topic when it subscribes
+# (under MQTT 5 only the events' subscriptions ask for Retain Handling 2)
+ok(mqtt_pub($broker, 'kept/state', 'retained-1', retain => 1), 'a retained message on kept/state');
+sqlq(q{
+	CREATE FUNCTION public.h_kept(topic text, payload bytea) RETURNS void
+	LANGUAGE sql AS $$ INSERT INTO public.got (tag, topic, payload) VALUES ('kept', topic, payload) $$;
+	SELECT mqtt_emit.subscribe('kept/#', 'public.h_kept(text, bytea)');
+});
+ok(poll_until(sub { sqlq("SELECT count(*) FROM got WHERE tag = 'kept'") > 0 }, $T),
+	'the handler of kept/# got the retained message at its subscription');
+is(sqlq("SELECT topic || ' ' || encode(payload, 'escape') FROM got WHERE tag = 'kept'"),
+	'kept/state retained-1', 'it is the retained message, once');
+ok(mqtt_pub($broker, 'kept/state', '', retain => 1), 'the retained message cleared');
+
+# a handler cancelled by mqtt_emit.listener_timeout (57014) is not tried
+# again: it would take as long again, and hold up everything behind it
+$node->append_conf('postgresql.conf', "mqtt_emit.listener_timeout = '300ms'\n");
+$node->reload;
+ok(poll_until(sub { sqlq('SHOW mqtt_emit.listener_timeout') eq '300ms' }, $T), 'listener_timeout = 300ms');
+ok(mqtt_pub($broker, 'fail/slow', 'slow'), 'published fail/slow (the handler sleeps 30 s)');
+ok(mqtt_pub($broker, 'fail/after-slow', 'ok4'), 'published fail/after-slow');
+ok(poll_until(sub { sqlq("SELECT count(*) FROM got WHERE tag = 'ok' AND topic = 'fail/after-slow'") > 0 }, $T),
+	'the message after the slow one ran');
+is(sqlq("SELECT last_value FROM public.slow_calls"), '1', 'the handler cancelled by listener_timeout was called once');
+like(sqlq("SELECT reason FROM mqtt_emit.dead_letters ORDER BY id DESC LIMIT 1"),
+	qr/h_fail\(text,bytea\).*SQLSTATE 57014, not tried again/, 'its dead letter names the cancel (57014)');
+$node->append_conf('postgresql.conf', "mqtt_emit.listener_timeout = '10s'\n");
+$node->reload;
+ok(poll_until(sub { sqlq('SHOW mqtt_emit.listener_timeout') eq '10s' }, $T), 'listener_timeout back to 10s');
 
 # ---- rights ----
 sqlq(q{
