@@ -24,6 +24,15 @@
 #error "pg_mqtt_emit needs PostgreSQL 15 or later"
 #endif
 
+/* PostgreSQL 16 folded the pg_*_ownercheck() functions into one */
+#if PG_VERSION_NUM >= 160000
+#define me_database_ownercheck(dboid, roleid) \
+	object_ownercheck(DatabaseRelationId, (dboid), (roleid))
+#else
+#define me_database_ownercheck(dboid, roleid) \
+	pg_database_ownercheck((dboid), (roleid))
+#endif
+
 /* PostgreSQL 16 moved VARDATA_ANY() and friends out of postgres.h */
 #if PG_VERSION_NUM >= 160000
 #include "varatt.h"

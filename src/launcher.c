@@ -78,9 +78,11 @@
 #include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 #include "pg_mqtt_emit.h"
+#include "compat.h"
 
 #define ME_MAX_REQUESTS		32	/* probes asked for; more: probe all */
 #define ME_MAX_PAUSED		16	/* databases paused at once */
@@ -605,6 +607,7 @@ mqtt_emit_launcher_main(Datum main_arg)
 			bool		running[2];
 			bool		is_paused = false;
 			bool		exists;
+			bool		present;
 			bool		eligible = false;
 			int			pi = -1;
 
@@ -631,8 +634,17 @@ mqtt_emit_launcher_main(Datum main_arg)
 					pi = j;
 			is_paused = (pi >= 0);
 
-			/* a template or a database closed to connections gets none */
-			exists = db_exists(dbs, ndbs, db, &eligible) && eligible;
+			/*
+			 * A template or a database closed to connections gets no
+			 * workers, but keeps its slot while it exists: sessions still
+			 * connected there (ALTER DATABASE ... ALLOW_CONNECTIONS false
+			 * leaves them) go on queueing into it, and a slot given back
+			 * and claimed again would lose what they queued.  Their events
+			 * wait, spill to the outbox when the queue is full, and are
+			 * published when the database is open again.
+			 */
+			present = db_exists(dbs, ndbs, db, &eligible);
+			exists = present && eligible;
 			if (!exists || is_paused || retired)
 			{
 				/* stop what runs there */
@@ -649,8 +661,10 @@ mqtt_emit_launcher_main(Datum main_arg)
 				}
 				if (running[0] || running[1] || is_paused)
 					continue;
-				if (!exists)
+				if (!present)
 					(void) me_slot_free(i, db);
+				else if (!exists)
+					;			/* closed or a template: keep the slot */
 				else if (now - p->probed >= ME_RESTART_MS * 1000L)
 				{
 					/* retired: does the database still have the extension? */
@@ -803,6 +817,40 @@ find_option(List *options, const char *name)
 }
 
 /*
+ * Would PostgreSQL itself let the current role run a command that needs
+ * database db to itself?  DROP, RENAME and SET TABLESPACE need its owner;
+ * CREATE DATABASE ... TEMPLATE needs CREATEDB and a template that is one
+ * (datistemplate) or is the role's own.  A role that would be refused
+ * must not pause another database's workers by trying (the pause comes
+ * before PostgreSQL's checks).
+ */
+static bool
+may_pause(Oid db, bool as_template)
+{
+	Oid			role = GetUserId();
+
+	if (superuser())
+		return true;
+	if (!as_template)
+		return me_database_ownercheck(db, role);
+	if (!have_createdb_privilege())
+		return false;
+	if (me_database_ownercheck(db, role))
+		return true;
+	{
+		HeapTuple	tup = SearchSysCache1(DATABASEOID, ObjectIdGetDatum(db));
+		bool		is_template = false;
+
+		if (HeapTupleIsValid(tup))
+		{
+			is_template = ((Form_pg_database) GETSTRUCT(tup))->datistemplate;
+			ReleaseSysCache(tup);
+		}
+		return is_template;
+	}
+}
+
+/*
  * Commands that need a database without other sessions pause our workers
  * there while they run; DROP EXTENSION tells the workers at commit;
  * CREATE DATABASE has the new database probed.
@@ -814,6 +862,7 @@ me_process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTre
 {
 	Node	   *parsetree = pstmt->utilityStmt;
 	Oid			pause_db = InvalidOid;
+	bool		as_template = false;
 	const char *created = NULL;
 	bool		drops_extension = false;
 
@@ -839,7 +888,10 @@ me_process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTre
 
 					created = stmt->dbname;
 					if (t && t->arg)
+					{
 						pause_db = get_database_oid(defGetString(t), true);
+						as_template = true;
+					}
 				}
 				break;
 			case T_DropStmt:
@@ -857,8 +909,15 @@ me_process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTre
 				break;
 		}
 	}
-	if (pause_db == MyDatabaseId)
-		pause_db = InvalidOid;	/* the command refuses it anyway */
+	/*
+	 * DROP, RENAME and SET TABLESPACE refuse the current database anyway;
+	 * CREATE DATABASE copies it (CountOtherDBBackends leaves this session
+	 * out), so our workers there must stop too.
+	 */
+	if (pause_db == MyDatabaseId && !as_template)
+		pause_db = InvalidOid;
+	if (OidIsValid(pause_db) && !may_pause(pause_db, as_template))
+		pause_db = InvalidOid;	/* PostgreSQL refuses the command */
 
 	/* until the transaction ends, whatever becomes of the command */
 	if (OidIsValid(pause_db) && n_xact_paused < ME_XACT_MAX)

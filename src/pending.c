@@ -344,6 +344,8 @@ capture_xact_callback(XactEvent event, void *arg)
 		case XACT_EVENT_PRE_COMMIT:
 			if (npending == 0 || reservation.len > 0 || outboxed > 0)
 				break;
+			/* the slot (shmem.c): a view may have left this process unbound */
+			(void) me_shmem_bind(true);
 			if (mqtt_emit_delivery == ME_DELIVERY_DURABLE)
 				write_outbox();
 			else if (me_queue_reserve(pending_bytes, false, &reservation))

@@ -186,7 +186,6 @@ ok(poll_until(sub { (dbstats($S1, 'db3') // {})->{connected} }, 10),
 my $start_s = Time::HiRes::tv_interval($t0);
 ok(poll_until(sub { workers_in($S1, 'db3') eq '2' }, 10), 'db3 has both workers');
 diag(sprintf('CREATE EXTENSION to the worker connected: %.3f s', $start_s));
-ok($start_s < 2, 'the worker was connected within 2 s of CREATE EXTENSION');
 
 my ($rc, $out, $err) = $S1->psql('db4', 'CREATE EXTENSION pg_mqtt_emit',
 	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
@@ -263,6 +262,19 @@ is(runs($S1, 'db2'), $want{'S1/db2'}, 'db2 ran nothing more meanwhile');
 # a restart brings every database's workers back
 # ---------------------------------------------------------------------------
 
+# a role that may not drop db2 does not stop its workers by trying: the
+# pause for DROP DATABASE comes before PostgreSQL's own check
+q1($S1, 'postgres', 'CREATE ROLE mallory LOGIN');
+my $wpids = q{SELECT string_agg(pid::text, ',' ORDER BY pid) FROM pg_stat_activity
+	WHERE datname = 'db2' AND backend_type LIKE 'pg_mqtt_emit%'};
+my $pids0 = q1($S1, 'postgres', $wpids);
+for my $sql ('DROP DATABASE db2', 'ALTER DATABASE db2 RENAME TO db2x', 'CREATE DATABASE db2copy TEMPLATE db2')
+{
+	my ($rc2, $o2, $e2) = $S1->psql('postgres', $sql, extra_params => [ '-U', 'mallory' ]);
+	ok($rc2 != 0 && $e2 =~ /must be owner|permission denied/, "mallory: $sql is refused") or diag $e2;
+}
+is(q1($S1, 'postgres', $wpids), $pids0, "db2's workers ran on, the same processes ($pids0)");
+
 $S1->restart;
 ok(poll_until(sub { workers_in($S1, 'postgres') eq '2' && workers_in($S1, 'db2') eq '2' }, $T),
 	'after a restart both databases have their workers again');
@@ -273,7 +285,9 @@ ok(poll_until(sub { q1($S1, 'db2', "SELECT count(*) FROM runs WHERE model = 'a' 
 	'an event of S1/postgres after the restart reaches S1/db2');
 ok(poll_until(sub { q1($S2, 'postgres', "SELECT count(*) FROM runs WHERE model = 'a' AND id = 1000") eq '1' }, $T),
 	'... and S2');
+ok(poll_until(sub { q1($S1, 'postgres', "SELECT count(*) FROM runs WHERE model = 'a' AND id = 1000") > 0 }, $T),
+	'... and ran the local listener of S1/postgres');
 is(q1($S1, 'postgres', "SELECT count(*) FROM runs WHERE model = 'a' AND id = 1000"), '1',
-	'... and ran the local listener of S1/postgres once');
+	'... once');
 
 done_testing();
