@@ -510,14 +510,20 @@ me_database_name_init(void)
 	initStringInfo(&buf);
 	if (mqtt_emit_database == NULL || strcmp(name, mqtt_emit_database) != 0)
 	{
-		/* a client id safe for any broker: other bytes as %XX */
-		appendStringInfoChar(&buf, '-');
+		/*
+		 * A client id safe for any broker: other bytes as %XX, "-" too,
+		 * after "-db_", so that no database's ids equal another's (with a
+		 * plain "-<name>", a database named "subscriber" had the default
+		 * database's subscriber id as its publisher id, and "x-subscriber"
+		 * had database x's).
+		 */
+		appendStringInfoString(&buf, "-db_");
 		for (p = name; *p; p++)
 		{
 			unsigned char c = (unsigned char) *p;
 
 			if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-				(c >= '0' && c <= '9') || c == '_' || c == '.' || c == '-')
+				(c >= '0' && c <= '9') || c == '_' || c == '.')
 				appendStringInfoChar(&buf, (char) c);
 			else
 				appendStringInfo(&buf, "%%%02X", c);

@@ -104,7 +104,7 @@ is(workers_in($S1, 'db2'), '2', 'S1/db2 has its publisher and listener worker');
 my $cid1 = dbstats($S1, 'postgres')->{client_id};
 my $cid2 = dbstats($S1, 'db2')->{client_id};
 is($cid1, $id1, 'S1/postgres (mqtt_emit.database) keeps mqtt_emit.client_id as it is');
-is($cid2, "$id1-db2", 'S1/db2: the client id has the database name appended');
+is($cid2, "$id1-db_db2", 'S1/db2: the client id has "-db_" and the database name appended');
 
 # ---------------------------------------------------------------------------
 # events between the databases and to S2
@@ -246,7 +246,7 @@ ok(poll_until(sub { workers_in($S1, 'db4') eq '2' }, 10), 'db4 has both workers'
 ($rc, $out, $err) = $S1->psql('postgres', 'ALTER DATABASE db4 RENAME TO db4r');
 is($rc, 0, 'ALTER DATABASE RENAME of a database with running workers succeeds') or diag $err;
 ok(poll_until(sub { workers_in($S1, 'db4r') eq '2' }, 10), 'the renamed database has its workers again');
-ok(poll_until(sub { ((dbstats($S1, 'db4r') // {})->{client_id} // '') eq "$id1-db4r" }, 10),
+ok(poll_until(sub { ((dbstats($S1, 'db4r') // {})->{client_id} // '') eq "$id1-db_db4r" }, 10),
 	'... with the new name in the client id');
 
 ok(poll_until(sub { (dbstats($S1, 'db4r') // {})->{connected} }, 10), 'db4r: worker connected');
