@@ -277,7 +277,7 @@ me_extension_present(void)
  * the launcher saw them gone; afterwards the command itself waits a little
  * more for sessions that are ending, as it does for any other session.
  */
-void
+bool
 me_launcher_pause(Oid dboid)
 {
 	int			i;
@@ -303,7 +303,7 @@ me_launcher_pause(Oid dboid)
 	}
 	SpinLockRelease(&me_launcher->mutex);
 	if (!added)
-		return;
+		return false;
 	wake_launcher();
 
 	for (waited = 0; waited < ME_PAUSE_WAIT_MS; waited += 10)
@@ -343,6 +343,7 @@ me_launcher_pause(Oid dboid)
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
 	}
+	return true;
 }
 
 /*
@@ -920,10 +921,16 @@ me_process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTre
 		pause_db = InvalidOid;	/* PostgreSQL refuses the command */
 
 	/* until the transaction ends, whatever becomes of the command */
+	/*
+	 * Noted first, so that an error while waiting still resumes it; taken
+	 * back when the pause table was full (resuming would then end another
+	 * command's pause).
+	 */
 	if (OidIsValid(pause_db) && n_xact_paused < ME_XACT_MAX)
 	{
 		xact_paused[n_xact_paused++] = pause_db;
-		me_launcher_pause(pause_db);
+		if (!me_launcher_pause(pause_db))
+			n_xact_paused--;
 	}
 
 	if (prev_process_utility_hook)

@@ -289,7 +289,7 @@ extern void me_launcher_shmem_startup(void);
 extern void me_launcher_register(void);
 extern void me_launcher_start_workers(Oid dboid);
 extern void me_launcher_request_probe(Oid dboid);
-extern void me_launcher_pause(Oid dboid);
+extern bool me_launcher_pause(Oid dboid);
 extern void me_launcher_resume(Oid dboid);
 extern void me_launcher_init_hooks(void);
 extern bool me_extension_present(void);
