@@ -122,7 +122,7 @@ SELECT wait_until($$SELECT count(*) = 2 FROM pg_stat_activity
                    WHERE backend_type IN ('pg_mqtt_emit', 'pg_mqtt_emit listeners')
                      AND datname = current_database()$$) AS both_workers;
 SELECT wait_until('SELECT connected FROM mqtt_emit.stats') AS connected;
-SELECT client_id LIKE 'regress-%-regress\_mqtt\_other' AS client_id_has_database
+SELECT client_id LIKE 'regress-%-db\_regress\_mqtt\_other' AS client_id_has_database
   FROM mqtt_emit.stats;
 \c contrib_regression
 DROP DATABASE regress_mqtt_other;
