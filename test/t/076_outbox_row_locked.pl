@@ -40,6 +40,12 @@ $node->safe_psql(
 	SELECT mqtt_emit.watch('$MODEL', model => '$MODEL');
 });
 ok(poll_until(sub { my $s = stats($node); $s && $s->{connected} }, $T), 'worker connected');
+# before the lock: a worker that finds the extension recovers the outbox,
+# and that waits for the lock (CI, PG18 chroot: found 1.2 s after CREATE
+# EXTENSION, after the lock was taken); this test is about the rows the
+# broker acknowledged
+ok(poll_until(sub { slurp_file($node->logfile) =~ /pg_mqtt_emit worker found the extension/ }, $T),
+	'the worker found the extension');
 
 $broker->stop;
 ok(poll_until(sub { my $s = stats($node); $s && !$s->{connected} }, $T), 'broker down');
