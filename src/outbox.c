@@ -727,13 +727,28 @@ me_outbox_rows_done(TimestampTz *since)
  * "running listeners").  So the rows are locked first, in id order, with
  * SKIP LOCKED, and only those are changed.
  */
+/* The int8 first column of the last SPI result into ids; their number. */
+static int
+spi_ids(int64 *ids)
+{
+	int			i;
+
+	for (i = 0; i < (int) SPI_processed; i++)
+	{
+		bool		isnull;
+
+		ids[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
+											 SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	return (int) SPI_processed;
+}
+
 void
 me_outbox_delete_done(void)
 {
 	Datum		arg;
 	int64	   *locked;
 	int			nlocked;
-	int			i;
 
 	if (ndone_rows == 0)
 		return;
@@ -748,22 +763,23 @@ me_outbox_delete_done(void)
 								" ORDER BY id FOR UPDATE SKIP LOCKED", 1, &argtype);
 		busy_plan = SPI_prepare("SELECT id FROM mqtt_emit.outbox"
 								" WHERE id = ANY ($1) AND id <> ALL ($2)", 2, argtypes2);
-		if (lock_plan == NULL || busy_plan == NULL)
+		clear_plan = SPI_prepare("UPDATE mqtt_emit.outbox SET flags = flags & ~" SQL_PUBLISH
+								 " WHERE id = ANY ($1) AND (flags & (" SQL_LOCAL " | " SQL_HELD ")) <> 0",
+								 1, &argtype);
+		delete_plan = SPI_prepare("DELETE FROM mqtt_emit.outbox"
+								  " WHERE id = ANY ($1) AND " SQL_UNFINISHED " IN (0, " SQL_PUBLISH ")",
+								  1, &argtype);
+		if (lock_plan == NULL || busy_plan == NULL || clear_plan == NULL || delete_plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
 		SPI_keepplan(lock_plan);
 		SPI_keepplan(busy_plan);
+		SPI_keepplan(clear_plan);
+		SPI_keepplan(delete_plan);
 	}
 	check(SPI_execute_plan(lock_plan, &arg, NULL, false, 0),
 		  SPI_OK_SELECT, "lock rows of mqtt_emit.outbox");
-	nlocked = (int) SPI_processed;
-	locked = palloc(sizeof(int64) * Max(nlocked, 1));
-	for (i = 0; i < nlocked; i++)
-	{
-		bool		isnull;
-
-		locked[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
-												SPI_tuptable->tupdesc, 1, &isnull));
-	}
+	locked = palloc(sizeof(int64) * Max((int) SPI_processed, 1));
+	nlocked = spi_ids(locked);
 	if (nlocked < ndone_rows)
 	{
 		/* which of the others still exist: locked by the listener worker */
@@ -773,14 +789,7 @@ me_outbox_delete_done(void)
 		args2[1] = int8_array(locked, nlocked);
 		check(SPI_execute_plan(busy_plan, args2, NULL, true, 0),
 			  SPI_OK_SELECT, "read mqtt_emit.outbox");
-		for (i = 0; i < (int) SPI_processed; i++)
-		{
-			bool		isnull;
-
-			done_rows[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
-													   SPI_tuptable->tupdesc, 1, &isnull));
-		}
-		ndone_rows = (int) SPI_processed;
+		ndone_rows = spi_ids(done_rows);
 	}
 	else
 		ndone_rows = 0;
@@ -790,21 +799,6 @@ me_outbox_delete_done(void)
 		return;
 	}
 	arg = int8_array(locked, nlocked);
-	if (clear_plan == NULL)
-	{
-		Oid			argtype = INT8ARRAYOID;
-
-		clear_plan = SPI_prepare("UPDATE mqtt_emit.outbox SET flags = flags & ~" SQL_PUBLISH
-								 " WHERE id = ANY ($1) AND (flags & (" SQL_LOCAL " | " SQL_HELD ")) <> 0",
-								 1, &argtype);
-		delete_plan = SPI_prepare("DELETE FROM mqtt_emit.outbox"
-								  " WHERE id = ANY ($1) AND " SQL_UNFINISHED " IN (0, " SQL_PUBLISH ")",
-								  1, &argtype);
-		if (clear_plan == NULL || delete_plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(clear_plan);
-		SPI_keepplan(delete_plan);
-	}
 	check(SPI_execute_plan(clear_plan, &arg, NULL, false, 0),
 		  SPI_OK_UPDATE, "update mqtt_emit.outbox");
 	check(SPI_execute_plan(delete_plan, &arg, NULL, false, 0),
