@@ -454,6 +454,7 @@ me_inflight_take_news(void)
 	}
 	if (need_reset)
 		reset();
+	busy_reset = false;			/* only for the reset of this news */
 }
 
 /*

@@ -98,6 +98,8 @@ static SPIPlanPtr insert_plan = NULL;	/* n rows, from arrays */
 static SPIPlanPtr insert_plan1 = NULL;	/* one row (most transactions) */
 static SPIPlanPtr clear_plan = NULL;
 static SPIPlanPtr delete_plan = NULL;
+static SPIPlanPtr lock_plan = NULL;
+static SPIPlanPtr busy_plan = NULL;
 static SPIPlanPtr local_clear_plan = NULL;
 static SPIPlanPtr local_delete_plan = NULL;
 
@@ -715,38 +717,94 @@ me_outbox_rows_done(TimestampTz *since)
 /*
  * Clear the publish flag of the rows that are done with, and delete those
  * that are finished.
+ *
+ * Rows the listener worker has locked (it clears their local flag, in a
+ * transaction that can last mqtt_emit.listener_batch_time and a listener
+ * call) are left for the next round: waiting for them stopped publishing
+ * behind a slow local listener, and the two workers' row locks, taken in
+ * different orders, could deadlock (seen once in a durable-mode bench run:
+ * "deadlock detected" between "deleting published outbox rows" and
+ * "running listeners").  So the rows are locked first, in id order, with
+ * SKIP LOCKED, and only those are changed.
  */
+/* The int8 first column of the last SPI result into ids; their number. */
+static int
+spi_ids(int64 *ids)
+{
+	int			i;
+
+	for (i = 0; i < (int) SPI_processed; i++)
+	{
+		bool		isnull;
+
+		ids[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i],
+											 SPI_tuptable->tupdesc, 1, &isnull));
+	}
+	return (int) SPI_processed;
+}
+
 void
 me_outbox_delete_done(void)
 {
 	Datum		arg;
+	int64	   *locked;
+	int			nlocked;
 
 	if (ndone_rows == 0)
 		return;
 	arg = int8_array(done_rows, ndone_rows);
 	SPI_connect();
-	if (clear_plan == NULL)
+	if (lock_plan == NULL)
 	{
 		Oid			argtype = INT8ARRAYOID;
+		Oid			argtypes2[2] = {INT8ARRAYOID, INT8ARRAYOID};
 
+		lock_plan = SPI_prepare("SELECT id FROM mqtt_emit.outbox WHERE id = ANY ($1)"
+								" ORDER BY id FOR UPDATE SKIP LOCKED", 1, &argtype);
+		busy_plan = SPI_prepare("SELECT id FROM mqtt_emit.outbox"
+								" WHERE id = ANY ($1) AND id <> ALL ($2)", 2, argtypes2);
 		clear_plan = SPI_prepare("UPDATE mqtt_emit.outbox SET flags = flags & ~" SQL_PUBLISH
 								 " WHERE id = ANY ($1) AND (flags & (" SQL_LOCAL " | " SQL_HELD ")) <> 0",
 								 1, &argtype);
 		delete_plan = SPI_prepare("DELETE FROM mqtt_emit.outbox"
 								  " WHERE id = ANY ($1) AND " SQL_UNFINISHED " IN (0, " SQL_PUBLISH ")",
 								  1, &argtype);
-		if (clear_plan == NULL || delete_plan == NULL)
+		if (lock_plan == NULL || busy_plan == NULL || clear_plan == NULL || delete_plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(lock_plan);
+		SPI_keepplan(busy_plan);
 		SPI_keepplan(clear_plan);
 		SPI_keepplan(delete_plan);
 	}
+	check(SPI_execute_plan(lock_plan, &arg, NULL, false, 0),
+		  SPI_OK_SELECT, "lock rows of mqtt_emit.outbox");
+	locked = palloc(sizeof(int64) * Max((int) SPI_processed, 1));
+	nlocked = spi_ids(locked);
+	if (nlocked < ndone_rows)
+	{
+		/* which of the others still exist: locked by the listener worker */
+		Datum		args2[2];
+
+		args2[0] = arg;
+		args2[1] = int8_array(locked, nlocked);
+		check(SPI_execute_plan(busy_plan, args2, NULL, true, 0),
+			  SPI_OK_SELECT, "read mqtt_emit.outbox");
+		ndone_rows = spi_ids(done_rows);
+	}
+	else
+		ndone_rows = 0;
+	if (nlocked == 0)
+	{
+		SPI_finish();
+		return;
+	}
+	arg = int8_array(locked, nlocked);
 	check(SPI_execute_plan(clear_plan, &arg, NULL, false, 0),
 		  SPI_OK_UPDATE, "update mqtt_emit.outbox");
 	check(SPI_execute_plan(delete_plan, &arg, NULL, false, 0),
 		  SPI_OK_DELETE, "delete from mqtt_emit.outbox");
 	me_outbox_rows_sub(SPI_processed);
 	SPI_finish();
-	ndone_rows = 0;
 }
 
 static void
