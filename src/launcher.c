@@ -52,6 +52,7 @@
 #include "postgres.h"
 
 #include <signal.h>
+#include <sys/stat.h>
 
 #include "access/genam.h"
 #include "access/heapam.h"
@@ -662,8 +663,32 @@ mqtt_emit_launcher_main(Datum main_arg)
 				}
 				if (running[0] || running[1] || is_paused)
 					continue;
-				if (!present)
-					(void) me_slot_free(i, db);
+				if (!present && me_slot_free(i, db))
+				{
+					/*
+					 * The database is gone: so are its files (the spool
+					 * of messages received for it, the queue fill).  The
+					 * files of mqtt_emit.database are in pg_mqtt_emit
+					 * itself and are kept: that database can be created
+					 * again under its name.
+					 */
+					char		dir[64];
+					struct stat st;
+
+					snprintf(dir, sizeof(dir), "pg_mqtt_emit/db%u", db);
+					if (stat(dir, &st) == 0 && S_ISDIR(st.st_mode))
+					{
+						if (rmtree(dir, true))
+							ereport(LOG,
+									(errmsg("pg_mqtt_emit removed the files of dropped database %u", db),
+									 errdetail("Directory \"%s\".", dir)));
+						else
+							ereport(WARNING,
+									(errmsg("pg_mqtt_emit could not remove the files of dropped database %u", db),
+									 errdetail("Directory \"%s\".", dir),
+									 errhint("Remove the directory by hand; nothing reads it any more.")));
+					}
+				}
 				else if (!exists)
 					;			/* closed or a template: keep the slot */
 				else if (now - p->probed >= ME_RESTART_MS * 1000L)
@@ -866,6 +891,7 @@ me_process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTre
 	bool		as_template = false;
 	const char *created = NULL;
 	bool		drops_extension = false;
+	bool		commits_prepared = false;
 
 	if (me_shmem_ready() && me_launcher != NULL)
 	{
@@ -905,6 +931,9 @@ me_process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTre
 							if (strcmp(strVal(lfirst(lc)), MQTT_EMIT_EXTENSION) == 0)
 								drops_extension = true;
 				}
+				break;
+			case T_TransactionStmt:
+				commits_prepared = ((TransactionStmt *) parsetree)->kind == TRANS_STMT_COMMIT_PREPARED;
 				break;
 			default:
 				break;
@@ -951,6 +980,15 @@ me_process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTre
 	/* the workers reload at commit, find the extension gone and exit */
 	if (drops_extension && me_shmem_bind(false))
 		me_capture_listeners_changed();
+
+	/*
+	 * A prepared transaction may have created the extension: its commit
+	 * callback ran at PREPARE, which starts nothing.  COMMIT PREPARED runs
+	 * in the prepared transaction's database and outside a transaction
+	 * block, so it has committed here; a probe finds out.
+	 */
+	if (commits_prepared && me_slot_of(MyDatabaseId) < 0)
+		me_launcher_request_probe(MyDatabaseId);
 }
 
 /* From _PG_init during preload. */

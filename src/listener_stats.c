@@ -132,6 +132,17 @@ me_listener_stats_count(int64 id, bool failed, double elapsed_ms)
 void
 me_listener_stats_reset(void)
 {
+	me_listener_stats_forget(MyDatabaseId);
+}
+
+/*
+ * Forget the counts of database dboid: its stats were reset, or its slot
+ * was given back (the database or its extension is gone), so that the
+ * table's fixed room goes to databases that have listeners.
+ */
+void
+me_listener_stats_forget(Oid dboid)
+{
 	HASH_SEQ_STATUS seq;
 	MeListenerStat *s;
 
@@ -140,7 +151,7 @@ me_listener_stats_reset(void)
 	LWLockAcquire(stats_lock, LW_EXCLUSIVE);
 	hash_seq_init(&seq, stats_hash);
 	while ((s = (MeListenerStat *) hash_seq_search(&seq)) != NULL)
-		if (s->key.dboid == MyDatabaseId)
+		if (s->key.dboid == dboid)
 			(void) hash_search(stats_hash, &s->key, HASH_REMOVE, NULL);
 	LWLockRelease(stats_lock);
 }

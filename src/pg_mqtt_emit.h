@@ -302,6 +302,7 @@ extern void me_listener_stats_request(void);
 extern void me_listener_stats_startup(void);
 extern void me_listener_stats_count(int64 id, bool failed, double elapsed_ms);
 extern void me_listener_stats_reset(void);
+extern void me_listener_stats_forget(Oid dboid);
 extern bool me_shmem_ready(void);
 /*
  * Queue space reserved by a committing transaction at PRE_COMMIT: its

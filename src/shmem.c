@@ -521,7 +521,8 @@ me_slot_set_retired(bool retired)
 /*
  * Give slot i back, if it still belongs to dboid and no worker is attached
  * to it: the database was dropped, or no longer has the extension.  What
- * its queue held is for a database or an extension that is gone.
+ * its queue held is for a database or an extension that is gone, and so
+ * are its listeners' counts.
  */
 bool
 me_slot_free(int i, Oid dboid)
@@ -540,6 +541,8 @@ me_slot_free(int i, Oid dboid)
 		pg_atomic_fetch_add_u32(&me_ctl->slot[i].generation, 1);
 	}
 	LWLockRelease(me_ctl->lock);
+	if (ok)
+		me_listener_stats_forget(dboid);
 	return ok;
 }
 

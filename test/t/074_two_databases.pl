@@ -36,7 +36,7 @@ my $prefix = topic_prefix();
 my $broker = start_broker();
 
 my $S1 = new_node('s1', broker => $broker, 'mqtt_emit.max_databases' => '3',
-	max_worker_processes => '12');
+	max_worker_processes => '12', max_prepared_transactions => '2');
 my $S2 = new_node('s2', broker => $broker);
 my $id1 = $S1->{mqtt_emit}{client_id};
 
@@ -250,11 +250,26 @@ ok(poll_until(sub { ((dbstats($S1, 'db4r') // {})->{client_id} // '') eq "$id1-d
 	'... with the new name in the client id');
 
 ok(poll_until(sub { (dbstats($S1, 'db4r') // {})->{connected} }, 10), 'db4r: worker connected');
+my $db4oid = q1($S1, 'postgres', q{SELECT oid FROM pg_database WHERE datname = 'db4r'});
+my $db4dir = $S1->data_dir . "/pg_mqtt_emit/db$db4oid";
+ok(-d $db4dir, "db4r keeps its files in pg_mqtt_emit/db$db4oid");
 $t0 = [Time::HiRes::gettimeofday];
 ($rc, $out, $err) = $S1->psql('postgres', 'DROP DATABASE db4r');
 is($rc, 0, 'DROP DATABASE of a database with running workers succeeds without FORCE') or diag $err;
 diag(sprintf('DROP DATABASE took %.3f s', Time::HiRes::tv_interval($t0)));
+ok(poll_until(sub { !-e $db4dir }, 10), "... and its directory pg_mqtt_emit/db$db4oid is removed");
+ok(-d $S1->data_dir . '/pg_mqtt_emit', '... and pg_mqtt_emit itself (mqtt_emit.database\'s) is kept');
 q1($S1, 'postgres', 'DROP DATABASE db3');
+
+# CREATE EXTENSION in a prepared transaction: its workers start at COMMIT
+# PREPARED (in another session), not at PREPARE
+q1($S1, 'postgres', 'CREATE DATABASE dbp');
+q1($S1, 'dbp', q{BEGIN; CREATE EXTENSION pg_mqtt_emit; PREPARE TRANSACTION 'cx'});
+is(workers_in($S1, 'dbp'), '0', 'dbp: no workers while CREATE EXTENSION is only prepared');
+q1($S1, 'dbp', q{COMMIT PREPARED 'cx'});
+ok(poll_until(sub { workers_in($S1, 'dbp') eq '2' }, 10), 'dbp: COMMIT PREPARED starts its workers');
+q1($S1, 'postgres', 'DROP DATABASE dbp');
+ok(poll_until(sub { workers_in($S1, 'dbp') eq '0' }, 10), 'dbp dropped: no workers there');
 ok(poll_until(sub { ($S1->psql('db2', 'SELECT 1'))[0] == 0 }, 5), 'db2 is untouched');
 is(runs($S1, 'db2'), $want{'S1/db2'}, 'db2 ran nothing more meanwhile');
 
