@@ -891,7 +891,6 @@ me_process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTre
 	bool		as_template = false;
 	const char *created = NULL;
 	bool		drops_extension = false;
-	bool		commits_prepared = false;
 
 	if (me_shmem_ready() && me_launcher != NULL)
 	{
@@ -931,9 +930,6 @@ me_process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTre
 							if (strcmp(strVal(lfirst(lc)), MQTT_EMIT_EXTENSION) == 0)
 								drops_extension = true;
 				}
-				break;
-			case T_TransactionStmt:
-				commits_prepared = ((TransactionStmt *) parsetree)->kind == TRANS_STMT_COMMIT_PREPARED;
 				break;
 			default:
 				break;
@@ -980,15 +976,6 @@ me_process_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTre
 	/* the workers reload at commit, find the extension gone and exit */
 	if (drops_extension && me_shmem_bind(false))
 		me_capture_listeners_changed();
-
-	/*
-	 * A prepared transaction may have created the extension: its commit
-	 * callback ran at PREPARE, which starts nothing.  COMMIT PREPARED runs
-	 * in the prepared transaction's database and outside a transaction
-	 * block, so it has committed here; a probe finds out.
-	 */
-	if (commits_prepared && me_slot_of(MyDatabaseId) < 0)
-		me_launcher_request_probe(MyDatabaseId);
 }
 
 /* From _PG_init during preload. */
