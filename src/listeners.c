@@ -557,6 +557,18 @@ same_group(const char *a, const char *b)
 	return a == NULL ? b == NULL : b != NULL && strcmp(a, b) == 0;
 }
 
+/* Does any listener take local events (of any model)? */
+bool
+me_listeners_any_local(void)
+{
+	int			i;
+
+	for (i = 0; i < nlisteners; i++)
+		if (takes_local(&listeners[i]))
+			return true;
+	return false;
+}
+
 bool
 me_listeners_want_local(const char *model, int model_len)
 {

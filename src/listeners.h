@@ -81,6 +81,7 @@ typedef enum MeRegistryLoad
 extern MeRegistryLoad me_listeners_refresh(void);
 extern void me_listeners_report_skips(void);
 extern bool me_listeners_want_local(const char *model, int model_len);
+extern bool me_listeners_any_local(void);
 extern List *me_listeners_remote_paths(void);
 extern void me_listeners_run_local(const MqttEmitEventHeader *hdr,
 								   const char *model, const char *payload,

@@ -357,6 +357,7 @@ extern void me_outbox_rows_add(uint64 n);
 extern void me_outbox_rows_sub(uint64 n);
 extern void me_outbox_rows_set(uint64 n);
 extern void me_outbox_set_oldest(TimestampTz oldest);
+extern TimestampTz me_outbox_get_oldest(void);
 extern void me_shared_snapshot(MqttEmitSnapshot *snap);
 extern bool me_listener_claim(Latch *latch, pid_t *other);
 extern void me_listener_release(void);

@@ -1142,6 +1142,13 @@ me_outbox_set_oldest(TimestampTz oldest)
 	pg_atomic_write_u64(&me_shared->outbox_oldest, (uint64) oldest);
 }
 
+/* created_at of the oldest outbox row as last noted, or 0 */
+TimestampTz
+me_outbox_get_oldest(void)
+{
+	return (TimestampTz) pg_atomic_read_u64(&me_shared->outbox_oldest);
+}
+
 /*
  * Copy the state that mqtt_emit.stats shows.
  */
