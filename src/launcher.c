@@ -51,6 +51,7 @@
  */
 #include "postgres.h"
 
+#include <ctype.h>
 #include <signal.h>
 #include <sys/stat.h>
 
@@ -69,6 +70,7 @@
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
+#include "storage/fd.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/proc.h"
@@ -443,6 +445,55 @@ db_exists(DbInfo *dbs, int n, Oid oid, bool *probe)
 	return false;
 }
 
+/*
+ * Remove $PGDATA/pg_mqtt_emit/db<OID> of every database that no longer
+ * exists and holds no slot: the spool of messages received for it and its
+ * queue fill, which nothing reads any more (a database created later with
+ * the same OID would read a stale spool).  The files of mqtt_emit.database
+ * are in pg_mqtt_emit itself and are never removed.  A directory is made
+ * only by a database's workers, which need its slot, so one that is being
+ * made is not taken for a dropped database's.
+ */
+static void
+remove_dropped_dirs(DbInfo *dbs, int ndbs)
+{
+	DIR		   *dir;
+	struct dirent *de;
+
+	dir = AllocateDir("pg_mqtt_emit");
+	if (dir == NULL)
+		return;					/* none yet */
+	while ((de = ReadDirExtended(dir, "pg_mqtt_emit", LOG)) != NULL)
+	{
+		char		path[MAXPGPATH];
+		char	   *end;
+		unsigned long oid;
+		struct stat st;
+
+		if (strncmp(de->d_name, "db", 2) != 0 || !isdigit((unsigned char) de->d_name[2]))
+			continue;
+		errno = 0;
+		oid = strtoul(de->d_name + 2, &end, 10);
+		if (errno != 0 || *end != '\0' || oid == 0 || oid > PG_UINT32_MAX)
+			continue;
+		if (db_exists(dbs, ndbs, (Oid) oid, NULL) || me_slot_of((Oid) oid) >= 0)
+			continue;
+		snprintf(path, sizeof(path), "pg_mqtt_emit/%s", de->d_name);
+		if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode))
+			continue;
+		if (rmtree(path, true))
+			ereport(LOG,
+					(errmsg("pg_mqtt_emit removed the files of dropped database %lu", oid),
+					 errdetail("Directory \"%s\".", path)));
+		else
+			ereport(WARNING,
+					(errmsg("pg_mqtt_emit could not remove the files of dropped database %lu", oid),
+					 errdetail("Directory \"%s\".", path),
+					 errhint("Remove the directory by hand; nothing reads it any more.")));
+	}
+	FreeDir(dir);
+}
+
 /* Is the worker of handle *h still there (starting or running)?  Forgets it if not. */
 static bool
 handle_running(BackgroundWorkerHandle **h)
@@ -506,6 +557,7 @@ mqtt_emit_launcher_main(Datum main_arg)
 	Oid		   *queue;
 	int			nqueue = 0;
 	int			maxqueue = 64;
+	TimestampTz last_sweep = 0;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
@@ -542,6 +594,7 @@ mqtt_emit_launcher_main(Datum main_arg)
 					j,
 					k;
 		long		timeout = 1000;
+		bool		freed = false;
 		TimestampTz now;
 
 		CHECK_FOR_INTERRUPTS();
@@ -663,31 +716,10 @@ mqtt_emit_launcher_main(Datum main_arg)
 				}
 				if (running[0] || running[1] || is_paused)
 					continue;
-				if (!present && me_slot_free(i, db))
+				if (!present)
 				{
-					/*
-					 * The database is gone: so are its files (the spool
-					 * of messages received for it, the queue fill).  The
-					 * files of mqtt_emit.database are in pg_mqtt_emit
-					 * itself and are kept: that database can be created
-					 * again under its name.
-					 */
-					char		dir[64];
-					struct stat st;
-
-					snprintf(dir, sizeof(dir), "pg_mqtt_emit/db%u", db);
-					if (stat(dir, &st) == 0 && S_ISDIR(st.st_mode))
-					{
-						if (rmtree(dir, true))
-							ereport(LOG,
-									(errmsg("pg_mqtt_emit removed the files of dropped database %u", db),
-									 errdetail("Directory \"%s\".", dir)));
-						else
-							ereport(WARNING,
-									(errmsg("pg_mqtt_emit could not remove the files of dropped database %u", db),
-									 errdetail("Directory \"%s\".", dir),
-									 errhint("Remove the directory by hand; nothing reads it any more.")));
-					}
+					if (me_slot_free(i, db))
+						freed = true;
 				}
 				else if (!exists)
 					;			/* closed or a template: keep the slot */
@@ -775,6 +807,17 @@ mqtt_emit_launcher_main(Datum main_arg)
 		for (j = 0; j < npaused; j++)
 			if (!idle[j])
 				timeout = Min(timeout, 10);
+
+		/*
+		 * The files of dropped databases: at start, when a slot was given
+		 * back, and every 10 s (a database can be dropped after its
+		 * extension, or while the server was down).
+		 */
+		if (freed || last_sweep == 0 || now - last_sweep >= 10 * USECS_PER_SEC)
+		{
+			remove_dropped_dirs(dbs, ndbs);
+			last_sweep = now;
+		}
 
 		pfree(dbs);
 		pgstat_report_stat(false);

@@ -508,16 +508,21 @@ release_held(const char *where, int nargs, Oid *types, Datum *args,
 
 	/*
 	 * $N (after the where's own arguments): whether to copy at all.  With
-	 * no listener that takes local events the held rows are only cleared
-	 * (and deleted when done), as the queue path skips such events
-	 * (wants_local_row); this is most of what a spilled transaction costs
-	 * the worker on a server that only publishes.
+	 * no listener that takes local events the held rows of a marker are
+	 * only cleared (and deleted when done), as the queue path skips such
+	 * events (wants_local_row, with the registry as read for the same
+	 * round); this is most of what a spilled transaction costs the worker
+	 * on a server that only publishes.  Rows without a marker (plans is
+	 * NULL, rare) are released at the end of a round for rows that may
+	 * have been committed after the registry was read, so they are always
+	 * copied: the listener worker reads the registry again before it runs
+	 * them.
 	 */
 	Assert(nargs < 4);
 	memcpy(alltypes, types, sizeof(Oid) * nargs);
 	memcpy(allargs, args, sizeof(Datum) * nargs);
 	alltypes[nargs] = BOOLOID;
-	allargs[nargs] = BoolGetDatum(me_listeners_any_local());
+	allargs[nargs] = BoolGetDatum(plans == NULL || me_listeners_any_local());
 
 	initStringInfo(&sql);
 	if (copy_plan == NULL)

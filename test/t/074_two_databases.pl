@@ -231,6 +231,9 @@ q1($S2, 'postgres', 'DROP DATABASE tpl');
 # DROP EXTENSION stops the workers and frees the slot
 # ---------------------------------------------------------------------------
 
+my $db3oid = q1($S1, 'postgres', q{SELECT oid FROM pg_database WHERE datname = 'db3'});
+my $db3dir = $S1->data_dir . "/pg_mqtt_emit/db$db3oid";
+ok(-d $db3dir, "db3 keeps its files in pg_mqtt_emit/db$db3oid");
 $t0 = [Time::HiRes::gettimeofday];
 q1($S1, 'db3', 'DROP EXTENSION pg_mqtt_emit');
 ok(poll_until(sub { workers_in($S1, 'db3') eq '0' }, 10), 'DROP EXTENSION in db3 stops its workers');
@@ -259,7 +262,10 @@ is($rc, 0, 'DROP DATABASE of a database with running workers succeeds without FO
 diag(sprintf('DROP DATABASE took %.3f s', Time::HiRes::tv_interval($t0)));
 ok(poll_until(sub { !-e $db4dir }, 10), "... and its directory pg_mqtt_emit/db$db4oid is removed");
 ok(-d $S1->data_dir . '/pg_mqtt_emit', '... and pg_mqtt_emit itself (mqtt_emit.database\'s) is kept');
+ok(-d $db3dir, "db3 without the extension keeps its directory");
 q1($S1, 'postgres', 'DROP DATABASE db3');
+ok(poll_until(sub { !-e $db3dir }, 30),
+	"db3 dropped after its extension: its directory pg_mqtt_emit/db$db3oid is removed too");
 
 # CREATE EXTENSION in a transaction to be prepared is refused (a prepared
 # transaction's commit would start no workers), and leaves nothing behind
