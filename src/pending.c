@@ -394,8 +394,12 @@ build_batches(void)
 				done[i] = true;
 			}
 		}
-		/* every escaped byte of the model may take 6 */
-		overhead = 200 + 6 * (Size) mh->model_len + 6 * strlen(me_client_id());
+		/*
+		 * The envelope's keys, numbers, id and timestamp take under 256
+		 * bytes, a signature (mqtt_emit.signing_key) 80; every escaped byte
+		 * of the model and the origin at most 6.
+		 */
+		overhead = 384 + 6 * (Size) mh->model_len + 6 * strlen(me_client_id());
 		me_build_batch_topic(&topic, model, mh->model_len);
 
 		/* count the parts first: each part names how many there are */
