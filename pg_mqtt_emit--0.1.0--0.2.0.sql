@@ -246,10 +246,7 @@ BEGIN
                   HINT = 'A model name has 1 to 200 characters and no control characters.';
     END IF;
 
-    IF batch IS NULL OR retain_last IS NULL THEN
-        RAISE EXCEPTION '% must not be null', CASE WHEN batch IS NULL THEN 'batch' ELSE 'retain_last' END
-            USING ERRCODE = 'null_value_not_allowed';
-    END IF;
+    -- NULL is false, as for retain_last
     IF batch THEN
         IF emit IS NOT TRUE THEN
             RAISE EXCEPTION 'batch needs emit'

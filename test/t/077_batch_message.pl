@@ -65,8 +65,12 @@ role_fails($node, 'postgres', "SELECT mqtt_emit.watch('b', emit => false, batch 
 	'22023', 'batch without emit', qr/batch needs emit/);
 role_fails($node, 'postgres', "SELECT mqtt_emit.watch('b', batch => true, retain_last => true)",
 	'22023', 'batch with retain_last', qr/batch and retain_last cannot both be set/);
-role_fails($node, 'postgres', "SELECT mqtt_emit.watch('b', batch => NULL)",
-	'22004', 'batch => NULL', qr/batch must not be null/);
+role_fails($node, 'postgres', "ALTER SYSTEM SET mqtt_emit.batch_max_bytes = 100",
+	'22023', 'batch_max_bytes below its minimum', qr/outside the valid range/);
+role_fails($node, 'postgres', "ALTER SYSTEM SET mqtt_emit.batch_topic_prefix = 'a/#'",
+	'22023', 'a batch prefix with a wildcard', qr/must not contain/);
+role_fails($node, 'postgres', "ALTER SYSTEM SET mqtt_emit.batch_topic_prefix = ''",
+	'22023', 'an empty batch prefix', qr/must not be empty/);
 
 # a batch prefix under the topic prefix, equal to it, or above it
 for my $bad ("$P/batches", $P, uc($P), (split m{/}, $P)[0])
