@@ -153,6 +153,13 @@ GRANT EXECUTE ON FUNCTION mqtt_emit._bind_model(regclass) TO PUBLIC;
 -- operations (else the retained state would go stale), and a key: the
 -- primary key, else the replica identity index, whose columns must be
 -- published (the topic shows their values).
+--
+-- batch (README, "Batched messages"): instead of one message per row, the
+-- table's events of a transaction go out as one message (in parts of at
+-- most mqtt_emit.batch_max_bytes) on <batch_topic_prefix>/<model>/batch,
+-- a topic no subscriber of the events receives (src/pending.c).  Kept as
+-- 'batch' in the same second argument; it needs emit and excludes
+-- retain_last, whose state messages follow each row's event.
 CREATE FUNCTION mqtt_emit.watch(
     tbl regclass,
     emit boolean DEFAULT true,
@@ -160,7 +167,8 @@ CREATE FUNCTION mqtt_emit.watch(
     model text DEFAULT NULL,
     columns text[] DEFAULT NULL,
     exclude_columns text[] DEFAULT NULL,
-    retain_last boolean DEFAULT false)
+    retain_last boolean DEFAULT false,
+    batch boolean DEFAULT false)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -256,6 +264,24 @@ BEGIN
                   HINT = 'A model name has 1 to 200 characters and no control characters.';
     END IF;
 
+    -- NULL is false, as for retain_last
+    IF batch THEN
+        IF emit IS NOT TRUE THEN
+            RAISE EXCEPTION 'batch needs emit'
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'With emit => false nothing is published, in batches neither.',
+                      HINT = 'Leave emit at its default (true), or batch at false.';
+        END IF;
+        IF retain_last THEN
+            RAISE EXCEPTION 'batch and retain_last cannot both be set'
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'A row''s retained state message follows its event, which a batched table does not send alone.',
+                      HINT = 'Watch the table with one of them.';
+        END IF;
+        -- batched messages must not reach the events' subscribers
+        PERFORM mqtt_emit._check_batch_prefix();
+    END IF;
+
     IF retain_last THEN
         IF emit IS NOT TRUE THEN
             RAISE EXCEPTION 'retain_last needs emit'
@@ -301,7 +327,7 @@ BEGIN
     END IF;
 
     PERFORM mqtt_emit._set_capture_trigger(tbl, ops,
-        ARRAY[m, CASE WHEN retain_last THEN 'retain_last' ELSE emit::text END, mode] || names);
+        ARRAY[m, CASE WHEN retain_last THEN 'retain_last' WHEN batch THEN 'batch' ELSE emit::text END, mode] || names);
     -- the model must be free or already the table owner's; a superuser may
     -- bind any table to any model
     IF (SELECT a.rolsuper FROM pg_roles a WHERE a.rolname = current_user) THEN
@@ -316,7 +342,7 @@ BEGIN
     PERFORM mqtt_emit._bind_model(tbl);
 END
 $$;
-COMMENT ON FUNCTION mqtt_emit.watch(regclass, boolean, text[], text, text[], text[], boolean) IS
+COMMENT ON FUNCTION mqtt_emit.watch(regclass, boolean, text[], text, text[], text[], boolean, boolean) IS
 'Starts (or changes) capturing row changes of a table as events';
 
 CREATE FUNCTION mqtt_emit.unwatch(tbl regclass)
@@ -354,7 +380,7 @@ COMMENT ON FUNCTION mqtt_emit.unwatch(regclass) IS
 CREATE VIEW mqtt_emit.watched_tables AS
 SELECT t.tgrelid::regclass AS table_name,
        a[1] AS model,
-       a[2] IN ('t', 'true', 'retain_last') AS emit,
+       a[2] IN ('t', 'true', 'retain_last', 'batch') AS emit,
        ARRAY(SELECT o FROM (VALUES (1, 'insert', 4), (2, 'update', 16), (3, 'delete', 8)) v(n, o, bit)
               WHERE t.tgtype & v.bit <> 0 ORDER BY n) AS operations,
        CASE a[3] WHEN 'columns' THEN a[4:]
@@ -368,7 +394,8 @@ SELECT t.tgrelid::regclass AS table_name,
                     JOIN pg_attribute att ON att.attrelid = t.tgrelid AND att.attnum = x.num::int2
                    WHERE NOT att.attisdropped ORDER BY x.ord) END AS exclude_columns,
        NOT (t.tgenabled = 'D') AS enabled,
-       a[2] = 'retain_last' AS retain_last
+       a[2] = 'retain_last' AS retain_last,
+       a[2] = 'batch' AS batch
   FROM pg_catalog.pg_trigger t,
        LATERAL mqtt_emit._trigger_args(t.tgargs, t.tgnargs) AS a
  WHERE t.tgfoid = 'mqtt_emit.capture()'::regprocedure
@@ -937,6 +964,14 @@ CREATE FUNCTION mqtt_emit._check_name(name text, what text)
 RETURNS void
 LANGUAGE c IMMUTABLE STRICT
 AS 'MODULE_PATHNAME', 'mqtt_emit_check_name';
+
+-- Raises an error (22023) when mqtt_emit.batch_topic_prefix and
+-- mqtt_emit.topic_prefix overlap, so that batched messages would reach
+-- subscribers of the events (topic.c); for watch(..., batch => true).
+CREATE FUNCTION mqtt_emit._check_batch_prefix()
+RETURNS void
+LANGUAGE c STABLE
+AS 'MODULE_PATHNAME', 'mqtt_emit_check_batch_prefix';
 
 -- Every model name in the registry follows those rules, however the row
 -- comes (listen(), a direct INSERT, pg_restore); after validate_listener,

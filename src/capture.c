@@ -62,6 +62,12 @@
  * go with the event: nothing when the event is not published (emit =>
  * false, mqtt_emit.emit_remote = off, a depth beyond max_depth).
  *
+ * Batched tables (watch(..., batch => true), trigger argument 2 "batch"):
+ * the event is built exactly as for any table and marked ME_FLAG_BATCH;
+ * at commit pending.c publishes the table's events of the transaction
+ * together, in one message on <batch_topic_prefix>/<model>/batch, instead
+ * of one message each.  Local listeners get each event as always.
+ *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
  * IDENTIFICATION
@@ -133,6 +139,7 @@ typedef struct CaptureRel
 	char	   *model_json;		/* "model":"<escaped>","operation": prefix */
 	bool		emit;			/* publish to the broker */
 	bool		retain_last;	/* and keep each row's state retained */
+	bool		batch;			/* publish in the transaction's batched message */
 	int			nkey;			/* retain_last: key columns, in index order */
 	AttrNumber *key_attnums;
 	const char *key_problem;	/* retain_last: why there is no usable key */
@@ -499,7 +506,8 @@ get_capture_rel(Relation rel, Trigger *trigger)
 	entry->model = pstrdup(trigger->tgargs[0]);
 	entry->model_len = strlen(entry->model);
 	entry->retain_last = (strcmp(trigger->tgargs[1], "retain_last") == 0);
-	entry->emit = (entry->retain_last ||
+	entry->batch = (strcmp(trigger->tgargs[1], "batch") == 0);
+	entry->emit = (entry->retain_last || entry->batch ||
 				   strcmp(trigger->tgargs[1], "t") == 0 ||
 				   strcmp(trigger->tgargs[1], "true") == 0);
 	if (!entry->emit && strcmp(trigger->tgargs[1], "f") != 0 &&
@@ -508,7 +516,7 @@ get_capture_rel(Relation rel, Trigger *trigger)
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("trigger \"%s\" on table \"%s\" has an invalid publish setting \"%s\"",
 						trigger->tgname, RelationGetRelationName(rel), trigger->tgargs[1]),
-				 errdetail("The second argument is \"true\", \"false\" or \"retain_last\"."),
+				 errdetail("The second argument is \"true\", \"false\", \"retain_last\" or \"batch\"."),
 				 errhint("Install the trigger with mqtt_emit.watch().")));
 
 	initStringInfo(&buf);
@@ -712,6 +720,17 @@ mqtt_emit_capture(PG_FUNCTION_ARGS)
 		flags |= ME_FLAG_LOCAL;
 	if (flags == 0)
 		return PointerGetDatum(NULL);
+
+	/*
+	 * Batched (watch(..., batch => true)): the event is published inside
+	 * the transaction's batched message of the model, built at commit
+	 * (pending.c); it must not reach the events' subscribers.
+	 */
+	if (cr->batch && (flags & ME_FLAG_PUBLISH))
+	{
+		me_check_batch_prefix();
+		flags |= ME_FLAG_BATCH;
+	}
 
 	/* no event under a name the table is not entitled to (file header) */
 	if (rel->rd_rel->relpersistence == RELPERSISTENCE_TEMP)

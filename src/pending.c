@@ -21,6 +21,21 @@
  * mqtt_emit.max_transaction_events events, which a superuser can set per
  * role, so that one role cannot fill the queue and the outbox for all.
  *
+ * Batched tables (watch(..., batch => true)).  Their events are captured
+ * like any other, marked ME_FLAG_BATCH.  At PRE_COMMIT, before anything
+ * is reserved, build_batches() takes the publishing away from each of
+ * them (the event stays for its local listeners, unless emit_local was
+ * off) and appends, after the transaction's other events, one message per
+ * model: an ad-hoc publish (ME_KIND_PUBLISH) to
+ * <batch_topic_prefix>/<model>/batch whose payload carries the model's
+ * events of the transaction, as a JSON array of the very payloads they
+ * would have been sent as, in capture order; split into parts of at most
+ * mqtt_emit.batch_max_bytes, each naming the transaction and its number.
+ * From there the parts are entries like any other: queue or outbox, the
+ * commit order, acknowledgements, dead letters.  Rows of a rolled-back
+ * savepoint are gone before; the parts do not count against
+ * mqtt_emit.max_transaction_events (their rows did).
+ *
  * Copyright (c) 2026, pg_mqtt_emit developers
  *
  * IDENTIFICATION
@@ -57,6 +72,7 @@
 
 #include "pg_mqtt_emit.h"
 #include "outbox.h"
+#include "topic.h"
 
 /*
  * Pending events of the current transaction, in TopTransactionContext:
@@ -80,12 +96,14 @@ static bool local_rows = false;		/* outbox rows for local listeners */
 static bool held_rows = false;		/* ... that wait for the worker (relay.c) */
 static bool listeners_changed = false;
 static int	capture_depth = 0;		/* depth of the events captured now */
+static bool batched = false;	/* some pending event has ME_FLAG_BATCH */
 
 
 static void capture_xact_callback(XactEvent event, void *arg);
 static void capture_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 									 SubTransactionId parentSubid, void *arg);
 static void reset_pending(void);
+static void keep_entry(char *entry, int level);
 
 /*
  * Install the transaction callbacks; from me_capture_init().
@@ -161,7 +179,18 @@ me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 	memcpy(entry, &hdr, sizeof(hdr));
 	memcpy(entry + sizeof(hdr), model, model_len);
 	memcpy(entry + sizeof(hdr) + model_len, payload, payload_len);
+	if (flags & ME_FLAG_BATCH)
+		batched = true;
+	keep_entry(entry, GetCurrentTransactionNestLevel());
+	return true;
+}
 
+/*
+ * Append a queue entry (in TopTransactionContext) to the pending list.
+ */
+static void
+keep_entry(char *entry, int level)
+{
 	if (npending >= maxpending)
 	{
 		int			newmax = maxpending == 0 ? 64 : maxpending * 2;
@@ -180,11 +209,10 @@ me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 		}
 		maxpending = newmax;
 	}
-	pending_level[npending] = GetCurrentTransactionNestLevel();
+	pending_level[npending] = level;
 	pending[npending] = entry;
 	npending++;
-	pending_bytes += total;
-	return true;
+	pending_bytes += ((MqttEmitEventHeader *) entry)->total_len;
 }
 
 /*
@@ -223,6 +251,209 @@ reset_pending(void)
 	spilled = false;
 	local_rows = false;
 	held_rows = false;
+	batched = false;
+}
+
+/*
+ * Append one part of a batched message: events first .. first + count - 1
+ * of evs (payloads of the model's events), part number part of parts.
+ */
+static void
+add_batch_part(StringInfo buf, StringInfo topic, const char *xact_id,
+			   const char *ts, char **evs, int first, int count, int total,
+			   int part, int parts)
+{
+	const MqttEmitEventHeader *h0 = (MqttEmitEventHeader *) evs[first];
+	const char *model = evs[first] + sizeof(MqttEmitEventHeader);
+	MqttEmitEventHeader hdr;
+	char	   *entry;
+	int			i;
+
+	resetStringInfo(buf);
+	appendStringInfoString(buf, "{\"model\":");
+	escape_json(buf, pnstrdup(model, h0->model_len));
+	appendStringInfo(buf, ",\"transactionId\":\"%s\",\"part\":%d,\"parts\":%d,\"count\":%d,\"total\":%d,\"timestamp\":\"%s\",\"origin\":",
+					 xact_id, part, parts, count, total, ts);
+	escape_json(buf, me_client_id());
+	appendStringInfoString(buf, ",\"events\":[");
+	for (i = first; i < first + count; i++)
+	{
+		const MqttEmitEventHeader *h = (MqttEmitEventHeader *) evs[i];
+
+		if (i > first)
+			appendStringInfoCharMacro(buf, ',');
+		appendBinaryStringInfo(buf, evs[i] + sizeof(MqttEmitEventHeader) + h->model_len,
+							   h->payload_len);
+	}
+	appendStringInfoString(buf, "]}");
+
+	memset(&hdr, 0, sizeof(hdr));
+	hdr.total_len = sizeof(hdr) + topic->len + buf->len;
+	hdr.kind = ME_KIND_PUBLISH;
+	hdr.flags = ME_FLAG_PUBLISH;
+	hdr.op = ME_OP_OTHER;
+	hdr.qos = 255;
+	hdr.relid = InvalidOid;
+	hdr.model_len = topic->len;
+	hdr.payload_len = buf->len;
+	entry = MemoryContextAlloc(TopTransactionContext, hdr.total_len);
+	memcpy(entry, &hdr, sizeof(hdr));
+	memcpy(entry + sizeof(hdr), topic->data, topic->len);
+	memcpy(entry + sizeof(hdr) + topic->len, buf->data, buf->len);
+	keep_entry(entry, 1);
+}
+
+/*
+ * Turn the publishing of the pending events of batched tables into their
+ * batched messages (file header).  At PRE_COMMIT, before any reservation:
+ * an error here still aborts the transaction cleanly.
+ */
+static void
+build_batches(void)
+{
+	char	  **old = pending;
+	int			nold = npending;
+	char	  **models;			/* the first event of each model */
+	int			nmodels = 0;
+	bool	   *done;
+	int			i,
+				m;
+	Size		limit;
+	Size		overhead;
+	char		xact_id[MQTT_EMIT_EVENT_ID_LEN + 1];
+	char		ts[32];
+	TimestampTz now = GetCurrentTimestamp();
+	StringInfoData buf;
+	StringInfoData topic;
+
+	/* a batched message must not reach the events' subscribers */
+	me_check_batch_prefix();
+
+	/* the new list: every event but the batched ones without local listeners */
+	pending = NULL;
+	pending_level = NULL;
+	npending = maxpending = 0;
+	pending_bytes = 0;
+	models = palloc(sizeof(char *) * nold);
+	for (i = 0; i < nold; i++)
+	{
+		MqttEmitEventHeader *h = (MqttEmitEventHeader *) old[i];
+
+		if (!(h->flags & ME_FLAG_BATCH))
+		{
+			keep_entry(old[i], 1);
+			continue;
+		}
+		for (m = 0; m < nmodels; m++)
+		{
+			MqttEmitEventHeader *mh = (MqttEmitEventHeader *) models[m];
+
+			if (mh->model_len == h->model_len &&
+				memcmp(models[m] + sizeof(MqttEmitEventHeader),
+					   old[i] + sizeof(MqttEmitEventHeader), h->model_len) == 0)
+				break;
+		}
+		if (m == nmodels)
+			models[nmodels++] = old[i];
+		/* kept for its local listeners; published only in the batch */
+		if (h->flags & ME_FLAG_LOCAL)
+			keep_entry(old[i], 1);
+	}
+
+	/*
+	 * One message per model, in the order the models first appear, split
+	 * where a part would exceed the limit (but never below one event).  The
+	 * envelope takes at most overhead bytes besides the events.
+	 */
+	me_make_event_id(xact_id, now);
+	me_format_timestamp(ts, now);
+	limit = Min(mqtt_emit_batch_max_bytes, mqtt_emit_max_payload);
+	initStringInfo(&buf);
+	initStringInfo(&topic);
+	done = palloc0(sizeof(bool) * nold);
+	for (m = 0; m < nmodels; m++)
+	{
+		MqttEmitEventHeader *mh = (MqttEmitEventHeader *) models[m];
+		const char *model = models[m] + sizeof(MqttEmitEventHeader);
+		char	  **mine = palloc(sizeof(char *) * nold);
+		int			nmine = 0;
+		int			parts = 0;
+		int			part;
+		int			first;
+		int			j;
+
+		for (i = 0; i < nold; i++)
+		{
+			MqttEmitEventHeader *h = (MqttEmitEventHeader *) old[i];
+
+			if ((h->flags & ME_FLAG_BATCH) && !done[i] &&
+				h->model_len == mh->model_len &&
+				memcmp(old[i] + sizeof(MqttEmitEventHeader), model, mh->model_len) == 0)
+			{
+				mine[nmine++] = old[i];
+				done[i] = true;
+			}
+		}
+		/*
+		 * The envelope's keys, numbers, id and timestamp take under 256
+		 * bytes, a signature (mqtt_emit.signing_key) 80; every escaped byte
+		 * of the model and the origin at most 6.
+		 */
+		overhead = 384 + 6 * (Size) mh->model_len + 6 * strlen(me_client_id());
+		me_build_batch_topic(&topic, model, mh->model_len);
+
+		/* count the parts first: each part names how many there are */
+		for (j = 0; j < nmine;)
+		{
+			Size		size = overhead;
+			int			k = j;
+
+			do
+			{
+				size += ((MqttEmitEventHeader *) mine[k])->payload_len + 1;
+				k++;
+			} while (k < nmine &&
+					 size + ((MqttEmitEventHeader *) mine[k])->payload_len + 1 <= limit);
+			parts++;
+			j = k;
+		}
+		for (j = 0, part = 1; j < nmine; part++)
+		{
+			Size		size = overhead;
+			int			k = j;
+
+			first = j;
+			do
+			{
+				size += ((MqttEmitEventHeader *) mine[k])->payload_len + 1;
+				k++;
+			} while (k < nmine &&
+					 size + ((MqttEmitEventHeader *) mine[k])->payload_len + 1 <= limit);
+			add_batch_part(&buf, &topic, xact_id, ts, mine, first, k - first,
+						   nmine, part, parts);
+			j = k;
+		}
+		pfree(mine);
+	}
+	pfree(buf.data);
+	pfree(topic.data);
+	pfree(done);
+
+	/* the batched events are in the parts now; locally they stay events */
+	for (i = 0; i < nold; i++)
+	{
+		MqttEmitEventHeader *h = (MqttEmitEventHeader *) old[i];
+
+		if (!(h->flags & ME_FLAG_BATCH))
+			continue;
+		if (h->flags & ME_FLAG_LOCAL)
+			h->flags &= ~(ME_FLAG_PUBLISH | ME_FLAG_BATCH);
+		else
+			pfree(old[i]);
+	}
+	pfree(old);
+	pfree(models);
+	batched = false;
 }
 
 /*
@@ -346,6 +577,10 @@ capture_xact_callback(XactEvent event, void *arg)
 				break;
 			/* the slot (shmem.c): a view may have left this process unbound */
 			(void) me_shmem_bind(true);
+			if (batched)
+				build_batches();
+			if (npending == 0)
+				break;
 			if (mqtt_emit_delivery == ME_DELIVERY_DURABLE)
 				write_outbox();
 			else if (me_queue_reserve(pending_bytes, false, &reservation))

@@ -42,6 +42,8 @@ PGDLLEXPORT void _PG_init(void);
 
 char	   *mqtt_emit_broker_url = NULL;
 char	   *mqtt_emit_topic_prefix = NULL;
+char	   *mqtt_emit_batch_topic_prefix = NULL;
+int			mqtt_emit_batch_max_bytes = 256 * 1024;	/* bytes */
 char	   *mqtt_emit_client_id = NULL;
 char	   *mqtt_emit_username = NULL;
 char	   *mqtt_emit_password = NULL;
@@ -148,6 +150,20 @@ _PG_init(void)
 							   "prisma/events",
 							   PGC_SIGHUP, 0,
 							   check_topic_prefix, NULL, NULL);
+	DefineCustomStringVariable("mqtt_emit.batch_topic_prefix",
+							   "Sets the first part of the topics of batched messages.",
+							   "Tables watched with batch => true publish one message per transaction to <prefix>/<model>/batch; the prefix must not be or lie under \"mqtt_emit.topic_prefix\", nor contain it.",
+							   &mqtt_emit_batch_topic_prefix,
+							   "prisma/batches",
+							   PGC_SIGHUP, 0,
+							   check_topic_prefix, NULL, NULL);
+	DefineCustomIntVariable("mqtt_emit.batch_max_bytes",
+							"Sets the largest payload of one part of a batched message.",
+							"A transaction's events of a batched table that do not fit are sent in further parts; a part holds at least one event.",
+							&mqtt_emit_batch_max_bytes,
+							256 * 1024, 1024, 256 * 1024 * 1024,
+							PGC_SIGHUP, GUC_UNIT_BYTE,
+							NULL, NULL, NULL);
 	DefineCustomStringVariable("mqtt_emit.client_id",
 							   "Sets the MQTT client id of the publisher; the subscriber adds \"-subscriber\".",
 							   "Empty means one derived from the cluster's system identifier.",

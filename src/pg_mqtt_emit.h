@@ -120,6 +120,10 @@ typedef struct MqttEmitMarker
 								 * the payload (pubprops.c) */
 #define ME_FLAG_HELD		32	/* outbox row whose local listeners wait for the
 								 * relay to reach its place in the queue */
+#define ME_FLAG_BATCH		64	/* pending only: a row event of a table watched
+								 * with batch => true, published inside the
+								 * transaction's batched message (pending.c),
+								 * never in the queue or the outbox */
 
 /*
  * The outbox keeps an event's depth in the high byte of its flags column
@@ -220,6 +224,8 @@ typedef struct MeSubStatus
 /* GUC variables (pg_mqtt_emit.c) */
 extern char *mqtt_emit_broker_url;
 extern char *mqtt_emit_topic_prefix;
+extern char *mqtt_emit_batch_topic_prefix;
+extern int	mqtt_emit_batch_max_bytes;
 extern char *mqtt_emit_client_id;
 extern char *mqtt_emit_username;
 extern char *mqtt_emit_password;

@@ -49,6 +49,15 @@
  * escapes.  A received topic of that form is not an event: the subscriber
  * side ignores it (me_topic_is_state).
  *
+ * Batched messages (watch(..., batch => true), pending.c) go to
+ * <batch_topic_prefix>/<model>/batch, the model encoded as for events.
+ * No subscriber of the events may receive them: the batch prefix must not
+ * be the topic prefix, lie under it (<prefix>/# would match) or hold it
+ * (the batches' <batch prefix>/# would match events), compared level by
+ * level without regard to case, as the Node library's lower-cased topics
+ * and the receiving side's prefix compare (me_batch_prefix_problem).
+ * watch() and every captured change of a batched table check it.
+ *
  * Whatever becomes part of a topic (model names, the topic prefix, the
  * topics of mqtt_emit.publish(), share group names) must follow MQTT's rules for UTF-8 strings
  * ([MQTT-1.5.3]): valid UTF-8 without U+0000, surrogates, control
@@ -77,6 +86,7 @@
 PG_FUNCTION_INFO_V1(mqtt_emit_topic_filter);
 PG_FUNCTION_INFO_V1(mqtt_emit_check_name);
 PG_FUNCTION_INFO_V1(mqtt_emit_check_share_group);
+PG_FUNCTION_INFO_V1(mqtt_emit_check_batch_prefix);
 
 /*
  * May code point c appear in an MQTT topic?  MQTT forbids U+0000 and the
@@ -321,6 +331,82 @@ me_build_dead_letter_topic(StringInfo buf, const MqttEmitEventHeader *hdr,
 	}
 	else
 		me_build_topic(buf, hdr, model, mqtt_emit_topic_style == ME_TOPIC_ALL);
+}
+
+/*
+ * Does one prefix equal the other, or lie under it (a/b under a)?  Case
+ * is ignored.
+ */
+static bool
+prefix_covers(const char *outer, const char *inner)
+{
+	size_t		len = strlen(outer);
+
+	return pg_strncasecmp(outer, inner, len) == 0 &&
+		(inner[len] == '\0' || inner[len] == '/');
+}
+
+/*
+ * Why the batch topic prefix may not be used with the topic prefix in
+ * effect (a sentence for errdetail), or NULL when it may.
+ */
+const char *
+me_batch_prefix_problem(void)
+{
+	const char *p = mqtt_emit_topic_prefix;
+	const char *b = mqtt_emit_batch_topic_prefix;
+
+	if (p == NULL || b == NULL)
+		return NULL;
+	if (pg_strcasecmp(p, b) == 0)
+		return "Both prefixes are the same: subscribers of the events would receive the batched messages.";
+	if (prefix_covers(p, b))
+		return "The batch topic prefix lies under the topic prefix: a subscriber of <topic prefix>/# would receive the batched messages.";
+	if (prefix_covers(b, p))
+		return "The topic prefix lies under the batch topic prefix: a subscriber of <batch topic prefix>/# would receive the events.";
+	return NULL;
+}
+
+/*
+ * Raise an error (22023) when batched messages would reach subscribers of
+ * the events.
+ */
+void
+me_check_batch_prefix(void)
+{
+	const char *problem = me_batch_prefix_problem();
+
+	if (problem)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("\"mqtt_emit.batch_topic_prefix\" \"%s\" collides with \"mqtt_emit.topic_prefix\" \"%s\"",
+						mqtt_emit_batch_topic_prefix, mqtt_emit_topic_prefix),
+				 errdetail("%s", problem),
+				 errhint("Set \"mqtt_emit.batch_topic_prefix\" to a prefix outside \"mqtt_emit.topic_prefix\", such as its default \"prisma/batches\".")));
+}
+
+/*
+ * mqtt_emit._check_batch_prefix(), for watch(..., batch => true).
+ */
+Datum
+mqtt_emit_check_batch_prefix(PG_FUNCTION_ARGS)
+{
+	me_check_batch_prefix();
+	PG_RETURN_VOID();
+}
+
+/*
+ * The topic of a batched message of a model:
+ * <batch_topic_prefix>/<model>/batch.
+ */
+void
+me_build_batch_topic(StringInfo buf, const char *model, int len)
+{
+	resetStringInfo(buf);
+	appendStringInfoString(buf, mqtt_emit_batch_topic_prefix);
+	appendStringInfoChar(buf, '/');
+	me_append_topic_model(buf, model, len, false);
+	appendBinaryStringInfo(buf, "/batch", 6);
 }
 
 /*

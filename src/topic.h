@@ -40,6 +40,9 @@ extern void me_build_topic(StringInfo buf, const MqttEmitEventHeader *hdr,
 						   const char *model, bool all_style);
 extern void me_build_dead_letter_topic(StringInfo buf, const MqttEmitEventHeader *hdr,
 									   const char *model);
+extern const char *me_batch_prefix_problem(void);
+extern void me_check_batch_prefix(void);
+extern void me_build_batch_topic(StringInfo buf, const char *model, int len);
 extern void me_topic_filter(StringInfo buf, const char *model, bool lower);
 extern bool me_topic_split(const char *topic, int topic_len,
 						   const char **model, int *model_len);

@@ -107,7 +107,9 @@ wait_idle() {
 start_sub() {
 	local name="$1" filter="$2" count="$3"
 	rm -f "$WORK/sub.$name.ready" "$WORK/sub.$name.out"
-	"$BENCH_BIN/sub_count" -u "$BROKER_URL" -t "$filter" -n "$count" -q 1 \
+	# SUB_FLAGS: more sub_count options (-b: count the rows of batched messages)
+	# shellcheck disable=SC2086
+	"$BENCH_BIN/sub_count" -u "$BROKER_URL" -t "$filter" -n "$count" -q 1 ${SUB_FLAGS:-} \
 		-r "$WORK/sub.$name.ready" -T "${SUB_TIMEOUT:-300}" \
 		>"$WORK/sub.$name.out" 2>"$WORK/sub.$name.err" &
 	SUB_PID=$!

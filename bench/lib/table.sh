@@ -17,7 +17,14 @@
 #    (throughput.sh's tput_ext), on a cluster with the default
 #    mqtt_emit.queue_size (8 MB: every event spills to the outbox) and on
 #    one with 256 MB (nothing spills); medians of BENCH_TABLE_PUBLISH_RUNS
-#    (2); the worker's CPU per event over the same runs.
+#    (2); the worker's CPU per event over the same runs.  Then the same
+#    100k rows with the table watched with batch => true (one message per
+#    transaction, in parts of mqtt_emit.batch_max_bytes, default 256 kB):
+#    COMMIT returned -> the subscriber of <batch prefix>/tput/# has
+#    messages carrying all 100,000 rows (sub_count -b), as rows/s and
+#    messages/s, medians of the same number of runs; and once more with
+#    SET LOCAL mqtt_emit.emit_local = off (no copy of each event kept for
+#    local listeners beside the batch: see README, "Batched messages").
 # 3. Instructions per INSERT (callgrind): a backend in single-user mode
 #    (postgres --single, the library preloaded, no worker) runs W and then
 #    W + N single-row INSERTs, each its own transaction, into an unwatched
@@ -103,6 +110,7 @@ table_publish() {
 	start_cluster "$name" \
 		"fsync = on" \
 		"mqtt_emit.queue_size = '$queue'" \
+		"mqtt_emit.batch_topic_prefix = '$TOPIC_PREFIX-batch'" \
 		"max_wal_size = '8GB'" \
 		"checkpoint_timeout = '30min'"
 	q "$name" <<-'SQL' >/dev/null
@@ -122,7 +130,52 @@ table_publish() {
 		note "publish 100k, queue $queue, run $r: $e msgs/s, worker $((w1 - w0)) ticks"
 		printf '%s\t%s\t%s\n' "$name" "$e" "$((w1 - w0))" >>"$RESULTS/table_publish.tsv"
 	done
+	table_publish_batch "$name" "$runs"
 	stop_cluster "$name"
+}
+
+# table_publish_batch NAME RUNS: 100k rows in one transaction of a table
+# watched with batch => true, on cluster NAME; appends "NAME rows_per_s
+# msgs_per_s messages" lines to table_publish_batch.tsv
+table_publish_batch() {
+	local name="$1" runs="$2" r out t_commit last count msgs n=100000 mode set tag
+	q "$name" <<-'SQL' >/dev/null
+		SELECT mqtt_emit.watch('tput_t', model => 'tput', batch => true);
+	SQL
+	for mode in local nolocal; do
+	set="" tag="$name"
+	if [[ "$mode" == nolocal ]]; then
+		set="SET LOCAL mqtt_emit.emit_local = off;" tag="${name}nl"
+	fi
+	for ((r = 0; r <= runs; r++)); do
+		SUB_FLAGS=-b start_sub tputb "$TOPIC_PREFIX-batch/tput/#" "$n"
+		out="$(q "$name" <<-SQL
+			BEGIN;
+			$set
+			INSERT INTO tput_t SELECT g FROM generate_series($((TPUT_OFFSET + 1)), $((TPUT_OFFSET + n))) g;
+			COMMIT;
+			SELECT extract(epoch FROM clock_timestamp());
+		SQL
+		)"
+		TPUT_OFFSET=$((TPUT_OFFSET + n))
+		t_commit="$(tail -n1 <<<"$out")"
+		wait "$SUB_PID" || true
+		count="$(kv "$WORK/sub.tputb.out" count)"
+		last="$(kv "$WORK/sub.tputb.out" last_ns)"
+		msgs="$(kv "$WORK/sub.tputb.out" messages)"
+		wait_idle "$name" 300
+		# run 0 warms up
+		((r == 0)) && continue
+		if [[ "$count" != "$n" ]]; then
+			note "batched publish 100k, $tag, run $r: only $count rows arrived"
+			printf '%s\tNA\tNA\t%s\n' "$tag" "$msgs" >>"$RESULTS/table_publish_batch.tsv"
+			continue
+		fi
+		note "batched publish 100k, $tag, run $r: $(fmt 0 "$(calc "$n / ($last / 1e9 - $t_commit)")") rows/s in $msgs messages"
+		printf '%s\t%s\t%s\t%s\n' "$tag" "$(fmt 0 "$(calc "$n / ($last / 1e9 - $t_commit)")")" \
+			"$(fmt 0 "$(calc "$msgs / ($last / 1e9 - $t_commit)")")" "$msgs" >>"$RESULTS/table_publish_batch.tsv"
+	done
+	done
 }
 
 # cg_total FILE: instructions collected; cg_fn FILE FUNCTION: inclusive
@@ -228,6 +281,7 @@ bench_table() {
 
 	table_trigger "$rounds" "$dur"
 	: >"$RESULTS/table_publish.tsv"
+	: >"$RESULTS/table_publish_batch.tsv"
 	table_publish p8 8MB "$runs"
 	table_publish p256 256MB "$runs"
 	table_callgrind
@@ -253,6 +307,16 @@ table_report() {
 	p256="$(awk -F'\t' '$1 == "p256" { print $2 }' "$RESULTS/table_publish.tsv" | median)"
 	wcpu8="$(awk -F'\t' -v t="$TICK_US" '$1 == "p8" { k += $3; n++ } END { if (n) printf "%.1f", k * t / (n * 100000); else print "NA" }' "$RESULTS/table_publish.tsv")"
 	wcpu256="$(awk -F'\t' -v t="$TICK_US" '$1 == "p256" { k += $3; n++ } END { if (n) printf "%.1f", k * t / (n * 100000); else print "NA" }' "$RESULTS/table_publish.tsv")"
+	local b8 b256 bm8 bm256 bn8 bn256
+	b8="$(awk -F'\t' '$1 == "p8" { print $2 }' "$RESULTS/table_publish_batch.tsv" | median)"
+	b256="$(awk -F'\t' '$1 == "p256" { print $2 }' "$RESULTS/table_publish_batch.tsv" | median)"
+	bm8="$(awk -F'\t' '$1 == "p8" { print $3 }' "$RESULTS/table_publish_batch.tsv" | median)"
+	bm256="$(awk -F'\t' '$1 == "p256" { print $3 }' "$RESULTS/table_publish_batch.tsv" | median)"
+	bn8="$(awk -F'\t' '$1 == "p8" { print $4 }' "$RESULTS/table_publish_batch.tsv" | median)"
+	bn256="$(awk -F'\t' '$1 == "p256" { print $4 }' "$RESULTS/table_publish_batch.tsv" | median)"
+	local bl8 bl256
+	bl8="$(awk -F'\t' '$1 == "p8nl" { print $2 }' "$RESULTS/table_publish_batch.tsv" | median)"
+	bl256="$(awk -F'\t' '$1 == "p256nl" { print $2 }' "$RESULTS/table_publish_batch.tsv" | median)"
 
 	fig table_ratio_watched_unwatched_on "$on_wu"
 	fig table_ratio_watched_unwatched_off "$off_wu"
@@ -265,6 +329,10 @@ table_report() {
 	fig table_publish_100k_queue8mb_msgs_per_s "$(fmt 0 "$p8")"
 	fig table_publish_100k_queue256mb_msgs_per_s "$(fmt 0 "$p256")"
 	fig table_worker_us_per_event_publish_100k "8 MB: $wcpu8, 256 MB: $wcpu256"
+	fig table_publish_batch_100k_queue8mb_rows_per_s "$(fmt 0 "$b8")"
+	fig table_publish_batch_100k_queue256mb_rows_per_s "$(fmt 0 "$b256")"
+	fig table_publish_batch_100k_emit_local_off_rows_per_s "8 MB: $(fmt 0 "$bl8"), 256 MB: $(fmt 0 "$bl256")"
+	fig table_publish_batch_100k_msgs_per_s "8 MB: $(fmt 0 "$bm8") ($bn8 messages), 256 MB: $(fmt 0 "$bm256") ($bn256 messages)"
 
 	tps() { printf '%s / %s / %s / %s tps' "$(tr_med "$1" unwatched 4)" "$(tr_med "$1" watched 4)" "$(tr_med "$1" notify 4)" "$(tr_med "$1" durable 4)"; }
 	{
@@ -277,6 +345,9 @@ table_report() {
 		printf '%-62s | %-40s | %s\n' "durable / unwatched, on" "$on_du" "(>= 0.6, DESIGN 9)"
 		printf '%-62s | %-40s | %s\n' "publish 100k rows in one transaction, 8 MB queue (msg/s)" "$(fmt 0 "$p8")" ">= 50,000"
 		printf '%-62s | %-40s | %s\n' "same, 256 MB queue (msg/s)" "$(fmt 0 "$p256")" ">= 50,000"
+		printf '%-62s | %-40s | %s\n' "same, batch => true, 8 MB / 256 MB queue (rows/s)" "$(fmt 0 "$b8") / $(fmt 0 "$b256")" "(opt-in)"
+		printf '%-62s | %-40s | %s\n' "  messages/s (messages), 8 MB / 256 MB" "$(fmt 0 "$bm8") ($bn8) / $(fmt 0 "$bm256") ($bn256)" ""
+		printf '%-62s | %-40s | %s\n' "  same with emit_local = off, 8 MB / 256 MB (rows/s)" "$(fmt 0 "$bl8") / $(fmt 0 "$bl256")" ""
 		printf '%-62s | %-40s | %s\n' "worker CPU per event, pgbench watched, off (us)" "$wcpu" "<= 10"
 		printf '%-62s | %-40s | %s\n' "worker CPU per event, publish 100k, 8 MB / 256 MB (us)" "$wcpu8 / $wcpu256" "<= 10"
 		printf '%-62s | %-40s | %s\n' "worker sleeps (voluntary switches) per event, watched, on / off" "$wake_on / $wake_off" ""

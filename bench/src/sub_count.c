@@ -3,13 +3,18 @@
  * bench/: it tells when the last of N expected messages arrived.
  *
  *   sub_count -u tcp://127.0.0.1:PORT -t FILTER -n EXPECTED [-q QOS]
- *             [-r READY_FILE] [-i CLIENT_ID] [-T TIMEOUT_S]
+ *             [-r READY_FILE] [-i CLIENT_ID] [-T TIMEOUT_S] [-b]
  *
  * Subscribes (clean session), creates READY_FILE once the broker has
  * acknowledged the subscription, then counts.  When EXPECTED messages have
  * arrived, or TIMEOUT_S passed, it prints name=value lines: count, bytes,
  * avg_payload, first_ns and last_ns (wall clock, CLOCK_REALTIME, at the
  * first and the EXPECTED-th message) and exits (0 if all arrived).
+ *
+ * -b: batched messages of pg_mqtt_emit (watch(..., batch => true)): each
+ * message counts as the events it carries, its "count" field, so that
+ * EXPECTED is the number of rows; messages=N tells how many messages
+ * carried them.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -25,6 +30,21 @@ static long count = 0;
 static long long bytes = 0;
 static int64_t first_ns = 0;
 static int64_t last_ns = 0;
+static int	batched = 0;
+static long messages = 0;
+
+/* the "count" field of a batched message's payload, or 1 */
+static long
+batch_count(const char *p, int len)
+{
+	static const char key[] = "\"count\":";
+	int			i;
+
+	for (i = 0; i + (int) sizeof(key) - 1 < len; i++)
+		if (memcmp(p + i, key, sizeof(key) - 1) == 0)
+			return atol(p + i + sizeof(key) - 1);
+	return 1;
+}
 
 static void
 on_subscribe(void *context, MQTTAsync_successData *r)
@@ -40,9 +60,10 @@ on_message(void *context, char *topic, int topicLen, MQTTAsync_message *m)
 	pthread_mutex_lock(&mu);
 	if (count == 0)
 		first_ns = t;
-	count++;
+	messages++;
+	count += batched ? batch_count(m->payload, m->payloadlen) : 1;
 	bytes += m->payloadlen;
-	if (count == expected)
+	if (count >= expected && last_ns == 0)
 	{
 		last_ns = t;
 		pthread_cond_broadcast(&cv);
@@ -72,7 +93,7 @@ main(int argc, char **argv)
 	struct timespec dl;
 	int			ok;
 
-	while ((opt = getopt(argc, argv, "u:t:n:q:r:i:T:")) != -1)
+	while ((opt = getopt(argc, argv, "u:t:n:q:r:i:T:b")) != -1)
 	{
 		switch (opt)
 		{
@@ -83,8 +104,9 @@ main(int argc, char **argv)
 			case 'r': ready = optarg; break;
 			case 'i': cid = optarg; break;
 			case 'T': timeout_s = atoi(optarg); break;
+			case 'b': batched = 1; break;
 			default:
-				fprintf(stderr, "usage: %s -u URL -t FILTER -n EXPECTED [-q QOS] [-r READY_FILE] [-i CLIENT_ID] [-T TIMEOUT_S]\n", argv[0]);
+				fprintf(stderr, "usage: %s -u URL -t FILTER -n EXPECTED [-q QOS] [-r READY_FILE] [-i CLIENT_ID] [-T TIMEOUT_S] [-b]\n", argv[0]);
 				return 2;
 		}
 	}
@@ -164,8 +186,8 @@ main(int argc, char **argv)
 		if (pthread_cond_timedwait(&cv, &mu, &dl) == ETIMEDOUT)
 			break;
 	ok = (count >= expected);
-	printf("count=%ld\nexpected=%ld\nbytes=%lld\navg_payload=%.1f\nfirst_ns=%lld\nlast_ns=%lld\n",
-		   count, expected, bytes, count ? (double) bytes / count : 0.0,
+	printf("count=%ld\nexpected=%ld\nmessages=%ld\nbytes=%lld\navg_payload=%.1f\nfirst_ns=%lld\nlast_ns=%lld\n",
+		   count, expected, messages, bytes, messages ? (double) bytes / messages : 0.0,
 		   (long long) first_ns, (long long) last_ns);
 	pthread_mutex_unlock(&mu);
 	fflush(stdout);

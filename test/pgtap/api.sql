@@ -5,7 +5,7 @@ SELECT plan(93);
 CREATE EXTENSION IF NOT EXISTS pg_mqtt_emit;
 
 SELECT has_schema('mqtt_emit');
-SELECT has_function('mqtt_emit', 'watch', ARRAY['regclass', 'boolean', 'text[]', 'text', 'text[]', 'text[]', 'boolean']);
+SELECT has_function('mqtt_emit', 'watch', ARRAY['regclass', 'boolean', 'text[]', 'text', 'text[]', 'text[]', 'boolean', 'boolean']);
 SELECT has_function('mqtt_emit', 'unwatch', ARRAY['regclass']);
 SELECT has_function('mqtt_emit', 'listen', ARRAY['text', 'regprocedure', 'boolean', 'boolean', 'jsonb', 'text[]', 'text']);
 SELECT has_function('mqtt_emit', 'unlisten', ARRAY['bigint']);
