@@ -22,8 +22,9 @@ bigtx_run() {
 	{
 		echo "\\timing on"
 		[[ "$variant" == durable ]] && echo "SET mqtt_emit.delivery = durable;"
-		echo "SELECT pg_backend_pid() AS pid \\gset"
-		echo "\\! echo :pid > $pidf"
+		echo "\\o $pidf"
+		echo "SELECT pg_backend_pid();"
+		echo "\\o"
 		echo "BEGIN;"
 		echo "INSERT INTO big_t (account, name, email, amount, status) SELECT g % 1000000, 'user ' || g, 'user' || g || '@example.com', g / 100.0, 'active' FROM generate_series(1, $n) g;"
 		echo "COMMIT;"
