@@ -35,6 +35,8 @@ typedef bool (*MeOutboxRowFn) (const MeOutboxRow *row, void *arg);
 /* committing backends and the worker */
 extern void me_outbox_reposition(const int64 *ids, int n, int clear_flags,
 								 int64 batch, bool marked);
+extern void me_outbox_reposition_range(int64 min_id, int64 max_id,
+									   int64 batch, int64 new_batch);
 extern void me_outbox_insert(char **entries, int n, uint8 flag_mask,
 							 int64 batch, bool marked, int64 first_order,
 							 int64 *ids);
