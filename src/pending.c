@@ -270,11 +270,12 @@ check_outbox_room(int n)
 }
 
 /*
- * Events of a transaction go through the outbox when they are written in
- * chunks before the commit (flush_chunk): their local listeners then wait
- * for the marker, as a spilled transaction's do (write_outbox), so that
- * they run in the commit order even though the rows' ids were taken
- * before the commit.  Turn ME_FLAG_LOCAL into ME_FLAG_HELD on entries[].
+ * The local listeners of events written in chunks before the commit
+ * (maybe_flush_chunk) must not run from those rows in the order of their
+ * ids, which were taken before the commit: the rows are written held, as
+ * a spilled transaction's are (write_outbox), and get their local rows at
+ * the marker (memory mode, relay.c) or at PRE_COMMIT (durable mode).
+ * Turn ME_FLAG_LOCAL into ME_FLAG_HELD on entries[].
  */
 static void
 hold_local(char **entries, int n)
@@ -418,11 +419,29 @@ write_outbox(void)
 		 * order (relay.c).  Durable events need not: every one of them runs
 		 * its local listeners from its row, in the order of the rows' ids,
 		 * which were taken at PRE_COMMIT, after whatever this transaction
-		 * waited for.  Except those of a transaction that wrote chunks
-		 * before (maybe_flush_chunk): their ids were taken earlier, and
-		 * they wait for the marker like spilled events.
+		 * waited for.
+		 *
+		 * A durable transaction that wrote chunks before (maybe_flush_chunk)
+		 * took those rows' ids earlier, maybe before it waited for another
+		 * transaction; they were written held.  Their local listeners get
+		 * rows of their own now, in the rows' order (as the worker gives
+		 * held rows when it reaches their marker), with ids taken here,
+		 * ahead of the rest, which is written as durable rows always are.
 		 */
-		if (mqtt_emit_delivery != ME_DELIVERY_DURABLE || nflushed > 0)
+		if (mqtt_emit_delivery == ME_DELIVERY_DURABLE && nflushed > 0)
+		{
+			MqttEmitMarker mk;
+
+			mk.batch = marker.batch;
+			mk.min_id = chunks[0].first_id;
+			mk.max_id = chunks[nchunks - 1].last_id;
+			/* SPI in a commit callback: no snapshot is active */
+			PushActiveSnapshot(GetTransactionSnapshot());
+			(void) me_outbox_release_batch(&mk);
+			PopActiveSnapshot();
+			held_rows = false;
+		}
+		if (mqtt_emit_delivery != ME_DELIVERY_DURABLE)
 			hold_local(pending, npending);
 		local_rows = false;
 		if (npending > 0)
