@@ -513,7 +513,12 @@ me_outbox_recount(void)
  * rescan the numbering subquery for every row, which for a big
  * transaction's 120,000 rows kept the worker busy for more than 20
  * minutes (test 078).  A hash or merge join costs n log n whatever the
- * estimates.  Returns the GUC nest level for AtEOXact_GUC.
+ * estimates.  (What was seen, once, in test 078: the worker busy, not
+ * waiting, for more than 20 minutes in the transaction that places such a
+ * batch; the plan itself was not captured, and an EXPLAIN of the same
+ * statistics by hand chose a harmless nested loop, so this is a guard
+ * against the likely cause rather than a proven fix.)  Returns the GUC
+ * nest level for AtEOXact_GUC.
  */
 static int
 no_nestloop(void)
