@@ -62,9 +62,9 @@ fi
 sections=()
 for arg in "$@"; do
 	case "$arg" in
-		trigger | throughput | latency | memory | subscribe | profile | table) sections+=("$arg") ;;
+		trigger | throughput | latency | memory | subscribe | profile | table | bigtx) sections+=("$arg") ;;
 		-h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; exit 0 ;;
-		*) echo "unknown section \"$arg\" (trigger, throughput, latency, memory, subscribe, profile, table)" >&2; exit 2 ;;
+		*) echo "unknown section \"$arg\" (trigger, throughput, latency, memory, subscribe, profile, table, bigtx)" >&2; exit 2 ;;
 	esac
 done
 if ((${#sections[@]} == 0)); then
@@ -176,6 +176,7 @@ inner_env=(
 	BENCH_TABLE_ROUNDS="${BENCH_TABLE_ROUNDS:-}"
 	BENCH_TABLE_SECONDS="${BENCH_TABLE_SECONDS:-}"
 	BENCH_TABLE_PUBLISH_RUNS="${BENCH_TABLE_PUBLISH_RUNS:-}"
+	BENCH_BIGTX_SIZES="${BENCH_BIGTX_SIZES:-}"
 )
 if [[ "$(id -u)" -eq 0 ]]; then
 	chown -R "$PG_USER:" "$WORK"

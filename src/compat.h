@@ -70,4 +70,16 @@
 #endif
 #define me_total_procs()		(MaxBackends + NUM_AUXILIARY_PROCS + max_prepared_xacts)
 
+/*
+ * PostgreSQL 16 added ExecInsertIndexTuples()'s onlySummarizing; false
+ * inserts into every index, as 15 does.
+ */
+#if PG_VERSION_NUM >= 160000
+#define me_exec_insert_index_tuples(rri, slot, estate) \
+	ExecInsertIndexTuples((rri), (slot), (estate), false, false, NULL, NIL, false)
+#else
+#define me_exec_insert_index_tuples(rri, slot, estate) \
+	ExecInsertIndexTuples((rri), (slot), (estate), false, false, NULL, NIL)
+#endif
+
 #endif							/* PG_MQTT_EMIT_COMPAT_H */

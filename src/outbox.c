@@ -45,17 +45,28 @@
  */
 #include "postgres.h"
 
+#include "access/heapam.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_authid.h"
 #include "catalog/pg_type.h"
+#include "commands/sequence.h"
+#include "executor/executor.h"
 #include "executor/spi.h"
+#include "nodes/makefuncs.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "pg_mqtt_emit.h"
+#include "compat.h"
 #include "outbox.h"
 #include "listeners.h"
 #include "pubprops.h"
@@ -95,8 +106,6 @@
 /* the columns row_from_tuple() reads, in its order */
 #define ROW_COLUMNS		"id, kind, flags, op, qos, model, payload, created_at, relid, seq"
 
-static SPIPlanPtr insert_plan = NULL;	/* n rows, from arrays */
-static SPIPlanPtr insert_plan1 = NULL;	/* one row (most transactions) */
 static SPIPlanPtr clear_plan = NULL;
 static SPIPlanPtr delete_plan = NULL;
 static SPIPlanPtr lock_plan = NULL;
@@ -118,152 +127,210 @@ static TimestampTz done_since = 0;	/* when done_rows became non-empty */
 static StringInfoData topicbuf;
 
 /*
- * Insert n queue entries into mqtt_emit.outbox in one statement, in the
- * current transaction, with their flags ANDed with flag_mask.  The insert
- * runs as the bootstrap superuser: the outbox is not writable by ordinary
- * roles, whose events it nevertheless must hold.  Used by committing
- * backends (at PRE_COMMIT, where an error still aborts cleanly) and by the
- * worker when it moves the queue into the outbox.  The new rows' ids go to
- * ids[], in the entries' order.
+ * The columns of mqtt_emit.outbox that me_outbox_insert() fills, found by
+ * name in the relation's descriptor (an upgraded installation may have
+ * them in another order; dropped columns are NULL).
+ */
+typedef enum OutboxColumn
+{
+	OC_ID,
+	OC_KIND,
+	OC_FLAGS,
+	OC_OP,
+	OC_QOS,
+	OC_MODEL,
+	OC_PAYLOAD,
+	OC_BATCH,
+	OC_MARKED,
+	OC_SEQ,
+	OC_RELID,
+	OC_CREATED_AT,
+	OC_NUM
+} OutboxColumn;
+
+static const char *const outbox_column_names[OC_NUM] = {
+	"id", "kind", "flags", "op", "qos", "model", "payload", "batch", "marked",
+	"seq", "relid", "created_at"
+};
+
+/*
+ * At most this many rows, or about this many bytes, go to the table in one
+ * multi-insert (COPY FROM's limits, copyfrom.c).
+ */
+#define OUTBOX_BATCH_ROWS	1000
+#define OUTBOX_BATCH_BYTES	65535
+
+/*
+ * Insert n queue entries into mqtt_emit.outbox, in the current
+ * (sub)transaction, with their flags ANDed with flag_mask.  Used by
+ * committing backends (at PRE_COMMIT, where an error still aborts cleanly,
+ * and for big transactions while they run, pending.c) and by the worker
+ * when it moves the queue into the outbox.  The new rows' ids go to ids[],
+ * in the entries' order, and ascend in it.
+ *
+ * The rows are written without SPI, the way COPY FROM writes them: the
+ * relation and its indexes are opened here, the tuples go to the table in
+ * batches (table_multi_insert) and their index entries after each batch
+ * (ExecInsertIndexTuples, which checks the primary key and evaluates the
+ * partial indexes' predicates).  The row contents are exactly those of the
+ * INSERT this replaced: id from the column's sequence, created_at
+ * clock_timestamp(), seq first_order + i (NULL when first_order is 0).
+ * Planning and executing an INSERT per call cost most of a durable
+ * transaction's instructions, and the INSERT from arrays of a big
+ * transaction kept several copies of its events in memory.  No privilege
+ * is checked: the outbox is the extension's own table, which ordinary
+ * roles cannot write but whose events it must hold; it has no triggers,
+ * rules or row security.
  */
 void
 me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 				 bool marked, int64 first_order, int64 *ids)
 {
-	Datum	   *kinds = palloc(sizeof(Datum) * n);
-	Datum	   *flags = palloc(sizeof(Datum) * n);
-	Datum	   *ops = palloc(sizeof(Datum) * n);
-	Datum	   *qoss = palloc(sizeof(Datum) * n);
-	Datum	   *models = palloc(sizeof(Datum) * n);
-	Datum	   *payloads = palloc(sizeof(Datum) * n);
-	Datum	   *relids = palloc(sizeof(Datum) * n);
-	Datum		values[10];
-	Oid			save_userid;
-	int			save_sec;
+	Oid			nsp;
+	Oid			relid;
+	Oid			seqid;
+	Relation	rel;
+	TupleDesc	td;
+	int			colno[OC_NUM];
+	EState	   *estate;
+	ResultRelInfo *rri;
+	TupleTableSlot **slots;
+	int			nslots;
+	BulkInsertState bistate = NULL;
+	CommandId	cid = GetCurrentCommandId(true);
+	MemoryContext batch_cxt;
+	MemoryContext old;
 	int			i;
-	int			ret;
-	bool		isnull;
+	int			a;
 
-	for (i = 0; i < n; i++)
-	{
-		MqttEmitEventHeader *hdr = (MqttEmitEventHeader *) entries[i];
-		char	   *model = entries[i] + sizeof(MqttEmitEventHeader);
-
-		kinds[i] = Int16GetDatum(hdr->kind);
-		flags[i] = Int16GetDatum((int16) ((hdr->flags & flag_mask) |
-										  (Min(hdr->depth, ME_MAX_DEPTH) << ME_DEPTH_SHIFT)));
-		ops[i] = Int16GetDatum(hdr->op);
-		qoss[i] = Int16GetDatum(hdr->qos);
-		models[i] = PointerGetDatum(cstring_to_text_with_len(model, hdr->model_len));
-		payloads[i] = PointerGetDatum(cstring_to_text_with_len(model + hdr->model_len,
-															   hdr->payload_len));
-		relids[i] = ObjectIdGetDatum(hdr->relid);
-	}
-	values[6] = Int64GetDatum(batch);
-	values[7] = BoolGetDatum(marked);
-	values[8] = Int64GetDatum(first_order);
-
-	GetUserIdAndSecContext(&save_userid, &save_sec);
-	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID,
-						   save_sec | SECURITY_LOCAL_USERID_CHANGE);
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	if (n == 1)
-	{
-		/* a plain one-row INSERT costs far less than unnesting arrays */
-		Datum		row[10];
-
-		if (insert_plan1 == NULL)
-		{
-			Oid			types[10] = {INT2OID, INT2OID, INT2OID, INT2OID, TEXTOID,
-				TEXTOID, INT8OID, BOOLOID, INT8OID, OIDOID};
-			SPIPlanPtr	plan;
-
-			plan = SPI_prepare("INSERT INTO mqtt_emit.outbox"
-							   " (kind, flags, op, qos, model, payload, batch, marked, seq, relid)"
-							   " VALUES ($1, $2, $3, $4, $5, $6, $7, $8,"
-							   "  CASE WHEN $9 OPERATOR(pg_catalog.=) 0 THEN NULL ELSE $9 END, $10)"
-							   " RETURNING id",
-							   10, types);
-			if (plan == NULL)
-				elog(ERROR, "SPI_prepare failed for the outbox insert: %s",
-					 SPI_result_code_string(SPI_result));
-			SPI_keepplan(plan);
-			insert_plan1 = plan;
-		}
-		row[0] = kinds[0];
-		row[1] = flags[0];
-		row[2] = ops[0];
-		row[3] = qoss[0];
-		row[4] = models[0];
-		row[5] = payloads[0];
-		row[6] = values[6];
-		row[7] = values[7];
-		row[8] = values[8];
-		row[9] = relids[0];
-		ret = SPI_execute_plan(insert_plan1, row, NULL, false, 0);
-		if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
-			elog(ERROR, "cannot write to mqtt_emit.outbox: %s", SPI_result_code_string(ret));
-		ids[0] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-		PopActiveSnapshot();
-		SPI_finish();
-		SetUserIdAndSecContext(save_userid, save_sec);
+	if (n <= 0)
 		return;
-	}
-	values[0] = PointerGetDatum(construct_array(kinds, n, INT2OID, 2, true, TYPALIGN_SHORT));
-	values[1] = PointerGetDatum(construct_array(flags, n, INT2OID, 2, true, TYPALIGN_SHORT));
-	values[2] = PointerGetDatum(construct_array(ops, n, INT2OID, 2, true, TYPALIGN_SHORT));
-	values[3] = PointerGetDatum(construct_array(qoss, n, INT2OID, 2, true, TYPALIGN_SHORT));
-	values[4] = PointerGetDatum(construct_array(models, n, TEXTOID, -1, false, TYPALIGN_INT));
-	values[5] = PointerGetDatum(construct_array(payloads, n, TEXTOID, -1, false, TYPALIGN_INT));
-	values[9] = PointerGetDatum(construct_array(relids, n, OIDOID, sizeof(Oid), true, TYPALIGN_INT));
-	if (insert_plan == NULL)
+	nsp = get_namespace_oid("mqtt_emit", false);
+	relid = get_relname_relid("outbox", nsp);
+	seqid = get_relname_relid("outbox_id_seq", nsp);
+	if (!OidIsValid(relid) || !OidIsValid(seqid))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("relation \"mqtt_emit.outbox\" does not exist"),
+				 errhint("Install the extension with CREATE EXTENSION pg_mqtt_emit.")));
+	rel = table_open(relid, RowExclusiveLock);
+	if (rel->rd_rel->relkind != RELKIND_RELATION)
+		elog(ERROR, "\"mqtt_emit.outbox\" is not a table");
+	td = RelationGetDescr(rel);
+	for (i = 0; i < OC_NUM; i++)
+		colno[i] = -1;
+	for (a = 0; a < td->natts; a++)
 	{
-		Oid			types[10] = {INT2ARRAYOID, INT2ARRAYOID, INT2ARRAYOID,
-			INT2ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8OID, BOOLOID, INT8OID,
-		OIDARRAYOID};
-		SPIPlanPtr	plan;
+		Form_pg_attribute att = TupleDescAttr(td, a);
 
-		plan = SPI_prepare("WITH ins AS ("
-						   " INSERT INTO mqtt_emit.outbox"
-						   "  (kind, flags, op, qos, model, payload, batch, marked, seq, relid)"
-						   " SELECT r.k, r.f, r.o, r.q, r.m, r.p, $7, $8,"
-						   "  CASE WHEN $9 OPERATOR(pg_catalog.=) 0 THEN NULL"
-						   "   ELSE $9 OPERATOR(pg_catalog.+) r.n OPERATOR(pg_catalog.-) 1 END, r.r"
-						   " FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2),"
-						   "  pg_catalog.unnest($3), pg_catalog.unnest($4),"
-						   "  pg_catalog.unnest($5), pg_catalog.unnest($6), pg_catalog.unnest($10))"
-						   "  WITH ORDINALITY AS r(k, f, o, q, m, p, r, n)"
-						   " ORDER BY r.n"
-						   " RETURNING id)"
-						   " SELECT pg_catalog.array_agg(id ORDER BY id) FROM ins",
-						   10, types);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed for the outbox insert: %s",
-				 SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		insert_plan = plan;
+		if (att->attisdropped)
+			continue;
+		for (i = 0; i < OC_NUM; i++)
+			if (strcmp(NameStr(att->attname), outbox_column_names[i]) == 0)
+				break;
+		if (i == OC_NUM)
+			elog(ERROR, "unexpected column \"%s\" in mqtt_emit.outbox",
+				 NameStr(att->attname));
+		colno[i] = a;
 	}
-	ret = SPI_execute_plan(insert_plan, values, NULL, false, 0);
-	if (ret != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "cannot write to mqtt_emit.outbox: %s", SPI_result_code_string(ret));
+	for (i = 0; i < OC_NUM; i++)
+		if (colno[i] < 0)
+			elog(ERROR, "column \"%s\" of mqtt_emit.outbox is missing",
+				 outbox_column_names[i]);
+
+	estate = CreateExecutorState();
+	rri = makeNode(ResultRelInfo);
+	InitResultRelInfo(rri, rel, 1, NULL, 0);
+	ExecOpenIndices(rri, false);
+
+	nslots = Min(n, OUTBOX_BATCH_ROWS);
+	slots = palloc(sizeof(TupleTableSlot *) * nslots);
+	for (i = 0; i < nslots; i++)
+		slots[i] = table_slot_create(rel, NULL);
+	if (n > OUTBOX_BATCH_ROWS)
+		bistate = GetBulkInsertState();
+	batch_cxt = AllocSetContextCreate(CurrentMemoryContext,
+									  "pg_mqtt_emit outbox insert",
+									  ALLOCSET_DEFAULT_SIZES);
+
+	i = 0;
+	while (i < n)
 	{
-		/* ids are taken in row order, so ascending ids are the rows' */
-		ArrayType  *arr = DatumGetArrayTypeP(SPI_getbinval(SPI_tuptable->vals[0],
-														   SPI_tuptable->tupdesc, 1, &isnull));
-		Datum	   *elems;
-		int			nelems;
+		int			k = 0;
+		Size		bytes = 0;
+		int			j;
 
-		deconstruct_array(arr, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE,
-						  &elems, NULL, &nelems);
-		if (nelems != n)
-			elog(ERROR, "wrote %d rows to mqtt_emit.outbox, expected %d", nelems, n);
-		for (i = 0; i < n; i++)
-			ids[i] = DatumGetInt64(elems[i]);
+		old = MemoryContextSwitchTo(batch_cxt);
+		while (i + k < n && k < nslots && (k == 0 || bytes < OUTBOX_BATCH_BYTES))
+		{
+			MqttEmitEventHeader *hdr = (MqttEmitEventHeader *) entries[i + k];
+			char	   *model = entries[i + k] + sizeof(MqttEmitEventHeader);
+			TupleTableSlot *slot = slots[k];
+			Datum	   *v = slot->tts_values;
+			bool	   *nul = slot->tts_isnull;
+			int64		id;
+
+			ExecClearTuple(slot);
+			memset(nul, true, sizeof(bool) * td->natts);
+			id = nextval_internal(seqid, false);
+			ids[i + k] = id;
+			v[colno[OC_ID]] = Int64GetDatum(id);
+			v[colno[OC_KIND]] = Int16GetDatum(hdr->kind);
+			v[colno[OC_FLAGS]] =
+				Int16GetDatum((int16) ((hdr->flags & flag_mask) |
+									   (Min(hdr->depth, ME_MAX_DEPTH) << ME_DEPTH_SHIFT)));
+			v[colno[OC_OP]] = Int16GetDatum(hdr->op);
+			v[colno[OC_QOS]] = Int16GetDatum(hdr->qos);
+			v[colno[OC_MODEL]] =
+				PointerGetDatum(cstring_to_text_with_len(model, hdr->model_len));
+			v[colno[OC_PAYLOAD]] =
+				PointerGetDatum(cstring_to_text_with_len(model + hdr->model_len,
+														 hdr->payload_len));
+			v[colno[OC_BATCH]] = Int64GetDatum(batch);
+			v[colno[OC_MARKED]] = BoolGetDatum(marked);
+			v[colno[OC_SEQ]] = Int64GetDatum(first_order + i + k);
+			v[colno[OC_RELID]] = ObjectIdGetDatum(hdr->relid);
+			v[colno[OC_CREATED_AT]] = TimestampTzGetDatum(GetCurrentTimestamp());
+			nul[colno[OC_ID]] = nul[colno[OC_KIND]] = nul[colno[OC_FLAGS]] = false;
+			nul[colno[OC_OP]] = nul[colno[OC_QOS]] = nul[colno[OC_MODEL]] = false;
+			nul[colno[OC_PAYLOAD]] = nul[colno[OC_BATCH]] = false;
+			nul[colno[OC_MARKED]] = nul[colno[OC_RELID]] = false;
+			nul[colno[OC_CREATED_AT]] = false;
+			nul[colno[OC_SEQ]] = (first_order == 0);
+			ExecStoreVirtualTuple(slot);
+			bytes += hdr->total_len;
+			k++;
+		}
+		table_multi_insert(rel, slots, k, cid, 0, bistate);
+		for (j = 0; j < k; j++)
+		{
+			List	   *conflicts;
+
+			conflicts = me_exec_insert_index_tuples(rri, slots[j], estate);
+			list_free(conflicts);
+		}
+		ResetPerTupleExprContext(estate);
+		MemoryContextSwitchTo(old);
+		for (j = 0; j < k; j++)
+			ExecClearTuple(slots[j]);
+		MemoryContextReset(batch_cxt);
+		i += k;
 	}
-	PopActiveSnapshot();
-	SPI_finish();
-	SetUserIdAndSecContext(save_userid, save_sec);
+
+	if (bistate)
+	{
+		table_finish_bulk_insert(rel, 0);
+		FreeBulkInsertState(bistate);
+	}
+	for (i = 0; i < nslots; i++)
+		ExecDropSingleTupleTableSlot(slots[i]);
+	pfree(slots);
+	MemoryContextDelete(batch_cxt);
+	ExecCloseIndices(rri);
+	FreeExecutorState(estate);
+	table_close(rel, NoLock);
+	/* what follows in this transaction sees the rows, as after an INSERT */
+	CommandCounterIncrement();
 }
 
 /*
@@ -314,6 +381,34 @@ me_outbox_reposition(const int64 *ids, int n, int clear_flags, int64 batch, bool
 	PopActiveSnapshot();
 	SPI_finish();
 	SetUserIdAndSecContext(save_userid, save_sec);
+}
+
+/*
+ * The same for the rows of a big transaction (pending.c wrote them in
+ * chunks while it ran): those with ids from min_id to max_id and the
+ * transaction's batch become rows without a marker, at new_batch.  An
+ * index range instead of an array of a million ids.
+ */
+void
+me_outbox_reposition_range(int64 min_id, int64 max_id, int64 batch, int64 new_batch)
+{
+	Datum		args[4];
+	Oid			types[4] = {INT8OID, INT8OID, INT8OID, INT8OID};
+
+	args[0] = Int64GetDatum(min_id);
+	args[1] = Int64GetDatum(max_id);
+	args[2] = Int64GetDatum(batch);
+	args[3] = Int64GetDatum(new_batch);
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	check(SPI_execute_with_args("UPDATE mqtt_emit.outbox SET batch = $4, marked = false"
+								" WHERE id OPERATOR(pg_catalog.>=) $1"
+								"   AND id OPERATOR(pg_catalog.<=) $2"
+								"   AND batch OPERATOR(pg_catalog.=) $3",
+								4, types, args, NULL, false, 0),
+		  SPI_OK_UPDATE, "place outbox rows");
+	PopActiveSnapshot();
+	SPI_finish();
 }
 
 static int64
@@ -415,8 +510,42 @@ me_outbox_recount(void)
 }
 
 /*
+ * The statements that number rows without a marker (place_strays:
+ * row_number() over the rows, joined back to the table; place_batch needs
+ * no join) run without nested loops: with statistics
+ * taken while the outbox was empty the planner expects one row and may
+ * rescan the numbering subquery for every row, which for a big
+ * transaction's 120,000 rows kept the worker busy for more than 20
+ * minutes (test 078).  A hash or merge join costs n log n whatever the
+ * estimates.  (What was seen, once, in test 078: the worker busy, not
+ * waiting, for more than 20 minutes in the transaction that places such a
+ * batch; the plan itself was not captured, and an EXPLAIN of the same
+ * statistics by hand chose a harmless nested loop, so this is a guard
+ * against the likely cause rather than a proven fix.)  Returns the GUC
+ * nest level for AtEOXact_GUC.
+ */
+static int
+no_nestloop(void)
+{
+	int			level = NewGUCNestLevel();
+
+	(void) set_config_option("enable_nestloop", "off", PGC_USERSET,
+							 PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+	return level;
+}
+
+/*
  * Give the rows of a committed transaction's outbox batch (its marker came
- * out of the queue) their place in the publishing order.
+ * out of the queue) their place in the publishing order: next_order plus
+ * the row's distance from the batch's first id.  The places keep the ids'
+ * order and are unique (the next batch starts past max_id's place), with
+ * gaps where other transactions' ids fall inside the range, which nothing
+ * minds (the publishing order is only compared).  One UPDATE of a primary
+ * key range without a join: a numbering subquery joined back to the table
+ * costs a nested loop over the whole batch when the planner misjudges it
+ * (a 120,000-row batch kept the worker busy for more than 20 minutes, test
+ * 078), and a hash or merge join instead scans the whole outbox for every
+ * marker.
  */
 void
 me_outbox_place_batch(const MqttEmitMarker *mk)
@@ -431,18 +560,17 @@ me_outbox_place_batch(const MqttEmitMarker *mk)
 	SPI_connect();
 	if (place_batch_plan == NULL)
 	{
-		place_batch_plan = SPI_prepare("UPDATE mqtt_emit.outbox o SET seq = $4 + s.n - 1 "
-									   "FROM (SELECT id, row_number() OVER (ORDER BY id) AS n "
-									   "      FROM mqtt_emit.outbox "
-									   "      WHERE id BETWEEN $2 AND $3 AND batch = $1 AND seq IS NULL) s "
-									   "WHERE o.id = s.id", 4, types);
+		place_batch_plan = SPI_prepare("UPDATE mqtt_emit.outbox SET seq = $4 + (id - $2) "
+									   "WHERE id BETWEEN $2 AND $3 AND batch = $1 AND seq IS NULL",
+									   4, types);
 		if (place_batch_plan == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
 		SPI_keepplan(place_batch_plan);
 	}
 	check(SPI_execute_plan(place_batch_plan, args, NULL, false, 0),
 		  SPI_OK_UPDATE, "order outbox rows");
-	next_order += SPI_processed;
+	if (SPI_processed > 0)
+		next_order += mk->max_id - mk->min_id + 1;
 	SPI_finish();
 }
 
@@ -460,11 +588,13 @@ me_outbox_place_strays(bool all, uint64 upto)
 {
 	Datum		args[3];
 	Oid			types[3] = {INT8OID, INT8OID, TIMESTAMPTZOID};
+	int			guc_level;
 
 	args[0] = Int64GetDatum(next_order);
 	args[1] = Int64GetDatum(all ? (int64) me_shmem_epoch_seq() : (int64) upto);
 	args[2] = TimestampTzGetDatum(me_shmem_epoch_time());
 	SPI_connect();
+	guc_level = no_nestloop();
 	check(SPI_execute_with_args(all ?
 								"UPDATE mqtt_emit.outbox o SET seq = $1 + s.n - 1 "
 								"FROM (SELECT id, row_number() OVER (ORDER BY id) AS n "
@@ -479,6 +609,7 @@ me_outbox_place_strays(bool all, uint64 upto)
 								"WHERE o.id = s.id",
 								all ? 3 : 2, types, args, NULL, false, 0),
 		  SPI_OK_UPDATE, "order outbox rows");
+	AtEOXact_GUC(true, guc_level);
 	next_order += SPI_processed;
 	SPI_finish();
 }
@@ -495,7 +626,7 @@ me_outbox_place_strays(bool all, uint64 upto)
  */
 static uint64
 release_held(const char *where, int nargs, Oid *types, Datum *args,
-			 SPIPlanPtr *plans)
+			 SPIPlanPtr *plans, bool copy_all)
 {
 	StringInfoData sql;
 	SPIPlanPtr	copy_plan = plans ? plans[0] : NULL;
@@ -512,17 +643,18 @@ release_held(const char *where, int nargs, Oid *types, Datum *args,
 	 * only cleared (and deleted when done), as the queue path skips such
 	 * events (wants_local_row, with the registry as read for the same
 	 * round); this is most of what a spilled transaction costs the worker
-	 * on a server that only publishes.  Rows without a marker (plans is
-	 * NULL, rare) are released at the end of a round for rows that may
-	 * have been committed after the registry was read, so they are always
-	 * copied: the listener worker reads the registry again before it runs
-	 * them.
+	 * on a server that only publishes.  With copy_all every row is
+	 * copied: rows without a marker (rare) are released at the end of a
+	 * round for rows that may have been committed after the registry was
+	 * read, and a backend (a big durable transaction at PRE_COMMIT) has no
+	 * registry; the listener worker reads the registry again before it
+	 * runs them.
 	 */
 	Assert(nargs < 4);
 	memcpy(alltypes, types, sizeof(Oid) * nargs);
 	memcpy(allargs, args, sizeof(Datum) * nargs);
 	alltypes[nargs] = BOOLOID;
-	allargs[nargs] = BoolGetDatum(plans == NULL || me_listeners_any_local());
+	allargs[nargs] = BoolGetDatum(copy_all || me_listeners_any_local());
 
 	initStringInfo(&sql);
 	if (copy_plan == NULL)
@@ -588,10 +720,13 @@ release_held(const char *where, int nargs, Oid *types, Datum *args,
 
 /*
  * The local cursor reached a committed transaction's marker: its held rows'
- * local listeners are due.  Returns how many rows were handed over.
+ * local listeners are due.  by_registry: the caller is the worker, whose
+ * listener registry (as read for this round) says whether any listener
+ * takes local events; otherwise every held row is copied.  Returns how
+ * many rows were handed over.
  */
 uint64
-me_outbox_release_batch(const MqttEmitMarker *mk)
+me_outbox_release_batch(const MqttEmitMarker *mk, bool by_registry)
 {
 	Datum		args[3];
 	Oid			types[3] = {INT8OID, INT8OID, INT8OID};
@@ -602,7 +737,7 @@ me_outbox_release_batch(const MqttEmitMarker *mk)
 	args[2] = Int64GetDatum(mk->max_id);
 	SPI_connect();
 	n = release_held("id BETWEEN $2 AND $3 AND batch = $1", 3, types, args,
-					 release_batch_plans);
+					 release_batch_plans, !by_registry);
 	SPI_finish();
 	return n;
 }
@@ -626,9 +761,9 @@ me_outbox_release_strays(bool all, uint64 upto)
 	args[2] = TimestampTzGetDatum(me_shmem_epoch_time());
 	SPI_connect();
 	if (all)
-		n = release_held(SQL_OLD_EPOCH, 3, types, args, NULL);
+		n = release_held(SQL_OLD_EPOCH, 3, types, args, NULL, true);
 	else
-		n = release_held("NOT marked AND batch < 0 AND batch >= -$1 - 1", 1, types, args, NULL);
+		n = release_held("NOT marked AND batch < 0 AND batch >= -$1 - 1", 1, types, args, NULL, true);
 	SPI_finish();
 	return n;
 }

@@ -35,6 +35,8 @@ typedef bool (*MeOutboxRowFn) (const MeOutboxRow *row, void *arg);
 /* committing backends and the worker */
 extern void me_outbox_reposition(const int64 *ids, int n, int clear_flags,
 								 int64 batch, bool marked);
+extern void me_outbox_reposition_range(int64 min_id, int64 max_id,
+									   int64 batch, int64 new_batch);
 extern void me_outbox_insert(char **entries, int n, uint8 flag_mask,
 							 int64 batch, bool marked, int64 first_order,
 							 int64 *ids);
@@ -46,7 +48,7 @@ extern void me_outbox_recount(void);
 extern void me_outbox_place_batch(const MqttEmitMarker *mk);
 extern void me_outbox_place_strays(bool all, uint64 upto);
 extern int64 me_outbox_next_stray(void);
-extern uint64 me_outbox_release_batch(const MqttEmitMarker *mk);
+extern uint64 me_outbox_release_batch(const MqttEmitMarker *mk, bool by_registry);
 extern uint64 me_outbox_release_strays(bool all, uint64 upto);
 extern int64 me_outbox_next_held_stray(void);
 extern void me_outbox_move(char **entries, int n);

@@ -98,12 +98,33 @@ static bool listeners_changed = false;
 static int	capture_depth = 0;		/* depth of the events captured now */
 static bool batched = false;	/* some pending event has ME_FLAG_BATCH */
 
+/*
+ * A big transaction's events written to the outbox before it commits
+ * (flush_chunk), one entry per write: the subtransaction level it was
+ * written at (its rows roll back with that subtransaction) and the ids of
+ * its rows.  marker.batch is fixed by the first write.
+ */
+typedef struct FlushedChunk
+{
+	int			level;
+	int			n;
+	int64		first_id;
+	int64		last_id;
+} FlushedChunk;
+
+static FlushedChunk *chunks = NULL;
+static int	nchunks = 0;
+static int	maxchunks = 0;
+static int	nflushed = 0;			/* rows of the chunks in chunks[] */
+static bool batch_taken = false;	/* marker.batch is this transaction's */
+
 
 static void capture_xact_callback(XactEvent event, void *arg);
 static void capture_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 									 SubTransactionId parentSubid, void *arg);
 static void reset_pending(void);
 static void keep_entry(char *entry, int level);
+static void maybe_flush_chunk(void);
 
 /*
  * Install the transaction callbacks; from me_capture_init().
@@ -151,7 +172,7 @@ me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 				 errdetail("The change was made by a commit-time callback that runs after pg_mqtt_emit's."),
 				 errhint("Make the change before COMMIT.")));
 	if (mqtt_emit_max_transaction_events > 0 &&
-		npending >= mqtt_emit_max_transaction_events)
+		npending + nflushed >= mqtt_emit_max_transaction_events)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 				 errmsg("transaction exceeds \"mqtt_emit.max_transaction_events\" (%d)",
@@ -182,6 +203,7 @@ me_capture_add_event(MqttEmitKind kind, uint8 flags, MqttEmitOp op,
 	if (flags & ME_FLAG_BATCH)
 		batched = true;
 	keep_entry(entry, GetCurrentTransactionNestLevel());
+	maybe_flush_chunk();
 	return true;
 }
 
@@ -252,6 +274,124 @@ reset_pending(void)
 	local_rows = false;
 	held_rows = false;
 	batched = false;
+	chunks = NULL;
+	nchunks = 0;
+	maxchunks = 0;
+	nflushed = 0;
+	batch_taken = false;
+}
+
+/*
+ * Refuse to write n more rows when the outbox holds mqtt_emit.outbox_max.
+ */
+static void
+check_outbox_room(int n)
+{
+	uint64		rows = me_outbox_rows();
+
+	if (mqtt_emit_outbox_max > 0 && rows + n > (uint64) mqtt_emit_outbox_max)
+		ereport(ERROR,
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("pg_mqtt_emit outbox is full"),
+				 errdetail("The outbox holds about " UINT64_FORMAT " events; \"mqtt_emit.outbox_max\" is %d.",
+						   rows, mqtt_emit_outbox_max),
+				 errhint("Check that the broker is reachable (see mqtt_emit.stats), or raise \"mqtt_emit.outbox_max\".")));
+}
+
+/*
+ * The local listeners of events written in chunks before the commit
+ * (maybe_flush_chunk) must not run from those rows in the order of their
+ * ids, which were taken before the commit: the rows are written held, as
+ * a spilled transaction's are (write_outbox), and get their local rows at
+ * the marker (memory mode, relay.c) or at PRE_COMMIT (durable mode).
+ * Turn ME_FLAG_LOCAL into ME_FLAG_HELD on entries[].
+ */
+static void
+hold_local(char **entries, int n)
+{
+	int			i;
+
+	for (i = 0; i < n; i++)
+	{
+		MqttEmitEventHeader *h = (MqttEmitEventHeader *) entries[i];
+
+		if (h->flags & ME_FLAG_LOCAL)
+		{
+			h->flags = (h->flags & ~ME_FLAG_LOCAL) | ME_FLAG_HELD;
+			held_rows = true;
+		}
+	}
+}
+
+/*
+ * Big transactions: once the pending events need more room than the queue
+ * can ever give one transaction (its size less the eighth kept for
+ * markers), they will go to the outbox at commit anyway, in durable mode
+ * and with mqtt_emit.overflow = spill.  Write them there now, and every
+ * time that much has gathered again, instead of keeping them all in
+ * memory (a transaction of 1M events kept more than 2 GB): the backend's
+ * memory stays bounded by about the queue's size, and the commit writes
+ * only the rest.  The rows are written in the current subtransaction and
+ * roll back with it.  Hence only when every pending event belongs to the
+ * current subtransaction level: an event of an outer level written here
+ * would be lost with a ROLLBACK TO SAVEPOINT that must keep it.  (Events
+ * that a released savepoint handed to its parent wait until the parent
+ * level captures again; the list is ordered by level, so checking the
+ * first entry suffices.)  Nor once an event of a table watched with
+ * batch => true is pending: those go into the batched message's parts at
+ * PRE_COMMIT (build_batches), and a row written here would be published
+ * as a single event; such a transaction keeps its events in memory.  The
+ * rows get the transaction's batch and are marked; the marker queued at
+ * COMMIT places them with the rest, in id order, which is the capture
+ * order.
+ */
+static void
+maybe_flush_chunk(void)
+{
+	Size		cap = (Size) mqtt_emit_queue_size * 1024;
+	int			level = GetCurrentTransactionNestLevel();
+	int64	   *ids;
+	int			i;
+
+	if (pending_bytes < cap - cap / 8 || npending == 0 ||
+		pending_level[0] != level || batched ||
+		(mqtt_emit_delivery != ME_DELIVERY_DURABLE &&
+		 mqtt_emit_overflow != ME_OVERFLOW_SPILL) ||
+		!me_shmem_ready())
+		return;
+	check_outbox_room(nflushed + npending);
+	if (!batch_taken)
+	{
+		marker.batch = (int64) me_next_event_seq();
+		batch_taken = true;
+	}
+	hold_local(pending, npending);
+	ids = palloc(sizeof(int64) * npending);
+	me_outbox_insert(pending, npending, 0xFF, marker.batch, true, 0, ids);
+
+	/* written: from here on the rows, not the entries, hold these events */
+	if (nchunks >= maxchunks)
+	{
+		int			newmax = maxchunks == 0 ? 16 : maxchunks * 2;
+
+		if (chunks == NULL)
+			chunks = MemoryContextAlloc(TopTransactionContext,
+										sizeof(FlushedChunk) * newmax);
+		else
+			chunks = repalloc(chunks, sizeof(FlushedChunk) * newmax);
+		maxchunks = newmax;
+	}
+	chunks[nchunks].level = level;
+	chunks[nchunks].n = npending;
+	chunks[nchunks].first_id = ids[0];
+	chunks[nchunks].last_id = ids[npending - 1];
+	nchunks++;
+	nflushed += npending;
+	pfree(ids);
+	for (i = 0; i < npending; i++)
+		pfree(pending[i]);
+	npending = 0;
+	pending_bytes = 0;
 }
 
 /*
@@ -462,18 +602,11 @@ build_batches(void)
 static void
 write_outbox(void)
 {
-	uint64		rows = me_outbox_rows();
 	int64	   *ids;
 	int			i;
 
-	if (mqtt_emit_outbox_max > 0 && rows + npending > (uint64) mqtt_emit_outbox_max)
-		ereport(ERROR,
-				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
-				 errmsg("pg_mqtt_emit outbox is full"),
-				 errdetail("The outbox holds about " UINT64_FORMAT " events; \"mqtt_emit.outbox_max\" is %d.",
-						   rows, mqtt_emit_outbox_max),
-				 errhint("Check that the broker is reachable (see mqtt_emit.stats), or raise \"mqtt_emit.outbox_max\".")));
-	ids = palloc(sizeof(int64) * npending);
+	check_outbox_room(npending + nflushed);
+	ids = palloc(sizeof(int64) * Max(npending, 1));
 	for (i = 0; i < npending; i++)
 		if (((MqttEmitEventHeader *) pending[i])->flags & ME_FLAG_LOCAL)
 			local_rows = true;
@@ -490,8 +623,10 @@ write_outbox(void)
 	 * from there and deletes each row once the broker has it.  The rows are
 	 * what survives a crash.
 	 */
-	marker.batch = (int64) me_next_event_seq();
-	if (mqtt_emit_delivery == ME_DELIVERY_DURABLE && me_queue_has_room(pending_bytes))
+	if (!batch_taken)
+		marker.batch = (int64) me_next_event_seq();
+	if (mqtt_emit_delivery == ME_DELIVERY_DURABLE && nflushed == 0 &&
+		me_queue_has_room(pending_bytes))
 	{
 		for (i = 0; i < npending; i++)
 			((MqttEmitEventHeader *) pending[i])->flags |= ME_FLAG_QUEUED;
@@ -520,24 +655,36 @@ write_outbox(void)
 		 * its local listeners from its row, in the order of the rows' ids,
 		 * which were taken at PRE_COMMIT, after whatever this transaction
 		 * waited for.
+		 *
+		 * A durable transaction that wrote chunks before (maybe_flush_chunk)
+		 * took those rows' ids earlier, maybe before it waited for another
+		 * transaction; they were written held.  Their local listeners get
+		 * rows of their own now, in the rows' order (as the worker gives
+		 * held rows when it reaches their marker), with ids taken here,
+		 * ahead of the rest, which is written as durable rows always are.
 		 */
-		held_rows = false;
-		for (i = 0; mqtt_emit_delivery != ME_DELIVERY_DURABLE && i < npending; i++)
+		if (mqtt_emit_delivery == ME_DELIVERY_DURABLE && nflushed > 0)
 		{
-			MqttEmitEventHeader *h = (MqttEmitEventHeader *) pending[i];
+			MqttEmitMarker mk;
 
-			if (h->flags & ME_FLAG_LOCAL)
-			{
-				h->flags = (h->flags & ~ME_FLAG_LOCAL) | ME_FLAG_HELD;
-				held_rows = true;
-			}
+			mk.batch = marker.batch;
+			mk.min_id = chunks[0].first_id;
+			mk.max_id = chunks[nchunks - 1].last_id;
+			/* SPI in a commit callback: no snapshot is active */
+			PushActiveSnapshot(GetTransactionSnapshot());
+			(void) me_outbox_release_batch(&mk, false);
+			PopActiveSnapshot();
+			held_rows = false;
 		}
+		if (mqtt_emit_delivery != ME_DELIVERY_DURABLE)
+			hold_local(pending, npending);
 		local_rows = false;
-		me_outbox_insert(pending, npending, 0xFF, marker.batch, true, 0, ids);
-		outboxed = npending;
+		if (npending > 0)
+			me_outbox_insert(pending, npending, 0xFF, marker.batch, true, 0, ids);
+		outboxed = npending + nflushed;
 	}
-	marker.min_id = ids[0];
-	marker.max_id = ids[npending - 1];
+	marker.min_id = nchunks > 0 ? chunks[0].first_id : ids[0];
+	marker.max_id = npending > 0 ? ids[npending - 1] : chunks[nchunks - 1].last_id;
 
 	/*
 	 * A marker in the queue will place these rows in the commit order.
@@ -562,7 +709,10 @@ write_outbox(void)
 	 * now is: what commits into the queue after this point cannot have
 	 * been seen by this transaction, so it may as well come after it.
 	 */
-	if (!marker_reserved)
+	if (!marker_reserved && nflushed > 0)
+		me_outbox_reposition_range(marker.min_id, marker.max_id, marker.batch,
+								   me_outbox_stray_batch(me_queue_end()));
+	else if (!marker_reserved)
 		me_outbox_reposition(ids, npending, 0,
 							 me_outbox_stray_batch(me_queue_end()), false);
 }
@@ -573,15 +723,21 @@ capture_xact_callback(XactEvent event, void *arg)
 	switch (event)
 	{
 		case XACT_EVENT_PRE_COMMIT:
-			if (npending == 0 || reservation.len > 0 || outboxed > 0)
+			if ((npending == 0 && nflushed == 0) || reservation.len > 0 || outboxed > 0)
 				break;
 			/* the slot (shmem.c): a view may have left this process unbound */
 			(void) me_shmem_bind(true);
 			if (batched)
 				build_batches();
-			if (npending == 0)
+			if (npending == 0 && nflushed == 0)
 				break;
-			if (mqtt_emit_delivery == ME_DELIVERY_DURABLE)
+			if (nflushed > 0)
+			{
+				/* a big transaction, part of it in the outbox already */
+				write_outbox();
+				spilled = (mqtt_emit_delivery != ME_DELIVERY_DURABLE);
+			}
+			else if (mqtt_emit_delivery == ME_DELIVERY_DURABLE)
 				write_outbox();
 			else if (me_queue_reserve(pending_bytes, false, &reservation))
 				;
@@ -670,11 +826,11 @@ capture_xact_callback(XactEvent event, void *arg)
 			break;
 
 		case XACT_EVENT_PRE_PREPARE:
-			if (npending > 0)
+			if (npending > 0 || nflushed > 0)
 				ereport(ERROR,
 						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
 						 errmsg("cannot prepare a transaction that has pending pg_mqtt_emit events"),
-						 errdetail("The transaction has %d events waiting for commit.", npending),
+						 errdetail("The transaction has %d events waiting for commit.", npending + nflushed),
 						 errhint("Commit the transaction normally, or turn \"mqtt_emit.enabled\" off before the changes.")));
 			if (listeners_changed)
 				ereport(ERROR,
@@ -697,12 +853,18 @@ capture_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 {
 	int			level;
 
-	if (npending == 0)
+	if (npending == 0 && nchunks == 0)
 		return;
 	level = GetCurrentTransactionNestLevel();
 
 	if (event == SUBXACT_EVENT_ABORT_SUB)
 	{
+		/* the rows written at this level or deeper are gone with it */
+		while (nchunks > 0 && chunks[nchunks - 1].level >= level)
+		{
+			nflushed -= chunks[nchunks - 1].n;
+			nchunks--;
+		}
 		/* events made at this level or deeper are a suffix of the list */
 		while (npending > 0 && pending_level[npending - 1] >= level)
 		{
@@ -719,5 +881,7 @@ capture_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 
 		for (i = npending - 1; i >= 0 && pending_level[i] >= level; i--)
 			pending_level[i] = level - 1;
+		for (i = nchunks - 1; i >= 0 && chunks[i].level >= level; i--)
+			chunks[i].level = level - 1;
 	}
 }

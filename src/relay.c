@@ -373,7 +373,7 @@ process_queue(uint64 tail, int *new_entries)
 					in_tx = true;
 				}
 				flush_local(local, &nlocal, &handed);
-				if (me_outbox_release_batch(&mk) > 0)
+				if (me_outbox_release_batch(&mk, true) > 0)
 					handed = true;
 			}
 			else if (need_local && wants_local_row(h, model))
