@@ -114,6 +114,7 @@ static SPIPlanPtr local_clear_plan = NULL;
 static SPIPlanPtr local_delete_plan = NULL;
 static SPIPlanPtr place_batch_plan = NULL;	/* per marker (spilled transaction) */
 static SPIPlanPtr release_batch_plans[2] = {NULL, NULL};
+static SPIPlanPtr backend_release_plans[2] = {NULL, NULL};	/* planned as_owner */
 
 /* worker: the next place in the publishing order */
 static int64 next_order = 1;
@@ -205,6 +206,8 @@ me_outbox_insert(char **entries, int n, uint8 flag_mask, int64 batch,
 
 	if (n <= 0)
 		return;
+	/* as the INSERT through SPI that this replaced refused */
+	PreventCommandIfReadOnly("INSERT INTO mqtt_emit.outbox");
 	nsp = get_namespace_oid("mqtt_emit", false);
 	relid = get_relname_relid("outbox", nsp);
 	seqid = get_relname_relid("outbox_id_seq", nsp);
@@ -384,6 +387,38 @@ me_outbox_reposition(const int64 *ids, int n, int clear_flags, int64 batch, bool
 }
 
 /*
+ * A committing backend's statements on the outbox run as the bootstrap
+ * superuser (the table is not the user's: every right on it is revoked)
+ * and with search_path pinned to pg_catalog, so that the operators of
+ * statements written without OPERATOR(pg_catalog.x) cannot be the user's.
+ * An error in between is undone by the transaction's abort.
+ */
+typedef struct AsOwner
+{
+	Oid			userid;
+	int			sec;
+	int			guc_level;
+} AsOwner;
+
+static void
+as_owner_begin(AsOwner *save)
+{
+	GetUserIdAndSecContext(&save->userid, &save->sec);
+	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID,
+						   save->sec | SECURITY_LOCAL_USERID_CHANGE);
+	save->guc_level = NewGUCNestLevel();
+	(void) set_config_option("search_path", "pg_catalog, pg_temp", PGC_SUSET,
+							 PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+}
+
+static void
+as_owner_end(AsOwner *save)
+{
+	AtEOXact_GUC(true, save->guc_level);
+	SetUserIdAndSecContext(save->userid, save->sec);
+}
+
+/*
  * The same for the rows of a big transaction (pending.c wrote them in
  * chunks while it ran): those with ids from min_id to max_id and the
  * transaction's batch become rows without a marker, at new_batch.  An
@@ -394,11 +429,13 @@ me_outbox_reposition_range(int64 min_id, int64 max_id, int64 batch, int64 new_ba
 {
 	Datum		args[4];
 	Oid			types[4] = {INT8OID, INT8OID, INT8OID, INT8OID};
+	AsOwner		save;
 
 	args[0] = Int64GetDatum(min_id);
 	args[1] = Int64GetDatum(max_id);
 	args[2] = Int64GetDatum(batch);
 	args[3] = Int64GetDatum(new_batch);
+	as_owner_begin(&save);
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
 	check(SPI_execute_with_args("UPDATE mqtt_emit.outbox SET batch = $4, marked = false"
@@ -409,6 +446,7 @@ me_outbox_reposition_range(int64 min_id, int64 max_id, int64 batch, int64 new_ba
 		  SPI_OK_UPDATE, "place outbox rows");
 	PopActiveSnapshot();
 	SPI_finish();
+	as_owner_end(&save);
 }
 
 static int64
@@ -731,14 +769,20 @@ me_outbox_release_batch(const MqttEmitMarker *mk, bool by_registry)
 	Datum		args[3];
 	Oid			types[3] = {INT8OID, INT8OID, INT8OID};
 	uint64		n;
+	AsOwner		save;
 
 	args[0] = Int64GetDatum(mk->batch);
 	args[1] = Int64GetDatum(mk->min_id);
 	args[2] = Int64GetDatum(mk->max_id);
+	if (!by_registry)
+		as_owner_begin(&save);	/* a committing backend (pending.c) */
 	SPI_connect();
 	n = release_held("id BETWEEN $2 AND $3 AND batch = $1", 3, types, args,
-					 release_batch_plans, !by_registry);
+					 by_registry ? release_batch_plans : backend_release_plans,
+					 !by_registry);
 	SPI_finish();
+	if (!by_registry)
+		as_owner_end(&save);
 	return n;
 }
 

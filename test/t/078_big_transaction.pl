@@ -23,6 +23,9 @@
 #      every event arrives after the restart.
 #   5. Small commits of another session interleaved with a big transaction
 #      (memory mode, then durable): one model, all arrive in commit order.
+#   6. The same big transactions by a role without rights on the outbox,
+#      with its own schema first in search_path; a durable event in a READ
+#      ONLY transaction is refused.
 use strict;
 use warnings;
 
@@ -243,6 +246,40 @@ sub interleaved
 interleaved('interleaved, memory',  'memory',  1000000);
 interleaved('interleaved, durable', 'durable', 2000000);
 ok(poll_until(sub { outbox_count() eq '0' }, $T), 'interleaved: the outbox drains');
+
+# ---------------------------------------------------------------------------
+# 6. a role without rights on the outbox: its big transactions commit (the
+#    backend's statements on the outbox run as the extension's owner, with
+#    search_path pinned), in memory mode and durable; a durable event in a
+#    READ ONLY transaction is refused as the INSERT was before
+# ---------------------------------------------------------------------------
+
+$node->safe_psql('postgres', q{
+	CREATE ROLE app LOGIN;
+	GRANT INSERT ON bt TO app;
+	CREATE SCHEMA evil AUTHORIZATION app;
+});
+for my $case ([ 'memory', 3000000 ], [ 'durable', 4000000 ])
+{
+	my ($delivery, $base) = @$case;
+	$node->safe_psql('postgres', "ALTER ROLE app SET mqtt_emit.delivery = $delivery");
+	my ($rc, $out, $err) = $node->psql('postgres',
+		"SET search_path = evil, public;\nBEGIN;\n" . ins($base + 1, $base + 30000) . "COMMIT;\n",
+		extra_params => [ '-U', 'app' ]);
+	is($rc, 0, "role app, $delivery: a 30,000-row transaction (chunks) commits") or diag $err;
+	my @ids = ($base + 1 .. $base + 30000);
+	all_arrived(\@ids, "role app, $delivery: every event arrives");
+	my %mine = map { $_ => 1 } @ids;
+	my $res = tally("role app, $delivery", [ grep { $mine{$_} } arrived_ids($sub, $MODEL) ], \@ids);
+	is($res->{missing} + $res->{duplicates} + $res->{disorder}, 0,
+		"role app, $delivery: none missing, twice or out of order");
+}
+ok(poll_until(sub { outbox_count() eq '0' }, $T), 'role app: the outbox drains');
+my ($rc, $out, $err) = $node->psql('postgres',
+	q{SET mqtt_emit.delivery = durable; BEGIN READ ONLY; SELECT mqtt_emit.publish('ro/x', 'hi'); COMMIT;},
+	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+like($err, qr/25006.*read-only transaction/,
+	'a durable event in a READ ONLY transaction is refused (25006)');
 
 $sub->stop;
 unlike($broker->log, qr/Outgoing messages are being dropped/,
