@@ -874,6 +874,16 @@ capture_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 			pfree(pending[npending - 1]);
 			npending--;
 		}
+		/* batched events may have gone with it: chunks may be written again */
+		if (batched)
+		{
+			int			i;
+
+			batched = false;
+			for (i = 0; i < npending && !batched; i++)
+				if (((MqttEmitEventHeader *) pending[i])->flags & ME_FLAG_BATCH)
+					batched = true;
+		}
 	}
 	else if (event == SUBXACT_EVENT_COMMIT_SUB)
 	{
