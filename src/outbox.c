@@ -354,39 +354,6 @@ int8_array(const int64 *ids, int n)
 static void check(int ret, int expected, const char *what);
 
 /*
- * A committing transaction found no room for what it planned after writing
- * its rows (me_outbox_insert): clear clear_flags on them and give them
- * batch and marked.  Runs as the insert does.
- */
-void
-me_outbox_reposition(const int64 *ids, int n, int clear_flags, int64 batch, bool marked)
-{
-	Datum		args[4];
-	Oid			types[4] = {INT8ARRAYOID, INT2OID, INT8OID, BOOLOID};
-	Oid			save_userid;
-	int			save_sec;
-
-	args[0] = int8_array(ids, n);
-	args[1] = Int16GetDatum((int16) clear_flags);
-	args[2] = Int64GetDatum(batch);
-	args[3] = BoolGetDatum(marked);
-	GetUserIdAndSecContext(&save_userid, &save_sec);
-	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID,
-						   save_sec | SECURITY_LOCAL_USERID_CHANGE);
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	check(SPI_execute_with_args("UPDATE mqtt_emit.outbox"
-								" SET flags = flags OPERATOR(pg_catalog.&) (OPERATOR(pg_catalog.~) $2),"
-								"     batch = $3, marked = $4"
-								" WHERE id OPERATOR(pg_catalog.=) ANY ($1)",
-								4, types, args, NULL, false, 0),
-		  SPI_OK_UPDATE, "place outbox rows");
-	PopActiveSnapshot();
-	SPI_finish();
-	SetUserIdAndSecContext(save_userid, save_sec);
-}
-
-/*
  * A committing backend's statements on the outbox run as the bootstrap
  * superuser (the table is not the user's: every right on it is revoked)
  * and with search_path pinned to pg_catalog, so that the operators of
@@ -416,6 +383,36 @@ as_owner_end(AsOwner *save)
 {
 	AtEOXact_GUC(true, save->guc_level);
 	SetUserIdAndSecContext(save->userid, save->sec);
+}
+
+/*
+ * A committing transaction found no room for what it planned after writing
+ * its rows (me_outbox_insert): clear clear_flags on them and give them
+ * batch and marked, as the outbox's owner (as_owner_begin).
+ */
+void
+me_outbox_reposition(const int64 *ids, int n, int clear_flags, int64 batch, bool marked)
+{
+	Datum		args[4];
+	Oid			types[4] = {INT8ARRAYOID, INT2OID, INT8OID, BOOLOID};
+	AsOwner		save;
+
+	args[0] = int8_array(ids, n);
+	args[1] = Int16GetDatum((int16) clear_flags);
+	args[2] = Int64GetDatum(batch);
+	args[3] = BoolGetDatum(marked);
+	as_owner_begin(&save);
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	check(SPI_execute_with_args("UPDATE mqtt_emit.outbox"
+								" SET flags = flags OPERATOR(pg_catalog.&) (OPERATOR(pg_catalog.~) $2),"
+								"     batch = $3, marked = $4"
+								" WHERE id OPERATOR(pg_catalog.=) ANY ($1)",
+								4, types, args, NULL, false, 0),
+		  SPI_OK_UPDATE, "place outbox rows");
+	PopActiveSnapshot();
+	SPI_finish();
+	as_owner_end(&save);
 }
 
 /*
