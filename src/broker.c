@@ -301,6 +301,7 @@ me_broker_watch(MeBroker *b, long *timeout_ms)
 	int64		now = me_broker_mono_ms();
 	int64		next;
 	bool		send_probe = false;
+	bool		send_nudge = false;
 
 	pthread_mutex_lock(&b->mutex);
 	if (b->news_lost || b->state == BS_CONNECTING)
@@ -344,7 +345,62 @@ me_broker_watch(MeBroker *b, long *timeout_ms)
 	}
 	else
 		next = b->last_heard + k / 2;
+
+	/*
+	 * The nudge.  paho's send thread writes the messages that the worker
+	 * hands over; when a write is cut short by a full socket buffer,
+	 * paho's receive thread finishes it once the socket drains, but does
+	 * not wake the send thread (MQTTAsync_writeComplete, as read in paho
+	 * 1.3.12 and 1.3.13), which then sleeps out its 1 s wait with messages
+	 * queued behind the written one.  A batched message of 256 kB does that nearly every
+	 * time; single events do when the broker falls behind.  Any new
+	 * command wakes the send thread: when messages are in paho's hands and
+	 * nothing happened for ME_NUDGE_MS (no outcome, no new message), the
+	 * worker sends an UNSUBSCRIBE of the probe filter (as the probe does).
+	 * It is queued behind those messages, so its answer comes late; while
+	 * the quiet lasts, another follows every 5 x ME_NUDGE_MS, at most
+	 * ME_NUDGES_MAX unanswered (a frozen broker is the watchdog's case).
+	 */
+	if (!b->subscriber && b->submitted > b->completed &&
+		b->nudges_out < ME_NUDGES_MAX)
+	{
+		int64		quiet = Max(b->last_outcome, b->last_submit);
+		int64		due = Max(quiet, b->nudged_at) +
+			(b->nudges_out == 0 ? ME_NUDGE_MS : 5 * ME_NUDGE_MS);
+
+		if (now >= due)
+		{
+			send_nudge = true;
+			b->nudges_out++;
+			b->nudged_at = now;
+			due = now + 5 * ME_NUDGE_MS;
+		}
+		next = Min(next, due);
+	}
 	pthread_mutex_unlock(&b->mutex);
+
+	if (send_nudge)
+	{
+		MQTTAsync_responseOptions ropts = MQTTAsync_responseOptions_initializer;
+
+		ropts.context = b;
+		if (b->version == MQTTVERSION_5)
+		{
+			ropts.onSuccess5 = me_cb_nudge_done5;
+			ropts.onFailure5 = me_cb_nudge_failed5;
+		}
+		else
+		{
+			ropts.onSuccess = me_cb_nudge_done;
+			ropts.onFailure = me_cb_nudge_failed;
+		}
+		if (MQTTAsync_unsubscribe(b->client, ME_PROBE_FILTER, &ropts) != MQTTASYNC_SUCCESS)
+		{
+			pthread_mutex_lock(&b->mutex);
+			b->nudges_out--;
+			pthread_mutex_unlock(&b->mutex);
+		}
+	}
 
 	if (send_probe)
 	{
@@ -653,6 +709,11 @@ me_broker_publish(MeBroker *b, const char *topic, const char *payload,
 	rc = MQTTAsync_sendMessage(b->client, topic, &msg, &ropts);
 	if (mprops.count > 0)
 		MQTTProperties_free(&mprops);
+	if (rc == MQTTASYNC_SUCCESS)
+	{
+		b->submitted++;
+		b->last_submit = me_broker_mono_ms();
+	}
 	return rc;
 }
 

@@ -270,6 +270,8 @@ record_publish_outcome(void *context, int outcome, int qos, int token)
 			push_seq(&b->failures, &b->nfailures, &b->maxfailures, seq);
 		if (outcome == 2)
 			b->nbusy++;
+		b->completed++;
+		b->last_outcome = me_broker_mono_ms();
 		/* paho "completes" a QoS 0 message when it wrote it: no answer */
 		if (outcome != 0 && qos > 0)
 			b->last_heard = me_broker_mono_ms();
@@ -353,6 +355,41 @@ void
 me_cb_probe_success5(void *context, MQTTAsync_successData5 *response)
 {
 	probe_answered((MeBroker *) context, true);
+}
+
+/* the publisher's nudge (me_broker_watch): answered, or not sent */
+static void
+nudge_done(MeBroker *b, bool answered)
+{
+	pthread_mutex_lock(&b->mutex);
+	b->nudges_out--;
+	if (answered)
+		b->last_heard = me_broker_mono_ms();
+	pthread_mutex_unlock(&b->mutex);
+}
+
+void
+me_cb_nudge_done(void *context, MQTTAsync_successData *response)
+{
+	nudge_done((MeBroker *) context, true);
+}
+
+void
+me_cb_nudge_done5(void *context, MQTTAsync_successData5 *response)
+{
+	nudge_done((MeBroker *) context, true);
+}
+
+void
+me_cb_nudge_failed(void *context, MQTTAsync_failureData *response)
+{
+	nudge_done((MeBroker *) context, false);
+}
+
+void
+me_cb_nudge_failed5(void *context, MQTTAsync_failureData5 *response)
+{
+	nudge_done((MeBroker *) context, false);
 }
 
 /* not sent, or the connection went: no answer from the broker */

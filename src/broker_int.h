@@ -54,6 +54,14 @@ extern Latch *me_worker_latch;
 /* What the watchdog's probes unsubscribe from: nothing ever subscribes to it. */
 #define ME_PROBE_FILTER		"$mqtt_emit/probe"
 
+/*
+ * The publisher's nudge (me_broker_watch): ms without an outcome or a new
+ * message, with messages still in paho's hands, before the worker wakes
+ * paho's send thread.
+ */
+#define ME_NUDGE_MS			20
+#define ME_NUDGES_MAX		8
+
 /* seconds paho waits for a CONNACK */
 #define ME_CONNECT_TIMEOUT	10
 
@@ -62,6 +70,9 @@ struct MeBroker
 	MQTTAsync	client;
 	bool		subscriber;
 	const MeBrokerConfig *cfg;
+	uint64		submitted;		/* messages handed to paho (worker only) */
+	int64		last_submit;	/* ms (monotonic): the last one (worker only) */
+	int64		nudged_at;		/* ms (monotonic): the last nudge (worker only) */
 	char	   *url;			/* the one URL of cfg's list it connects to */
 	int			version;		/* MQTTVERSION_3_1_1 or MQTTVERSION_5 */
 	int			max_qos;		/* highest QoS to publish with on this client */
@@ -74,6 +85,9 @@ struct MeBroker
 	bool		probe_out;		/* a probe awaits its UNSUBACK */
 	int64		probe_since;	/* ms (monotonic): when it was sent */
 	bool		stale;			/* given up by the watchdog, paho still connected */
+	uint64		completed;		/* of the submitted: outcomes reported by paho */
+	int64		last_outcome;	/* ms (monotonic): the last one */
+	int			nudges_out;		/* nudges awaiting their UNSUBACK */
 	int			connack_max_qos;	/* Maximum QoS in the CONNACK (MQTT 5), or -1 */
 	int			connack_sub_ids;	/* Subscription Identifiers Available, or -1 */
 	int			connack_shared; /* Shared Subscription Available, or -1 */
@@ -116,6 +130,10 @@ extern void me_cb_probe_failure(void *context, MQTTAsync_failureData *response);
 extern void me_cb_probe_failure5(void *context, MQTTAsync_failureData5 *response);
 extern void me_cb_probe_success(void *context, MQTTAsync_successData *response);
 extern void me_cb_probe_success5(void *context, MQTTAsync_successData5 *response);
+extern void me_cb_nudge_done(void *context, MQTTAsync_successData *response);
+extern void me_cb_nudge_done5(void *context, MQTTAsync_successData5 *response);
+extern void me_cb_nudge_failed(void *context, MQTTAsync_failureData *response);
+extern void me_cb_nudge_failed5(void *context, MQTTAsync_failureData5 *response);
 extern void me_cb_publish_failure(void *context, MQTTAsync_failureData *response);
 extern void me_cb_publish_failure5(void *context, MQTTAsync_failureData5 *response);
 extern void me_cb_publish_success(void *context, MQTTAsync_successData *response);

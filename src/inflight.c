@@ -46,6 +46,12 @@
 #define WINDOW_SIZE			65536	/* > the largest mqtt_emit.max_inflight */
 #define STRIKES_FOR_DEAD_LETTER	3
 
+/*
+ * Bytes of payload in flight, at most (but always one message): see
+ * me_inflight_room().
+ */
+#define MAX_INFLIGHT_BYTES		(1024 * 1024)
+
 /* One published event waiting for its acknowledgements. */
 typedef struct InFlight
 {
@@ -55,11 +61,13 @@ typedef struct InFlight
 	int64		row_id;			/* its outbox row (sent from it, or durable), or 0 */
 	int64		key;			/* outbox row: its order; queue entry: -(start+1) */
 	int			pending;		/* acknowledgements still missing */
+	int64		bytes;			/* payload bytes sent for it */
 } InFlight;
 
 static InFlight *window;
 static int	window_start;
 static int	window_count;
+static int64 window_bytes;		/* of the events in the window */
 static uint64 first_msgno;		/* msgno of window[window_start] */
 static uint64 next_msgno = 1;
 static int	queued_count = 0;	/* queue entries in the window */
@@ -100,6 +108,7 @@ me_inflight_init(uint64 head)
 
 	window = MemoryContextAllocHuge(TopMemoryContext, sizeof(InFlight) * WINDOW_SIZE);
 	window_start = window_count = 0;
+	window_bytes = 0;
 	first_msgno = next_msgno;
 	pub_pos = pub_done = head;
 	initStringInfo(&topicbuf);
@@ -254,7 +263,9 @@ me_inflight_send(const MqttEmitEventHeader *hdr, const char *model,
 	f->row_id = (outbox_row != 0) ? outbox_row : hdr->row_id;
 	f->key = key;
 	f->pending = nmsgs;
+	f->bytes = (int64) len * nmsgs;
 	window_count++;
+	window_bytes += f->bytes;
 	next_msgno++;
 	if (f->from_outbox)
 		outbox_count++;
@@ -287,7 +298,17 @@ me_inflight_window_open(void)
 /*
  * How many more messages may be sent now: none while paho's buffer is
  * full, a reset is due or the broker asked for a pause; one in flight at a
- * time after a strike (see reset()); else up to mqtt_emit.max_inflight.
+ * time after a strike (see reset()); else up to mqtt_emit.max_inflight,
+ * and none while MAX_INFLIGHT_BYTES of payload are unacknowledged.
+ *
+ * The byte limit is for paho: when its write of a message is cut short
+ * because the socket buffer is full (the broker has not read what came
+ * before), paho writes the rest only when its receive thread wakes up
+ * again, which it does when something arrives or after 1 s
+ * (Socket_getReadySocket waits for input only).  With a window of batched
+ * messages (256 kB each, hundreds of them) that was a stall of about 1 s
+ * after every few messages; keeping no more than 1 MB unacknowledged keeps
+ * the socket buffers from filling.
  */
 int
 me_inflight_room(void)
@@ -295,6 +316,8 @@ me_inflight_room(void)
 	int			limit = careful ? 1 : mqtt_emit_max_inflight;
 
 	if (backpressure || need_reset || window_count >= limit)
+		return 0;
+	if (window_count > 0 && window_bytes >= MAX_INFLIGHT_BYTES)
 		return 0;
 	if (busy_until != 0)
 	{
@@ -426,6 +449,7 @@ me_inflight_take_news(void)
 		}
 		window_start = (window_start + 1) % WINDOW_SIZE;
 		window_count--;
+		window_bytes -= f->bytes;
 		first_msgno++;
 		if (f->key == strike_key)
 			strikes = 0;		/* the broker took the one it refused */
@@ -506,6 +530,7 @@ reset(void)
 	}
 	window_start = 0;
 	window_count = 0;
+	window_bytes = 0;
 	first_msgno = next_msgno;
 	queued_count = 0;
 	outbox_count = 0;
