@@ -13,7 +13,9 @@
 # RSS after 100k and 1M events), subscribe (listen() commit -> SUBACK, worker
 # start -> both clients ready), profile (perf of a backend and of the worker;
 # only when named or with BENCH_PROFILE=1), table (issue 16's figures with
-# their targets, and callgrind's instructions per INSERT; only when named).
+# their targets, and callgrind's instructions per INSERT; only when named),
+# paho (paho's own rate and CPU per QoS 1 message, MQTTAsync and MQTTClient,
+# by window; only when named).
 #
 # As root: installs the packages (scripts/install-deps.sh, gnuplot-nox), copies
 # the tree to a temp dir, builds the extension from it and installs it into a
@@ -62,9 +64,9 @@ fi
 sections=()
 for arg in "$@"; do
 	case "$arg" in
-		trigger | throughput | latency | memory | subscribe | profile | table | bigtx) sections+=("$arg") ;;
+		trigger | throughput | latency | memory | subscribe | profile | table | bigtx | paho) sections+=("$arg") ;;
 		-h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "${BASH_SOURCE[0]}"; exit 0 ;;
-		*) echo "unknown section \"$arg\" (trigger, throughput, latency, memory, subscribe, profile, table, bigtx)" >&2; exit 2 ;;
+		*) echo "unknown section \"$arg\" (trigger, throughput, latency, memory, subscribe, profile, table, bigtx, paho)" >&2; exit 2 ;;
 	esac
 done
 if ((${#sections[@]} == 0)); then
