@@ -365,8 +365,10 @@ me_broker_watch(MeBroker *b, long *timeout_ms)
 		b->nudges_out < ME_NUDGES_MAX)
 	{
 		int64		quiet = Max(b->last_outcome, b->last_submit);
-		int64		due = Max(quiet, b->nudged_at) +
-			(b->nudges_out == 0 ? ME_NUDGE_MS : 5 * ME_NUDGE_MS);
+
+		/* the first after something happened; then every 5 x ME_NUDGE_MS */
+		int64		due = (b->nudged_at < quiet) ? quiet + ME_NUDGE_MS :
+			b->nudged_at + 5 * ME_NUDGE_MS;
 
 		if (now >= due)
 		{
@@ -427,6 +429,24 @@ me_broker_watch(MeBroker *b, long *timeout_ms)
 
 	*timeout_ms = Min(*timeout_ms, (long) Max(next - now, 0) + 1);
 	return true;
+}
+
+/*
+ * After the worker's round published: when messages wait in paho, look
+ * again (me_broker_watch, the nudge) within ME_NUDGE_MS.
+ */
+void
+me_broker_nudge_timeout(MeBroker *b, long *timeout_ms)
+{
+	bool		waiting;
+
+	if (b->subscriber)
+		return;
+	pthread_mutex_lock(&b->mutex);
+	waiting = (b->state == BS_CONNECTED && b->submitted > b->completed);
+	pthread_mutex_unlock(&b->mutex);
+	if (waiting)
+		*timeout_ms = Min(*timeout_ms, (long) ME_NUDGE_MS + 1);
 }
 
 /*

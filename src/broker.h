@@ -127,6 +127,7 @@ extern bool me_broker_connect(MeBroker *b, char *errbuf, int errlen);
 extern bool me_broker_connected(MeBroker *b);
 extern bool me_broker_connecting(MeBroker *b);
 extern bool me_broker_watch(MeBroker *b, long *timeout_ms);
+extern void me_broker_nudge_timeout(MeBroker *b, long *timeout_ms);
 extern bool me_broker_stale(MeBroker *b);
 extern void me_broker_poll(MeBroker *b, MeBrokerNews *news);
 extern int	me_broker_publish(MeBroker *b, const char *topic, const char *payload,

@@ -68,6 +68,7 @@ static InFlight *window;
 static int	window_start;
 static int	window_count;
 static int64 window_bytes;		/* of the events in the window */
+static int64 last_bytes = 0;	/* of the last event sent */
 static uint64 first_msgno;		/* msgno of window[window_start] */
 static uint64 next_msgno = 1;
 static int	queued_count = 0;	/* queue entries in the window */
@@ -253,7 +254,23 @@ me_inflight_send(const MqttEmitEventHeader *hdr, const char *model,
 		return false;
 	}
 
-	/* track it; a partial "both" send still waits for what was sent */
+	/*
+	 * Track it; a partial "both" send still waits for what was sent, and
+	 * the window is sent again from its oldest event, this one's second
+	 * topic with it (a message more than once rather than never).
+	 */
+	if (rc != 0)
+	{
+		if (rc != ME_BROKER_BACKPRESSURE)
+		{
+			me_count(ME_STAT_PUBLISH_FAILED, 1);
+			me_set_last_error("publisher: send failed: %s (code %d)",
+							  me_broker_strerror(rc), rc);
+		}
+		else
+			busy_reset = true;	/* paho's buffer: no strike */
+		need_reset = true;
+	}
 	if (window_count == 0)
 		first_msgno = msgno;
 	f = &window[(window_start + window_count) % WINDOW_SIZE];
@@ -266,6 +283,7 @@ me_inflight_send(const MqttEmitEventHeader *hdr, const char *model,
 	f->bytes = (int64) len * nmsgs;
 	window_count++;
 	window_bytes += f->bytes;
+	last_bytes = f->bytes;
 	next_msgno++;
 	if (f->from_outbox)
 		outbox_count++;
@@ -299,7 +317,9 @@ me_inflight_window_open(void)
  * How many more messages may be sent now: none while paho's buffer is
  * full, a reset is due or the broker asked for a pause; one in flight at a
  * time after a strike (see reset()); else up to mqtt_emit.max_inflight,
- * and none while MAX_INFLIGHT_BYTES of payload are unacknowledged.
+ * and none while MAX_INFLIGHT_BYTES of payload are unacknowledged (what
+ * fits besides is estimated; me_inflight_window_open() before each send
+ * keeps to the limit).
  *
  * The byte limit is for paho: when its write of a message is cut short
  * because the socket buffer is full (the broker has not read what came
@@ -324,6 +344,18 @@ me_inflight_room(void)
 		if (GetCurrentTimestamp() < busy_until)
 			return 0;
 		busy_until = 0;
+	}
+	if (last_bytes > 0)
+	{
+		/*
+		 * Estimated from the sizes in flight (or the last one's): callers
+		 * read that many outbox rows, payloads included.
+		 */
+		int64		each = window_count > 0 ? window_bytes / window_count : last_bytes;
+		int64		fit = (MAX_INFLIGHT_BYTES - window_bytes) / Max(each, 1) + 1;
+
+		if (fit < limit - window_count)
+			return (int) fit;
 	}
 	return limit - window_count;
 }

@@ -225,6 +225,8 @@ mqtt_emit_worker_main(Datum main_arg)
 
 		more = me_relay_step(&tail, &new_entries, &timeout);
 		me_relay_note_fill(false);
+		if (me_client_broker(ME_CLIENT_PUBLISHER))
+			me_broker_nudge_timeout(me_client_broker(ME_CLIENT_PUBLISHER), &timeout);
 
 		MemoryContextReset(loop_cxt);
 		if (got_sigterm)
