@@ -285,6 +285,19 @@ me_broker_connecting(MeBroker *b)
 }
 
 /*
+ * When the next nudge is due (see me_broker_watch()): ME_NUDGE_MS after the
+ * last outcome or message, then every 5 x ME_NUDGE_MS.  Under b->mutex.
+ */
+static int64
+nudge_due(MeBroker *b)
+{
+	int64		quiet = Max(b->last_outcome, b->last_submit);
+
+	return (b->nudged_at < quiet) ? quiet + ME_NUDGE_MS :
+		b->nudged_at + 5 * ME_NUDGE_MS;
+}
+
+/*
  * The watchdog (see the top of this file), called by the worker in every
  * round: sends a probe when the broker was quiet for half a keepalive
  * interval, and declares the connection lost (news lost, as if paho had
@@ -364,11 +377,7 @@ me_broker_watch(MeBroker *b, long *timeout_ms)
 	if (!b->subscriber && b->submitted > b->completed &&
 		b->nudges_out < ME_NUDGES_MAX)
 	{
-		int64		quiet = Max(b->last_outcome, b->last_submit);
-
-		/* the first after something happened; then every 5 x ME_NUDGE_MS */
-		int64		due = (b->nudged_at < quiet) ? quiet + ME_NUDGE_MS :
-			b->nudged_at + 5 * ME_NUDGE_MS;
+		int64		due = nudge_due(b);
 
 		if (now >= due)
 		{
@@ -438,15 +447,19 @@ me_broker_watch(MeBroker *b, long *timeout_ms)
 void
 me_broker_nudge_timeout(MeBroker *b, long *timeout_ms)
 {
-	bool		waiting;
+	int64		now;
+	int64		due = -1;
 
 	if (b->subscriber)
 		return;
+	now = me_broker_mono_ms();
 	pthread_mutex_lock(&b->mutex);
-	waiting = (b->state == BS_CONNECTED && b->submitted > b->completed);
+	if (b->state == BS_CONNECTED && b->submitted > b->completed &&
+		b->nudges_out < ME_NUDGES_MAX)
+		due = nudge_due(b);
 	pthread_mutex_unlock(&b->mutex);
-	if (waiting)
-		*timeout_ms = Min(*timeout_ms, (long) ME_NUDGE_MS + 1);
+	if (due >= 0)
+		*timeout_ms = Min(*timeout_ms, (long) Max(due - now, 0) + 1);
 }
 
 /*

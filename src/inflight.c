@@ -255,9 +255,10 @@ me_inflight_send(const MqttEmitEventHeader *hdr, const char *model,
 	}
 
 	/*
-	 * Track it; a partial "both" send still waits for what was sent, and
-	 * the window is sent again from its oldest event, this one's second
-	 * topic with it (a message more than once rather than never).
+	 * Track it; a partial "both" send is never done (its first topic's
+	 * acknowledgement must not pop it: the reset would then start after
+	 * it), and the window is sent again from its oldest event, this one's
+	 * second topic with it (a message more than once rather than never).
 	 */
 	if (rc != 0)
 	{
@@ -279,7 +280,8 @@ me_inflight_send(const MqttEmitEventHeader *hdr, const char *model,
 	f->from_outbox = (outbox_row != 0);
 	f->row_id = (outbox_row != 0) ? outbox_row : hdr->row_id;
 	f->key = key;
-	f->pending = nmsgs;
+	/* partial: one acknowledgement more than will come, never popped */
+	f->pending = (rc != 0) ? nmsgs + 1 : nmsgs;
 	f->bytes = (int64) len * nmsgs;
 	window_count++;
 	window_bytes += f->bytes;
