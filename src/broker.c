@@ -365,11 +365,12 @@ me_broker_watch(MeBroker *b, long *timeout_ms)
 	 * paho's receive thread finishes it once the socket drains, but does
 	 * not wake the send thread (MQTTAsync_writeComplete, as read in paho
 	 * 1.3.12 and 1.3.13), which then sleeps out its 1 s wait with messages
-	 * queued behind the written one.  A batched message of 256 kB does that nearly every
-	 * time; single events do when the broker falls behind.  Any new
-	 * command wakes the send thread: when messages are in paho's hands and
-	 * nothing happened for ME_NUDGE_MS (no outcome, no new message), the
-	 * worker sends an UNSUBSCRIBE of the probe filter (as the probe does).
+	 * queued behind the written one (batched messages of 256 kB did, see
+	 * MAX_INFLIGHT_BYTES in inflight.c; single events can when the broker
+	 * falls behind).  Any new command wakes the send thread: when
+	 * messages are in paho's hands and nothing happened for ME_NUDGE_MS
+	 * (no outcome, no new message), the worker sends an UNSUBSCRIBE of the
+	 * probe filter (as the probe does).
 	 * It is queued behind those messages, so its answer comes late; while
 	 * the quiet lasts, another follows every 5 x ME_NUDGE_MS, at most
 	 * ME_NUDGES_MAX unanswered (a frozen broker is the watchdog's case).
