@@ -285,6 +285,30 @@ me_broker_connecting(MeBroker *b)
 }
 
 /*
+ * An UNSUBSCRIBE of ME_PROBE_FILTER (the watchdog's probe, the nudge), its
+ * answer to the given callbacks.  Returns paho's code.
+ */
+static int
+unsubscribe_probe_filter(MeBroker *b, MQTTAsync_onSuccess *ok, MQTTAsync_onSuccess5 *ok5,
+						 MQTTAsync_onFailure *fail, MQTTAsync_onFailure5 *fail5)
+{
+	MQTTAsync_responseOptions ropts = MQTTAsync_responseOptions_initializer;
+
+	ropts.context = b;
+	if (b->version == MQTTVERSION_5)
+	{
+		ropts.onSuccess5 = ok5;
+		ropts.onFailure5 = fail5;
+	}
+	else
+	{
+		ropts.onSuccess = ok;
+		ropts.onFailure = fail;
+	}
+	return MQTTAsync_unsubscribe(b->client, ME_PROBE_FILTER, &ropts);
+}
+
+/*
  * When the next nudge is due (see me_broker_watch()): ME_NUDGE_MS after the
  * last outcome or message, then every 5 x ME_NUDGE_MS.  Under b->mutex.
  */
@@ -391,51 +415,22 @@ me_broker_watch(MeBroker *b, long *timeout_ms)
 	}
 	pthread_mutex_unlock(&b->mutex);
 
-	if (send_nudge)
+	if (send_nudge &&
+		unsubscribe_probe_filter(b, me_cb_nudge_done, me_cb_nudge_done5,
+								 me_cb_nudge_failed, me_cb_nudge_failed5) != MQTTASYNC_SUCCESS)
 	{
-		MQTTAsync_responseOptions ropts = MQTTAsync_responseOptions_initializer;
-
-		ropts.context = b;
-		if (b->version == MQTTVERSION_5)
-		{
-			ropts.onSuccess5 = me_cb_nudge_done5;
-			ropts.onFailure5 = me_cb_nudge_failed5;
-		}
-		else
-		{
-			ropts.onSuccess = me_cb_nudge_done;
-			ropts.onFailure = me_cb_nudge_failed;
-		}
-		if (MQTTAsync_unsubscribe(b->client, ME_PROBE_FILTER, &ropts) != MQTTASYNC_SUCCESS)
-		{
-			pthread_mutex_lock(&b->mutex);
-			b->nudges_out--;
-			pthread_mutex_unlock(&b->mutex);
-		}
+		pthread_mutex_lock(&b->mutex);
+		b->nudges_out--;
+		pthread_mutex_unlock(&b->mutex);
 	}
 
+	/*
+	 * A probe not sent (paho refuses while it is disconnecting): the
+	 * deadline stands, paho reports the loss first if it knows of it.
+	 */
 	if (send_probe)
-	{
-		MQTTAsync_responseOptions ropts = MQTTAsync_responseOptions_initializer;
-
-		ropts.context = b;
-		if (b->version == MQTTVERSION_5)
-		{
-			ropts.onSuccess5 = me_cb_probe_success5;
-			ropts.onFailure5 = me_cb_probe_failure5;
-		}
-		else
-		{
-			ropts.onSuccess = me_cb_probe_success;
-			ropts.onFailure = me_cb_probe_failure;
-		}
-
-		/*
-		 * Not sent (paho refuses while it is disconnecting): the deadline
-		 * stands, paho reports the loss first if it knows of it.
-		 */
-		(void) MQTTAsync_unsubscribe(b->client, ME_PROBE_FILTER, &ropts);
-	}
+		(void) unsubscribe_probe_filter(b, me_cb_probe_success, me_cb_probe_success5,
+										me_cb_probe_failure, me_cb_probe_failure5);
 
 	*timeout_ms = Min(*timeout_ms, (long) Max(next - now, 0) + 1);
 	return true;
