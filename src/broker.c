@@ -285,14 +285,16 @@ me_broker_connecting(MeBroker *b)
 }
 
 /*
- * An UNSUBSCRIBE of ME_PROBE_FILTER (the watchdog's probe, the nudge), its
- * answer to the given callbacks.  Returns paho's code.
+ * An UNSUBSCRIBE of filter, its answer to the given callbacks (context b).
+ * Returns paho's code; *token (when not NULL) gets the command's token, or 0.
  */
 static int
-unsubscribe_probe_filter(MeBroker *b, MQTTAsync_onSuccess *ok, MQTTAsync_onSuccess5 *ok5,
-						 MQTTAsync_onFailure *fail, MQTTAsync_onFailure5 *fail5)
+unsubscribe_with(MeBroker *b, const char *filter,
+				 MQTTAsync_onSuccess *ok, MQTTAsync_onSuccess5 *ok5,
+				 MQTTAsync_onFailure *fail, MQTTAsync_onFailure5 *fail5, int *token)
 {
 	MQTTAsync_responseOptions ropts = MQTTAsync_responseOptions_initializer;
+	int			rc;
 
 	ropts.context = b;
 	if (b->version == MQTTVERSION_5)
@@ -305,7 +307,10 @@ unsubscribe_probe_filter(MeBroker *b, MQTTAsync_onSuccess *ok, MQTTAsync_onSucce
 		ropts.onSuccess = ok;
 		ropts.onFailure = fail;
 	}
-	return MQTTAsync_unsubscribe(b->client, ME_PROBE_FILTER, &ropts);
+	rc = MQTTAsync_unsubscribe(b->client, filter, &ropts);
+	if (token)
+		*token = (rc == MQTTASYNC_SUCCESS) ? ropts.token : 0;
+	return rc;
 }
 
 /*
@@ -416,8 +421,8 @@ me_broker_watch(MeBroker *b, long *timeout_ms)
 	pthread_mutex_unlock(&b->mutex);
 
 	if (send_nudge &&
-		unsubscribe_probe_filter(b, me_cb_nudge_done, me_cb_nudge_done5,
-								 me_cb_nudge_failed, me_cb_nudge_failed5) != MQTTASYNC_SUCCESS)
+		unsubscribe_with(b, ME_PROBE_FILTER, me_cb_nudge_done, me_cb_nudge_done5,
+						 me_cb_nudge_failed, me_cb_nudge_failed5, NULL) != MQTTASYNC_SUCCESS)
 	{
 		pthread_mutex_lock(&b->mutex);
 		b->nudges_out--;
@@ -429,8 +434,8 @@ me_broker_watch(MeBroker *b, long *timeout_ms)
 	 * deadline stands, paho reports the loss first if it knows of it.
 	 */
 	if (send_probe)
-		(void) unsubscribe_probe_filter(b, me_cb_probe_success, me_cb_probe_success5,
-										me_cb_probe_failure, me_cb_probe_failure5);
+		(void) unsubscribe_with(b, ME_PROBE_FILTER, me_cb_probe_success, me_cb_probe_success5,
+								me_cb_probe_failure, me_cb_probe_failure5, NULL);
 
 	*timeout_ms = Min(*timeout_ms, (long) Max(next - now, 0) + 1);
 	return true;
@@ -807,23 +812,8 @@ me_broker_subscribe_tracked(MeBroker *b, const char *filter, int qos, uint32 sub
 int
 me_broker_unsubscribe_tracked(MeBroker *b, const char *filter, int *token)
 {
-	MQTTAsync_responseOptions ropts = MQTTAsync_responseOptions_initializer;
-	int			rc;
-
-	ropts.context = b;
-	if (b->version == MQTTVERSION_5)
-	{
-		ropts.onSuccess5 = me_cb_unsubscribe_success5;
-		ropts.onFailure5 = me_cb_unsubscribe_failure5;
-	}
-	else
-	{
-		ropts.onSuccess = me_cb_unsubscribe_success;
-		ropts.onFailure = me_cb_unsubscribe_failure;
-	}
-	rc = MQTTAsync_unsubscribe(b->client, filter, &ropts);
-	*token = (rc == MQTTASYNC_SUCCESS) ? ropts.token : 0;
-	return rc;
+	return unsubscribe_with(b, filter, me_cb_unsubscribe_success, me_cb_unsubscribe_success5,
+							me_cb_unsubscribe_failure, me_cb_unsubscribe_failure5, token);
 }
 
 /*

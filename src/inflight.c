@@ -179,6 +179,15 @@ find_event_id(const char *payload, int len, char *out)
 	}
 }
 
+/* paho refused a message (other than its buffer being full) */
+static void
+count_send_failure(int rc)
+{
+	me_count(ME_STAT_PUBLISH_FAILED, 1);
+	me_set_last_error("publisher: send failed: %s (code %d)",
+					  me_broker_strerror(rc), rc);
+}
+
 /*
  * Send one event (a queue entry ending at end_pos, or an outbox row when
  * outbox_row is set); false when it could not be sent now.  key names the
@@ -246,9 +255,7 @@ me_inflight_send(const MqttEmitEventHeader *hdr, const char *model,
 			backpressure = true;
 		else
 		{
-			me_count(ME_STAT_PUBLISH_FAILED, 1);
-			me_set_last_error("publisher: send failed: %s (code %d)",
-							  me_broker_strerror(rc), rc);
+			count_send_failure(rc);
 			need_reset = true;
 		}
 		return false;
@@ -263,11 +270,7 @@ me_inflight_send(const MqttEmitEventHeader *hdr, const char *model,
 	if (rc != 0)
 	{
 		if (rc != ME_BROKER_BACKPRESSURE)
-		{
-			me_count(ME_STAT_PUBLISH_FAILED, 1);
-			me_set_last_error("publisher: send failed: %s (code %d)",
-							  me_broker_strerror(rc), rc);
-		}
+			count_send_failure(rc);
 		else
 			busy_reset = true;	/* paho's buffer: no strike */
 		need_reset = true;
