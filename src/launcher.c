@@ -563,6 +563,7 @@ mqtt_emit_launcher_main(Datum main_arg)
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnection(NULL, NULL, 0);
+	me_worker_session_settings();
 	pgstat_report_appname("pg_mqtt_emit launcher");
 
 	nslots = me_slot_count();
@@ -841,6 +842,7 @@ mqtt_emit_probe_main(Datum main_arg)
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnectionByOid(DatumGetObjectId(main_arg), InvalidOid, 0);
+	me_worker_session_settings();
 	pgstat_report_appname("pg_mqtt_emit probe");
 
 	SetCurrentStatementStartTimestamp();

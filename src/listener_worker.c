@@ -122,7 +122,6 @@ mqtt_emit_listener_main(Datum main_arg)
 	if (!me_worker_connect(main_arg))
 		proc_exit(0);
 	pgstat_report_appname("pg_mqtt_emit listeners");
-	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
 
 	if (!me_listener_claim(MyLatch, &other))
 	{

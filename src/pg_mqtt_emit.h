@@ -431,6 +431,7 @@ extern void me_capture_set_depth(int depth);
 
 /* worker.c */
 extern bool me_worker_connect(Datum main_arg);
+extern void me_worker_session_settings(void);
 extern void me_worker_start(Oid dboid, const char *function, const char *name,
 							const char *type, BackgroundWorkerHandle **handle);
 PGDLLEXPORT void mqtt_emit_worker_main(Datum main_arg);

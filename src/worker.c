@@ -112,6 +112,28 @@ me_worker_start(Oid dboid, const char *function, const char *name,
 }
 
 /*
+ * Set, right after a background worker of the extension connected, what
+ * its transactions need whatever the server, the database or the role sets
+ * for client sessions (postgresql.conf, ALTER DATABASE/ROLE ... SET):
+ * read-write, READ COMMITTED, not deferrable, waiting for locks without a
+ * timeout, and resolving names in pg_catalog only.  A server-wide
+ * default_transaction_read_only = on made the worker and the listener
+ * worker fail at their first UPDATE and restart every second; a
+ * serializable, read-only, deferrable default can make a read wait for a
+ * safe snapshot.  Listeners run inside these transactions, with their own
+ * search_path (listeners.c), and can still SET LOCAL what they like.
+ */
+void
+me_worker_session_settings(void)
+{
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("default_transaction_read_only", "off", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("default_transaction_isolation", "read committed", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("default_transaction_deferrable", "off", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("lock_timeout", "0", PGC_SUSET, PGC_S_OVERRIDE);
+}
+
+/*
  * Connect a worker to the database of its argument, and bind it to the
  * database's slot when the extension is there.  Returns false (the worker
  * is to exit for good) when it is not: then the slot, if the database has
@@ -123,6 +145,8 @@ me_worker_connect(Datum main_arg)
 	bool		present;
 
 	BackgroundWorkerInitializeConnectionByOid(DatumGetObjectId(main_arg), InvalidOid, 0);
+	me_worker_session_settings();
+
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	present = me_extension_present();
@@ -173,9 +197,6 @@ mqtt_emit_worker_main(Datum main_arg)
 	if (!me_worker_connect(main_arg))
 		proc_exit(0);
 	pgstat_report_appname("pg_mqtt_emit");
-
-	/* the worker's own SQL resolves names in pg_catalog only */
-	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_OVERRIDE);
 
 	if (!me_worker_claim(MyLatch, &head, &other))
 	{
