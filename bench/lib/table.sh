@@ -12,12 +12,19 @@
 #    that spilled to the outbox and the worker's CPU per event: utime +
 #    stime of the worker process (all its threads, paho's included) from
 #    before the run until the worker is idle again, divided by the rows.
+#    Variants paused and durable_paused are watched and durable with the
+#    worker stopped (SIGSTOP) while pgbench runs and resumed after it: what
+#    the backends' own capture and commit cost when the worker's publishing
+#    takes no CPU from them (on 2 cores, the worker and mosquitto share the
+#    cores with the two pgbench clients and their backends).
 # 2. Publish rate: 100k rows committed in one transaction, COMMIT returned
 #    -> a paho subscriber (QoS 1) has the 100,000th message
 #    (throughput.sh's tput_ext), on a cluster with the default
 #    mqtt_emit.queue_size (8 MB: every event spills to the outbox) and on
 #    one with 256 MB (nothing spills); medians of BENCH_TABLE_PUBLISH_RUNS
-#    (2); the worker's CPU per event over the same runs.  Then the same
+#    (2); the worker's CPU per event over the same runs; on the 256 MB
+#    cluster also with mqtt_emit.max_inflight = 200 (default 1000: paho
+#    scans its in-flight list for every message id).  Then the same
 #    100k rows with the table watched with batch => true (one message per
 #    transaction, in parts of mqtt_emit.batch_max_bytes, default 256 kB):
 #    COMMIT returned -> the subscriber of <batch prefix>/tput/# has
@@ -43,7 +50,7 @@
 # The figures go to figures.txt like every section's, and the table to
 # table.txt.
 
-TABLE_VARIANTS=(unwatched watched notify durable)
+TABLE_VARIANTS=(unwatched watched notify durable paused durable_paused)
 
 # proc_sleeps PID: voluntary context switches of a process's main thread
 # (for the worker: how often it slept, in WaitLatch or on a lock)
@@ -130,6 +137,23 @@ table_publish() {
 		note "publish 100k, queue $queue, run $r: $e msgs/s, worker $((w1 - w0)) ticks"
 		printf '%s\t%s\t%s\n' "$name" "$e" "$((w1 - w0))" >>"$RESULTS/table_publish.tsv"
 	done
+	if [[ "$name" == p256 ]]; then
+		q "$name" -c "ALTER SYSTEM SET mqtt_emit.max_inflight = 200" -c "SELECT pg_reload_conf()" >/dev/null
+		tput_ext 1000 >/dev/null
+		wait_idle "$name" 120
+		for ((r = 1; r <= runs; r++)); do
+			wpid="$(table_worker_pid "$name")"
+			w0="$(proc_ticks "$wpid")"
+			e="$(tput_ext 100000)"
+			wait_idle "$name" 300
+			w1="$(proc_ticks "$wpid")"
+			note "publish 100k, queue $queue, max_inflight 200, run $r: $e msgs/s, worker $((w1 - w0)) ticks"
+			printf '%s\t%s\t%s\n' "${name}w200" "$e" "$((w1 - w0))" >>"$RESULTS/table_publish.tsv"
+		done
+		q "$name" -c "ALTER SYSTEM RESET mqtt_emit.max_inflight" -c "SELECT pg_reload_conf()" >/dev/null
+		tput_ext 1000 >/dev/null
+		wait_idle "$name" 120
+	fi
 	table_publish_batch "$name" "$runs"
 	stop_cluster "$name"
 }
@@ -298,6 +322,13 @@ table_report() {
 	off_wu="$(trigger_ratio off watched unwatched)"
 	off_wn="$(trigger_ratio off watched notify)"
 	off_du="$(trigger_ratio off durable unwatched)"
+	local on_pu off_pu off_dpu on_dpu p256w wcpu256w
+	on_pu="$(trigger_ratio on paused unwatched)"
+	off_pu="$(trigger_ratio off paused unwatched)"
+	on_dpu="$(trigger_ratio on durable_paused unwatched)"
+	off_dpu="$(trigger_ratio off durable_paused unwatched)"
+	p256w="$(awk -F'\t' '$1 == "p256w200" { print $2 }' "$RESULTS/table_publish.tsv" | median)"
+	wcpu256w="$(awk -F'\t' -v t="$TICK_US" '$1 == "p256w200" { k += $3; n++ } END { if (n) printf "%.1f", k * t / (n * 100000); else print "NA" }' "$RESULTS/table_publish.tsv")"
 	spill="$(awk -F'\t' '$1 == "off" && $3 == "watched" { r += $5; x += $6 } END { printf "%.1f%%", r ? 100 * x / r : 0 }' "$RESULTS/trigger_runs.tsv")"
 	wcpu="$(awk -F'\t' -v t="$TICK_US" '$1 == "off" && $3 == "watched" && $7 != "NA" { k += $7; r += $5 } END { if (r) printf "%.1f", k * t / r; else print "NA" }' "$RESULTS/trigger_runs.tsv")"
 	local wake_on wake_off
@@ -323,6 +354,9 @@ table_report() {
 	fig table_ratio_watched_notify_off "$off_wn"
 	fig table_ratio_durable_unwatched_off "$off_du"
 	fig table_ratio_durable_unwatched_on "$on_du"
+	fig table_ratio_watched_worker_paused_unwatched "on: $on_pu, off: $off_pu"
+	fig table_ratio_durable_worker_paused_unwatched "on: $on_dpu, off: $off_dpu"
+	fig table_publish_100k_queue256mb_max_inflight200 "$(fmt 0 "$p256w") msgs/s, worker $wcpu256w us per event"
 	fig table_watched_off_spilled "$spill"
 	fig table_worker_us_per_event_pgbench_off "$wcpu"
 	fig table_worker_sleeps_per_event "on: $wake_on, off: $wake_off"
@@ -334,7 +368,7 @@ table_report() {
 	fig table_publish_batch_100k_emit_local_off_rows_per_s "8 MB: $(fmt 0 "$bl8"), 256 MB: $(fmt 0 "$bl256")"
 	fig table_publish_batch_100k_msgs_per_s "8 MB: $(fmt 0 "$bm8") ($bn8 messages), 256 MB: $(fmt 0 "$bm256") ($bn256 messages)"
 
-	tps() { printf '%s / %s / %s / %s tps' "$(tr_med "$1" unwatched 4)" "$(tr_med "$1" watched 4)" "$(tr_med "$1" notify 4)" "$(tr_med "$1" durable 4)"; }
+	tps() { printf '%s / %s / %s / %s / %s / %s tps' "$(tr_med "$1" unwatched 4)" "$(tr_med "$1" watched 4)" "$(tr_med "$1" notify 4)" "$(tr_med "$1" durable 4)" "$(tr_med "$1" paused 4)" "$(tr_med "$1" durable_paused 4)"; }
 	{
 		printf '%-62s | %-40s | %s\n' "figure (issue 16)" "measured (median, rounds' range)" "target"
 		printf '%-62s | %-40s | %s\n' "watched / unwatched, synchronous_commit = on" "$on_wu" ">= 0.9"
@@ -343,8 +377,13 @@ table_report() {
 		printf '%-62s | %-40s | %s\n' "events spilled to the outbox, watched, off" "$spill" "(0)"
 		printf '%-62s | %-40s | %s\n' "durable / unwatched, off" "$off_du" ">= 0.7"
 		printf '%-62s | %-40s | %s\n' "durable / unwatched, on" "$on_du" "(>= 0.6, DESIGN 9)"
+		printf '%-62s | %-40s | %s\n' "  worker stopped during the run: watched / unwatched, on" "$on_pu" ""
+		printf '%-62s | %-40s | %s\n' "  worker stopped during the run: watched / unwatched, off" "$off_pu" ""
+		printf '%-62s | %-40s | %s\n' "  worker stopped during the run: durable / unwatched, on" "$on_dpu" ""
+		printf '%-62s | %-40s | %s\n' "  worker stopped during the run: durable / unwatched, off" "$off_dpu" ""
 		printf '%-62s | %-40s | %s\n' "publish 100k rows in one transaction, 8 MB queue (msg/s)" "$(fmt 0 "$p8")" ">= 50,000"
 		printf '%-62s | %-40s | %s\n' "same, 256 MB queue (msg/s)" "$(fmt 0 "$p256")" ">= 50,000"
+		printf '%-62s | %-40s | %s\n' "  same, max_inflight = 200 (msg/s; worker us per event)" "$(fmt 0 "$p256w"); $wcpu256w" ""
 		printf '%-62s | %-40s | %s\n' "same, batch => true, 8 MB / 256 MB queue (rows/s)" "$(fmt 0 "$b8") / $(fmt 0 "$b256")" "(opt-in)"
 		printf '%-62s | %-40s | %s\n' "  messages/s (messages), 8 MB / 256 MB" "$(fmt 0 "$bm8") ($bn8) / $(fmt 0 "$bm256") ($bn256)" ""
 		printf '%-62s | %-40s | %s\n' "  same with emit_local = off, 8 MB / 256 MB (rows/s)" "$(fmt 0 "$bl8") / $(fmt 0 "$bl256")" ""
@@ -355,8 +394,8 @@ table_report() {
 		printf '%-62s | %-40s | %s\n' "instructions per INSERT, watched (callgrind)" "$(fmt 0 "${CG_WATCHED:-NA}")" ""
 		printf '%-62s | %-40s | %s\n' "instructions per INSERT, durable (callgrind)" "$(fmt 0 "${CG_DURABLE:-NA}")" ""
 		printf '%-62s | %-40s | %s\n' "  of which the capture trigger / the commit callback" "$(fmt 0 "${CG_TRIGGER:-NA}") / $(fmt 0 "${CG_COMMIT:-NA}")" ""
-		printf '%-62s | %-40s | %s\n' "tps on: unwatched / watched / notify / durable" "$(tps on)" ""
-		printf '%-62s | %-40s | %s\n' "tps off: unwatched / watched / notify / durable" "$(tps off)" ""
+		printf '%-62s | %-40s | %s\n' "tps on: unwatch./watched/notify/durable/paused/dur. paused" "$(tps on)" ""
+		printf '%-62s | %-40s | %s\n' "tps off: unwatch./watched/notify/durable/paused/dur. paused" "$(tps off)" ""
 		printf '(pgbench -c 2 -j 2, %s rounds x %s s per variant and setting; publish: medians of %s runs)\n' "$rounds" "$dur" "$runs"
 	} | tee "$RESULTS/table.txt"
 }

@@ -50,7 +50,7 @@ trigger_setup_sql() {
 		  FROM mqtt_emit.watched_tables WHERE table_name = 'bench_t'::regclass;
 	SQL
 	case "$variant" in
-		watched | durable) echo "SELECT mqtt_emit.watch('bench_t');" ;;
+		watched | durable | paused | durable_paused) echo "SELECT mqtt_emit.watch('bench_t');" ;;
 		notify | notify_listened)
 			echo "CREATE TRIGGER bench_notify_trg AFTER INSERT ON bench_t FOR EACH ROW EXECUTE FUNCTION bench_notify();" ;;
 	esac
@@ -90,12 +90,27 @@ trigger_run() {
 		pm_poll 20 grep -q ready "$WORK/notify_sink.out" || pm_die "notify_sink did not start: $(cat "$WORK/notify_sink.err")"
 	fi
 	opts="-c synchronous_commit=$sync"
-	[[ "$variant" == durable ]] && opts="$opts -c mqtt_emit.delivery=durable"
-	out="$(PGOPTIONS="$opts" pgb a -n -M prepared -c 2 -j 2 -T "$dur" -f "$WORK/trigger_insert.sql" 2>&1)" || {
+	[[ "$variant" == durable* ]] && opts="$opts -c mqtt_emit.delivery=durable"
+	# *paused (bench/lib/table.sh): the worker is stopped (SIGSTOP) while
+	# pgbench runs, so the backends have both cores; it was idle just before
+	# (wait_idle above), sleeping in WaitLatch with no lock held.  paused
+	# runs a count of transactions, not a duration: 2 x 4,000 events fill
+	# about half of the default 8 MB queue (some 600 bytes per event in
+	# it), so none spills to the outbox while nothing takes them out
+	local wpid="" len="-T $dur"
+	if [[ "$variant" == *paused ]]; then
+		wpid="$(q a -c 'SELECT worker_pid FROM mqtt_emit.stats')"
+		kill -STOP "$wpid"
+		[[ "$variant" == paused ]] && len="-t ${TRIGGER_PAUSED_TX:-4000}"
+	fi
+	# shellcheck disable=SC2086
+	out="$(PGOPTIONS="$opts" pgb a -n -M prepared -c 2 -j 2 $len -f "$WORK/trigger_insert.sql" 2>&1)" || {
+		[[ -n "$wpid" ]] && kill -CONT "$wpid"
 		echo "$out" >&2
 		echo "NA 0 0"
 		return
 	}
+	[[ -n "$wpid" ]] && kill -CONT "$wpid"
 	tps="$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out" | head -n1)"
 	if [[ "$variant" == notify_listened ]]; then
 		kill -TERM "$SINK_PID" 2>/dev/null || true
@@ -105,7 +120,7 @@ trigger_run() {
 	s1="$(q a -c 'SELECT spilled FROM mqtt_emit.stats')"
 	rows="$(q a -c 'SELECT count(*) FROM bench_t')"
 	echo "${tps:-NA} $rows $((s1 - s0))"
-	[[ "$variant" == durable ]] && trigger_unstick_outbox
+	[[ "$variant" == durable* ]] && trigger_unstick_outbox
 	return 0
 }
 
