@@ -16,7 +16,10 @@
 #    worker stopped (SIGSTOP) while pgbench runs and resumed after it: what
 #    the backends' own capture and commit cost when the worker's publishing
 #    takes no CPU from them (on 2 cores, the worker and mosquitto share the
-#    cores with the two pgbench clients and their backends).
+#    cores with the two pgbench clients and their backends).  paused runs
+#    2 x 4,000 transactions (the queue must not fill: nothing takes events
+#    out of it), and is compared with unwatched_t, unwatched for the same
+#    count; durable_paused runs BENCH_TABLE_SECONDS like the others.
 # 2. Publish rate: 100k rows committed in one transaction, COMMIT returned
 #    -> a paho subscriber (QoS 1) has the 100,000th message
 #    (throughput.sh's tput_ext), on a cluster with the default
@@ -50,7 +53,7 @@
 # The figures go to figures.txt like every section's, and the table to
 # table.txt.
 
-TABLE_VARIANTS=(unwatched watched notify durable paused durable_paused)
+TABLE_VARIANTS=(unwatched watched notify durable paused durable_paused unwatched_t)
 
 # proc_sleeps PID: voluntary context switches of a process's main thread
 # (for the worker: how often it slept, in WaitLatch or on a lock)
@@ -323,8 +326,8 @@ table_report() {
 	off_wn="$(trigger_ratio off watched notify)"
 	off_du="$(trigger_ratio off durable unwatched)"
 	local on_pu off_pu off_dpu on_dpu p256w wcpu256w
-	on_pu="$(trigger_ratio on paused unwatched)"
-	off_pu="$(trigger_ratio off paused unwatched)"
+	on_pu="$(trigger_ratio on paused unwatched_t)"
+	off_pu="$(trigger_ratio off paused unwatched_t)"
 	on_dpu="$(trigger_ratio on durable_paused unwatched)"
 	off_dpu="$(trigger_ratio off durable_paused unwatched)"
 	p256w="$(awk -F'\t' '$1 == "p256w200" { print $2 }' "$RESULTS/table_publish.tsv" | median)"
@@ -377,10 +380,10 @@ table_report() {
 		printf '%-62s | %-40s | %s\n' "events spilled to the outbox, watched, off" "$spill" "(0)"
 		printf '%-62s | %-40s | %s\n' "durable / unwatched, off" "$off_du" ">= 0.7"
 		printf '%-62s | %-40s | %s\n' "durable / unwatched, on" "$on_du" "(>= 0.6, DESIGN 9)"
-		printf '%-62s | %-40s | %s\n' "  worker stopped during the run: watched / unwatched, on" "$on_pu" ""
-		printf '%-62s | %-40s | %s\n' "  worker stopped during the run: watched / unwatched, off" "$off_pu" ""
-		printf '%-62s | %-40s | %s\n' "  worker stopped during the run: durable / unwatched, on" "$on_dpu" ""
-		printf '%-62s | %-40s | %s\n' "  worker stopped during the run: durable / unwatched, off" "$off_dpu" ""
+		printf '%-62s | %-40s | %s\n' "  worker stopped: watched / unwatched, 2 x 4,000 tx, on" "$on_pu" ""
+		printf '%-62s | %-40s | %s\n' "  worker stopped: watched / unwatched, 2 x 4,000 tx, off" "$off_pu" ""
+		printf '%-62s | %-40s | %s\n' "  worker stopped: durable / unwatched, on" "$on_dpu" ""
+		printf '%-62s | %-40s | %s\n' "  worker stopped: durable / unwatched, off" "$off_dpu" ""
 		printf '%-62s | %-40s | %s\n' "publish 100k rows in one transaction, 8 MB queue (msg/s)" "$(fmt 0 "$p8")" ">= 50,000"
 		printf '%-62s | %-40s | %s\n' "same, 256 MB queue (msg/s)" "$(fmt 0 "$p256")" ">= 50,000"
 		printf '%-62s | %-40s | %s\n' "  same, max_inflight = 200 (msg/s; worker us per event)" "$(fmt 0 "$p256w"); $wcpu256w" ""
