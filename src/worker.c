@@ -116,7 +116,8 @@ me_worker_start(Oid dboid, const char *function, const char *name,
  * its transactions need whatever the server, the database or the role sets
  * for client sessions (postgresql.conf, ALTER DATABASE/ROLE ... SET):
  * read-write, READ COMMITTED, not deferrable, waiting for locks without a
- * timeout, and resolving names in pg_catalog only.  A server-wide
+ * timeout, without exit_on_error or (PostgreSQL 17 and later)
+ * transaction_timeout, and resolving names in pg_catalog only.  A server-wide
  * default_transaction_read_only = on made the worker and the listener
  * worker fail at their first UPDATE and restart every second; a
  * serializable, read-only, deferrable default can make a read wait for a
@@ -131,6 +132,12 @@ me_worker_session_settings(void)
 	SetConfigOption("default_transaction_isolation", "read committed", PGC_SUSET, PGC_S_OVERRIDE);
 	SetConfigOption("default_transaction_deferrable", "off", PGC_SUSET, PGC_S_OVERRIDE);
 	SetConfigOption("lock_timeout", "0", PGC_SUSET, PGC_S_OVERRIDE);
+	/* would turn the errors caught on purpose (a failing listener) into FATAL */
+	SetConfigOption("exit_on_error", "off", PGC_SUSET, PGC_S_OVERRIDE);
+#if PG_VERSION_NUM >= 170000
+	/* the listener worker's transactions run listener_batch_time and more */
+	SetConfigOption("transaction_timeout", "0", PGC_SUSET, PGC_S_OVERRIDE);
+#endif
 }
 
 /*

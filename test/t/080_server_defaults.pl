@@ -7,19 +7,24 @@
 #   default_transaction_isolation = 'serializable'
 #   default_transaction_read_only = on
 #   lock_timeout = '1ms'
+#   exit_on_error = on
+#   transaction_timeout = '200ms'   (PostgreSQL 17 and later)
 #
 # (here also ALTER DATABASE ... SET, which a background worker connecting to
-# the database takes too).  The publisher, its outbox bookkeeping, the
-# listener worker and the listeners must behave as with the defaults: every
-# event published once and every listener run once, memory, spilled and
-# durable, local and remote, with no worker error and no worker restart.
+# the database takes too: the servers restart after it).  The publisher,
+# its outbox bookkeeping, the listener worker and the listeners must behave
+# as with the defaults: every event published once and every listener run
+# once, memory, spilled and durable, local and remote, with no worker error
+# and no worker restart, also across a configuration reload.
 #
 # Two nodes on one broker, both with these settings.  A writes 3 x 120 rows
 # (memory; one transaction of 60 rows of 2 kB that spills past A's 64 kB
-# queue; durable), with a local listener on A and a remote listener on B.
-# Counted: rows published (a subscriber on the broker), listener runs on A
-# and on B, missing and run twice.  The sessions of the test itself say SET
-# default_transaction_read_only = off.
+# queue; durable), with a local listener on A and a remote listener on B,
+# and beside each a listener that fails for every 40th row (a caught error,
+# FATAL under exit_on_error) and sleeps 0.3 s for row 100 (its transaction
+# outlasts transaction_timeout).  Counted: rows published (a subscriber on
+# the broker), listener runs on A and on B, missing, run twice and out of
+# order.  The sessions of the test itself turn these settings off.
 use strict;
 use warnings;
 
@@ -31,7 +36,8 @@ my $T = 120;
 my @hostile = (
 	"default_transaction_isolation = 'serializable'",
 	'default_transaction_read_only = on',
-	"lock_timeout = '1ms'");
+	"lock_timeout = '1ms'",
+	'exit_on_error = on');
 
 my $broker = start_broker();
 my %node;
@@ -52,11 +58,22 @@ sub counts_ok
 		'missing 0 duplicates 0 unexpected 0 disorder 0', "$label: none missing, twice or out of order");
 }
 
+my $pg17 = $node{a}->safe_psql('postgres', 'SHOW server_version_num') >= 170000;
+
 sub sq
 {
 	my ($n, $sql) = @_;
 	return $node{$n}->safe_psql('postgres',
-		"SET default_transaction_read_only = off; SET lock_timeout = 0;\n$sql");
+		    "SET default_transaction_read_only = off; SET lock_timeout = 0; SET exit_on_error = off;\n"
+		  . ($pg17 ? "SET transaction_timeout = 0;\n" : '')
+		  . $sql);
+}
+
+# the listener worker's process id
+sub lpid
+{
+	my ($n) = @_;
+	return sq($n, q{SELECT pid FROM pg_stat_activity WHERE application_name = 'pg_mqtt_emit listeners'});
 }
 
 for my $n (qw(a b))
@@ -73,11 +90,25 @@ for my $n (qw(a b))
 		BEGIN
 			INSERT INTO runlog (id, src) VALUES ((e.result->>'id')::int, e.source);
 		END $$;
+		CREATE FUNCTION boom(e mqtt_emit.event) RETURNS void LANGUAGE plpgsql AS $$
+		BEGIN
+			IF (e.result->>'id')::int = 100 THEN
+				PERFORM pg_sleep(0.3);
+			END IF;
+			IF (e.result->>'id')::int % 40 = 0 THEN
+				RAISE EXCEPTION 'boom %', e.result->>'id';
+			END IF;
+		END $$;
 	});
+	sq($n, q{ALTER DATABASE postgres SET transaction_timeout = '200ms'}) if $pg17;
 }
 sq('a', q{SELECT mqtt_emit.watch('item', emit => true);
-	SELECT mqtt_emit.listen('item', 'rec(mqtt_emit.event)')});
-sq('b', q{SELECT mqtt_emit.listen('item', 'rec(mqtt_emit.event)', allow_remote => true, remote_only => true)});
+	SELECT mqtt_emit.listen('item', 'rec(mqtt_emit.event)');
+	SELECT mqtt_emit.listen('item', 'boom(mqtt_emit.event)')});
+sq('b', q{SELECT mqtt_emit.listen('item', 'rec(mqtt_emit.event)', allow_remote => true, remote_only => true);
+	SELECT mqtt_emit.listen('item', 'boom(mqtt_emit.event)', allow_remote => true, remote_only => true)});
+# the workers start again with the database's settings
+$node{$_}->restart for qw(a b);
 
 for my $n (qw(a b))
 {
@@ -92,6 +123,12 @@ ok( poll_until(
 	'b: subscribed to the model of its remote listener');
 
 my %pid0 = map { $_ => stats($node{$_})->{worker_pid} } qw(a b);
+my %lpid0;
+for my $n (qw(a b))
+{
+	ok(poll_until(sub { lpid($n) ne '' }, $T), "$n: the listener worker runs");
+	$lpid0{$n} = lpid($n);
+}
 my %log0 = map { $_ => -s $node{$_}->logfile } qw(a b);
 
 my $sub = start_subscriber($broker, topic_prefix() . '/item/#');
@@ -106,6 +143,8 @@ for my $t (0 .. 11)
 	sq('a', "INSERT INTO item (id) SELECT g FROM generate_series($lo, $hi) g");
 	push @want, $lo .. $hi;
 }
+# a reload in between: the settings stay the workers' own
+sq($_, 'SELECT pg_reload_conf()') for qw(a b);
 # spilled: 60 rows of 2 kB in one transaction, past the 64 kB queue, then
 # 60 single-row transactions
 my $spilled0 = stats($node{a})->{spilled};
@@ -144,6 +183,9 @@ ok(poll_until(sub { stats($node{a})->{in_outbox} == 0 }, $T),
 for my $nn (qw(a b))
 {
 	is(stats($node{$nn})->{worker_pid}, $pid0{$nn}, "$nn: the worker did not restart");
+	is(lpid($nn), $lpid0{$nn}, "$nn: the listener worker did not restart");
+	cmp_ok(sq($nn, q{SELECT coalesce(sum(errors), 0) FROM mqtt_emit.listener_stats WHERE listener::text LIKE 'boom%'}),
+		'>=', 9, "$nn: the failing listener failed (9 rows of 360 are multiples of 40)");
 	my $log = slurp_file($node{$nn}->logfile, $log0{$nn});
 	my @bad = grep { /ERROR|FATAL/ } split /\n/, $log;
 	is(scalar @bad, 0, "$nn: no error in the log") or diag join("\n", @bad[0 .. ($#bad < 9 ? $#bad : 9)]);
