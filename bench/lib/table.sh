@@ -113,10 +113,25 @@ table_trigger() {
 	stop_cluster a
 }
 
+# table_publish_runs NAME LABEL RUNS WHAT: RUNS x tput_ext 100k on cluster
+# NAME; appends "LABEL msgs_per_s worker_ticks" lines to table_publish.tsv
+table_publish_runs() {
+	local name="$1" label="$2" runs="$3" what="$4" r e wpid w0 w1
+	for ((r = 1; r <= runs; r++)); do
+		wpid="$(table_worker_pid "$name")"
+		w0="$(proc_ticks "$wpid")"
+		e="$(tput_ext 100000)"
+		wait_idle "$name" 300
+		w1="$(proc_ticks "$wpid")"
+		note "publish 100k, $what, run $r: $e msgs/s, worker $((w1 - w0)) ticks"
+		printf '%s\t%s\t%s\n' "$label" "$e" "$((w1 - w0))" >>"$RESULTS/table_publish.tsv"
+	done
+}
+
 # table_publish NAME QUEUE_SIZE RUNS: tput_ext 100k on a new cluster NAME;
 # appends "NAME msgs_per_s worker_ticks" lines to table_publish.tsv
 table_publish() {
-	local name="$1" queue="$2" runs="$3" r e wpid w0 w1
+	local name="$1" queue="$2" runs="$3"
 	start_cluster "$name" \
 		"fsync = on" \
 		"mqtt_emit.queue_size = '$queue'" \
@@ -131,28 +146,12 @@ table_publish() {
 	TPUT_CL="$name"
 	tput_ext 1000 >/dev/null
 	wait_idle "$name" 120
-	for ((r = 1; r <= runs; r++)); do
-		wpid="$(table_worker_pid "$name")"
-		w0="$(proc_ticks "$wpid")"
-		e="$(tput_ext 100000)"
-		wait_idle "$name" 300
-		w1="$(proc_ticks "$wpid")"
-		note "publish 100k, queue $queue, run $r: $e msgs/s, worker $((w1 - w0)) ticks"
-		printf '%s\t%s\t%s\n' "$name" "$e" "$((w1 - w0))" >>"$RESULTS/table_publish.tsv"
-	done
+	table_publish_runs "$name" "$name" "$runs" "queue $queue"
 	if [[ "$name" == p256 ]]; then
 		q "$name" -c "ALTER SYSTEM SET mqtt_emit.max_inflight = 200" -c "SELECT pg_reload_conf()" >/dev/null
 		tput_ext 1000 >/dev/null
 		wait_idle "$name" 120
-		for ((r = 1; r <= runs; r++)); do
-			wpid="$(table_worker_pid "$name")"
-			w0="$(proc_ticks "$wpid")"
-			e="$(tput_ext 100000)"
-			wait_idle "$name" 300
-			w1="$(proc_ticks "$wpid")"
-			note "publish 100k, queue $queue, max_inflight 200, run $r: $e msgs/s, worker $((w1 - w0)) ticks"
-			printf '%s\t%s\t%s\n' "${name}w200" "$e" "$((w1 - w0))" >>"$RESULTS/table_publish.tsv"
-		done
+		table_publish_runs "$name" "${name}w200" "$runs" "queue $queue, max_inflight 200"
 		q "$name" -c "ALTER SYSTEM RESET mqtt_emit.max_inflight" -c "SELECT pg_reload_conf()" >/dev/null
 		tput_ext 1000 >/dev/null
 		wait_idle "$name" 120
