@@ -122,7 +122,8 @@ me_worker_start(Oid dboid, const char *function, const char *name,
  * worker fail at their first UPDATE and restart every second; a
  * serializable, read-only, deferrable default can make a read wait for a
  * safe snapshot.  Listeners run inside these transactions, with their own
- * search_path (listeners.c), and can still SET LOCAL what they like.
+ * search_path (listeners.c), so always READ COMMITTED (they run in a
+ * subtransaction and cannot raise it); they can SET LOCAL other settings.
  */
 void
 me_worker_session_settings(void)
