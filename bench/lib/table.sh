@@ -314,6 +314,16 @@ bench_table() {
 	table_report "$rounds" "$dur" "$runs"
 }
 
+# publish_rate LABEL: median msgs/s of table_publish.tsv's LABEL runs
+publish_rate() {
+	awk -F'\t' -v l="$1" '$1 == l { print $2 }' "$RESULTS/table_publish.tsv" | median
+}
+
+# publish_worker_us LABEL: the worker's CPU per event over those runs (us)
+publish_worker_us() {
+	awk -F'\t' -v l="$1" -v t="$TICK_US" '$1 == l { k += $3; n++ } END { if (n) printf "%.1f", k * t / (n * 100000); else print "NA" }' "$RESULTS/table_publish.tsv"
+}
+
 # table_report ROUNDS SECONDS RUNS: the figures and the table, from
 # trigger_runs.tsv, table_publish.tsv and CG_* (table_callgrind)
 table_report() {
@@ -329,17 +339,17 @@ table_report() {
 	off_pu="$(trigger_ratio off paused unwatched_t)"
 	on_dpu="$(trigger_ratio on durable_paused unwatched)"
 	off_dpu="$(trigger_ratio off durable_paused unwatched)"
-	p256w="$(awk -F'\t' '$1 == "p256w200" { print $2 }' "$RESULTS/table_publish.tsv" | median)"
-	wcpu256w="$(awk -F'\t' -v t="$TICK_US" '$1 == "p256w200" { k += $3; n++ } END { if (n) printf "%.1f", k * t / (n * 100000); else print "NA" }' "$RESULTS/table_publish.tsv")"
+	p256w="$(publish_rate p256w200)"
+	wcpu256w="$(publish_worker_us p256w200)"
 	spill="$(awk -F'\t' '$1 == "off" && $3 == "watched" { r += $5; x += $6 } END { printf "%.1f%%", r ? 100 * x / r : 0 }' "$RESULTS/trigger_runs.tsv")"
 	wcpu="$(awk -F'\t' -v t="$TICK_US" '$1 == "off" && $3 == "watched" && $7 != "NA" { k += $7; r += $5 } END { if (r) printf "%.1f", k * t / r; else print "NA" }' "$RESULTS/trigger_runs.tsv")"
 	local wake_on wake_off
 	wake_on="$(awk -F'\t' '$1 == "on" && $3 == "watched" && $8 != "" && $8 != "NA" { k += $8; r += $5 } END { if (r) printf "%.2f", k / r; else print "NA" }' "$RESULTS/trigger_runs.tsv")"
 	wake_off="$(awk -F'\t' '$1 == "off" && $3 == "watched" && $8 != "" && $8 != "NA" { k += $8; r += $5 } END { if (r) printf "%.2f", k / r; else print "NA" }' "$RESULTS/trigger_runs.tsv")"
-	p8="$(awk -F'\t' '$1 == "p8" { print $2 }' "$RESULTS/table_publish.tsv" | median)"
-	p256="$(awk -F'\t' '$1 == "p256" { print $2 }' "$RESULTS/table_publish.tsv" | median)"
-	wcpu8="$(awk -F'\t' -v t="$TICK_US" '$1 == "p8" { k += $3; n++ } END { if (n) printf "%.1f", k * t / (n * 100000); else print "NA" }' "$RESULTS/table_publish.tsv")"
-	wcpu256="$(awk -F'\t' -v t="$TICK_US" '$1 == "p256" { k += $3; n++ } END { if (n) printf "%.1f", k * t / (n * 100000); else print "NA" }' "$RESULTS/table_publish.tsv")"
+	p8="$(publish_rate p8)"
+	p256="$(publish_rate p256)"
+	wcpu8="$(publish_worker_us p8)"
+	wcpu256="$(publish_worker_us p256)"
 	local b8 b256 bm8 bm256 bn8 bn256
 	b8="$(awk -F'\t' '$1 == "p8" { print $2 }' "$RESULTS/table_publish_batch.tsv" | median)"
 	b256="$(awk -F'\t' '$1 == "p256" { print $2 }' "$RESULTS/table_publish_batch.tsv" | median)"
